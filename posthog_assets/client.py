@@ -1,0 +1,640 @@
+"""HTTP client for PostHog's REST API (exports, groups, insights, query status).
+
+Plain Python on one ``requests.Session``: no Dagster here, so the client can be used and tested on
+its own. It retries only what is worth retrying (429, 5xx, dropped connections), honours
+``Retry-After`` across threads, pages lazily, and streams downloads to disk atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urljoin, urlsplit
+
+import requests
+import tenacity
+
+from posthog_assets.errors import (
+    PostHogAuthError,
+    PostHogConnectionError,
+    PostHogDownloadError,
+    PostHogError,
+    PostHogNotFoundError,
+    PostHogPermissionError,
+    PostHogRateLimitError,
+    PostHogServerError,
+    PostHogValidationError,
+    advice_for,
+)
+from posthog_assets.ratelimit import RequestGate
+
+POSTHOG_US_HOST = "https://us.posthog.com"
+POSTHOG_EU_HOST = "https://eu.posthog.com"
+USER_AGENT = "posthog-assets/0.1 (+dagster)"
+DOWNLOAD_CHUNK_BYTES = 1 << 20
+
+ApiPrefix = Literal["environments", "projects"]
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class RetrySettings:
+    """How hard to retry: attempts, capped exponential backoff with jitter, total time budget."""
+
+    max_attempts: int = 6
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    jitter_s: float = 0.5
+    total_budget_s: float = 180.0
+
+
+@dataclass(frozen=True)
+class DownloadResult:
+    """What a streamed download wrote."""
+
+    path: Path
+    bytes: int
+    sha256: str
+    content_type: str | None
+    redirected: bool
+
+
+@dataclass(frozen=True)
+class QueryStatus:
+    """One answer of ``GET /query/:id/``: 202 running, 200 done, 400/500 failed."""
+
+    http_status: int
+    status: dict[str, Any]
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.status.get("complete"))
+
+    @property
+    def failed(self) -> bool:
+        return self.http_status in (400, 500) or bool(self.status.get("error"))
+
+    @property
+    def error_message(self) -> str | None:
+        if not self.failed:
+            return None
+        return self.status.get("error_message") or f"query failed (HTTP {self.http_status})"
+
+
+def _origin(url: str) -> tuple[str, str, int | None]:
+    parts = urlsplit(url)
+    port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
+    return parts.scheme, (parts.hostname or "").lower(), port
+
+
+class _OriginBearerAuth(requests.auth.AuthBase):
+    """Adds ``Authorization: Bearer`` only for URLs on PostHog's own origin.
+
+    Object-storage redirects (presigned S3 URLs) must never receive the key.
+    """
+
+    def __init__(self, origin_url: str, key: str) -> None:
+        self._origin = _origin(origin_url)
+        self._key = key
+
+    def __call__(self, r: requests.PreparedRequest) -> requests.PreparedRequest:
+        if r.url and _origin(r.url) == self._origin:
+            r.headers["Authorization"] = f"Bearer {self._key}"
+        else:
+            r.headers.pop("Authorization", None)
+        return r
+
+    def __repr__(self) -> str:
+        return "<bearer auth for PostHog origin, key hidden>"
+
+
+class _WaitRetryAfterOrBackoff(tenacity.wait.wait_base):
+    """Exponential backoff with jitter, but never shorter than the server's ``Retry-After``."""
+
+    def __init__(self, settings: RetrySettings) -> None:
+        self._backoff = tenacity.wait_exponential_jitter(
+            initial=settings.backoff_initial_s,
+            max=settings.backoff_max_s,
+            jitter=settings.jitter_s,
+        )
+
+    def __call__(self, retry_state: tenacity.RetryCallState) -> float:
+        base = self._backoff(retry_state)
+        exc = retry_state.outcome.exception() if retry_state.outcome else None
+        retry_after = getattr(exc, "retry_after", None)
+        return max(base, float(retry_after)) if retry_after else base
+
+
+class PostHogClient:
+    """Talks to one PostHog project.
+
+    Args:
+        host: Base URL, e.g. ``https://us.posthog.com`` or a self-hosted instance.
+        project_id: Numeric project id (``@current`` works but follows the UI's selection).
+        personal_api_key: A ``phx_`` key; sent only as a Bearer header to ``host``.
+        api_prefix: ``environments`` (``/api/environments/:id/``) or ``projects``.
+    """
+
+    def __init__(
+        self,
+        host: str,
+        project_id: int | str,
+        personal_api_key: str,
+        *,
+        api_prefix: ApiPrefix = "environments",
+        connect_timeout_s: float = 10.0,
+        read_timeout_s: float = 60.0,
+        retry: RetrySettings | None = None,
+        requests_per_minute: float | None = None,
+        log: logging.Logger | None = None,
+        sleep: Callable[[float], None] | None = None,
+    ) -> None:
+        self.host = host.rstrip("/")
+        self.project_id = project_id
+        self.api_prefix = api_prefix
+        self.timeout = (connect_timeout_s, read_timeout_s)
+        self.retry = retry or RetrySettings()
+        self.log = log or logger
+        self.gate = RequestGate(requests_per_minute)
+        self._sleep = sleep or tenacity.nap.sleep
+        self._warned_sunset = False
+        self.request_count = 0
+        self.session = requests.Session()
+        self.session.headers["User-Agent"] = USER_AGENT
+        self.session.auth = _OriginBearerAuth(self.host, personal_api_key)
+        adapter = requests.adapters.HTTPAdapter(pool_connections=4, pool_maxsize=32)
+        self.session.mount("http://", adapter)
+        self.session.mount("https://", adapter)
+
+    def __repr__(self) -> str:
+        return f"PostHogClient(host={self.host!r}, project_id={self.project_id!r})"
+
+    def close(self) -> None:
+        self.session.close()
+
+    # ---------------------------------------------------------------- URLs
+
+    @property
+    def project_base(self) -> str:
+        return f"{self.host}/api/{self.api_prefix}/{self.project_id}"
+
+    def url(self, path: str) -> str:
+        """Absolute URL of a project route (``exports/``) or an absolute ``/api/...`` path."""
+        if path.startswith(("http://", "https://")):
+            return path
+        if path.startswith("/"):
+            return f"{self.host}{path}"
+        return f"{self.project_base}/{path}"
+
+    def ui_url(self, kind: Literal["insights", "dashboard"], object_id: int | str) -> str:
+        """Link to an insight or dashboard in PostHog's UI (for asset metadata)."""
+        return f"{self.host}/project/{self.project_id}/{kind}/{object_id}"
+
+    def _same_origin(self, url: str) -> str:
+        """Keep a server-built ``next`` URL on our host (proxies may rewrite the host)."""
+        parts = urlsplit(url)
+        return f"{self.host}{parts.path}" + (f"?{parts.query}" if parts.query else "")
+
+    # ---------------------------------------------------------------- core request
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, Any] | None = None,
+        json_body: Any = None,
+        scopes: tuple[str, ...] = (),
+        accept: tuple[int, ...] = (),
+        stream: bool = False,
+        allow_redirects: bool = True,
+    ) -> requests.Response:
+        """Send one request with retries; raise a typed :class:`PostHogError` on failure.
+
+        Statuses in ``accept`` are returned instead of raised (e.g. 400 from ``/query/:id/``).
+        POSTs are retried only when PostHog certainly did not act on them (429 or a failed
+        connect), so a retry can never create a second export.
+        """
+        url = self.url(path)
+        idempotent = method.upper() in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
+
+        def attempt() -> requests.Response:
+            return self._send_once(
+                method, url, params, json_body, scopes, accept, stream, allow_redirects
+            )
+
+        return self.call_with_retries(attempt, idempotent=idempotent)
+
+    def call_with_retries(
+        self, fn: Callable[[], Any], *, idempotent: bool = True, what: str = "request"
+    ) -> Any:
+        """Run ``fn`` under the client's retry policy (attempts, backoff, budget)."""
+
+        def should_retry(exc: BaseException) -> bool:
+            if not isinstance(exc, PostHogError) or not exc.retryable:
+                return False
+            if idempotent or isinstance(exc, PostHogRateLimitError):
+                return True
+            return isinstance(exc, PostHogConnectionError) and not exc.request_sent
+
+        def before_sleep(state: tenacity.RetryCallState) -> None:
+            exc = state.outcome.exception() if state.outcome else None
+            retry_after = getattr(exc, "retry_after", None)
+            if retry_after:
+                self.gate.block_for(float(retry_after))
+            wait = state.next_action.sleep if state.next_action else 0.0
+            self.log.warning(
+                "PostHog %s failed (attempt %d/%d: %s); retrying in %.1fs",
+                what,
+                state.attempt_number,
+                self.retry.max_attempts,
+                exc,
+                wait,
+            )
+
+        retrying = tenacity.Retrying(
+            retry=tenacity.retry_if_exception(should_retry),
+            stop=tenacity.stop_after_attempt(self.retry.max_attempts)
+            | tenacity.stop_before_delay(self.retry.total_budget_s),
+            wait=_WaitRetryAfterOrBackoff(self.retry),
+            before_sleep=before_sleep,
+            sleep=self._sleep,
+            reraise=True,
+        )
+        return retrying(fn)
+
+    def _send_once(
+        self,
+        method: str,
+        url: str,
+        params: Mapping[str, Any] | None,
+        json_body: Any,
+        scopes: tuple[str, ...],
+        accept: tuple[int, ...],
+        stream: bool,
+        allow_redirects: bool,
+    ) -> requests.Response:
+        self.gate.wait()
+        self.request_count += 1
+        path = urlsplit(url).path
+        try:
+            resp = self.session.request(
+                method,
+                url,
+                params=params,
+                json=json_body,
+                timeout=self.timeout,
+                stream=stream,
+                allow_redirects=allow_redirects,
+            )
+        except requests.exceptions.ConnectTimeout as exc:
+            raise PostHogConnectionError(
+                f"{method} {path}: connect timed out ({exc.__class__.__name__})",
+                request_sent=False,
+                method=method,
+                path=path,
+            ) from None
+        except requests.exceptions.ReadTimeout:
+            raise PostHogConnectionError(
+                f"{method} {path}: no answer within {self.timeout[1]}s (read timeout)",
+                method=method,
+                path=path,
+            ) from None
+        except requests.exceptions.ConnectionError as exc:
+            sent = "NewConnectionError" not in repr(exc) and "Connection refused" not in repr(exc)
+            raise PostHogConnectionError(
+                f"{method} {path}: connection failed ({type(exc).__name__})",
+                request_sent=sent,
+                method=method,
+                path=path,
+            ) from None
+        self._warn_on_sunset(resp)
+        if resp.status_code < 400 or resp.status_code in accept:
+            return resp
+        raise self._error_from(resp, method, path, scopes)
+
+    def _warn_on_sunset(self, resp: requests.Response) -> None:
+        if self._warned_sunset:
+            return
+        sunset = resp.headers.get("Sunset") or resp.headers.get("Deprecation")
+        if sunset:
+            self._warned_sunset = True
+            self.log.warning(
+                "PostHog marks /api/%s/ as deprecated (Sunset: %s); set api_prefix='projects'.",
+                self.api_prefix,
+                sunset,
+            )
+
+    def _error_from(
+        self, resp: requests.Response, method: str, path: str, scopes: tuple[str, ...]
+    ) -> PostHogError:
+        status = resp.status_code
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {}
+        finally:
+            resp.close()
+        if not isinstance(body, dict):
+            body = {}
+        detail = str(body.get("detail") or resp.reason or "")
+        code = body.get("code")
+        attr = body.get("attr")
+        retry_after = _retry_after(resp)
+        where = f"{method} {path}"
+        field = f" (field '{attr}')" if attr else ""
+        message = f"PostHog answered {status} to {where}{field}: {detail} {advice_for(status, detail, scopes)}"
+        kw: dict[str, Any] = dict(
+            status=status, code=code, detail=detail, attr=attr, method=method, path=path
+        )
+        if status == 401:
+            return PostHogAuthError(message, **kw)
+        if status == 403:
+            return PostHogPermissionError(message, **kw)
+        if status == 404:
+            return PostHogNotFoundError(message, **kw)
+        if status == 429:
+            return PostHogRateLimitError(message, retry_after=retry_after, **kw)
+        if status >= 500:
+            return PostHogServerError(message, retry_after=retry_after, **kw)
+        if status == 400:
+            return PostHogValidationError(message, **kw)
+        return PostHogError(message, **kw)
+
+    # ---------------------------------------------------------------- JSON helpers
+
+    def get_json(
+        self, path: str, params: Mapping[str, Any] | None = None, *, scopes: tuple[str, ...] = ()
+    ) -> Any:
+        resp = self.request("GET", path, params=params, scopes=scopes)
+        return _decode(resp)
+
+    def iter_pages(
+        self, path: str, params: Mapping[str, Any] | None = None, *, scopes: tuple[str, ...] = ()
+    ) -> Iterator[dict[str, Any]]:
+        """Yield pages lazily, following ``next`` (works for limit/offset and cursor pages).
+
+        Only one page is held at a time, so memory does not grow with the number of pages.
+        """
+        url: str | None = self.url(path)
+        query = dict(params or {})
+        while url:
+            page = self.get_json(url, query or None, scopes=scopes)
+            next_url = page.get("next")
+            yield page
+            url = self._same_origin(next_url) if next_url else None
+            query = {}
+
+    # ---------------------------------------------------------------- projects
+
+    def list_projects(self) -> Iterator[dict[str, Any]]:
+        """Projects the key can see (``GET /api/projects/``): where a project id is found."""
+        for page in self.iter_pages("/api/projects/"):
+            yield from page.get("results", [])
+
+    # ---------------------------------------------------------------- exports
+
+    def create_export(
+        self,
+        export_format: str,
+        *,
+        insight: int | None = None,
+        dashboard: int | None = None,
+        export_context: Mapping[str, Any] | None = None,
+    ) -> dict[str, Any]:
+        body: dict[str, Any] = {"export_format": export_format}
+        scopes = ["export:write"]
+        if insight is not None:
+            body["insight"] = insight
+            scopes.append("insight:read")
+        if dashboard is not None:
+            body["dashboard"] = dashboard
+            scopes.append("dashboard:read")
+        if export_context is not None:
+            body["export_context"] = dict(export_context)
+        return _decode(self.request("POST", "exports/", json_body=body, scopes=tuple(scopes)))
+
+    def get_export(self, export_id: int) -> dict[str, Any]:
+        return self.get_json(f"exports/{export_id}/", scopes=("export:read",))
+
+    def iter_exports(self, **filters: Any) -> Iterator[dict[str, Any]]:
+        """The key owner's exports, newest first."""
+        params = {k: v for k, v in filters.items() if v is not None}
+        for page in self.iter_pages("exports/", params, scopes=("export:read",)):
+            yield from page.get("results", [])
+
+    def download_export_content(
+        self, export_id: int, dest: Path, *, chunk_bytes: int = DOWNLOAD_CHUNK_BYTES
+    ) -> DownloadResult:
+        """Stream ``/exports/:id/content/`` to ``dest`` (atomically, with retries)."""
+        return self.download(f"exports/{export_id}/content/", dest, scopes=("export:read",))
+
+    def download(
+        self,
+        path: str,
+        dest: Path,
+        *,
+        scopes: tuple[str, ...] = (),
+        chunk_bytes: int = DOWNLOAD_CHUNK_BYTES,
+        max_redirects: int = 5,
+    ) -> DownloadResult:
+        """Stream a URL to ``dest`` via a temporary file in the same folder, then rename.
+
+        Redirects are followed by hand so that the key is only ever sent to PostHog's origin;
+        a body shorter than its Content-Length is an error (and retried), never a file.
+        """
+        dest = Path(dest)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+
+        def attempt() -> DownloadResult:
+            url = self.url(path)
+            redirected = False
+            for _ in range(max_redirects + 1):
+                resp = self._send_once(
+                    "GET", url, None, None, scopes, (), stream=True, allow_redirects=False
+                )
+                if not resp.is_redirect:
+                    break
+                location = resp.headers["Location"]
+                resp.close()
+                url = urljoin(url, location)
+                redirected = True
+            else:
+                raise PostHogDownloadError(f"GET {path}: more than {max_redirects} redirects")
+            with resp:
+                return _stream_to_file(resp, dest, chunk_bytes, redirected)
+
+        return self.call_with_retries(attempt, what=f"download of {path}")
+
+    # ---------------------------------------------------------------- groups
+
+    def list_group_types(self) -> list[dict[str, Any]]:
+        """``groups_types`` is a plain array and exists only under ``/api/projects/``."""
+        return self.get_json(
+            f"/api/projects/{self.project_id}/groups_types/", scopes=("group:read",)
+        )
+
+    def iter_group_pages(
+        self, group_type_index: int, *, search: str | None = None, group_key: str | None = None
+    ) -> Iterator[dict[str, Any]]:
+        """Cursor pages (100 groups each, newest first, no ``count``)."""
+        params: dict[str, Any] = {"group_type_index": group_type_index}
+        if search is not None:
+            params["search"] = search
+        if group_key is not None:
+            params["group_key"] = group_key
+        return self.iter_pages("groups/", params, scopes=("group:read",))
+
+    def find_group(self, group_type_index: int, group_key: str) -> dict[str, Any]:
+        return self.get_json(
+            "groups/find/",
+            {"group_type_index": group_type_index, "group_key": group_key},
+            scopes=("group:read",),
+        )
+
+    def group_property_definitions(self) -> dict[str, list[dict[str, Any]]]:
+        return self.get_json("groups/property_definitions/", scopes=("group:read",))
+
+    def group_property_values(
+        self, group_type_index: int, key: str, *, value: str | None = None
+    ) -> list[dict[str, Any]]:
+        params: dict[str, Any] = {"group_type_index": group_type_index, "key": key}
+        if value is not None:
+            params["value"] = value
+        body = self.get_json("groups/property_values/", params, scopes=("group:read",))
+        return body["results"] if isinstance(body, dict) else body
+
+    # ---------------------------------------------------------------- insights
+
+    def iter_insight_pages(
+        self,
+        *,
+        refresh: str | None = None,
+        basic: bool | None = None,
+        short_id: str | None = None,
+        created_by: list[int] | None = None,
+        limit: int = 100,
+        **filters: Any,
+    ) -> Iterator[dict[str, Any]]:
+        """Limit/offset pages of insights, each computed in the given ``refresh`` mode."""
+        params = _insight_params(refresh, basic, short_id, created_by, filters)
+        params["limit"] = limit
+        return self.iter_pages("insights/", params, scopes=("insight:read",))
+
+    def get_insight(
+        self, insight_id: int | str, *, refresh: str | None = None, **params: Any
+    ) -> dict[str, Any]:
+        """One insight by numeric id or ``short_id``."""
+        query = _insight_params(refresh, None, None, None, params)
+        return self.get_json(f"insights/{insight_id}/", query, scopes=("insight:read",))
+
+    def get_insights_csv(self, **params: Any) -> str:
+        """``format=csv``: PostHog flattens the whole response into one CSV row."""
+        query = {**{k: v for k, v in params.items() if v is not None}, "format": "csv"}
+        return self.request("GET", "insights/", params=query, scopes=("insight:read",)).text
+
+    def get_query_status(self, query_id: str) -> QueryStatus:
+        """Poll an async query; 400/500 with a ``query_status`` body mean the query failed."""
+        resp = self.request(
+            "GET", f"query/{query_id}/", scopes=("query:read",), accept=(400,)
+        )
+        body = _decode(resp)
+        status = body.get("query_status", body) if isinstance(body, dict) else {}
+        return QueryStatus(http_status=resp.status_code, status=status or {})
+
+
+def _insight_params(
+    refresh: str | None,
+    basic: bool | None,
+    short_id: str | None,
+    created_by: list[int] | None,
+    extra: Mapping[str, Any],
+) -> dict[str, Any]:
+    params: dict[str, Any] = {k: v for k, v in extra.items() if v is not None}
+    if refresh is not None:
+        params["refresh"] = refresh
+    if basic is not None:
+        params["basic"] = "true" if basic else "false"
+    if short_id is not None:
+        params["short_id"] = short_id
+    if created_by:
+        params["created_by"] = json.dumps(list(created_by))
+    return params
+
+
+def _decode(resp: requests.Response) -> Any:
+    try:
+        return resp.json()
+    except ValueError as exc:
+        raise PostHogServerError(
+            f"PostHog answered {resp.status_code} with a body that is not JSON "
+            f"({resp.headers.get('Content-Type')})",
+            status=resp.status_code,
+        ) from exc
+
+
+def _retry_after(resp: requests.Response) -> float | None:
+    value = resp.headers.get("Retry-After")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _stream_to_file(
+    resp: requests.Response, dest: Path, chunk_bytes: int, redirected: bool
+) -> DownloadResult:
+    # With a Content-Encoding, Content-Length counts the encoded bytes, not what we write.
+    expected = None if resp.headers.get("Content-Encoding") else resp.headers.get("Content-Length")
+    digest = hashlib.sha256()
+    written = 0
+    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    tmp = Path(tmp_name)
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                for chunk in resp.iter_content(chunk_size=chunk_bytes):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    written += len(chunk)
+            except (requests.exceptions.RequestException, OSError) as exc:
+                raise PostHogDownloadError(
+                    f"download of {dest.name} broke off after {written} bytes "
+                    f"({type(exc).__name__})"
+                ) from None
+            out.flush()
+            os.fsync(out.fileno())
+        if expected is not None and int(expected) != written:
+            raise PostHogDownloadError(
+                f"download of {dest.name} ended at {written} of {expected} bytes"
+            )
+        os.replace(tmp, dest)
+        _fsync_dir(dest.parent)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return DownloadResult(
+        path=dest,
+        bytes=written,
+        sha256=digest.hexdigest(),
+        content_type=resp.headers.get("Content-Type"),
+        redirected=redirected,
+    )
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,359 @@
+"""The YAML configuration (``posthog_assets.yaml``) and the environment contract.
+
+Everything here is validated with pydantic when definitions load, so a wrong field fails before any
+run starts, with a message naming the file, the entry and the field. No Dagster import here.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+from urllib.parse import urlsplit
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+ENV_HOST = "POSTHOG_HOST"
+ENV_PROJECT_ID = "POSTHOG_PROJECT_ID"
+ENV_API_KEY = "POSTHOG_PERSONAL_API_KEY"
+ENV_CONFIG = "POSTHOG_ASSETS_CONFIG"
+ENV_DUCKDB = "POSTHOG_ASSETS_DUCKDB"
+ENV_EXPORT_DIR = "POSTHOG_ASSETS_EXPORT_DIR"
+
+DEFAULT_CONFIG_PATH = "posthog_assets.yaml"
+DEFAULT_DUCKDB_PATH = "data/posthog.duckdb"
+DEFAULT_EXPORT_DIR = "data/exports"
+DEFAULT_PROJECT_NAME = "default"
+
+#: PostHog's ``refresh`` modes for insights (posthog/utils.py, query_runner.py), with what each does.
+REFRESH_MODES: dict[str, str] = {
+    "blocking": "Cached if fresh, else computed now (synchronous). Good default for snapshots.",
+    "force_blocking": "Always computed now, ignoring the cache (slowest, freshest).",
+    "force_cache": (
+        "Cache only, never computes: PostHog's default. A cold cache gives result null."
+    ),
+    "async": (
+        "Cached if fresh; otherwise starts a background query (query_status) that this package "
+        "follows via /query/:id/ and then re-reads from cache."
+    ),
+    "force_async": "Always starts a background query, then follows it to completion.",
+    "lazy_async": (
+        "Like async, but only recomputes when stale by the longer 'lazy' thresholds."
+    ),
+    "async_except_on_cache_miss": (
+        "Only POST /query/ honours it: the insights endpoints silently treat it as force_cache, so "
+        "expect null results on a cold cache (the asset warns and counts them)."
+    ),
+}
+RefreshMode = Literal[
+    "async",
+    "async_except_on_cache_miss",
+    "blocking",
+    "force_async",
+    "force_blocking",
+    "force_cache",
+    "lazy_async",
+]
+ASYNC_REFRESH_MODES = frozenset({"async", "force_async", "lazy_async"})
+BLOCKING_REFRESH_MODES = frozenset({"blocking", "force_blocking"})
+
+EXPORT_FORMATS: dict[str, str] = {
+    "image/png": "png",
+    "application/pdf": "pdf",
+    "text/csv": "csv",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx",
+}
+ExportFormat = Literal[
+    "image/png",
+    "application/pdf",
+    "text/csv",
+    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+]
+
+_NAME_RE = r"^[a-z][a-z0-9_]*$"
+
+
+class ConfigError(ValueError):
+    """The configuration is wrong; the message names the file, the entry and the field."""
+
+
+def validate_host(host: str, *, field_name: str = "host") -> str:
+    """Require an absolute http(s) URL, and https unless the host is on this machine.
+
+    A personal API key sent over plain http to another machine is a leaked key.
+    """
+    parts = urlsplit(host.strip())
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(
+            f"{field_name} must be an absolute URL such as https://us.posthog.com, got {host!r}"
+        )
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"{field_name} must be the bare base URL without a path, got {host!r}")
+    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+        raise ValueError(
+            f"{field_name} must use https for a remote host ({parts.hostname}); plain http is "
+            "allowed only for loopback addresses"
+        )
+    return f"{parts.scheme}://{parts.netloc}"
+
+
+def _is_loopback(hostname: str) -> bool:
+    if hostname == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(hostname).is_loopback
+    except ValueError:
+        return False
+
+
+def parse_project_id(value: Any, *, field_name: str = "project_id") -> int | str:
+    """PostHog accepts an integer id or ``@current``; anything else is a 404 later, so fail now."""
+    if isinstance(value, bool):
+        raise ValueError(f"{field_name} must be an integer or '@current', got {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"{field_name} must be a positive integer, got {value}")
+        return value
+    text = str(value).strip()
+    if text == "@current":
+        return text
+    if re.fullmatch(r"\d+", text) and int(text) > 0:
+        return int(text)
+    raise ValueError(f"{field_name} must be an integer or '@current', got {value!r}")
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ExportConfig(_Model):
+    """One export of an insight or a dashboard; becomes one asset."""
+
+    name: str = Field(pattern=_NAME_RE, description="Asset name (lower_snake_case).")
+    insight: int | None = Field(default=None, gt=0, description="Insight id to export.")
+    dashboard: int | None = Field(default=None, gt=0, description="Dashboard id to export.")
+    export_format: ExportFormat = Field(description="MIME type: PNG, PDF, CSV or XLSX.")
+    export_context: dict[str, Any] | None = Field(
+        default=None, description="Passed to PostHog as is (e.g. a query 'source' for CSV)."
+    )
+    description: str | None = None
+
+    @model_validator(mode="after")
+    def _one_target(self) -> ExportConfig:
+        if (self.insight is None) == (self.dashboard is None):
+            raise ValueError("give exactly one of 'insight' or 'dashboard'")
+        return self
+
+
+class InsightsConfig(_Model):
+    """How insight snapshots are taken."""
+
+    enabled: bool = True
+    refresh: RefreshMode = Field(default="blocking", description="PostHog refresh mode.")
+    short_id: str | None = None
+    created_by: list[int] | None = None
+    basic: bool = False
+    page_size: int = Field(default=100, gt=0, le=1000)
+    partition_start: str = Field(default="2026-01-01", pattern=r"^\d{4}-\d{2}-\d{2}$")
+    query_poll_timeout_s: float = Field(default=300.0, gt=0)
+
+
+class TrackedGroup(_Model):
+    group_type_index: int = Field(ge=0, le=4)
+    group_key: str = Field(min_length=1)
+
+
+class GroupsConfig(_Model):
+    """Which group data to snapshot."""
+
+    enabled: bool = True
+    property_values: bool = True
+    tracked: list[TrackedGroup] = Field(default_factory=list)
+
+
+class ProjectConfig(_Model):
+    """One PostHog project (e.g. production, staging): one resource and one asset-key prefix."""
+
+    name: str = Field(pattern=_NAME_RE)
+    host: str
+    project_id: int | str
+    api_key_env: str = Field(default=ENV_API_KEY, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    exports: list[ExportConfig] = Field(default_factory=list)
+    insights: InsightsConfig | None = None
+    groups: GroupsConfig | None = None
+
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str) -> str:
+        return validate_host(value)
+
+    @field_validator("project_id", mode="before")
+    @classmethod
+    def _check_project_id(cls, value: Any) -> int | str:
+        return parse_project_id(value)
+
+
+class PostHogAssetsConfig(_Model):
+    """The whole file."""
+
+    projects: list[ProjectConfig] | None = None
+    exports: list[ExportConfig] = Field(default_factory=list)
+    insights: InsightsConfig = Field(default_factory=InsightsConfig)
+    groups: GroupsConfig = Field(default_factory=GroupsConfig)
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> PostHogAssetsConfig:
+        if self.projects is not None:
+            if self.exports:
+                raise ValueError(
+                    "with 'projects:' set, list exports under each project ('projects[i].exports')"
+                )
+            _require_unique([p.name for p in self.projects], "projects")
+            for p in self.projects:
+                _require_unique([e.name for e in p.exports], f"projects '{p.name}' exports")
+        _require_unique([e.name for e in self.exports], "exports")
+        return self
+
+
+def _require_unique(names: list[str], where: str) -> None:
+    dupes = sorted({n for n in names if names.count(n) > 1})
+    if dupes:
+        raise ValueError(f"duplicate name(s) in {where}: {', '.join(dupes)}")
+
+
+@dataclass(frozen=True)
+class ResolvedProject:
+    """A project with everything the definitions need; host/id may still come from env at run."""
+
+    name: str
+    host: str | None  # None: read POSTHOG_HOST when the run starts
+    project_id: int | str | None  # None: read POSTHOG_PROJECT_ID when the run starts
+    api_key_env: str
+    exports: tuple[ExportConfig, ...]
+    insights: InsightsConfig
+    groups: GroupsConfig
+    is_default: bool
+
+    @property
+    def resource_key(self) -> str:
+        return "posthog" if self.is_default else f"posthog_{self.name}"
+
+    @property
+    def key_prefix(self) -> tuple[str, ...]:
+        return ("posthog",) if self.is_default else ("posthog", self.name)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The resolved configuration: projects plus where data lands."""
+
+    config_path: Path
+    projects: tuple[ResolvedProject, ...]
+    duckdb_path: Path
+    export_dir: Path
+    raw: PostHogAssetsConfig = field(repr=False)
+
+
+def _format_error(path: Path, data: Any, err: ValidationError) -> str:
+    lines = [f"{path}: invalid configuration"]
+    for e in err.errors():
+        loc = list(e["loc"])
+        where = _describe_loc(data, loc)
+        lines.append(f"  - {where}: {e['msg']}")
+    return "\n".join(lines)
+
+
+def _describe_loc(data: Any, loc: list[Any]) -> str:
+    """Turn ('exports', 1, 'export_format') into "exports[1] (name 'x'), field 'export_format'"."""
+    parts: list[str] = []
+    node = data
+    fields: list[str] = []
+    for item in loc:
+        if isinstance(item, int):
+            name = node[item].get("name") if isinstance(node, list) and isinstance(
+                node[item], dict
+            ) else None
+            parts[-1] = f"{parts[-1]}[{item}]" + (f" (name '{name}')" if name else "")
+            node = node[item] if isinstance(node, list) and item < len(node) else None
+        else:
+            if isinstance(node, dict) and item in node and isinstance(node[item], list | dict):
+                parts.append(str(item))
+                node = node[item]
+            else:
+                fields.append(str(item))
+                node = node.get(item) if isinstance(node, dict) else None
+    where = ".".join(parts) if parts else "top level"
+    if fields:
+        where += f", field '{'.'.join(fields)}'"
+    return where
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
+) -> Settings:
+    """Read and validate the YAML config and the env vars. No network access."""
+    env = os.environ if env is None else env
+    config_path = Path(path or env.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH)
+    if config_path.exists():
+        try:
+            data = yaml.safe_load(config_path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{config_path}: not valid YAML: {exc}") from None
+    elif path is not None or env.get(ENV_CONFIG):
+        raise ConfigError(f"{config_path}: configuration file not found ({ENV_CONFIG})")
+    else:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
+    try:
+        raw = PostHogAssetsConfig.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_error(config_path, data, err)) from None
+
+    env_host = env.get(ENV_HOST)
+    env_pid = env.get(ENV_PROJECT_ID)
+    try:
+        host = validate_host(env_host, field_name=ENV_HOST) if env_host else None
+        pid = parse_project_id(env_pid, field_name=ENV_PROJECT_ID) if env_pid else None
+    except ValueError as exc:
+        raise ConfigError(f"environment: {exc}") from None
+
+    if raw.projects is None:
+        projects: tuple[ResolvedProject, ...] = (
+            ResolvedProject(
+                name=DEFAULT_PROJECT_NAME,
+                host=host,
+                project_id=pid,
+                api_key_env=ENV_API_KEY,
+                exports=tuple(raw.exports),
+                insights=raw.insights,
+                groups=raw.groups,
+                is_default=True,
+            ),
+        )
+    else:
+        projects = tuple(
+            ResolvedProject(
+                name=p.name,
+                host=p.host,
+                project_id=p.project_id,
+                api_key_env=p.api_key_env,
+                exports=tuple(p.exports),
+                insights=p.insights or raw.insights,
+                groups=p.groups or raw.groups,
+                is_default=False,
+            )
+            for p in raw.projects
+        )
+    return Settings(
+        config_path=config_path,
+        projects=projects,
+        duckdb_path=Path(env.get(ENV_DUCKDB) or DEFAULT_DUCKDB_PATH),
+        export_dir=Path(env.get(ENV_EXPORT_DIR) or DEFAULT_EXPORT_DIR),
+        raw=raw,
+    )

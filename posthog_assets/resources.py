@@ -1,0 +1,147 @@
+"""``PostHogResource``: one PostHog project's credentials and settings, handing out one client.
+
+Config is checked when a run starts (``setup_for_execution``), before any HTTP call, so a bad host,
+project id or missing key fails the launch with a message that names the field.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+from dagster._utils.cached_method import cached_method
+from dagster_duckdb import DuckDBResource
+from pydantic import Field
+
+from posthog_assets.client import PostHogClient, RetrySettings
+from posthog_assets.config import (
+    DEFAULT_EXPORT_DIR,
+    ENV_API_KEY,
+    ENV_HOST,
+    ENV_PROJECT_ID,
+    ResolvedProject,
+    Settings,
+    parse_project_id,
+    validate_host,
+)
+
+#: The Dagster config-schema flag that masks a field in the UI (no public API for it yet).
+SECRET_FIELD = {"dagster__is_secret": True}
+
+DEFAULT_POLL_INTERVAL_S = 1.0
+DEFAULT_POLL_MAX_INTERVAL_S = 15.0
+DEFAULT_POLL_TIMEOUT_S = 600.0
+
+
+class PostHogResource(dg.ConfigurableResource):
+    """Credentials and HTTP settings for one PostHog project."""
+
+    host: str = Field(description="PostHog base URL, e.g. https://us.posthog.com.")
+    project_id: str = Field(description="Numeric project id (or '@current').")
+    personal_api_key: str = Field(
+        description="Personal API key (phx_...); set it from an env var with dg.EnvVar.",
+        json_schema_extra=SECRET_FIELD,
+    )
+    api_prefix: str = Field(
+        default="environments",
+        description="'environments' (/api/environments/:id/) or 'projects' (/api/projects/:id/).",
+    )
+    export_dir: str = Field(
+        default=DEFAULT_EXPORT_DIR, description="Folder that export files are written to."
+    )
+    connect_timeout_s: float = Field(default=10.0, description="TCP connect timeout.")
+    read_timeout_s: float = Field(default=60.0, description="Timeout waiting for a response.")
+    max_attempts: int = Field(default=6, description="Attempts per request (429/5xx/resets).")
+    backoff_initial_s: float = Field(default=0.5, description="First retry backoff.")
+    backoff_max_s: float = Field(default=30.0, description="Largest retry backoff.")
+    retry_budget_s: float = Field(default=180.0, description="Total time to keep retrying.")
+    requests_per_minute: float | None = Field(
+        default=None, description="Client-side pace (PostHog allows 240/min for insights)."
+    )
+    poll_interval_s: float = Field(
+        default=DEFAULT_POLL_INTERVAL_S, description="First wait between export/query polls."
+    )
+    poll_max_interval_s: float = Field(
+        default=DEFAULT_POLL_MAX_INTERVAL_S, description="Longest wait between polls."
+    )
+    poll_timeout_s: float = Field(
+        default=DEFAULT_POLL_TIMEOUT_S, description="Give up polling after this many seconds."
+    )
+
+    def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        self.validate_settings()
+
+    def validate_settings(self) -> None:
+        """Fail with the field's name before any request is sent."""
+        validate_host(self.host, field_name="host")
+        parse_project_id(self.project_id, field_name="project_id")
+        if not self.personal_api_key or not self.personal_api_key.strip():
+            raise ValueError("personal_api_key is empty: set the env var that holds the key")
+        if self.api_prefix not in ("environments", "projects"):
+            raise ValueError(
+                f"api_prefix must be 'environments' or 'projects', got {self.api_prefix!r}"
+            )
+        numbers = {
+            "connect_timeout_s": self.connect_timeout_s,
+            "read_timeout_s": self.read_timeout_s,
+            "poll_interval_s": self.poll_interval_s,
+            "poll_max_interval_s": self.poll_max_interval_s,
+            "poll_timeout_s": self.poll_timeout_s,
+            "retry_budget_s": self.retry_budget_s,
+        }
+        for name, value in numbers.items():
+            if value <= 0:
+                raise ValueError(f"{name} must be greater than 0, got {value}")
+        if self.max_attempts < 1:
+            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+
+    @cached_method
+    def get_client(self, log: logging.Logger | None = None) -> PostHogClient:
+        """One client (one HTTP session, one rate-limit gate) per run, shared by all threads."""
+        self.validate_settings()
+        return PostHogClient(
+            validate_host(self.host),
+            parse_project_id(self.project_id),
+            self.personal_api_key.strip(),
+            api_prefix=self.api_prefix,  # type: ignore[arg-type]
+            connect_timeout_s=self.connect_timeout_s,
+            read_timeout_s=self.read_timeout_s,
+            retry=RetrySettings(
+                max_attempts=self.max_attempts,
+                backoff_initial_s=self.backoff_initial_s,
+                backoff_max_s=self.backoff_max_s,
+                total_budget_s=self.retry_budget_s,
+            ),
+            requests_per_minute=self.requests_per_minute,
+            log=log,
+        )
+
+    @property
+    def export_path(self) -> Path:
+        return Path(self.export_dir)
+
+
+def build_posthog_resource(project: ResolvedProject, export_dir: Path) -> PostHogResource:
+    """The resource for one configured project; host/id/key come from env vars when not in YAML."""
+    if project.is_default:  # read at run time, so the env of the process that runs decides
+        host: str = dg.EnvVar(ENV_HOST)
+        project_id: str = dg.EnvVar(ENV_PROJECT_ID)
+    else:
+        host, project_id = str(project.host), str(project.project_id)
+    return PostHogResource(
+        host=host,
+        project_id=project_id,
+        personal_api_key=dg.EnvVar(project.api_key_env or ENV_API_KEY),
+        export_dir=str(export_dir),
+    )
+
+
+def build_resources(settings: Settings) -> dict[str, Any]:
+    """One ``PostHogResource`` per project plus the shared ``duckdb`` resource."""
+    resources: dict[str, Any] = {
+        p.resource_key: build_posthog_resource(p, settings.export_dir) for p in settings.projects
+    }
+    resources["duckdb"] = DuckDBResource(database=str(settings.duckdb_path))
+    return resources

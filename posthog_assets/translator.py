@@ -1,0 +1,137 @@
+"""From configured PostHog objects to Dagster ``AssetSpec``s.
+
+Subclass :class:`DagsterPostHogTranslator` and override :meth:`get_asset_spec` (calling
+``super().get_asset_spec(props).replace_attributes(...)``) to change keys, groups or tags. Asset
+execution reads the remote ids back from the spec's :class:`PostHogMetadataSet`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import dagster as dg
+
+from posthog_assets.config import EXPORT_FORMATS, ExportConfig, ResolvedProject
+
+EXPORTS_GROUP = "posthog_exports"
+INSIGHTS_GROUP = "posthog_insights"
+GROUPS_GROUP = "posthog_groups"
+
+SnapshotKind = Literal[
+    "insights",
+    "group_types",
+    "groups",
+    "group_property_definitions",
+    "group_property_values",
+    "tracked_groups",
+]
+
+_SNAPSHOT_DESCRIPTIONS: dict[str, str] = {
+    "insights": "Daily snapshot of every PostHog insight with its result, in DuckDB.",
+    "group_types": "PostHog group types (groups_types), in DuckDB.",
+    "groups": "Every PostHog group of every type (cursor pages), in DuckDB.",
+    "group_property_definitions": "Group property names and counts per group type, in DuckDB.",
+    "group_property_values": "Top values of each group property with counts, in DuckDB.",
+    "tracked_groups": "Configured groups looked up with groups/find, in DuckDB.",
+}
+
+
+class PostHogMetadataSet(dg.NamespacedMetadataSet):
+    """PostHog ids an asset stands for, stored on the spec and read back at execution."""
+
+    project_name: str | None = None
+    project_id: str | None = None
+    resource_key: str | None = None
+    export_name: str | None = None
+    insight_id: int | None = None
+    dashboard_id: int | None = None
+    export_format: str | None = None
+    table: str | None = None
+
+    @classmethod
+    def namespace(cls) -> str:
+        return "dagster-posthog"
+
+
+@dataclass(frozen=True)
+class PostHogExportProps:
+    """One configured export, as the translator sees it."""
+
+    project: ResolvedProject
+    export: ExportConfig
+
+
+@dataclass(frozen=True)
+class PostHogSnapshotProps:
+    """One DuckDB snapshot table of a project."""
+
+    project: ResolvedProject
+    kind: SnapshotKind
+
+    @property
+    def table(self) -> str:
+        return f"posthog.{self.kind}"
+
+
+class DagsterPostHogTranslator:
+    """Maps PostHog objects to asset specs; override to customise."""
+
+    def get_asset_spec(self, props: PostHogExportProps | PostHogSnapshotProps) -> dg.AssetSpec:
+        if isinstance(props, PostHogExportProps):
+            return self._export_spec(props)
+        return self._snapshot_spec(props)
+
+    def _export_spec(self, props: PostHogExportProps) -> dg.AssetSpec:
+        project, export = props.project, props.export
+        target = (
+            f"insight {export.insight}" if export.insight is not None
+            else f"dashboard {export.dashboard}"
+        )
+        ext = EXPORT_FORMATS[export.export_format]
+        description = export.description or (
+            f"{ext.upper()} export of PostHog {target} (project '{project.name}'), "
+            "created through the exports API and streamed to disk."
+        )
+        metadata: dict[str, Any] = {
+            **PostHogMetadataSet(
+                project_name=project.name,
+                project_id=_str_or_none(project.project_id),
+                resource_key=project.resource_key,
+                export_name=export.name,
+                insight_id=export.insight,
+                dashboard_id=export.dashboard,
+                export_format=export.export_format,
+            )
+        }
+        return dg.AssetSpec(
+            key=dg.AssetKey([*project.key_prefix, "exports", export.name]),
+            description=description,
+            group_name=EXPORTS_GROUP,
+            kinds={"posthog", ext},
+            metadata=metadata,
+            tags={"posthog/format": ext},
+        )
+
+    def _snapshot_spec(self, props: PostHogSnapshotProps) -> dg.AssetSpec:
+        project = props.project
+        group = INSIGHTS_GROUP if props.kind == "insights" else GROUPS_GROUP
+        metadata: dict[str, Any] = {
+            **PostHogMetadataSet(
+                project_name=project.name,
+                project_id=_str_or_none(project.project_id),
+                resource_key=project.resource_key,
+                table=props.table,
+            )
+        }
+        return dg.AssetSpec(
+            key=dg.AssetKey([*project.key_prefix, props.kind]),
+            description=_SNAPSHOT_DESCRIPTIONS[props.kind],
+            group_name=group,
+            kinds={"posthog", "duckdb"},
+            metadata=metadata,
+        )
+
+
+def _str_or_none(value: object) -> str | None:
+    return None if value is None else str(value)
