@@ -351,7 +351,8 @@ class PostHogClient:
         retry_after = _retry_after(resp)
         where = f"{method} {path}"
         field = f" (field '{attr}')" if attr else ""
-        message = f"PostHog answered {status} to {where}{field}: {detail} {advice_for(status, detail, scopes)}"
+        advice = advice_for(status, detail, scopes)
+        message = f"PostHog answered {status} to {where}{field}: {detail} {advice}"
         kw: dict[str, Any] = dict(
             status=status, code=code, detail=detail, attr=attr, method=method, path=path
         )

@@ -30,7 +30,7 @@ DEFAULT_DUCKDB_PATH = "data/posthog.duckdb"
 DEFAULT_EXPORT_DIR = "data/exports"
 DEFAULT_PROJECT_NAME = "default"
 
-#: PostHog's ``refresh`` modes for insights (posthog/utils.py, query_runner.py), with what each does.
+#: PostHog's ``refresh`` modes for insights (posthog/utils.py, query_runner.py) and their effect.
 REFRESH_MODES: dict[str, str] = {
     "blocking": "Cached if fresh, else computed now (synchronous). Good default for snapshots.",
     "force_blocking": "Always computed now, ignoring the cache (slowest, freshest).",

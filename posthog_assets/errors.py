@@ -1,8 +1,8 @@
 """Typed errors raised by :mod:`posthog_assets.client`.
 
-PostHog answers every failure with ``{"type", "code", "detail", "attr"}``. The client turns that body
-into one of these classes so callers can decide by type (retry, fail fast, re-create) and so the
-message a person reads says what to do next. None of these messages ever contains the API key.
+PostHog answers every failure with ``{"type", "code", "detail", "attr"}``. The client turns that
+body into one of these classes so callers can decide by type (retry, fail fast, re-create) and so
+the message a person reads says what to do next. None of these messages ever contains the API key.
 """
 
 from __future__ import annotations

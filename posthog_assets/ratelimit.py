@@ -1,8 +1,8 @@
 """Client-side pacing shared by every thread that uses one :class:`PostHogClient`.
 
 PostHog limits each personal API key (480/min for most routes, 240/min for insights). When one
-thread is told to wait (429 + ``Retry-After``) the others must wait too, or they burn the budget and
-extend the penalty; and an optional token bucket keeps a busy run under the limit in the first place.
+thread is told to wait (429 + ``Retry-After``) the others must wait too, or they burn the budget
+and extend the penalty; an optional token bucket keeps a busy run under the limit to begin with.
 """
 
 from __future__ import annotations

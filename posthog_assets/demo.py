@@ -1,0 +1,88 @@
+"""The main job, end to end: ``python -m posthog_assets.demo`` (what ``make demo`` runs).
+
+Without ``POSTHOG_HOST`` it starts the local PostHog stand-in and points the package at it, so the
+whole pipeline runs with no PostHog account. It then materializes every asset once (today's
+partition), records the run in ``DAGSTER_HOME`` (``.dagster_home/`` by default, visible later in
+the UI) and prints where the results landed.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import shutil
+import sys
+from contextlib import ExitStack
+from pathlib import Path
+
+DEMO_KEY = "phx_demo_standin_key"
+
+
+def prepare_dagster_home(root: Path) -> Path:
+    """Use ``$DAGSTER_HOME`` or ``.dagster_home/``, seeded with the project's ``dagster.yaml``."""
+    home = Path(os.environ.setdefault("DAGSTER_HOME", str(root / ".dagster_home"))).resolve()
+    os.environ["DAGSTER_HOME"] = str(home)
+    home.mkdir(parents=True, exist_ok=True)
+    src = root / "dagster.yaml"
+    if src.exists() and not (home / "dagster.yaml").exists():
+        shutil.copyfile(src, home / "dagster.yaml")
+    return home
+
+
+def main() -> int:
+    root = Path.cwd()
+    home = prepare_dagster_home(root)
+    with ExitStack() as stack:
+        if not os.environ.get("POSTHOG_HOST"):
+            from posthog_assets.standin.server import StandinProcess
+
+            standin = stack.enter_context(StandinProcess(key=DEMO_KEY, export_delay=0.5))
+            os.environ.update(
+                POSTHOG_HOST=standin.url,
+                POSTHOG_PROJECT_ID=str(standin.project_id),
+                POSTHOG_PERSONAL_API_KEY=standin.key,
+            )
+            print(f"No POSTHOG_HOST set: using the local PostHog stand-in at {standin.url}")
+
+        import dagster as dg
+
+        from posthog_assets.definitions import ALL_ASSETS_JOB, defs, settings
+        from posthog_assets.pools import apply_pool_limits
+
+        instance = stack.enter_context(dg.DagsterInstance.get())
+        apply_pool_limits(instance)
+        job = defs.resolve_job_def(ALL_ASSETS_JOB)
+        today = dt.datetime.now(dt.UTC).date().isoformat()
+        partitioned = job.partitions_def is not None
+        result = job.execute_in_process(
+            instance=instance, partition_key=today if partitioned else None, raise_on_error=False
+        )
+        print()
+        print(f"Run {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'}")
+        print(f"Dagster run history:   {home}  (see it with: make ui)")
+        print_results(settings.duckdb_path, settings.export_dir)
+        return 0 if result.success else 1
+
+
+def print_results(duckdb_path: Path, export_dir: Path) -> None:
+    """Say where the data is, with row counts and file sizes a person can check."""
+    import duckdb
+
+    print(f"DuckDB file:           {duckdb_path.resolve()}")
+    if duckdb_path.exists():
+        with duckdb.connect(str(duckdb_path), read_only=True) as conn:
+            tables = conn.execute(
+                "SELECT table_schema, table_name FROM information_schema.tables "
+                "WHERE table_type = 'BASE TABLE' ORDER BY 1, 2"
+            ).fetchall()
+            for schema, table in tables:
+                (count,) = conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"').fetchone()
+                print(f"  {schema}.{table:<28} {count:>8} rows")
+    print(f"Export folder:         {export_dir.resolve()}")
+    if export_dir.exists():
+        for path in sorted(p for p in export_dir.rglob("*") if p.is_file()):
+            print(f"  {path.relative_to(export_dir)}  ({path.stat().st_size} bytes)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
