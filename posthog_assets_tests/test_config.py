@@ -1,0 +1,114 @@
+"""Bad configuration fails at definitions load, naming the file, the entry and the field."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from posthog_assets.config import ConfigError, load_settings
+
+GOOD = """
+exports:
+  - {name: weekly_png, insight: 1, export_format: image/png}
+  - {name: board_pdf, dashboard: 2, export_format: application/pdf}
+insights: {refresh: force_async}
+groups: {tracked: [{group_type_index: 0, group_key: acme}]}
+"""
+
+
+def _load(tmp_path: Path, text: str, env: dict[str, str] | None = None):
+    path = tmp_path / "posthog_assets.yaml"
+    path.write_text(text)
+    return load_settings(path, env=env or {})
+
+
+def test_good_config_resolves_default_project_from_env(tmp_path: Path) -> None:
+    env = {"POSTHOG_HOST": "https://eu.posthog.com", "POSTHOG_PROJECT_ID": "12"}
+    settings = _load(tmp_path, GOOD, env)
+    (project,) = settings.projects
+    assert project.is_default and project.resource_key == "posthog"
+    assert project.host == "https://eu.posthog.com" and project.project_id == 12
+    assert [e.name for e in project.exports] == ["weekly_png", "board_pdf"]
+    assert project.insights.refresh == "force_async"
+    assert project.groups.tracked[0].group_key == "acme"
+
+
+def test_projects_list_gives_one_prefix_and_resource_per_project(tmp_path: Path) -> None:
+    text = """
+projects:
+  - name: production
+    host: https://us.posthog.com
+    project_id: 12
+    exports: [{name: a, insight: 1, export_format: text/csv}]
+  - name: staging
+    host: http://127.0.0.1:8000
+    project_id: "13"
+    api_key_env: STAGING_KEY
+insights: {refresh: force_blocking}
+"""
+    settings = _load(tmp_path, text)
+    prod, staging = settings.projects
+    assert (prod.resource_key, prod.key_prefix) == ("posthog_production", ("posthog", "production"))
+    assert (staging.project_id, staging.api_key_env) == (13, "STAGING_KEY")
+    assert staging.insights.refresh == "force_blocking"  # inherited from the top level
+
+
+BAD_INPUTS = [
+    ("exports: [{name: x, insight: 1, export_format: image/jpeg}]",
+     ["exports[0] (name 'x')", "export_format"]),
+    ("exports: [{name: x, insight: 1, dashboard: 2, export_format: text/csv}]",
+     ["exports[0] (name 'x')", "exactly one of 'insight' or 'dashboard'"]),
+    ("exports: [{name: x, export_format: text/csv}]",
+     ["exports[0] (name 'x')", "exactly one of 'insight' or 'dashboard'"]),
+    ("insights: {refresh: sometimes}", ["insights", "field 'refresh'"]),
+    ("exports: [{name: x, insight: 1, export_format: text/csv, colour: red}]",
+     ["exports[0] (name 'x')", "field 'colour'", "Extra inputs"]),
+    ("exports: [{name: x, insight: one, export_format: text/csv}]",
+     ["exports[0] (name 'x')", "field 'insight'"]),
+    ("exports: [{name: Bad Name, insight: 1, export_format: text/csv}]", ["field 'name'"]),
+    ("insights: {query_poll_timeout_s: -5}", ["field 'query_poll_timeout_s'"]),
+    ("projects: [{name: p, host: 'http://posthog.example.com', project_id: 1}]",
+     ["projects[0] (name 'p')", "field 'host'", "https"]),
+    ("projects: [{name: p, host: 'https://us.posthog.com', project_id: abc}]",
+     ["projects[0] (name 'p')", "field 'project_id'", "integer or '@current'"]),
+    ("projects: [{name: p, host: 'us.posthog.com', project_id: 1}]", ["field 'host'"]),
+    ("exports: [{name: a, insight: 1, export_format: text/csv},"
+     " {name: a, insight: 2, export_format: text/csv}]", ["duplicate name(s) in exports: a"]),
+    ("exports: [unclosed", ["not valid YAML"]),
+]
+
+
+@pytest.mark.parametrize(("text", "expected"), BAD_INPUTS)
+def test_bad_input_names_file_entry_and_field(tmp_path: Path, text: str, expected: list[str]) -> None:
+    with pytest.raises(ConfigError) as err:
+        _load(tmp_path, text)
+    message = str(err.value)
+    assert str(tmp_path / "posthog_assets.yaml") in message
+    for fragment in expected:
+        assert fragment in message
+
+
+@pytest.mark.parametrize(
+    ("env", "fragment"),
+    [
+        ({"POSTHOG_HOST": "http://eu.posthog.com"}, "POSTHOG_HOST must use https"),
+        ({"POSTHOG_HOST": "ftp://x"}, "POSTHOG_HOST must be an absolute URL"),
+        ({"POSTHOG_PROJECT_ID": "prod"}, "POSTHOG_PROJECT_ID must be an integer or '@current'"),
+    ],
+)
+def test_bad_environment_fails_at_load(tmp_path: Path, env: dict[str, str], fragment: str) -> None:
+    with pytest.raises(ConfigError, match="environment") as err:
+        _load(tmp_path, "", env)
+    assert fragment in str(err.value)
+
+
+def test_loopback_http_and_current_project_are_accepted(tmp_path: Path) -> None:
+    env = {"POSTHOG_HOST": "http://127.0.0.1:8010", "POSTHOG_PROJECT_ID": "@current"}
+    (project,) = _load(tmp_path, "", env).projects
+    assert project.host == "http://127.0.0.1:8010" and project.project_id == "@current"
+
+
+def test_missing_explicit_config_file_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        load_settings(tmp_path / "nope.yaml", env={})

@@ -1,0 +1,68 @@
+"""PostHogResource: checked at launch before any request; the key is a masked secret."""
+
+from __future__ import annotations
+
+import dagster as dg
+import pytest
+
+from posthog_assets.resources import PostHogResource
+from posthog_assets.standin.server import StandinControl, StandinProcess
+
+
+def _probe_asset() -> dg.AssetsDefinition:
+    @dg.asset
+    def probe(posthog: PostHogResource) -> None:
+        posthog.get_client().list_group_types()
+
+    return probe
+
+
+@pytest.mark.parametrize(
+    ("overrides", "fragment"),
+    [
+        ({"host": "http://posthog.example.com"}, "host must use https"),
+        ({"host": "posthog.example.com"}, "host must be an absolute URL"),
+        ({"project_id": "production"}, "project_id must be an integer or '@current'"),
+        ({"personal_api_key": "  "}, "personal_api_key is empty"),
+        ({"api_prefix": "v2"}, "api_prefix must be"),
+        ({"poll_timeout_s": -1}, "poll_timeout_s must be greater than 0"),
+    ],
+)
+def test_bad_resource_config_fails_at_launch_before_any_request(
+    standin: StandinProcess, control: StandinControl, overrides: dict, fragment: str
+) -> None:
+    fields = {"host": standin.url, "project_id": str(standin.project_id),
+              "personal_api_key": standin.key, **overrides}
+    with pytest.raises(Exception) as err:
+        dg.materialize([_probe_asset()], resources={"posthog": PostHogResource(**fields)})
+    assert fragment in str(err.value) or fragment in str(err.value.__cause__)
+    assert [r for r in control.requests_log() if "/api/" in r["path"]] == []
+
+
+def test_missing_key_env_var_names_the_variable(
+    standin: StandinProcess, control: StandinControl, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("POSTHOG_TEST_MISSING_KEY", raising=False)
+    resource = PostHogResource(host=standin.url, project_id="1",
+                               personal_api_key=dg.EnvVar("POSTHOG_TEST_MISSING_KEY"))
+    with pytest.raises(Exception, match="POSTHOG_TEST_MISSING_KEY"):
+        dg.materialize([_probe_asset()], resources={"posthog": resource})
+    assert [r for r in control.requests_log() if "/api/" in r["path"]] == []
+
+
+def test_key_field_is_marked_secret() -> None:
+    field = PostHogResource.to_config_schema().as_field().config_type.fields["personal_api_key"]
+    assert field.is_secret
+
+
+def test_resource_hands_out_one_client_per_run(posthog_resource: PostHogResource) -> None:
+    seen = []
+
+    @dg.asset
+    def probe(posthog: PostHogResource) -> None:
+        seen.append(posthog.get_client())
+        seen.append(posthog.get_client())
+        assert len(posthog.get_client().list_group_types()) == 3
+
+    assert dg.materialize([probe], resources={"posthog": posthog_resource}).success
+    assert seen[0] is seen[1]
