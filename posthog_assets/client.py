@@ -121,7 +121,7 @@ class _WaitRetryAfterOrBackoff(tenacity.wait.wait_base):
 
     def __init__(self, settings: RetrySettings) -> None:
         self._backoff = tenacity.wait_exponential_jitter(
-            initial=settings.backoff_initial_s,
+            multiplier=settings.backoff_initial_s,
             max=settings.backoff_max_s,
             jitter=settings.jitter_s,
         )

@@ -21,16 +21,32 @@ def www_authenticate(site_url: str) -> str:
 #: Status -> (type, code, detail) for statuses a fault rule may ask for without a body.
 _STATUS_DEFAULTS: dict[int, tuple[str, str, str]] = {
     400: ("validation_error", "invalid_input", "Invalid input."),
-    401: ("authentication_error", "not_authenticated", "Authentication credentials were not provided."),
+    401: (
+        "authentication_error",
+        "not_authenticated",
+        "Authentication credentials were not provided.",
+    ),
     402: ("server_error", "payment_required", "Quota limit exceeded."),
-    403: ("authentication_error", "permission_denied", "You do not have permission to perform this action."),
+    403: (
+        "authentication_error",
+        "permission_denied",
+        "You do not have permission to perform this action.",
+    ),
     404: ("invalid_request", "not_found", "Not found."),
     405: ("invalid_request", "method_not_allowed", "Method not allowed."),
     409: ("invalid_request", "conflict", "Conflict."),
     500: ("server_error", "error", "A server error occurred."),
     502: ("server_error", "bad_gateway", "Bad gateway."),
-    503: ("server_error", "service_unavailable", "Service temporarily unavailable, try again later."),
-    504: ("server_error", "query_timeout", "Query timed out. Try a narrower date range or fewer series."),
+    503: (
+        "server_error",
+        "service_unavailable",
+        "Service temporarily unavailable, try again later.",
+    ),
+    504: (
+        "server_error",
+        "query_timeout",
+        "Query timed out. Try a narrower date range or fewer series.",
+    ),
 }
 
 
@@ -73,7 +89,9 @@ def not_found(detail: str = "Not found.") -> ApiError:
 
 def validation_error(detail: str, attr: str | None = None, code: str = "invalid_input") -> ApiError:
     """A 400; DRF's plain ``invalid`` code is reported as ``invalid_input`` by PostHog."""
-    return ApiError(400, "validation_error", "invalid_input" if code == "invalid" else code, detail, attr)
+    return ApiError(
+        400, "validation_error", "invalid_input" if code == "invalid" else code, detail, attr
+    )
 
 
 def permission_denied(detail: str) -> ApiError:

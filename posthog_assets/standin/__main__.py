@@ -1,0 +1,59 @@
+"""``python -m posthog_assets.standin``: run the PostHog stand-in until SIGTERM/SIGINT.
+
+On ready it prints one JSON line (url, storage_url, key, project_id) and a human line to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .runner import Options, run
+
+
+def parse_args(argv: list[str] | None = None) -> Options:
+    parser = argparse.ArgumentParser(
+        prog="python -m posthog_assets.standin",
+        description="Local stand-in for PostHog's exports, groups and insights API.",
+    )
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
+    parser.add_argument("--storage-port", type=int, default=0, help="object-storage listener")
+    parser.add_argument("--key", default="phx_standin_key", help="personal API key (all scopes)")
+    parser.add_argument("--project-id", type=int, default=1)
+    parser.add_argument("--insights", type=int, default=30)
+    parser.add_argument("--dashboards", type=int, default=3)
+    parser.add_argument("--group-types", type=int, default=3, help="at most 5, as in PostHog")
+    parser.add_argument("--groups", type=int, default=250, help="groups per group type")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--rate-limits", action="store_true", help="enable per-key throttles")
+    parser.add_argument(
+        "--export-delay",
+        type=float,
+        default=0.0,
+        help="seconds a PNG/CSV/XLSX/PDF export takes after the POST (0: done before it returns)",
+    )
+    parser.add_argument("--log-level", default="warning")
+    args = parser.parse_args(argv)
+    return Options(
+        host=args.host,
+        port=args.port,
+        storage_port=args.storage_port,
+        key=args.key,
+        project_id=args.project_id,
+        insights=args.insights,
+        dashboards=args.dashboards,
+        group_types=args.group_types,
+        groups=args.groups,
+        seed=args.seed,
+        rate_limits=args.rate_limits,
+        export_delay=args.export_delay,
+        log_level=args.log_level,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(parse_args(argv))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,180 @@
+"""The control plane under ``/_standin/`` (not PostHog): tests and benches reshape the stand-in's
+behaviour here. No auth; JSON in and out; a bad request answers 400 ``{"error": "..."}``."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Awaitable, Callable
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from .group_seed import group_index
+from .state import CACHE_STATES, KeyInfo, State
+
+Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ControlError(Exception):
+    """A malformed control request (answered with 400)."""
+
+
+async def _json(request: Request) -> dict[str, Any]:
+    raw = await request.body()
+    if not raw.strip():
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError as exc:
+        raise ControlError(f"body is not JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ControlError("body must be a JSON object")
+    return data
+
+
+def _guard(handler: Handler) -> Handler:
+    async def wrapped(request: Request) -> Response:
+        try:
+            return await handler(request)
+        except (ControlError, ValueError, TypeError, KeyError) as exc:
+            return JSONResponse({"error": str(exc)}, status_code=400)
+
+    return wrapped
+
+
+def control_routes(state: State) -> list[Route]:
+    seed = state.seed
+
+    async def reset(request: Request) -> Response:
+        state.reset()
+        return JSONResponse({"ok": True})
+
+    async def config(request: Request) -> Response:
+        if request.method == "POST":
+            state.configure(await _json(request))
+        body = state.config.to_json()
+        body["export_fail_next"] = {"count": state.fail_next[0], "exception": state.fail_next[1]}
+        return JSONResponse(body)
+
+    async def faults(request: Request) -> Response:
+        if request.method == "POST":
+            rule = state.faults.add(await _json(request))
+            return JSONResponse(rule.to_json(), status_code=201)
+        if request.method == "DELETE":
+            state.faults.clear()
+        return JSONResponse([rule.to_json() for rule in state.faults.rules])
+
+    async def requests_log(request: Request) -> Response:
+        if request.method == "DELETE":
+            state.log.clear()
+            return JSONResponse([])
+        return JSONResponse(list(state.log))
+
+    async def keys(request: Request) -> Response:
+        data = await _json(request)
+        key = data.get("key")
+        if not isinstance(key, str) or not key:
+            raise ControlError("'key' must be a non-empty string")
+        projects = data.get("projects")
+        members = data.get("user_projects")
+        state.keys[key] = KeyInfo(
+            key=key,
+            scopes=tuple(data.get("scopes") or ()),
+            projects=None if projects is None else frozenset(int(p) for p in projects),
+            current_project=int(data.get("current_project") or seed.main.id),
+            user_id=int(data.get("user_id") or 1),
+            user_projects=None if members is None else frozenset(int(p) for p in members),
+        )
+        return JSONResponse({"key": key, "scopes": list(state.keys[key].scopes)}, status_code=201)
+
+    def _export(request: Request) -> Any:
+        rec = state.exports.get(int(request.path_params["export_id"]))
+        if rec is None:
+            raise ControlError(f"no export {request.path_params['export_id']}")
+        return rec
+
+    async def expire_export(request: Request) -> Response:
+        rec = _export(request)
+        rec.expires_after = datetime.now(UTC) - timedelta(seconds=1)
+        return JSONResponse({"id": rec.id, "expired": True})
+
+    async def lose_content(request: Request) -> Response:
+        rec = _export(request)
+        rec.content_lost = True
+        return JSONResponse({"id": rec.id, "content_lost": True})
+
+    async def remove_group(request: Request) -> Response:
+        project = seed.projects.get(int(request.query_params.get("project_id", seed.main.id)))
+        if project is None:
+            raise ControlError("unknown project_id")
+        type_index = int(request.path_params["type_index"])
+        key = request.path_params["group_key"]
+        j = group_index(project, type_index, key)
+        if j is None:
+            return JSONResponse(
+                {"error": f"no group {key!r} of type {type_index}"}, status_code=404
+            )
+        state.removed_groups.setdefault((project.id, type_index), set()).add(j)
+        return JSONResponse({"removed": key, "group_type_index": type_index})
+
+    def _cache_state(data: dict[str, Any]) -> str:
+        value = data.get("state")
+        if value not in CACHE_STATES:
+            raise ControlError(f"state must be one of {CACHE_STATES}")
+        return value
+
+    async def insight_cache(request: Request) -> Response:
+        value = _cache_state(await _json(request))
+        insight = seed.insight_by_id(int(request.path_params["insight_id"]))
+        if insight is None:
+            return JSONResponse({"error": "no such insight"}, status_code=404)
+        state.cache.set_state(insight, value, state.now())
+        return JSONResponse({"id": insight.id, "state": value})
+
+    async def all_insights_cache(request: Request) -> Response:
+        value = _cache_state(await _json(request))
+        state.cache.set_all(value, state.now())
+        return JSONResponse({"state": value})
+
+    async def stats(request: Request) -> Response:
+        return JSONResponse({**state.stats.to_json(), "exports": len(state.exports)})
+
+    async def health(request: Request) -> Response:
+        return JSONResponse({"ok": True, "storage_url": state.storage_url})
+
+    async def seed_info(request: Request) -> Response:
+        """The seeded sizes and id ranges, so tests can work with any start-up arguments."""
+        projects = [
+            {
+                "id": p.id,
+                "name": p.name,
+                "insights": p.n_insights,
+                "dashboards": p.n_dashboards,
+                "group_types": p.n_group_types,
+                "groups": p.n_groups,
+                "first_insight_id": p.insight_base + 1,
+                "first_dashboard_id": p.dashboard_base + 1,
+            }
+            for p in seed.projects.values()
+        ]
+        return JSONResponse({"seed": seed.seed, "key": state.default_key, "projects": projects})
+
+    table: list[tuple[str, Handler, list[str]]] = [
+        ("/_standin/health", health, ["GET"]),
+        ("/_standin/seed", seed_info, ["GET"]),
+        ("/_standin/reset", reset, ["POST"]),
+        ("/_standin/config", config, ["GET", "POST"]),
+        ("/_standin/faults", faults, ["GET", "POST", "DELETE"]),
+        ("/_standin/requests", requests_log, ["GET", "DELETE"]),
+        ("/_standin/keys", keys, ["POST"]),
+        ("/_standin/exports/{export_id:int}/expire", expire_export, ["POST"]),
+        ("/_standin/exports/{export_id:int}/lose_content", lose_content, ["POST"]),
+        ("/_standin/groups/{type_index:int}/{group_key}", remove_group, ["DELETE"]),
+        ("/_standin/insights/cache", all_insights_cache, ["POST"]),
+        ("/_standin/insights/{insight_id:int}/cache", insight_cache, ["POST"]),
+        ("/_standin/stats", stats, ["GET"]),
+    ]
+    return [Route(path, _guard(handler), methods=methods) for path, handler, methods in table]

@@ -1,0 +1,379 @@
+"""Deterministic, lazy seed data: projects, insights and dashboards (groups: ``group_seed``).
+
+Nothing here is materialised as a list. Insight ``i`` and dashboard ``d`` are computed from
+``(seed, index)`` when asked for, so a stand-in started with a million insights starts instantly
+and serves a page in O(page size); short ids are a bijection of the id, so lookups need no table.
+"""
+
+from __future__ import annotations
+
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, date, datetime, timedelta
+from typing import Any
+
+from .hashing import mix
+from .trends import DATE_ORIGIN, TrendTable
+
+#: Anchor of every seeded timestamp, so data does not drift with the wall clock.
+EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
+
+USERS: tuple[dict[str, Any], ...] = tuple(
+    {
+        "id": uid,
+        "uuid": str(uuid.UUID(int=0x0195_0000_0000_7000_8000_0000_0000_0000 + uid)),
+        "distinct_id": f"user-{uid}",
+        "first_name": first,
+        "last_name": last,
+        "email": f"{first.lower()}@example.com",
+        "is_email_verified": True,
+        "hedgehog_config": None,
+        "role_at_organization": "data",
+    }
+    for uid, first, last in ((1, "Ada", "Lovelace"), (2, "Grace", "Hopper"), (3, "Alan", "Turing"))
+)
+
+GROUP_TYPE_NAMES = ("organization", "company", "project", "team", "workspace")
+#: PostHog allows at most five group types per project.
+MAX_GROUP_TYPES = len(GROUP_TYPE_NAMES)
+
+_INSIGHT_TITLES = (
+    "Weekly signups",
+    "Daily active users",
+    "Pageviews",
+    "Checkout conversions",
+    "Trial starts",
+    "Feature adoption",
+    "Churned accounts",
+    "Revenue events",
+)
+_EVENTS = ("$pageview", "signed_up", "purchase", "trial_started", "$autocapture")
+#: ``$current_url`` breakdown values; PostHog labels such a series ``"<event> - <value>"``.
+_BREAKDOWN_URLS = (
+    "https://app.example.com/signup?plan=pro&utm_source=newsletter",
+    "https://app.example.com/pricing?utm_campaign=spring-launch",
+    "https://www.example.com/blog/how-we-ship-product-updates-every-week",
+    "https://app.example.com/settings/billing/upgrade?from=usage-banner",
+    "https://docs.example.com/getting-started/install-the-javascript-snippet",
+    "https://app.example.com/onboarding/invite-your-team?step=3",
+)
+_DASHBOARD_NAMES = ("Growth", "Product health", "Revenue", "Onboarding", "Retention")
+
+#: Base-62 alphabet and space of 8-character short ids.
+_B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_SHORT_SPACE = 62**8
+_SHORT_MULT = 0x2545F4914F6CDD1D % _SHORT_SPACE  # odd and not a multiple of 31: invertible
+_SHORT_MULT_INV = pow(_SHORT_MULT, -1, _SHORT_SPACE)
+
+
+def iso_z(moment: datetime) -> str:
+    """ISO-8601 in UTC with ``Z``, the way DRF renders PostHog datetimes."""
+    text = moment.astimezone(UTC).isoformat()
+    return text.replace("+00:00", "Z")
+
+
+def _day_label(day: date) -> str:
+    """PostHog's axis label for a day, e.g. ``1-Jan-2026``."""
+    return f"{day.day}-{day.strftime('%b-%Y')}"
+
+
+@dataclass(frozen=True)
+class Project:
+    """One seeded project (team); ids of its insights and dashboards start after ``*_base``."""
+
+    id: int
+    name: str
+    seed: int
+    n_insights: int
+    n_dashboards: int
+    n_group_types: int
+    n_groups: int
+    insight_base: int
+    dashboard_base: int
+    root_seed: int
+
+    @property
+    def uuid(self) -> str:
+        return str(uuid.UUID(int=mix(self.seed, self.id, 1) << 64 | mix(self.seed, self.id, 2)))
+
+    def to_json(self) -> dict[str, Any]:
+        """The project object of ``GET /api/projects/:id/`` (trimmed to what clients read)."""
+        return {
+            "id": self.id,
+            "uuid": self.uuid,
+            "organization": str(uuid.UUID(int=mix(self.seed, 7) << 64 | mix(self.seed, 8))),
+            "api_token": f"phc_{mix(self.seed, self.id, 3):016x}{mix(self.seed, self.id, 4):016x}",
+            "name": self.name,
+            "created_at": iso_z(EPOCH - timedelta(days=400 - self.id)),
+            "timezone": "UTC",
+            "is_demo": False,
+            "access_control": False,
+            "ingested_event": True,
+            "completed_snapshot_onboarding": True,
+            "has_completed_onboarding_for": {"product_analytics": True},
+        }
+
+
+@dataclass(frozen=True)
+class Insight:
+    """One seeded trends insight, computed from its project and index."""
+
+    project: Project
+    index: int
+
+    @property
+    def id(self) -> int:
+        return self.project.insight_base + self.index + 1
+
+    @property
+    def _h(self) -> int:
+        return mix(self.project.seed, self.project.id, 11, self.index)
+
+    @property
+    def short_id(self) -> str:
+        return encode_short_id(self.id, self.project.root_seed)
+
+    @property
+    def name(self) -> str | None:
+        if self.index % 11 == 10:
+            return None  # unnamed: PostHog falls back to derived_name
+        return f"{_INSIGHT_TITLES[self._h % len(_INSIGHT_TITLES)]} {self.index}"
+
+    @property
+    def derived_name(self) -> str:
+        events = self.events or ("$pageview",)
+        return f"{events[0]} count"
+
+    @property
+    def interval(self) -> str:
+        return "week" if self.index % 4 == 3 else "day"
+
+    @property
+    def points(self) -> int:
+        return 5 if self.interval == "week" else 8
+
+    @property
+    def events(self) -> tuple[str, ...]:
+        """Series events; every 23rd insight has none, so its CSV is the "No data" table."""
+        if self.index % 23 == 22:
+            return ()
+        first = self._h % len(_EVENTS)
+        return tuple(_EVENTS[(first + k) % len(_EVENTS)] for k in range(1 + self.index % 3))
+
+    @property
+    def breakdown_values(self) -> tuple[str, ...]:
+        """The ``$current_url`` each series is broken down to (one per event)."""
+        first = (self._h >> 8) % len(_BREAKDOWN_URLS)
+        return tuple(
+            _BREAKDOWN_URLS[(first + 2 * k) % len(_BREAKDOWN_URLS)] for k in range(len(self.events))
+        )
+
+    @property
+    def labels(self) -> tuple[str, ...]:
+        """Series labels as PostHog writes them for a breakdown: ``<event> - <value>``."""
+        return tuple(f"{e} - {v}" for e, v in zip(self.events, self.breakdown_values, strict=True))
+
+    @property
+    def saved(self) -> bool:
+        return self.index % 3 != 2
+
+    @property
+    def favorited(self) -> bool:
+        return self.index % 7 == 0
+
+    @property
+    def created_by(self) -> dict[str, Any]:
+        return USERS[self.index % len(USERS)]
+
+    @property
+    def tags(self) -> list[str]:
+        return ["growth"] if self.index % 5 == 0 else []
+
+    @property
+    def description(self) -> str:
+        return f"Seeded trends insight {self.index} of project {self.project.id}."
+
+    @property
+    def dashboard_ids(self) -> list[int]:
+        """The first ``10 × dashboards`` insights sit on one dashboard each (round robin)."""
+        n = self.project.n_dashboards
+        if n == 0 or self.index >= 10 * n:
+            return []
+        return [self.project.dashboard_base + self.index % n + 1]
+
+    @property
+    def created_at(self) -> datetime:
+        return EPOCH - timedelta(days=365) + timedelta(minutes=self.index)
+
+    @property
+    def updated_at(self) -> datetime:
+        return self.created_at + timedelta(hours=6)
+
+    @property
+    def cache_key(self) -> str:
+        """PostHog's ``filters_hash``; also the id of async query jobs for this insight."""
+        return f"cache_{mix(self.project.seed, self.id, 99):016x}{mix(self.id, 98):016x}"
+
+    def table(self, labels: tuple[str, ...] | None = None) -> TrendTable:
+        """This insight's rows; ``labels`` overrides the series (used for forced CSV row counts)."""
+        step = 7 if self.interval == "week" else 1
+        end = EPOCH.date() - timedelta(days=self.index % 10)
+        start = end - timedelta(days=step * (self.points - 1))
+        return TrendTable(
+            labels=self.labels if labels is None else labels,
+            start_offset=(start - DATE_ORIGIN).days,
+            step_days=step,
+            key=self._h,
+        )
+
+    @property
+    def row_count(self) -> int:
+        return len(self.events) * self.points
+
+    def result(self) -> list[dict[str, Any]]:
+        """The trends result: one series dict per event, like PostHog's TrendsQuery response."""
+        table = self.table()
+        days = [table.date(d) for d in range(self.points)]
+        labels = [_day_label(date.fromisoformat(d)) for d in days]
+        series = []
+        for s, (event, value) in enumerate(zip(self.events, self.breakdown_values, strict=True)):
+            data = [table.value(s, d) for d in range(self.points)]
+            series.append(
+                {
+                    "action": {
+                        "id": event,
+                        "type": "events",
+                        "order": s,
+                        "name": event,
+                        "math": "total",
+                    },
+                    "label": table.labels[s],
+                    "breakdown_value": value,
+                    "count": sum(data),
+                    "data": data,
+                    "labels": labels,
+                    "days": days,
+                }
+            )
+        return series
+
+    def query(self) -> dict[str, Any]:
+        return {
+            "kind": "InsightVizNode",
+            "source": {
+                "kind": "TrendsQuery",
+                "series": [
+                    {"kind": "EventsNode", "event": e, "name": e, "math": "total"}
+                    for e in self.events
+                ],
+                "interval": self.interval,
+                "dateRange": {"date_from": f"-{self.points - 1}{self.interval[0]}"},
+                "breakdownFilter": {"breakdown": "$current_url", "breakdown_type": "event"},
+            },
+        }
+
+
+@dataclass(frozen=True)
+class Dashboard:
+    project: Project
+    index: int
+
+    @property
+    def id(self) -> int:
+        return self.project.dashboard_base + self.index + 1
+
+    @property
+    def name(self) -> str:
+        base = _DASHBOARD_NAMES[self.index % len(_DASHBOARD_NAMES)]
+        return base if self.index < len(_DASHBOARD_NAMES) else f"{base} {self.index}"
+
+    def insight_indexes(self) -> list[int]:
+        n = self.project.n_dashboards
+        cap = min(10 * n, self.project.n_insights)
+        return list(range(self.index, cap, n))
+
+
+class Seed:
+    """All seeded projects. Only integers live here; every object is computed on demand."""
+
+    def __init__(
+        self,
+        *,
+        seed: int,
+        project_id: int,
+        insights: int,
+        dashboards: int,
+        group_types: int,
+        groups: int,
+    ) -> None:
+        self.seed = seed
+        types = max(0, min(group_types, MAX_GROUP_TYPES))
+        self.main = Project(
+            id=project_id,
+            name="Default project",
+            seed=seed,
+            n_insights=insights,
+            n_dashboards=dashboards,
+            n_group_types=types,
+            n_groups=groups,
+            insight_base=0,
+            dashboard_base=0,
+            root_seed=seed,
+        )
+        # A smaller second project so multi-project setups can be tested.
+        self.staging = Project(
+            id=project_id + 1,
+            name="Staging",
+            seed=seed + 1,
+            n_insights=min(insights, 6),
+            n_dashboards=min(dashboards, 1),
+            n_group_types=min(types, 2),
+            n_groups=min(groups, 40),
+            insight_base=insights,
+            dashboard_base=dashboards,
+            root_seed=seed,
+        )
+        self.projects = {self.main.id: self.main, self.staging.id: self.staging}
+
+    # ---- insights ---------------------------------------------------------------------------
+    def insight_by_id(self, insight_id: int) -> Insight | None:
+        for project in self.projects.values():
+            index = insight_id - project.insight_base - 1
+            if 0 <= index < project.n_insights:
+                return Insight(project, index)
+        return None
+
+    def insight_by_short_id(self, short_id: str) -> Insight | None:
+        insight_id = decode_short_id(short_id, self.seed)
+        found = self.insight_by_id(insight_id) if insight_id is not None else None
+        return found if found is not None and found.short_id == short_id else None
+
+    # ---- dashboards -------------------------------------------------------------------------
+    def dashboard_by_id(self, dashboard_id: int) -> Dashboard | None:
+        for project in self.projects.values():
+            index = dashboard_id - project.dashboard_base - 1
+            if 0 <= index < project.n_dashboards:
+                return Dashboard(project, index)
+        return None
+
+
+def encode_short_id(insight_id: int, seed: int) -> str:
+    """8 base-62 characters, a bijection of the id (so lookups need no table)."""
+    x = (insight_id * _SHORT_MULT + mix(seed, 5)) % _SHORT_SPACE
+    chars = []
+    for _ in range(8):
+        x, rem = divmod(x, 62)
+        chars.append(_B62[rem])
+    return "".join(reversed(chars))
+
+
+def decode_short_id(short_id: str, seed: int) -> int | None:
+    if len(short_id) != 8 or any(c not in _B62 for c in short_id):
+        return None
+    x = 0
+    for c in short_id:
+        x = x * 62 + _B62.index(c)
+    return ((x - mix(seed, 5)) * _SHORT_MULT_INV) % _SHORT_SPACE
+
+
+# ---- groups ---------------------------------------------------------------------------------

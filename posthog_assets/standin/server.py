@@ -1,0 +1,229 @@
+"""Start/stop helpers for tests, the demo and benches: the stand-in as a real subprocess, and a
+small ``urllib`` client for its control plane.
+
+Only the standard library is used here, so importing this module costs nothing (no Starlette,
+no uvicorn, no requests).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Sequence
+from types import TracebackType
+from typing import Any
+
+DEFAULT_KEY = "phx_standin_key"
+
+
+class StandinError(RuntimeError):
+    """The stand-in did not start, or a control-plane call failed."""
+
+
+class StandinProcess:
+    """``python -m posthog_assets.standin`` in its own session, on free ports.
+
+    Use as a context manager, or call :meth:`start` and :meth:`stop`. After start, ``url``,
+    ``storage_url``, ``key``, ``project_id`` and ``pid`` describe the running server.
+    """
+
+    def __init__(
+        self,
+        *,
+        insights: int = 30,
+        groups: int = 250,
+        group_types: int = 3,
+        dashboards: int = 3,
+        key: str = DEFAULT_KEY,
+        project_id: int = 1,
+        rate_limits: bool = False,
+        export_delay: float = 0.0,
+        seed: int = 0,
+        host: str = "127.0.0.1",
+        extra_args: Sequence[str] = (),
+        startup_timeout: float = 30.0,
+        python: str = sys.executable,
+    ) -> None:
+        self.args = [
+            python, "-m", "posthog_assets.standin",
+            "--host", host, "--port", "0",
+            "--key", key, "--project-id", str(project_id),
+            "--insights", str(insights), "--groups", str(groups),
+            "--group-types", str(group_types), "--dashboards", str(dashboards),
+            "--seed", str(seed), "--export-delay", str(export_delay),
+            *(["--rate-limits"] if rate_limits else []),
+            *extra_args,
+        ]  # fmt: skip
+        self.startup_timeout = startup_timeout
+        self.proc: subprocess.Popen[str] | None = None
+        self.url = ""
+        self.storage_url = ""
+        self.key = key
+        self.project_id = project_id
+        self._lines: queue.Queue[str | None] = queue.Queue()
+
+    @property
+    def pid(self) -> int:
+        if self.proc is None:
+            raise StandinError("stand-in is not running")
+        return self.proc.pid
+
+    @property
+    def control(self) -> StandinControl:
+        return StandinControl(self.url)
+
+    def _pump(self) -> None:
+        """Read stdout forever (so the pipe never fills and blocks the server)."""
+        assert self.proc is not None and self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+        self._lines.put(None)
+
+    def start(self) -> StandinProcess:
+        self.proc = subprocess.Popen(
+            self.args,
+            stdout=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+        threading.Thread(target=self._pump, name="standin-stdout", daemon=True).start()
+        try:
+            line = self._lines.get(timeout=self.startup_timeout)
+        except queue.Empty:
+            self.stop()
+            raise StandinError(
+                f"stand-in did not report ready within {self.startup_timeout}s"
+            ) from None
+        if line is None:
+            code = self.proc.wait()
+            raise StandinError(f"stand-in exited with code {code} before it was ready")
+        ready = json.loads(line)
+        self.url, self.storage_url = ready["url"], ready["storage_url"]
+        self.key, self.project_id = ready["key"], ready["project_id"]
+        return self
+
+    def stop(self, timeout: float = 5.0) -> int | None:
+        """SIGTERM, wait up to ``timeout`` s, then SIGKILL; returns the exit code."""
+        proc = self.proc
+        if proc is None:
+            return None
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                os.kill(proc.pid, signal.SIGKILL)
+                proc.wait()
+        return proc.returncode
+
+    def __enter__(self) -> StandinProcess:
+        return self.start()
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+
+class StandinControl:
+    """Client for ``/_standin/``: reset, config, faults, keys, request log, stats."""
+
+    def __init__(self, url: str, timeout: float = 10.0) -> None:
+        self.url = url.rstrip("/")
+        self.timeout = timeout
+
+    def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
+        data = None if body is None else json.dumps(body).encode()
+        request = urllib.request.Request(
+            f"{self.url}/_standin/{path}",
+            data=data,
+            method=method,
+            headers={"Content-Type": "application/json"} if data is not None else {},
+        )
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout) as response:
+                return json.loads(response.read() or b"null")
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode("utf-8", "replace")
+            raise StandinError(f"{method} /_standin/{path} -> {exc.code}: {detail}") from None
+
+    def reset(self) -> None:
+        """Back to the seed: exports, caches, jobs, faults, keys, config, log, removed groups."""
+        self._call("POST", "reset")
+
+    def configure(self, **config: Any) -> dict[str, Any]:
+        """Override behaviour (see the README of the control plane); returns the new config."""
+        return self._call("POST", "config", config)
+
+    def config(self) -> dict[str, Any]:
+        return self._call("GET", "config")
+
+    def add_fault(self, **rule: Any) -> dict[str, Any]:
+        """Add a fault rule (``match``, ``method``, ``kind``, ``status``, ``times``, …)."""
+        return self._call("POST", "faults", rule)
+
+    def clear_faults(self) -> None:
+        self._call("DELETE", "faults")
+
+    def faults(self) -> list[dict[str, Any]]:
+        return self._call("GET", "faults")
+
+    def requests_log(self) -> list[dict[str, Any]]:
+        return self._call("GET", "requests")
+
+    def clear_requests_log(self) -> None:
+        self._call("DELETE", "requests")
+
+    def add_key(
+        self,
+        key: str,
+        scopes: Sequence[str],
+        projects: Sequence[int] | None = None,
+        *,
+        current_project: int | None = None,
+        user_id: int | None = None,
+        user_projects: Sequence[int] | None = None,
+    ) -> None:
+        body: dict[str, Any] = {"key": key, "scopes": list(scopes)}
+        body["projects"] = None if projects is None else list(projects)
+        if current_project is not None:
+            body["current_project"] = current_project
+        if user_id is not None:
+            body["user_id"] = user_id
+        if user_projects is not None:
+            body["user_projects"] = list(user_projects)
+        self._call("POST", "keys", body)
+
+    def expire_export(self, export_id: int) -> None:
+        self._call("POST", f"exports/{export_id}/expire")
+
+    def lose_export_content(self, export_id: int) -> None:
+        self._call("POST", f"exports/{export_id}/lose_content")
+
+    def remove_group(self, type_index: int, key: str, project_id: int | None = None) -> None:
+        query = "" if project_id is None else f"?project_id={project_id}"
+        self._call("DELETE", f"groups/{type_index}/{urllib.parse.quote(key, safe='')}{query}")
+
+    def set_insight_cache(self, insight_id: int | None, state: str) -> None:
+        """``state``: cold, fresh, stale or stale_soft; ``insight_id=None`` sets every insight."""
+        path = "insights/cache" if insight_id is None else f"insights/{insight_id}/cache"
+        self._call("POST", path, {"state": state})
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: exports created, requests by route, faults fired, 429s, max in flight."""
+        return self._call("GET", "stats")
+
+    def seed_info(self) -> dict[str, Any]:
+        """Seed number and, per project, its sizes and first insight/dashboard ids."""
+        return self._call("GET", "seed")

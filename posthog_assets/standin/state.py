@@ -1,0 +1,266 @@
+"""Everything the stand-in mutates: config overrides, keys, exports, insight caches, async query
+jobs, removed groups, faults, throttles, the request log and counters.
+
+The seed is immutable; this is the only place that grows, and ``reset()`` brings all of it back to
+the state right after start-up (the ids of new exports keep counting up, so a client can never
+mistake an export from an earlier test for a new one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import time
+from collections import Counter, deque
+from dataclasses import asdict, dataclass, field
+from datetime import datetime
+from typing import Any
+
+from .faults import FaultBook, RateLimiter
+from .seed import Insight, Seed
+
+#: Freshness thresholds per interval: (default, lazy) seconds (posthog-api.md §8.4).
+_THRESHOLDS: dict[str, tuple[float, float]] = {
+    "minute": (300, 900),
+    "hour": (3600, 7200),
+    "day": (6 * 3600, 12 * 3600),
+    "week": (86400, 86400),
+    "month": (86400, 86400),
+}
+#: PostHog's default refresh frequency: next_allowed_client_refresh = last_refresh + this.
+CLIENT_REFRESH_S = 60.0
+CACHE_STATES = ("cold", "fresh", "stale", "stale_soft")
+REQUEST_LOG_MAX = 20_000
+
+
+def thresholds(interval: str) -> tuple[float, float]:
+    return _THRESHOLDS.get(interval, (6 * 3600, 12 * 3600))
+
+
+@dataclass
+class Config:
+    """Behaviour switches: ``POST /_standin/config`` overrides them, reset restores these."""
+
+    export_delay_s: float = 0.0
+    export_delay_by_format: dict[str, float] = field(default_factory=dict)
+    video_delay_s: float = 2.0
+    content_redirect: bool = False
+    presign_ttl_s: float = 3600.0
+    stuck_threshold_s: float = 630.0
+    stuck_threshold_video_s: float = 4530.0
+    csv_rows: int | None = None
+    async_delay_s: float = 0.5
+    query_fail_insights: dict[int, str | None] = field(default_factory=dict)
+    query_crash_insights: list[int] = field(default_factory=list)
+    concurrency_limit_insights: list[int] = field(default_factory=list)
+    rate_limits: bool = False
+    rate_limit_overrides: dict[str, str] = field(default_factory=dict)
+    environments_sunset: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["query_fail_insights"] = {str(k): v for k, v in self.query_fail_insights.items()}
+        return data
+
+    def apply(self, data: dict[str, Any]) -> None:
+        """Validate and apply overrides; raises ``ValueError`` naming the bad field."""
+        floats = ("export_delay_s", "video_delay_s", "presign_ttl_s", "stuck_threshold_s",
+                  "stuck_threshold_video_s", "async_delay_s")  # fmt: skip
+        bools = ("content_redirect", "rate_limits", "environments_sunset")
+        id_lists = ("query_crash_insights", "concurrency_limit_insights")
+        for name, value in data.items():
+            if name in floats:
+                setattr(self, name, _number(name, value))
+            elif name in bools:
+                if not isinstance(value, bool):
+                    raise ValueError(f"{name} must be a boolean")
+                setattr(self, name, value)
+            elif name in id_lists:
+                setattr(self, name, [int(v) for v in value])
+            elif name == "export_delay_by_format":
+                self.export_delay_by_format = {str(k): _number(name, v) for k, v in value.items()}
+            elif name == "csv_rows":
+                if value is not None and (not isinstance(value, int) or value < 0):
+                    raise ValueError("csv_rows must be a non-negative integer or null")
+                self.csv_rows = value
+            elif name == "query_fail_insights":
+                if isinstance(value, dict):
+                    self.query_fail_insights = {int(k): v for k, v in value.items()}
+                else:
+                    self.query_fail_insights = {int(v): None for v in value}
+            elif name == "rate_limit_overrides":
+                self.rate_limit_overrides = {str(k): str(v) for k, v in value.items()}
+            else:
+                raise ValueError(f"unknown config field {name!r}")
+
+
+def _number(name: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise ValueError(f"{name} must be a non-negative number")
+    return float(value)
+
+
+@dataclass
+class KeyInfo:
+    """A personal API key: its scopes, the projects it may use and the user who owns it.
+
+    ``projects`` restricts the key itself (PostHog's ``scoped_teams``); ``user_projects`` is the
+    owner's membership. ``None`` means every project for either.
+    """
+
+    key: str
+    scopes: tuple[str, ...]
+    projects: frozenset[int] | None
+    current_project: int
+    user_id: int = 1
+    user_projects: frozenset[int] | None = None
+
+    def has_scope(self, scope: str) -> bool:
+        if not self.scopes or "*" in self.scopes or scope in self.scopes:
+            return True
+        obj, _, action = scope.partition(":")
+        return action == "read" and f"{obj}:write" in self.scopes
+
+
+@dataclass
+class ExportRecord:
+    """One exported asset. Readiness is lazy: ``ready_at`` is compared with the clock on read."""
+
+    id: int
+    project_id: int
+    user_id: int
+    export_format: str
+    dashboard: int | None
+    insight: int | None
+    export_context: Any
+    created: float
+    created_at: datetime
+    expires_after: datetime
+    ready_at: float | None  # None: never finishes (stays pending, later "stuck")
+    filename: str = ""
+    failure: str | None = None  # exception text once ready_at has passed
+    csv_rows: int | None = None  # the csv_rows override in force at creation
+    content_lost: bool = False
+    content: bytes | None = None  # rendered bytes (all formats but CSV, which streams)
+    render_lock: asyncio.Lock = field(default_factory=asyncio.Lock, repr=False)
+
+
+@dataclass
+class QueryJob:
+    """An async insight calculation; it completes lazily when someone looks after ``end``."""
+
+    id: str
+    project_id: int
+    insight_id: int
+    task_id: str
+    start: float
+    end: float
+    outcome: str  # "ok" | "error" (400 with message) | "crash" (500) | "concurrency"
+    message: str | None = None
+    settled: bool = False
+
+    def complete(self, now: float) -> bool:
+        return now >= self.end
+
+
+class InsightCache:
+    """When each insight's result was last computed (``None`` = cold).
+
+    A blanket state (``set_all``) is stored once and applied per insight on read, so setting a
+    million insights warm costs nothing.
+    """
+
+    def __init__(self) -> None:
+        self.default: tuple[str, float] = ("cold", 0.0)
+        self.entries: dict[int, float | None] = {}
+
+    @staticmethod
+    def last_refresh_for(state: str, insight: Insight, at: float) -> float | None:
+        default_s, lazy_s = thresholds(insight.interval)
+        if state == "cold":
+            return None
+        if state == "fresh":
+            return at
+        if state == "stale_soft":
+            return at - default_s - 60
+        return at - max(default_s, lazy_s) - 60  # stale even by the lazy thresholds
+
+    def get(self, insight: Insight) -> float | None:
+        if insight.id in self.entries:
+            return self.entries[insight.id]
+        state, at = self.default
+        return self.last_refresh_for(state, insight, at)
+
+    def put(self, insight: Insight, last_refresh: float | None) -> None:
+        self.entries[insight.id] = last_refresh
+
+    def set_state(self, insight: Insight, state: str, now: float) -> None:
+        self.entries[insight.id] = self.last_refresh_for(state, insight, now)
+
+    def set_all(self, state: str, now: float) -> None:
+        self.entries.clear()
+        self.default = (state, now)
+
+
+@dataclass
+class Stats:
+    exports_created: int = 0
+    faults_fired: int = 0
+    throttled_429: int = 0
+    in_flight: int = 0
+    max_in_flight: int = 0
+    requests_by_route: Counter[str] = field(default_factory=Counter)
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["requests_by_route"] = dict(self.requests_by_route)
+        return data
+
+
+class State:
+    """The mutable half of the stand-in; one instance per process, shared by both listeners."""
+
+    def __init__(self, seed: Seed, *, key: str, base_config: Config) -> None:
+        self.seed = seed
+        self.default_key = key
+        self.base_config = base_config
+        self.storage_url = ""
+        self.next_export_id = 1
+        self.reset()
+
+    def reset(self) -> None:
+        self.config = copy.deepcopy(self.base_config)
+        self.keys: dict[str, KeyInfo] = {
+            self.default_key: KeyInfo(self.default_key, ("*",), None, self.seed.main.id)
+        }
+        self.exports: dict[int, ExportRecord] = {}
+        self.storage_tokens: dict[str, tuple[int, float]] = {}  # token -> (export id, expiry)
+        self.fail_next: tuple[int, str] = (0, "")
+        self.cache = InsightCache()
+        self.jobs: dict[str, QueryJob] = {}
+        self.removed_groups: dict[tuple[int, int], set[int]] = {}
+        self.faults = FaultBook()
+        self.limiter = RateLimiter(self.config.rate_limit_overrides)
+        self.log: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_MAX)
+        self.stats = Stats()
+
+    @staticmethod
+    def now() -> float:
+        return time.time()
+
+    def configure(self, data: dict[str, Any]) -> None:
+        """Apply a config change atomically (a bad field changes nothing)."""
+        candidate = copy.deepcopy(self.config)
+        fail_next = data.pop("export_fail_next", None)
+        candidate.apply(data)
+        if "rate_limit_overrides" in data:
+            self.limiter.configure(candidate.rate_limit_overrides)
+        if fail_next is not None:
+            self.fail_next = (int(fail_next.get("count", 1)), str(fail_next.get("exception", "")))
+        self.config = candidate
+
+    def removed(self, project_id: int, type_index: int) -> set[int]:
+        return self.removed_groups.get((project_id, type_index), set())
+
+    def record(self, entry: dict[str, Any]) -> None:
+        self.log.append(entry)
