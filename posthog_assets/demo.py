@@ -55,7 +55,10 @@ def main() -> int:
         today = dt.datetime.now(dt.UTC).date().isoformat()
         partitioned = job.partitions_def is not None
         result = job.execute_in_process(
-            instance=instance, partition_key=today if partitioned else None, raise_on_error=False
+            run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
+            instance=instance,
+            partition_key=today if partitioned else None,
+            raise_on_error=False,
         )
         print()
         print(f"Run {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'}")
@@ -72,11 +75,14 @@ def print_results(duckdb_path: Path, export_dir: Path) -> None:
     if duckdb_path.exists():
         with duckdb.connect(str(duckdb_path), read_only=True) as conn:
             tables = conn.execute(
-                "SELECT table_schema, table_name FROM information_schema.tables "
-                "WHERE table_type = 'BASE TABLE' ORDER BY 1, 2"
+                "SELECT table_catalog, table_schema, table_name FROM information_schema.tables "
+                "WHERE table_type = 'BASE TABLE' AND table_catalog = current_database() "
+                "ORDER BY 2, 3"
             ).fetchall()
-            for schema, table in tables:
-                (count,) = conn.execute(f'SELECT count(*) FROM "{schema}"."{table}"').fetchone()
+            for catalog, schema, table in tables:
+                (count,) = conn.execute(
+                    f'SELECT count(*) FROM "{catalog}"."{schema}"."{table}"'
+                ).fetchone()
                 print(f"  {schema}.{table:<28} {count:>8} rows")
     print(f"Export folder:         {export_dir.resolve()}")
     if export_dir.exists():
