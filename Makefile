@@ -9,8 +9,10 @@ UV := $(TOOLS)/bin/uv
 STAMP := $(VENV)/.installed
 export UV_PYTHON_DOWNLOADS := never
 export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
+# dg wants the project's venv to be the active one.
+DG := VIRTUAL_ENV=$(CURDIR)/$(VENV) PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dg
 
-.PHONY: install demo test lint ui bench check-defs clean
+.PHONY: install demo test lint ui bench check-defs clean system-deps
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -21,21 +23,47 @@ $(STAMP): requirements.txt pyproject.toml | $(UV)
 	VIRTUAL_ENV=$(VENV) $(UV) pip install -q -r requirements.txt -e .
 	touch $(STAMP)
 
-install: $(STAMP)
+install: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
+
+$(DAGSTER_HOME)/dagster.yaml: dagster.yaml
+	mkdir -p $(DAGSTER_HOME)
+	cp dagster.yaml $@
 
 demo: install
 	$(VENV)/bin/python -m posthog_assets.demo
 
-test: install
+test: install system-deps
 	$(VENV)/bin/ruff check posthog_assets posthog_assets_tests bench
 	$(VENV)/bin/python -m pytest -q posthog_assets_tests
-	$(VENV)/bin/dg check defs
+	$(DG) check defs
+	$(VENV)/bin/dagster definitions validate -w workspace.yaml
+
+# The Dagster UI with the daemon (schedules, sensors, queued runs) on http://127.0.0.1:3000, against
+# the local stand-in unless POSTHOG_HOST is set. Ctrl-C stops everything it started.
+ui: install
+	$(VENV)/bin/python -m posthog_assets.ui
+
+# Debian's chromium (browser test) and postgresql (deploy/ Postgres test), installed only when
+# missing. Without root or sudo they are left out, and those tests skip saying why.
+system-deps:
+	@missing=""; \
+	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
+	dpkg -s postgresql >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	if [ -z "$$missing" ]; then exit 0; fi; \
+	if ! command -v apt-get >/dev/null 2>&1; then \
+	  echo "system-deps: no apt-get here; install$$missing yourself, or those tests skip"; exit 0; fi; \
+	if [ "$$(id -u)" = 0 ]; then sudo=""; elif sudo -n true 2>/dev/null; then sudo="sudo -n"; else \
+	  echo "system-deps: not root and no sudo; cannot install$$missing, so those tests skip"; \
+	  exit 0; fi; \
+	echo "system-deps: installing$$missing from Debian packages"; \
+	$$sudo apt-get update -q && \
+	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q$$missing
 
 lint: install
 	$(VENV)/bin/ruff check posthog_assets posthog_assets_tests bench
 
 check-defs: install
-	$(VENV)/bin/dg check defs
+	$(DG) check defs
 
 clean:
 	rm -rf data .dagster_home .tmp_dagster_home_* .pytest_cache

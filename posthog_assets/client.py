@@ -33,7 +33,7 @@ from posthog_assets.errors import (
     PostHogValidationError,
     advice_for,
 )
-from posthog_assets.ratelimit import RequestGate
+from posthog_assets.ratelimit import RequestGate, SharedRequestGate
 
 POSTHOG_US_HOST = "https://us.posthog.com"
 POSTHOG_EU_HOST = "https://eu.posthog.com"
@@ -141,6 +141,9 @@ class PostHogClient:
         project_id: Numeric project id (``@current`` works but follows the UI's selection).
         personal_api_key: A ``phx_`` key; sent only as a Bearer header to ``host``.
         api_prefix: ``environments`` (``/api/environments/:id/``) or ``projects``.
+        requests_per_minute: Client-side pace (token bucket); None paces only on 429s.
+        rate_limit_state: A file shared with other processes using the same key and host
+            (:func:`posthog_assets.ratelimit.shared_state_path`); None keeps pacing per client.
     """
 
     def __init__(
@@ -154,6 +157,7 @@ class PostHogClient:
         read_timeout_s: float = 60.0,
         retry: RetrySettings | None = None,
         requests_per_minute: float | None = None,
+        rate_limit_state: str | os.PathLike[str] | None = None,
         log: logging.Logger | None = None,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
@@ -163,7 +167,12 @@ class PostHogClient:
         self.timeout = (connect_timeout_s, read_timeout_s)
         self.retry = retry or RetrySettings()
         self.log = log or logger
-        self.gate = RequestGate(requests_per_minute)
+        # A state file makes Retry-After pauses and the pace shared with other processes.
+        self.gate: RequestGate | SharedRequestGate = (
+            SharedRequestGate(rate_limit_state, requests_per_minute)
+            if rate_limit_state is not None
+            else RequestGate(requests_per_minute)
+        )
         self._sleep = sleep or tenacity.nap.sleep
         self._warned_sunset = False
         self.request_count = 0
@@ -313,6 +322,15 @@ class PostHogClient:
             raise PostHogConnectionError(
                 f"{method} {path}: connection failed ({type(exc).__name__})",
                 request_sent=sent,
+                method=method,
+                path=path,
+            ) from None
+        except requests.exceptions.ChunkedEncodingError:
+            # The connection broke while the body was being read (short read against
+            # Content-Length, or a cut chunked stream). PostHog did answer, so a POST may
+            # have taken effect: treat it as "sent" so only idempotent calls are retried.
+            raise PostHogConnectionError(
+                f"{method} {path}: connection dropped while reading the response body",
                 method=method,
                 path=path,
             ) from None

@@ -8,7 +8,9 @@ from __future__ import annotations
 import dagster as dg
 
 from posthog_assets.config import load_settings
+from posthog_assets.exports import build_posthog_export_definitions
 from posthog_assets.resources import build_resources
+from posthog_assets.snapshots import build_posthog_snapshot_definitions
 
 ALL_ASSETS_JOB = "posthog_all"
 
@@ -25,4 +27,6 @@ defs = dg.Definitions.merge(
             )
         ],
     ),
+    build_posthog_export_definitions(settings),
+    build_posthog_snapshot_definitions(settings),
 )

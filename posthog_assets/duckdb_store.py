@@ -19,26 +19,42 @@ def quote(identifier: str) -> str:
     return '"' + identifier.replace('"', '""') + '"'
 
 
+def schema_ref(conn: duckdb.DuckDBPyConnection) -> str:
+    """``"<catalog>".posthog``: fully qualified, because a file named ``posthog.duckdb`` makes a
+    catalog ``posthog`` and a bare ``posthog.<table>`` is then an "ambiguous reference to catalog
+    or schema" error in DuckDB.
+    """
+    # fetchall, not fetchone: DuckDB 2.0 keeps a half-read result open and then refuses
+    # register() and friends on the connection ("unfinished result from execute()").
+    rows = conn.execute("SELECT current_database()").fetchall()
+    catalog = str(rows[0][0]) if rows else "memory"
+    return f"{quote(catalog)}.{SCHEMA}"
+
+
+def table_ref(conn: duckdb.DuckDBPyConnection, table: str) -> str:
+    """``"<catalog>".posthog."<table>"`` (see :func:`schema_ref`)."""
+    return f"{schema_ref(conn)}.{quote(table)}"
+
+
 def ensure_table(
     conn: duckdb.DuckDBPyConnection, table: str, columns: Mapping[str, str]
 ) -> None:
     """Create ``posthog.<table>`` if missing, else add any column it lacks (rows are kept)."""
-    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {SCHEMA}")
+    conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema_ref(conn)}")
     cols = ", ".join(f"{quote(name)} {sql_type}" for name, sql_type in columns.items())
-    conn.execute(f"CREATE TABLE IF NOT EXISTS {SCHEMA}.{quote(table)} ({cols})")
+    ref = table_ref(conn, table)
+    conn.execute(f"CREATE TABLE IF NOT EXISTS {ref} ({cols})")
     existing = {
         row[0]
         for row in conn.execute(
             "SELECT column_name FROM information_schema.columns "
-            "WHERE table_schema = ? AND table_name = ?",
+            "WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ?",
             [SCHEMA, table],
         ).fetchall()
     }
     for name, sql_type in columns.items():
         if name not in existing:
-            conn.execute(
-                f"ALTER TABLE {SCHEMA}.{quote(table)} ADD COLUMN {quote(name)} {sql_type}"
-            )
+            conn.execute(f"ALTER TABLE {ref} ADD COLUMN {quote(name)} {sql_type}")
 
 
 def insert_select(
@@ -47,10 +63,10 @@ def insert_select(
     """``INSERT INTO posthog.<table> (<columns>) SELECT <columns> FROM <source>``, by name."""
     names = ", ".join(quote(c) for c in columns)
     conn.execute(
-        f"INSERT INTO {SCHEMA}.{quote(table)} ({names}) SELECT {names} FROM {source_sql}"
+        f"INSERT INTO {table_ref(conn, table)} ({names}) SELECT {names} FROM {source_sql}"
     )
-    result = conn.fetchone()
-    return int(result[0]) if result else 0
+    rows = conn.fetchall()
+    return int(rows[0][0]) if rows else 0
 
 
 def open_read_only(path: str | Path) -> duckdb.DuckDBPyConnection:

@@ -26,6 +26,7 @@ from posthog_assets.config import (
     parse_project_id,
     validate_host,
 )
+from posthog_assets.ratelimit import shared_state_path
 
 #: The Dagster config-schema flag that masks a field in the UI (no public API for it yet).
 SECRET_FIELD = {"dagster__is_secret": True}
@@ -59,6 +60,13 @@ class PostHogResource(dg.ConfigurableResource):
     retry_budget_s: float = Field(default=180.0, description="Total time to keep retrying.")
     requests_per_minute: float | None = Field(
         default=None, description="Client-side pace (PostHog allows 240/min for insights)."
+    )
+    shared_rate_limit: bool = Field(
+        default=True,
+        description="Share Retry-After pauses and the requests_per_minute budget with every "
+        "process on this machine that uses the same key and host (the steps of a multiprocess "
+        "run, concurrent runs), through a hashed state file in $POSTHOG_ASSETS_RATE_LIMIT_DIR "
+        "or the temp dir. Off: each step process paces on its own.",
     )
     poll_interval_s: float = Field(
         default=DEFAULT_POLL_INTERVAL_S, description="First wait between export/query polls."
@@ -96,15 +104,21 @@ class PostHogResource(dg.ConfigurableResource):
                 raise ValueError(f"{name} must be greater than 0, got {value}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        if self.requests_per_minute is not None and self.requests_per_minute <= 0:
+            raise ValueError(
+                f"requests_per_minute must be greater than 0 (or unset), got "
+                f"{self.requests_per_minute}"
+            )
 
     @cached_method
     def get_client(self, log: logging.Logger | None = None) -> PostHogClient:
         """One client (one HTTP session, one rate-limit gate) per run, shared by all threads."""
         self.validate_settings()
+        host, key = validate_host(self.host), self.personal_api_key.strip()
         return PostHogClient(
-            validate_host(self.host),
+            host,
             parse_project_id(self.project_id),
-            self.personal_api_key.strip(),
+            key,
             api_prefix=self.api_prefix,  # type: ignore[arg-type]
             connect_timeout_s=self.connect_timeout_s,
             read_timeout_s=self.read_timeout_s,
@@ -115,6 +129,7 @@ class PostHogResource(dg.ConfigurableResource):
                 total_budget_s=self.retry_budget_s,
             ),
             requests_per_minute=self.requests_per_minute,
+            rate_limit_state=shared_state_path(host, key) if self.shared_rate_limit else None,
             log=log,
         )
 

@@ -12,6 +12,9 @@ from typing import Any, Literal
 
 import dagster as dg
 
+# Not re-exported by ``dagster`` in 1.13.27 (dagster-fivetran imports it from here too).
+from dagster._core.definitions.metadata.metadata_set import NamespacedMetadataSet
+
 from posthog_assets.config import EXPORT_FORMATS, ExportConfig, ResolvedProject
 
 EXPORTS_GROUP = "posthog_exports"
@@ -37,7 +40,7 @@ _SNAPSHOT_DESCRIPTIONS: dict[str, str] = {
 }
 
 
-class PostHogMetadataSet(dg.NamespacedMetadataSet):
+class PostHogMetadataSet(NamespacedMetadataSet):
     """PostHog ids an asset stands for, stored on the spec and read back at execution."""
 
     project_name: str | None = None

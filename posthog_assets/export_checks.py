@@ -1,0 +1,163 @@
+"""Asset checks on downloaded export files: present, intact (sha256) and really the format.
+
+The checks read what the latest materialization recorded (path, bytes, sha256, format) from the
+instance and compare the file on disk with it, so they also catch files that were truncated,
+replaced or deleted after the run. They never call PostHog.
+"""
+
+import hashlib
+import zipfile
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pandas as pd
+
+from posthog_assets.config import ResolvedProject
+from posthog_assets.exports import PNG_SIGNATURE, materialization_values
+
+CHECK_FILE_PRESENT = "file_present"
+CHECK_SHA256 = "sha256_matches"
+CHECK_FORMAT = "format_valid"
+PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """Streamed sha256 (constant memory for any size)."""
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(chunk_bytes):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def validate_format(path: Path, export_format: str) -> tuple[bool, str]:
+    """Whether the bytes are what the MIME type says; (ok, reason)."""
+    try:
+        if export_format == "image/png":
+            size = path.stat().st_size
+            with path.open("rb") as fh:
+                head = fh.read(16)
+                fh.seek(max(0, size - len(PNG_IEND)))
+                tail = fh.read()
+            if not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
+                return False, "no PNG signature/IHDR header"
+            if tail != PNG_IEND:
+                return False, "PNG has no IEND chunk at the end (truncated?)"
+            return True, "PNG signature, IHDR and IEND present"
+        if export_format == "application/pdf":
+            size = path.stat().st_size
+            with path.open("rb") as fh:
+                head = fh.read(5)
+                fh.seek(max(0, size - 2048))
+                tail = fh.read()
+            if head != b"%PDF-":
+                return False, "no %PDF- header"
+            if b"%%EOF" not in tail:
+                return False, "PDF has no %%EOF trailer (truncated?)"
+            return True, "%PDF- header and %%EOF trailer present"
+        if export_format == "text/csv":
+            frame = pd.read_csv(path, nrows=1000)
+            if len(frame.columns) == 0:
+                return False, "CSV has no columns"
+            return True, f"CSV parses ({len(frame.columns)} columns)"
+        if export_format.endswith("spreadsheetml.sheet"):
+            if not zipfile.is_zipfile(path):
+                return False, "not a zip container (truncated XLSX?)"
+            import openpyxl
+
+            wb = openpyxl.load_workbook(path, read_only=True)
+            try:
+                sheets = len(wb.sheetnames)
+            finally:
+                wb.close()
+            return (sheets > 0), f"XLSX opens ({sheets} sheet(s))"
+    except Exception as exc:
+        return False, f"could not read as {export_format}: {type(exc).__name__}: {exc}"
+    return True, f"no validator for {export_format}"
+
+
+def verify_export(
+    metadata: dict[str, Any] | None,
+) -> Iterator[tuple[str, bool, str, dict[str, Any]]]:
+    """(check name, passed, description, metadata) for each check, from recorded metadata."""
+    if not metadata or not metadata.get("path"):
+        for name in (CHECK_FILE_PRESENT, CHECK_SHA256, CHECK_FORMAT):
+            yield name, False, "No materialization with a file path is recorded yet.", {}
+        return
+    path = Path(str(metadata["path"]))
+    recorded_bytes = metadata.get("bytes")
+    recorded_sha = metadata.get("sha256")
+    export_format = str(metadata.get("export_format") or "")
+    facts: dict[str, Any] = {"path": dg.MetadataValue.path(str(path))}
+    if not path.is_file():
+        yield CHECK_FILE_PRESENT, False, f"{path} does not exist.", facts
+        yield CHECK_SHA256, False, "File missing; nothing to hash.", facts
+        yield CHECK_FORMAT, False, "File missing; nothing to validate.", facts
+        return
+    size = path.stat().st_size
+    size_facts = {**facts, "bytes_on_disk": size, "bytes_recorded": recorded_bytes}
+    if size <= 0:
+        yield CHECK_FILE_PRESENT, False, f"{path} is empty.", size_facts
+    elif isinstance(recorded_bytes, int) and size != recorded_bytes:
+        yield (
+            CHECK_FILE_PRESENT,
+            False,
+            f"{path} has {size} bytes, the export recorded {recorded_bytes}.",
+            size_facts,
+        )
+    else:
+        yield CHECK_FILE_PRESENT, True, f"{path} exists ({size} bytes).", size_facts
+    actual = file_sha256(path)
+    sha_facts = {**facts, "sha256_on_disk": actual, "sha256_recorded": str(recorded_sha)}
+    if actual == recorded_sha:
+        yield CHECK_SHA256, True, "sha256 matches the recorded download.", sha_facts
+    else:
+        yield CHECK_SHA256, False, "sha256 differs from the recorded download.", sha_facts
+    ok, reason = validate_format(path, export_format)
+    yield CHECK_FORMAT, ok, reason, {**facts, "export_format": export_format}
+
+
+def build_posthog_export_checks(
+    *, project: ResolvedProject, export_assets: Sequence[dg.AssetsDefinition]
+) -> list[dg.AssetChecksDefinition]:
+    """Three checks per export asset (file present, sha256, format) in one subsettable op."""
+    keys = [k for a in export_assets for k in a.keys]
+    if not keys:
+        return []
+    specs = [
+        dg.AssetCheckSpec(name, asset=key, description=description)
+        for key in keys
+        for name, description in (
+            (CHECK_FILE_PRESENT, "The exported file exists, is not empty, has recorded size."),
+            (CHECK_SHA256, "The file's sha256 equals the one recorded at download."),
+            (CHECK_FORMAT, "The bytes are the export format (PNG/PDF/CSV/XLSX)."),
+        )
+    ]
+
+    @dg.multi_asset_check(
+        name="_".join([*project.key_prefix, "export_checks"]),
+        specs=specs,
+        can_subset=True,
+        description=f"File checks for PostHog exports of project '{project.name}'.",
+    )
+    def _export_checks(context: dg.AssetCheckExecutionContext) -> Iterator[dg.AssetCheckResult]:
+        selected = context.selected_asset_check_keys
+        asset_keys = sorted({ck.asset_key for ck in selected}, key=lambda k: k.to_user_string())
+        latest = context.instance.get_latest_materialization_events(asset_keys)
+        for key in asset_keys:
+            recorded = materialization_values(latest.get(key))
+            for name, passed, description, facts in verify_export(recorded):
+                if dg.AssetCheckKey(key, name) not in selected:
+                    continue
+                yield dg.AssetCheckResult(
+                    asset_key=key,
+                    check_name=name,
+                    passed=passed,
+                    description=description,
+                    metadata=facts,
+                    severity=dg.AssetCheckSeverity.ERROR,
+                )
+
+    return [_export_checks]

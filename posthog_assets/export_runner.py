@@ -1,0 +1,530 @@
+"""Create (or resume) one PostHog export, poll it until it has content, stream it to disk.
+
+No Dagster here: the asset layer (:mod:`posthog_assets.exports`) runs many of these in threads and
+turns the outcome into metadata, and the benchmark drives it directly.
+
+Why the extra care:
+
+- **No duplicate exports.** Every export carries a deterministic ``export_context.filename`` tag
+  (derived by the caller from asset key + run/partition). Before a POST we look for an export of
+  ours with that tag that is still pending or ready (first via an id recorded on disk, then via the
+  exports list, newest first), so a retried or crashed step resumes instead of rendering again.
+- **Finite, visible polling.** Exponential backoff with jitter between ``interval_s`` and
+  ``max_interval_s``; a total ``timeout_s`` after which we fail with the id, elapsed time and last
+  state (the next attempt resumes the same export); one log line per poll.
+- **Safe paths.** The server's filename never decides where a file lands: it is reduced to a plain
+  name inside ``<export_dir>/<asset name>/``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import os
+import random
+import re
+import time
+from collections.abc import Callable, Collection, Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from posthog_assets.client import PostHogClient
+from posthog_assets.config import EXPORT_FORMATS
+from posthog_assets.errors import (
+    PostHogConnectionError,
+    PostHogError,
+    PostHogExportFailed,
+    PostHogNotFoundError,
+    PostHogPollTimeout,
+    PostHogServerError,
+)
+
+logger = logging.getLogger(__name__)
+
+#: How many of our own exports (newest first) to scan for a resumable one before creating anew.
+DEFAULT_LOOKUP_LIMIT = 300
+#: Exports older than this are never resumed (PostHog's envelope for PNG/CSV/XLSX is ~10 min).
+DEFAULT_LOOKUP_MAX_AGE_S = 2 * 24 * 3600.0
+PENDING_MARKER_DIR = ".posthog-pending"
+
+#: Lower-cased fragments of PostHog ``exception`` texts that are worth another attempt: the
+#: synthetic stuck-export text, render/query timeouts, transient infrastructure failures.
+RETRYABLE_EXCEPTION_MARKERS: tuple[str, ...] = (
+    "failed without throwing an exception",
+    "timed out",
+    "timeout",
+    "temporarily",
+    "unavailable",
+    "try again later",
+    "server error",
+    "connection",
+    "throttled",
+    "too many requests",
+    "at capacity",
+)
+#: Fragments that mark a user error even if a retryable word also appears (checked first).
+NON_RETRYABLE_EXCEPTION_MARKERS: tuple[str, ...] = (
+    "not supported",
+    "is required",
+    "invalid",
+    "does not belong",
+    "could not verify its original authorization",
+    "permission",
+    "not found",
+    "no data available",
+    "columns",
+)
+
+
+def exception_is_retryable(text: str | None) -> bool:
+    """Decide from PostHog's ``exception`` text whether a new export may succeed.
+
+    The response carries no failure class (``failure_type`` is not serialized), so the text is
+    all we have: user errors (unsupported format, validation, lost authorization) are final;
+    the stuck-export text and timeouts/transient errors are worth another try.
+    """
+    lowered = (text or "").lower()
+    if any(m in lowered for m in NON_RETRYABLE_EXCEPTION_MARKERS):
+        return False
+    return any(m in lowered for m in RETRYABLE_EXCEPTION_MARKERS)
+
+
+@dataclass(frozen=True)
+class PollSettings:
+    """Backoff between polls: ``interval_s`` growing by ``factor`` up to ``max_interval_s``."""
+
+    interval_s: float = 1.0
+    max_interval_s: float = 15.0
+    timeout_s: float = 600.0
+    factor: float = 1.6
+    jitter: float = 0.2  # +/- fraction of each wait
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    """One logical export. ``dedup_key`` must be the same for every attempt of the same run."""
+
+    asset_name: str
+    export_format: str
+    dedup_key: str
+    insight: int | None = None
+    dashboard: int | None = None
+    export_context: Mapping[str, Any] | None = None
+
+    @property
+    def extension(self) -> str:
+        return EXPORT_FORMATS.get(self.export_format, "bin")
+
+    @property
+    def tag(self) -> str:
+        """The ``export_context.filename`` that marks this logical export as ours."""
+        digest = hashlib.sha256(self.dedup_key.encode()).hexdigest()[:16]
+        base = str((self.export_context or {}).get("filename") or self.asset_name)
+        return f"{base}-dg{digest}"
+
+    @property
+    def target(self) -> str:
+        if self.insight is not None:
+            return f"insight {self.insight}"
+        if self.dashboard is not None:
+            return f"dashboard {self.dashboard}"
+        return "query"
+
+    def body_context(self) -> dict[str, Any]:
+        return {**dict(self.export_context or {}), "filename": self.tag}
+
+
+@dataclass(frozen=True)
+class ExportOutcome:
+    """Everything an asset records about one downloaded export."""
+
+    asset_name: str
+    export_id: int
+    export_format: str
+    insight: int | None
+    dashboard: int | None
+    server_filename: str | None
+    path: Path
+    bytes: int
+    sha256: str
+    content_type: str | None
+    created_at: str | None
+    expires_after: str | None
+    downloaded_at: str
+    poll_count: int
+    wait_s: float
+    resumed: bool
+    recreated: bool
+    redirected: bool
+    post_count: int = 0
+    states: tuple[str, ...] = field(default=(), repr=False)
+
+
+def safe_filename(name: str | None, extension: str, fallback: str) -> str:
+    """A plain file name from an untrusted server ``filename``.
+
+    Drops directories (``/`` and ``\\``), ``..``, control characters and anything outside
+    ``[A-Za-z0-9._-]``; never starts with a dot; always ends with ``.<extension>``.
+    """
+    text = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
+    text = "".join(ch for ch in text if ch.isprintable() and ord(ch) >= 32)
+    text = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
+    text = re.sub(r"\.{2,}", ".", text).strip(".-_ ")
+    suffix = f".{extension}"
+    stem = text[: -len(suffix)] if text.lower().endswith(suffix) else text
+    stem = stem.strip(".-_ ")[:150]
+    if not stem:
+        stem = re.sub(r"[^A-Za-z0-9_-]+", "-", fallback).strip("-") or "export"
+    return f"{stem}{suffix}"
+
+
+def safe_dirname(name: str) -> str:
+    """A single path component for the asset's folder."""
+    cleaned = re.sub(r"[^A-Za-z0-9._-]+", "-", name).strip(".-") or "export"
+    return cleaned[:150]
+
+
+def _describe(export: Mapping[str, Any]) -> str:
+    if export.get("exception"):
+        return "failed"
+    return "ready" if export.get("has_content") else "pending"
+
+
+def _parse_time(value: Any) -> datetime | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+class ExportRunner:
+    """Runs :class:`ExportRequest`s against one :class:`PostHogClient`; safe to share by threads.
+
+    Args:
+        client: The project's client (its retries cover 429/5xx/connection drops per request).
+        export_dir: Root folder; files land in ``<export_dir>/<asset name>/``.
+        poll: Backoff and total timeout for ``GET /exports/:id/``.
+        log: Where the per-poll progress lines go (a Dagster ``context.log`` works).
+    """
+
+    def __init__(
+        self,
+        client: PostHogClient,
+        export_dir: str | os.PathLike[str],
+        *,
+        poll: PollSettings | None = None,
+        log: logging.Logger | None = None,
+        lookup_limit: int = DEFAULT_LOOKUP_LIMIT,
+        lookup_max_age_s: float = DEFAULT_LOOKUP_MAX_AGE_S,
+        sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.client = client
+        self.export_dir = Path(export_dir).absolute()  # recorded paths must not depend on cwd
+        self.poll = poll or PollSettings()
+        self.log = log or logger
+        self.lookup_limit = lookup_limit
+        self.lookup_max_age_s = lookup_max_age_s
+        self._sleep = sleep
+        self._clock = clock
+        self._rng = rng or random.Random()
+
+    # ------------------------------------------------------------------ public
+
+    def run(
+        self,
+        request: ExportRequest,
+        *,
+        exclude_ids: Collection[int] = (),
+        scan_list: bool = True,
+    ) -> ExportOutcome:
+        """Resume or create the export, wait for content, download it; re-create once on a 404.
+
+        Args:
+            exclude_ids: Exports already recorded as materialized, which must not be reused.
+            scan_list: Also search the exports list for a resumable export (the recorded id is
+                always tried). Callers pass False when this is certainly the first attempt of a
+                fresh run, which saves one list request per export.
+        """
+        current: dict[str, Any] = {}
+        try:
+            return self._run(request, exclude_ids, current, scan_list)
+        except PostHogError as exc:
+            # Let callers (failure metadata, the retry sensor) name the export that failed.
+            exc.export_id = current.get("id")  # type: ignore[attr-defined]
+            raise
+
+    def _run(
+        self,
+        request: ExportRequest,
+        exclude_ids: Collection[int],
+        current: dict[str, Any],
+        scan_list: bool,
+    ) -> ExportOutcome:
+        started = self._clock()
+        folder = self.export_dir / safe_dirname(request.asset_name)
+        folder.mkdir(parents=True, exist_ok=True)
+        posts = 0
+        export = self.find_resumable(request, exclude_ids=exclude_ids, scan_list=scan_list)
+        resumed = export is not None
+        if export is None:
+            export = self._create(request)
+            posts += 1
+        else:
+            self.log.info(
+                "%s: resuming PostHog export %s (%s) instead of creating a new one",
+                request.asset_name,
+                export["id"],
+                _describe(export),
+            )
+        self._record_pending(request, export)
+        current["id"] = export["id"]
+
+        recreated = False
+        polls = 0
+        states: list[str] = []
+        while True:
+            try:
+                export, n, seen = self._wait_for_content(request, export)
+                polls += n
+                states.extend(seen)
+                download = self.client.download_export_content(
+                    int(export["id"]), folder / self._local_name(request, export)
+                )
+                break
+            except PostHogNotFoundError:
+                if recreated:
+                    self._forget_pending(request)
+                    raise
+                self.log.warning(
+                    "%s: PostHog export %s is gone (expired or lost, 404); creating a fresh one "
+                    "(once)",
+                    request.asset_name,
+                    export["id"],
+                )
+                recreated = True
+                export = self._create(request)
+                posts += 1
+                self._record_pending(request, export)
+                current["id"] = export["id"]
+            except PostHogExportFailed:
+                self._forget_pending(request)
+                raise
+        self._forget_pending(request)
+        return ExportOutcome(
+            asset_name=request.asset_name,
+            export_id=int(export["id"]),
+            export_format=request.export_format,
+            insight=request.insight,
+            dashboard=request.dashboard,
+            server_filename=export.get("filename"),
+            path=download.path,
+            bytes=download.bytes,
+            sha256=download.sha256,
+            content_type=download.content_type,
+            created_at=export.get("created_at"),
+            expires_after=export.get("expires_after"),
+            downloaded_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+            poll_count=polls,
+            wait_s=round(self._clock() - started, 3),
+            resumed=resumed,
+            recreated=recreated,
+            redirected=download.redirected,
+            post_count=posts,
+            states=tuple(states),
+        )
+
+    def find_resumable(
+        self,
+        request: ExportRequest,
+        *,
+        exclude_ids: Collection[int] = (),
+        scan_list: bool = True,
+    ) -> dict[str, Any] | None:
+        """Our own still-useful export for this request: pending, or ready but not yet recorded.
+
+        Looks at the id recorded by an earlier attempt first (one GET), then scans the exports
+        list (newest first, bounded by count and age).
+        """
+        recorded = self._read_pending(request)
+        if recorded is not None and recorded not in exclude_ids:
+            try:
+                export = self.client.get_export(recorded)
+            except PostHogNotFoundError:
+                export = None
+            if export is not None and self._usable(export, request, exclude_ids):
+                return export
+        if not scan_list:
+            return None
+        for export in self._iter_own(request):
+            if self._usable(export, request, exclude_ids):
+                return export
+        return None
+
+    # ------------------------------------------------------------------ create / poll
+
+    def _create(self, request: ExportRequest) -> dict[str, Any]:
+        try:
+            export = self.client.create_export(
+                request.export_format,
+                insight=request.insight,
+                dashboard=request.dashboard,
+                export_context=request.body_context(),
+            )
+        except (PostHogConnectionError, PostHogServerError) as exc:
+            # The POST may have reached PostHog before the failure: look before giving up, so
+            # the next attempt does not create a second export.
+            sent = not isinstance(exc, PostHogConnectionError) or exc.request_sent
+            found = self.find_resumable(request) if sent else None
+            if found is None:
+                raise
+            self.log.warning(
+                "%s: POST /exports/ failed (%s) but PostHog created export %s; using it",
+                request.asset_name,
+                exc,
+                found["id"],
+            )
+            return found
+        self.log.info(
+            "%s: created PostHog export %s (%s of %s): %s",
+            request.asset_name,
+            export.get("id"),
+            request.extension,
+            request.target,
+            _describe(export),
+        )
+        return export
+
+    def _wait_for_content(
+        self, request: ExportRequest, export: dict[str, Any]
+    ) -> tuple[dict[str, Any], int, list[str]]:
+        """Poll until ``has_content`` or ``exception``; return (export, polls, states seen)."""
+        start = self._clock()
+        interval = self.poll.interval_s
+        polls = 0
+        states = [_describe(export)]
+        export_id = int(export["id"])
+        while True:
+            if export.get("exception"):
+                raise self._failed(request, export)
+            if export.get("has_content"):
+                return export, polls, states
+            elapsed = self._clock() - start
+            remaining = self.poll.timeout_s - elapsed
+            if remaining <= 0:
+                raise PostHogPollTimeout(
+                    f"{request.asset_name}: PostHog export {export_id} ({request.extension} of "
+                    f"{request.target}) still {_describe(export)} after {elapsed:.1f}s "
+                    f"(poll_timeout_s={self.poll.timeout_s:g}, {polls} polls); last state: "
+                    f"has_content={export.get('has_content')}, exception="
+                    f"{export.get('exception')!r}. A re-run resumes export {export_id} "
+                    "instead of creating another."
+                )
+            jitter = 1.0 + self._rng.uniform(-self.poll.jitter, self.poll.jitter)
+            self._sleep(max(0.0, min(interval * jitter, remaining)))
+            export = self.client.get_export(export_id)
+            polls += 1
+            states.append(_describe(export))
+            self.log.info(
+                "%s: export %s poll %d after %.1fs: %s",
+                request.asset_name,
+                export_id,
+                polls,
+                self._clock() - start,
+                _describe(export),
+            )
+            interval = min(interval * self.poll.factor, self.poll.max_interval_s)
+
+    def _failed(self, request: ExportRequest, export: Mapping[str, Any]) -> PostHogExportFailed:
+        text = str(export.get("exception"))
+        retryable = exception_is_retryable(text)
+        hint = (
+            "PostHog's side failed; a new attempt may succeed."
+            if retryable
+            else "This is final for this export: fix the configuration (format, target, "
+            "export_context) before retrying."
+        )
+        return PostHogExportFailed(
+            f"{request.asset_name}: PostHog export {export.get('id')} ({request.export_format} "
+            f"of {request.target}) failed: {text} {hint}",
+            retryable=retryable,
+            detail=text,
+        )
+
+    # ------------------------------------------------------------------ lookup helpers
+
+    def _iter_own(self, request: ExportRequest) -> Iterator[dict[str, Any]]:
+        now = datetime.now(UTC)
+        for n, export in enumerate(self.client.iter_exports(export_format=request.export_format)):
+            if n >= self.lookup_limit:
+                return
+            created = _parse_time(export.get("created_at"))
+            if created is not None and (now - created).total_seconds() > self.lookup_max_age_s:
+                return  # newest first: everything after this is older still
+            yield export
+
+    def _usable(
+        self, export: Mapping[str, Any], request: ExportRequest, exclude_ids: Collection[int]
+    ) -> bool:
+        context = export.get("export_context") or {}
+        return (
+            isinstance(context, Mapping)
+            and context.get("filename") == request.tag
+            and export.get("export_format") == request.export_format
+            and export.get("insight") == request.insight
+            and export.get("dashboard") == request.dashboard
+            and not export.get("exception")
+            and int(export.get("id", -1)) not in exclude_ids
+        )
+
+    def _local_name(self, request: ExportRequest, export: Mapping[str, Any]) -> str:
+        return safe_filename(
+            export.get("filename"), request.extension, f"{request.asset_name}-{export.get('id')}"
+        )
+
+    # ------------------------------------------------------------------ recorded id
+
+    def _marker(self, request: ExportRequest) -> Path:
+        return (
+            self.export_dir
+            / safe_dirname(request.asset_name)
+            / PENDING_MARKER_DIR
+            / f"{request.tag.rsplit('-dg', 1)[-1]}.json"
+        )
+
+    def _record_pending(self, request: ExportRequest, export: Mapping[str, Any]) -> None:
+        marker = self._marker(request)
+        marker.parent.mkdir(parents=True, exist_ok=True)
+        tmp = marker.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"export_id": int(export["id"]), "tag": request.tag}))
+        os.replace(tmp, marker)
+
+    def _read_pending(self, request: ExportRequest) -> int | None:
+        try:
+            data = json.loads(self._marker(request).read_text())
+            return int(data["export_id"]) if data.get("tag") == request.tag else None
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+    def _forget_pending(self, request: ExportRequest) -> None:
+        marker = self._marker(request)
+        marker.unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # other markers may still be there
+            marker.parent.rmdir()
+
+
+def failure_kind(exc: BaseException) -> tuple[str, bool]:
+    """(kind, retryable) of an exception raised while running an export."""
+    if isinstance(exc, PostHogError):
+        return type(exc).__name__, bool(exc.retryable)
+    if isinstance(exc, OSError):
+        return "OSError", True
+    return type(exc).__name__, False

@@ -1,0 +1,417 @@
+"""Sensors that keep exports fresh (expiry) and retry exports that failed for a passing reason.
+
+Both keep a JSON cursor, stop well inside Dagster's 60 s evaluation budget (the rest waits for the
+next tick), return ``SkipReason`` when there is nothing to do, and default to STOPPED.
+
+``run_key`` design (a run_key deduplicates forever):
+
+- expiry: ``expiry:<asset>:<export_id>:<attempt>``. The export id changes with every successful
+  re-materialization, so a later expiry always gets a fresh key; ``attempt`` grows (from the runs
+  already tagged for that export, and the cursor) when a refresh run did not produce a new export,
+  so a later legitimate request is never swallowed by an old key.
+- retry: ``posthog-retry:<failed run id>:<attempt>``. Each failed run is answered at most once
+  (re-reading the same failure, e.g. after a cursor reset, gives the same key: no double retry),
+  and every new failure is a new run id, so the key never blocks a run we want.
+"""
+
+import json
+import time
+from collections.abc import Callable, Mapping, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+
+from posthog_assets.config import ResolvedProject
+from posthog_assets.export_checks import file_sha256
+from posthog_assets.exports import (
+    FAILURES_METADATA_KEY,
+    TAG_DEDUP_ROOT,
+    dedup_root_from_tags,
+    materialization_values,
+)
+
+TAG_REFRESH_OF = "posthog/refresh_of"
+TAG_EXPIRY_REASON = "posthog/expiry_reason"
+TAG_RETRY_ATTEMPT = "posthog/retry_attempt"
+TAG_RETRY_OF = "posthog/retry_of"
+
+DEFAULT_EXPIRY_MARGIN_S = 24 * 3600.0
+DEFAULT_REREQUEST_AFTER_S = 6 * 3600.0
+#: Dagster kills a sensor evaluation after 60 s; stop looping well before.
+DEFAULT_TIME_BUDGET_S = 20.0
+DEFAULT_RETRY_BACKOFF_S = 300.0
+DEFAULT_RETRY_BACKOFF_MAX_S = 3600.0
+DEFAULT_RETRY_MAX_ATTEMPTS = 3
+
+_ACTIVE_STATUSES = {
+    dg.DagsterRunStatus.QUEUED,
+    dg.DagsterRunStatus.NOT_STARTED,
+    dg.DagsterRunStatus.STARTING,
+    dg.DagsterRunStatus.STARTED,
+    dg.DagsterRunStatus.MANAGED,
+}
+
+
+def _load_cursor(raw: str | None) -> dict[str, Any]:
+    if not raw:
+        return {}
+    try:
+        data = json.loads(raw)
+    except ValueError:
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _parse_time(value: Any) -> float | None:
+    if not isinstance(value, str) or not value:
+        return None
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
+
+
+def _sensor_name(project: ResolvedProject, what: str) -> str:
+    return "_".join([*project.key_prefix, what])
+
+
+# ---------------------------------------------------------------------- expiry
+
+
+def build_posthog_export_expiry_sensor(
+    *,
+    project: ResolvedProject,
+    export_keys: Sequence[dg.AssetKey],
+    log_key: dg.AssetKey | None = None,
+    name: str | None = None,
+    margin_s: float = DEFAULT_EXPIRY_MARGIN_S,
+    rerequest_after_s: float = DEFAULT_REREQUEST_AFTER_S,
+    minimum_interval_seconds: int = 3600,
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+    max_requests_per_tick: int = 100,
+    default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.STOPPED,
+    clock: Callable[[], float] = time.time,
+) -> dg.SensorDefinition:
+    """Re-materialize an export when it expires within ``margin_s`` or its file is gone/changed.
+
+    Args:
+        export_keys: The export assets to watch (their latest materialization's metadata).
+        log_key: The DuckDB log asset, requested along so the new row gets written.
+        margin_s: Refresh this long before ``expires_after``.
+        rerequest_after_s: If a refresh produced no new export, ask again after this long.
+        time_budget_s: Stop this long into an evaluation; the rest waits for the next tick.
+    """
+    keys = list(export_keys)
+    extra = [log_key] if log_key is not None else []
+    by_name = {k.to_user_string(): k for k in keys}
+
+    @dg.sensor(
+        name=name or _sensor_name(project, "export_expiry_sensor"),
+        target=dg.AssetSelection.assets(*keys, *extra),
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=default_status,
+        description="Re-exports PostHog exports that are about to expire or whose file is "
+        "missing or changed.",
+    )
+    def _expiry_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        started = clock()
+        cursor = _load_cursor(context.cursor)
+        hashed: dict[str, list[Any]] = {
+            k: v for k, v in dict(cursor.get("hashed") or {}).items() if k in by_name
+        }
+        requested: dict[str, list[Any]] = {
+            k: v for k, v in dict(cursor.get("requested") or {}).items() if k in by_name
+        }
+        offset = int(cursor.get("offset") or 0) % max(1, len(keys))
+        order = keys[offset:] + keys[:offset]
+        latest = context.instance.get_latest_materialization_events(keys)
+
+        requests: list[dg.RunRequest] = []
+        next_offset = 0
+        for i, key in enumerate(order):
+            if clock() - started > time_budget_s or len(requests) >= max_requests_per_tick:
+                next_offset = (offset + i) % len(keys)
+                context.log.info(
+                    "Stopping after %d of %d exports (time/request budget); continuing next tick",
+                    i,
+                    len(keys),
+                )
+                break
+            name_ = key.to_user_string()
+            md = materialization_values(latest.get(key))
+            export_id = md.get("export_id")
+            if export_id is None:
+                continue  # never exported: that is the schedule's job, not ours
+            reason = _expiry_reason(md, clock(), margin_s, hashed, name_)
+            prev = requested.get(name_)
+            if prev and prev[0] != export_id:
+                requested.pop(name_, None)  # re-exported since: forget the old request
+                prev = None
+            if reason is None:
+                continue
+            if prev and clock() - float(prev[2]) < rerequest_after_s:
+                continue  # already asked for this export
+            refresh_of = f"{name_}:{export_id}"
+            runs = context.instance.get_run_records(
+                dg.RunsFilter(tags={TAG_REFRESH_OF: refresh_of}), limit=1
+            )
+            if runs and runs[0].dagster_run.status in _ACTIVE_STATUSES:
+                continue  # a refresh is under way
+            if runs and runs[0].end_time and clock() - runs[0].end_time < rerequest_after_s:
+                continue  # a refresh just finished without a new export: cool down
+            launched = context.instance.get_runs_count(
+                dg.RunsFilter(tags={TAG_REFRESH_OF: refresh_of})
+            )
+            attempt = max(launched, int(prev[1]) if prev else 0) + 1
+            context.log.info("Requesting %s: %s (attempt %d)", name_, reason, attempt)
+            requests.append(
+                dg.RunRequest(
+                    run_key=f"expiry:{name_}:{export_id}:{attempt}",
+                    asset_selection=[key, *extra],
+                    tags={TAG_REFRESH_OF: refresh_of, TAG_EXPIRY_REASON: reason[:200]},
+                )
+            )
+            requested[name_] = [export_id, attempt, clock()]
+
+        new_cursor = json.dumps(
+            {"offset": next_offset, "hashed": hashed, "requested": requested},
+            sort_keys=True,
+        )
+        if not requests:
+            return dg.SensorResult(
+                skip_reason=dg.SkipReason(
+                    f"All {len(keys)} exports are fresh (none expires within {margin_s:g}s, "
+                    "files present and intact) or already requested."
+                ),
+                cursor=new_cursor,
+            )
+        return dg.SensorResult(run_requests=requests, cursor=new_cursor)
+
+    return _expiry_sensor
+
+
+def _expiry_reason(
+    md: Mapping[str, Any],
+    now: float,
+    margin_s: float,
+    hashed: dict[str, list[Any]],
+    name: str,
+) -> str | None:
+    """Why this export needs a new materialization, or None. Hashes only changed files."""
+    expires = _parse_time(md.get("expires_after"))
+    if expires is not None and expires - margin_s <= now:
+        when = datetime.fromtimestamp(expires, UTC).isoformat()
+        return f"expired at {when}" if expires <= now else f"expires at {when}"
+    path = Path(str(md.get("path") or ""))
+    if not md.get("path") or not path.is_file():
+        hashed.pop(name, None)
+        return f"file {path} is missing"
+    stat = path.stat()
+    if isinstance(md.get("bytes"), int) and stat.st_size != md["bytes"]:
+        return f"file size {stat.st_size} differs from recorded {md['bytes']}"
+    key = [md.get("export_id"), stat.st_size, stat.st_mtime_ns]
+    cached = hashed.get(name)
+    if cached and cached[:3] == key:
+        ok = bool(cached[3])
+    else:
+        ok = file_sha256(path) == md.get("sha256")
+        hashed[name] = [*key, ok]
+    return None if ok else "file sha256 differs from the recorded download"
+
+
+# ---------------------------------------------------------------------- retry
+
+
+def build_posthog_export_retry_sensor(
+    *,
+    project: ResolvedProject,
+    export_assets: Sequence[dg.AssetsDefinition],
+    log_key: dg.AssetKey | None = None,
+    name: str | None = None,
+    max_attempts: int = DEFAULT_RETRY_MAX_ATTEMPTS,
+    backoff_s: float = DEFAULT_RETRY_BACKOFF_S,
+    backoff_max_s: float = DEFAULT_RETRY_BACKOFF_MAX_S,
+    lookback_s: float = 24 * 3600.0,
+    minimum_interval_seconds: int = 60,
+    time_budget_s: float = DEFAULT_TIME_BUDGET_S,
+    max_runs_per_tick: int = 100,
+    default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.STOPPED,
+    clock: Callable[[], float] = time.time,
+) -> dg.SensorDefinition:
+    """Re-request export assets of failed runs whose failure is retryable, after a backoff.
+
+    How the failure kind is known: the export step raises ``dg.Failure`` with metadata
+    ``posthog_export_failures`` (asset key, export id, error class, ``retryable``), derived from
+    the typed client errors (timeouts, 5xx, 429, dropped downloads and retryable PostHog
+    ``exception`` texts are retryable; 4xx, auth and user-error exceptions are not). A planned
+    export that failed without that record (crash, killed worker) counts as retryable. Attempts
+    are counted in the ``posthog/retry_attempt`` tag of the runs this sensor launches.
+
+    Args:
+        export_assets: The project's export assets.
+        log_key: The DuckDB log asset, requested along with retried exports.
+        max_attempts: Total sensor-launched retries per chain of failures.
+        backoff_s: Wait before retry n is ``backoff_s * 2**(n-1)``, capped at ``backoff_max_s``.
+        lookback_s: On the first tick (no cursor), look at failures this far back.
+    """
+    keys = [k for a in export_assets for k in a.keys]
+    ours = set(keys) | ({log_key} if log_key else set())
+    target_keys = [*keys, *([log_key] if log_key else [])]
+
+    @dg.sensor(
+        name=name or _sensor_name(project, "export_retry_sensor"),
+        target=dg.AssetSelection.assets(*target_keys),
+        minimum_interval_seconds=minimum_interval_seconds,
+        default_status=default_status,
+        description="Retries PostHog exports of failed runs when the failure is retryable "
+        f"(up to {max_attempts} attempts, with backoff).",
+    )
+    def _retry_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
+        started = clock()
+        cursor = _load_cursor(context.cursor)
+        after = cursor.get("after")
+        pending: list[dict[str, Any]] = list(cursor.get("pending") or [])
+
+        if after is None:
+            records_filter = dg.RunStatusChangeRecordsFilter(
+                event_type=dg.DagsterEventType.RUN_FAILURE,
+                after_timestamp=float(started - lookback_s),
+            )
+        else:
+            records_filter = dg.RunStatusChangeRecordsFilter(
+                event_type=dg.DagsterEventType.RUN_FAILURE, after_storage_id=int(after)
+            )
+        result = context.instance.fetch_run_status_changes(
+            records_filter, limit=max_runs_per_tick, ascending=True
+        )
+        for record in result.records:
+            if clock() - started > time_budget_s:
+                context.log.info("Time budget used; remaining failed runs wait for the next tick")
+                break
+            after = record.storage_id
+            plan = _plan_retry(context, record.run_id, ours, log_key, max_attempts)
+            if plan is None:
+                continue
+            attempt, assets, tags = plan
+            delay = min(backoff_s * 2 ** (attempt - 1), backoff_max_s)
+            pending.append(
+                {
+                    "due": record.timestamp + delay,
+                    "run_key": f"posthog-retry:{record.run_id}:{attempt}",
+                    "assets": assets,
+                    "tags": tags,
+                }
+            )
+            context.log.info(
+                "Will retry %s from failed run %s in %.0fs (attempt %d of %d)",
+                ", ".join(assets),
+                record.run_id,
+                delay,
+                attempt,
+                max_attempts,
+            )
+
+        now = clock()
+        due = [p for p in pending if float(p["due"]) <= now]
+        waiting = [p for p in pending if float(p["due"]) > now]
+        requests = [
+            dg.RunRequest(
+                run_key=p["run_key"],
+                asset_selection=[dg.AssetKey.from_user_string(a) for a in p["assets"]],
+                tags=p["tags"],
+            )
+            for p in due
+        ]
+        new_cursor = json.dumps({"after": after, "pending": waiting}, sort_keys=True)
+        if requests:
+            return dg.SensorResult(run_requests=requests, cursor=new_cursor)
+        if waiting:
+            soonest = min(float(p["due"]) for p in waiting)
+            message = f"{len(waiting)} retry(ies) waiting for backoff; next in {soonest - now:.0f}s"
+        else:
+            message = "No retryable PostHog export failures."
+        return dg.SensorResult(skip_reason=dg.SkipReason(message), cursor=new_cursor)
+
+    return _retry_sensor
+
+
+def _plan_retry(
+    context: dg.SensorEvaluationContext,
+    run_id: str,
+    ours: set[dg.AssetKey],
+    log_key: dg.AssetKey | None,
+    max_attempts: int,
+) -> tuple[int, list[str], dict[str, str]] | None:
+    """(attempt, asset keys to request, tags) for one failed run, or None (not ours / final)."""
+    instance = context.instance
+    run = instance.get_run_by_id(run_id)
+    if run is None:
+        return None
+    planned: set[dg.AssetKey] = set()
+    done: set[dg.AssetKey] = set()
+    recorded: dict[str, dict[str, Any]] = {}
+    conn = instance.get_records_for_run(
+        run_id,
+        of_type={
+            dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED,
+            dg.DagsterEventType.ASSET_MATERIALIZATION,
+            dg.DagsterEventType.STEP_FAILURE,
+        },
+    )
+    for rec in conn.records:
+        event = rec.event_log_entry.dagster_event
+        if event is None:
+            continue
+        if event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION_PLANNED:
+            if event.asset_key in ours:
+                planned.add(event.asset_key)
+        elif event.event_type == dg.DagsterEventType.ASSET_MATERIALIZATION:
+            done.add(event.asset_key)  # type: ignore[arg-type]
+        else:
+            data = event.step_failure_data
+            user = data.user_failure_data if data else None
+            entry = user.metadata.get(FAILURES_METADATA_KEY) if user else None
+            for item in (entry.value if entry is not None else None) or []:
+                if isinstance(item, dict) and "asset_key" in item:
+                    recorded[item["asset_key"]] = item
+    failed = planned - done
+    if not failed:
+        return None
+    exports_failed = sorted(k.to_user_string() for k in failed if k != log_key)
+    retry: list[str] = []
+    for name in exports_failed:
+        info = recorded.get(name)
+        if info is None or info.get("retryable", True):
+            retry.append(name)
+        else:
+            context.log.warning(
+                "Not retrying %s (failed run %s): %s is not retryable: %s",
+                name,
+                run_id,
+                info.get("kind"),
+                str(info.get("message", ""))[:300],
+            )
+    if not retry and exports_failed:
+        return None  # every export failure was final; the log catches up on its next run
+    attempt = int(run.tags.get(TAG_RETRY_ATTEMPT, "0") or 0) + 1
+    if attempt > max_attempts:
+        context.log.warning(
+            "Giving up on %s: run %s was already retry %d of %d",
+            ", ".join(retry) or "the exports log",
+            run_id,
+            attempt - 1,
+            max_attempts,
+        )
+        return None
+    assets = list(retry)
+    if log_key is not None:
+        assets.append(log_key.to_user_string())
+    tags = {
+        TAG_RETRY_ATTEMPT: str(attempt),
+        TAG_RETRY_OF: run_id,
+        TAG_DEDUP_ROOT: dedup_root_from_tags(run.tags, run_id),
+    }
+    return attempt, assets, tags

@@ -1,0 +1,360 @@
+"""Shared helpers for the reliability tests (faults, chaos, rate limits, crash safety, secrets).
+
+Why a "world": every reliability test materializes the same small but complete configuration
+(two exports, an insights snapshot, the group snapshots) built by the package's own factories, so
+an outcome under faults can be compared with the outcome of a fault-free run of the same assets.
+Comparisons ignore only what legitimately differs between two runs (snapshot time, cache hit or
+miss, export ids and the file names PostHog stamps with the creation time); everything else must
+be identical, row for row, duplicates included.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+from dagster_duckdb import DuckDBResource
+
+from posthog_assets.config import Settings, load_settings
+from posthog_assets.export_checks import build_posthog_export_checks
+from posthog_assets.exports import build_posthog_export_assets, build_posthog_exports_log_asset
+from posthog_assets.resources import PostHogResource
+from posthog_assets.snapshots import build_posthog_snapshot_definitions
+from posthog_assets.standin.server import StandinControl, StandinProcess
+
+#: Two exports (PNG, CSV), a filtered blocking insights snapshot (4 pages), every group asset.
+WORLD_YAML = """
+exports:
+  - {name: insight_1_png, insight: 1, export_format: image/png}
+  - {name: insight_2_csv, insight: 2, export_format: text/csv}
+insights:
+  refresh: blocking
+  created_by: [2]
+groups:
+  property_values: true
+  tracked:
+    - {group_type_index: 0, group_key: organization-3}
+"""
+WORLD_EXPORTS = ("insight_1_png", "insight_2_csv")
+PARTITION = "2026-01-05"
+#: In-run step retries that take fractions of a second (the package default waits ~10 s).
+FAST_STEP_RETRY = dg.RetryPolicy(max_retries=2, delay=0.05)
+#: Families a test can materialize: the export step (+ its DuckDB log) or one snapshot asset.
+EXPORTS = "exports"
+SNAPSHOT_NAMES = (
+    "insights",
+    "group_types",
+    "groups",
+    "group_property_definitions",
+    "group_property_values",
+    "tracked_groups",
+)
+ALL_FAMILIES = (EXPORTS, *SNAPSHOT_NAMES)
+
+#: Columns that legitimately differ between two correct runs (time of the snapshot, whether
+#: PostHog served a result from cache, ids and stamps of a new export).
+VOLATILE_COLUMNS: dict[str, frozenset[str]] = {
+    "insights": frozenset({"snapshot_at", "last_refresh", "cache_target_age", "is_cached"}),
+    "exports": frozenset(
+        {
+            "export_id",
+            "filename",
+            "path",
+            "created_at",
+            "expires_after",
+            "downloaded_at",
+            "run_id",
+            "event_storage_id",
+            "sha256",
+            "bytes",
+        }
+    ),
+}
+DEFAULT_VOLATILE = frozenset({"snapshot_at"})
+#: Table each family writes.
+FAMILY_TABLE = {EXPORTS: "exports", **{name: name for name in SNAPSHOT_NAMES}}
+
+
+@dataclass
+class World:
+    """The reliability world's assets, wired to one DuckDB file and one export folder."""
+
+    settings: Settings
+    db: Path
+    export_dir: Path
+    step_retry: dg.RetryPolicy | None = FAST_STEP_RETRY
+    snapshot: dg.Definitions = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.snapshot = build_posthog_snapshot_definitions(self.settings)
+
+    @property
+    def project(self) -> Any:
+        return self.settings.projects[0]
+
+    def export_assets(self) -> list[dg.AssetsDefinition]:
+        """The export step (built per call so a test can pick its step retry policy)."""
+        assets = build_posthog_export_assets(project=self.project, retry_policy=self.step_retry)
+        keys = [k for a in assets for k in a.keys]
+        log = build_posthog_exports_log_asset(project=self.project, export_keys=keys)
+        return [*assets, log]
+
+    def definitions_for(self, families: Sequence[str]) -> list[Any]:
+        """Assets (and their checks) of the given families, ready for ``dg.materialize``."""
+        unknown = set(families) - set(ALL_FAMILIES)
+        assert not unknown, f"unknown families {unknown}"
+        out: list[Any] = []
+        if EXPORTS in families:
+            assets = self.export_assets()
+            out += assets
+            out += build_posthog_export_checks(project=self.project, export_assets=assets[:-1])
+        names = [f for f in families if f != EXPORTS]
+        for asset in self.snapshot.assets or []:
+            if asset.key.path[-1] in names:  # type: ignore[union-attr]
+                out.append(asset)
+        for check in self.snapshot.asset_checks or []:
+            if any(k.asset_key.path[-1] in names for k in check.check_keys):
+                out.append(check)
+        return out
+
+    def resources(self, posthog: PostHogResource) -> dict[str, Any]:
+        return {"posthog": posthog, "duckdb": DuckDBResource(database=str(self.db))}
+
+    def materialize(
+        self,
+        families: Sequence[str],
+        posthog: PostHogResource,
+        *,
+        run_config: Mapping[str, Any] | None = None,
+        instance: dg.DagsterInstance | None = None,
+    ) -> dg.ExecuteInProcessResult:
+        """One real run of the families (never raises on a failed step: tests assert on it)."""
+        partitioned = "insights" in families
+        return dg.materialize(
+            self.definitions_for(families),
+            resources=self.resources(posthog),
+            partition_key=PARTITION if partitioned else None,
+            run_config=dict(run_config or {}),
+            raise_on_error=False,
+            instance=instance,
+        )
+
+
+def build_world(
+    env: Mapping[str, str],
+    root: Path,
+    *,
+    yaml_text: str = WORLD_YAML,
+    step_retry: dg.RetryPolicy | None = FAST_STEP_RETRY,
+) -> World:
+    """The world under ``root`` (config file, ``posthog.duckdb``, ``exports/``)."""
+    root.mkdir(parents=True, exist_ok=True)
+    config = root / "posthog_assets.yaml"
+    config.write_text(yaml_text)
+    settings = load_settings(config, env=env)
+    return World(
+        settings=settings,
+        db=root / "posthog.duckdb",
+        export_dir=root / "exports",
+        step_retry=step_retry,
+    )
+
+
+def fast_resource(standin: StandinProcess, export_dir: Path, **overrides: Any) -> PostHogResource:
+    """A resource with fast retries and polls (fractions of a second) for the stand-in."""
+    fields: dict[str, Any] = {
+        "host": standin.url,
+        "project_id": str(standin.project_id),
+        "personal_api_key": standin.key,
+        "export_dir": str(export_dir),
+        "max_attempts": 4,
+        "backoff_initial_s": 0.05,
+        "backoff_max_s": 0.3,
+        "retry_budget_s": 20.0,
+        "poll_interval_s": 0.05,
+        "poll_max_interval_s": 0.3,
+        "poll_timeout_s": 20.0,
+        "read_timeout_s": 10.0,
+        **overrides,
+    }
+    return PostHogResource(**fields)
+
+
+def world_env(standin: StandinProcess, root: Path) -> dict[str, str]:
+    return {
+        "POSTHOG_HOST": standin.url,
+        "POSTHOG_PROJECT_ID": str(standin.project_id),
+        "POSTHOG_ASSETS_DUCKDB": str(root / "posthog.duckdb"),
+        "POSTHOG_ASSETS_EXPORT_DIR": str(root / "exports"),
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# What a run left behind
+
+
+def table_rows(db: Path, table: str, ignore: Iterable[str] = ()) -> list[tuple[Any, ...]]:
+    """All rows of ``posthog.<table>`` without the volatile columns, sorted (duplicates kept).
+
+    An absent file or table gives ``[]``: "nothing written" is a comparable outcome.
+    """
+    if not db.exists():
+        return []
+    conn = duckdb.connect(str(db), read_only=True)
+    try:
+        conn.execute("SET schema = 'posthog'")
+        found = conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_schema = 'posthog' "
+            "AND table_name = ? AND table_catalog = current_database() ORDER BY ordinal_position",
+            [table],
+        ).fetchall()
+        skip = VOLATILE_COLUMNS.get(table, DEFAULT_VOLATILE) | set(ignore)
+        cols = [c for (c,) in found if c not in skip]
+        if not cols:
+            return []
+        select = ", ".join(f'CAST("{c}" AS VARCHAR)' for c in cols)
+        rows = conn.execute(f'SELECT {select} FROM "{table}"').fetchall()
+    finally:
+        conn.close()
+    return sorted(rows, key=lambda r: tuple("" if v is None else v for v in r))
+
+
+def family_rows(db: Path, families: Iterable[str]) -> dict[str, list[tuple[Any, ...]]]:
+    return {f: table_rows(db, FAMILY_TABLE[f]) for f in families}
+
+
+def duplicates(rows: Sequence[tuple[Any, ...]]) -> list[tuple[Any, ...]]:
+    return [row for row, n in Counter(rows).items() if n > 1]
+
+
+def all_files(folder: Path) -> list[Path]:
+    """Every file under ``folder``, hidden ones (``.part``, pending markers) included."""
+    return sorted(p for p in folder.rglob("*") if p.is_file()) if folder.exists() else []
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while chunk := fh.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def export_records(db: Path) -> list[dict[str, Any]]:
+    """Rows of ``posthog.exports`` as dicts (empty when nothing was logged)."""
+    if not db.exists():
+        return []
+    conn = duckdb.connect(str(db), read_only=True)
+    try:
+        conn.execute("SET schema = 'posthog'")
+        exists = conn.execute(
+            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'posthog' "
+            "AND table_name = 'exports' AND table_catalog = current_database()"
+        ).fetchall()[0][0]
+        if not exists:
+            return []
+        cur = conn.execute("SELECT * FROM exports ORDER BY asset_name")
+        names = [d[0] for d in cur.description]
+        return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
+    finally:
+        conn.close()
+
+
+def assert_export_folder(export_dir: Path, db: Path, expected_assets: Iterable[str]) -> None:
+    """Exactly one file per expected export, in its asset's folder, equal to what DuckDB logged.
+
+    No ``.part`` leftovers, no pending markers, no stray files; every ``posthog.exports`` row
+    points at a file whose size and sha256 match, and no export is logged twice.
+    """
+    expected = sorted(expected_assets)
+    files = all_files(export_dir)
+    assert [p.parent.name for p in files] == expected, f"files in export folder: {files}"
+    assert all(not p.name.startswith(".") and not p.name.endswith(".part") for p in files)
+    records = export_records(db)
+    assert sorted(r["asset_name"] for r in records) == expected, records
+    by_asset = {p.parent.name: p for p in files}
+    for rec in records:
+        path = Path(rec["path"])
+        assert path == by_asset[rec["asset_name"]], (path, by_asset)
+        assert path.stat().st_size == rec["bytes"] and sha256_of(path) == rec["sha256"]
+    assert len({r["export_id"] for r in records}) == len(records)
+
+
+# ------------------------------------------------------------------------------------------------
+# What the stand-in saw
+
+
+def api_requests(log: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [r for r in log if r.get("server") == "api" and str(r["path"]).startswith("/api/")]
+
+
+def export_post_entries(log: Iterable[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    return [
+        r
+        for r in api_requests(log)
+        if r["method"] == "POST" and str(r["path"]).rstrip("/").endswith("/exports")
+    ]
+
+
+def exports_created(log: Iterable[Mapping[str, Any]]) -> int:
+    """POSTs to ``/exports/`` that PostHog acted on (answered 201, even if the answer was cut)."""
+    return sum(1 for r in export_post_entries(log) if r["status"] == 201)
+
+
+def wait_violations(
+    log: Sequence[Mapping[str, Any]], retry_after_s: float, grace_s: float = 0.15
+) -> list[tuple[float, Mapping[str, Any]]]:
+    """Requests that reached PostHog while the last 429 said to wait.
+
+    After a 429 at ``t`` (arrival time) with ``Retry-After: retry_after_s``, a request arriving
+    in ``(t + grace_s, t + retry_after_s)`` was sent by a client that had been told to wait.
+    ``grace_s`` covers requests already on the wire when the 429 was being answered.
+    """
+    entries = sorted(api_requests(log), key=lambda r: r["ts"])
+    throttled = [r["ts"] for r in entries if r["status"] == 429]
+    bad = []
+    for t in throttled:
+        for r in entries:
+            if t + grace_s < r["ts"] < t + retry_after_s - 0.01:
+                bad.append((t, r))
+    return bad
+
+
+# ------------------------------------------------------------------------------------------------
+# What Dagster recorded
+
+
+def failure_texts(result: dg.ExecuteInProcessResult) -> list[str]:
+    """Every failed step's message (error text plus the ``dg.Failure`` description)."""
+    texts = []
+    for event in result.get_step_failure_events():
+        data = event.step_failure_data
+        parts = [data.error.message if data.error else ""]
+        if data.user_failure_data is not None and data.user_failure_data.description:
+            parts.append(data.user_failure_data.description)
+        texts.append("\n".join(parts))
+    return texts
+
+
+def step_retries(result: dg.ExecuteInProcessResult) -> int:
+    return sum(1 for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY")
+
+
+def materialized(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, Any]]:
+    """Asset name -> raw metadata values of its last materialization in this run."""
+    out: dict[str, dict[str, Any]] = {}
+    for event in result.get_asset_materialization_events():
+        mat = event.materialization
+        out[mat.asset_key.path[-1]] = {k: v.value for k, v in mat.metadata.items()}
+    return out
+
+
+def reset(control: StandinControl) -> None:
+    control.reset()
+    control.clear_requests_log()

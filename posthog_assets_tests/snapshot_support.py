@@ -1,0 +1,129 @@
+"""Helpers shared by the snapshot tests: YAML settings, definitions, materialize, DuckDB reads."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+from dagster_duckdb import DuckDBResource
+
+from posthog_assets.config import Settings, load_settings
+from posthog_assets.resources import PostHogResource
+from posthog_assets.snapshots import build_posthog_snapshot_definitions
+
+TEST_PARTITION = "2026-01-05"
+INSIGHTS_NODE = "posthog__insights"
+
+
+def snapshot_settings(env: Mapping[str, str], tmp_path: Path, yaml_text: str = "") -> Settings:
+    """Settings from a YAML written to tmp_path, with the env pointed at the stand-in."""
+    path = tmp_path / "posthog_assets.yaml"
+    path.write_text(yaml_text)
+    return load_settings(path, env=env)
+
+
+def snapshot_defs(settings: Settings) -> dg.Definitions:
+    return build_posthog_snapshot_definitions(settings)
+
+
+def defs_assets(defs: dg.Definitions, *names: str) -> list[Any]:
+    """The snapshot assets whose key ends with one of ``names`` (all when none are given)."""
+    found = [a for a in defs.assets or [] if not names or a.key.path[-1] in names]
+    assert found, f"no snapshot assets named {names}"
+    return found
+
+
+def defs_checks(defs: dg.Definitions, asset_names: Sequence[str]) -> list[Any]:
+    return [
+        c
+        for c in defs.asset_checks or []
+        if any(k.asset_key.path[-1] in asset_names for k in c.check_keys)
+    ]
+
+
+def resources_for(
+    posthog: PostHogResource, duckdb_path: str | Path, **extra: Any
+) -> dict[str, Any]:
+    return {"posthog": posthog, "duckdb": DuckDBResource(database=str(duckdb_path)), **extra}
+
+
+def insights_run_config(node: str = INSIGHTS_NODE, **cfg: Any) -> dict[str, Any]:
+    """Launchpad-shaped run config for the insights asset."""
+    return {"ops": {node: {"config": cfg}}} if cfg else {}
+
+
+def materialize_insights(
+    defs: dg.Definitions,
+    resources: Mapping[str, Any],
+    *,
+    partition: str = TEST_PARTITION,
+    raise_on_error: bool = True,
+    instance: dg.DagsterInstance | None = None,
+    **cfg: Any,
+) -> dg.ExecuteInProcessResult:
+    assets = defs_assets(defs, "insights")
+    return dg.materialize(
+        [*assets, *defs_checks(defs, ["insights"])],
+        resources=dict(resources),
+        partition_key=partition,
+        run_config=insights_run_config(**cfg),
+        raise_on_error=raise_on_error,
+        instance=instance,
+    )
+
+
+def materialize_groups(
+    defs: dg.Definitions,
+    resources: Mapping[str, Any],
+    *,
+    names: Sequence[str] = (),
+    raise_on_error: bool = True,
+    instance: dg.DagsterInstance | None = None,
+    run_config: Mapping[str, Any] | None = None,
+) -> dg.ExecuteInProcessResult:
+    group_names = names or [
+        a.key.path[-1] for a in defs.assets or [] if a.key.path[-1] != "insights"
+    ]
+    assets = defs_assets(defs, *group_names)
+    return dg.materialize(
+        [*assets, *defs_checks(defs, group_names)],
+        resources=dict(resources),
+        raise_on_error=raise_on_error,
+        instance=instance,
+        run_config=dict(run_config or {}),
+    )
+
+
+def query(db: str | Path, sql: str, params: Sequence[Any] = ()) -> list[tuple[Any, ...]]:
+    """Read DuckDB the way checks do: read-only, closed at once.
+
+    Table names are unqualified: the default schema is set to ``posthog`` (a file named
+    posthog.duckdb makes ``posthog.insights`` an ambiguous catalog-or-schema reference).
+    """
+    conn = duckdb.connect(str(db), read_only=True)
+    try:
+        conn.execute("SET schema = 'posthog'")
+        return conn.execute(sql, list(params)).fetchall()
+    finally:
+        conn.close()
+
+
+def scalar(db: str | Path, sql: str, params: Sequence[Any] = ()) -> Any:
+    return query(db, sql, params)[0][0]
+
+
+def materialization_metadata(
+    result: dg.ExecuteInProcessResult, name: str
+) -> dict[str, Any]:
+    for event in result.get_asset_materialization_events():
+        mat = event.materialization
+        if mat.asset_key.path[-1] == name:
+            return {k: getattr(v, "value", v) for k, v in mat.metadata.items()}
+    raise AssertionError(f"no materialization of {name}")
+
+
+def check_results(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
+    return {c.check_name: c for c in result.get_asset_check_evaluations()}

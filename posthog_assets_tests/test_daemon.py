@@ -1,0 +1,247 @@
+"""Automation under the real daemon of the shared ``dg dev``: the export expiry sensor and a
+schedule tick, each launching real runs against the session's PostHog stand-in.
+
+The sensor and the schedule are turned on with the same GraphQL mutations the UI's toggles send.
+For the schedule tick, the test cannot wait for tomorrow's 06:00, so it starts the schedule as if
+it had been started a day ago: the daemon's scheduler then finds the last cron tick due and
+launches it, exactly as it catches up after downtime. The expected partition of that tick comes
+from evaluating the schedule in-process for the same time (``build_schedule_context``).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+from dagster._core.instance.ref import InstanceRef
+from dagster._core.scheduler.instigation import InstigatorType, ScheduleInstigatorData
+
+from posthog_assets.standin.server import StandinControl
+
+# Rewrite asserts in the fixture module too (it is also registered as a plugin below).
+pytest.register_assert_rewrite("posthog_assets_tests.dagster_dev")
+from posthog_assets_tests.dagster_dev import (  # noqa: E402
+    INSIGHTS_GROUP,
+    LOCATION_NAME,
+    REPOSITORY_NAME,
+    DagsterDevUI,
+    asset_keys_in_group,
+    export_asset_key,
+    load_defs,
+    metadata_dict,
+)
+
+#: The shared ``dg dev`` fixture, registered once as a plugin so both UI test modules share it.
+pytest_plugins = ("posthog_assets_tests.dagster_dev",)
+
+#: The sensor daemon loops every 5 s; a first tick comes right after the start.
+SENSOR_RUN_TIMEOUT_S = 90.0
+#: The scheduler daemon wakes at each minute boundary.
+SCHEDULE_RUN_TIMEOUT_S = 150.0
+
+START_SENSOR = """
+mutation Start($selector: SensorSelector!) {
+  startSensor(sensorSelector: $selector) {
+    __typename
+    ... on Sensor { sensorState { id status } }
+    ... on PythonError { message }
+  }
+}
+"""
+STOP_SENSOR = """
+mutation Stop($id: String!) {
+  stopSensor(id: $id) { __typename }
+}
+"""
+SENSOR_TICKS = """
+query Sensor($selector: SensorSelector!) {
+  sensorOrError(sensorSelector: $selector) {
+    ... on Sensor {
+      sensorState {
+        ticks(limit: 5) { status timestamp runIds skipReason error { message } }
+      }
+    }
+  }
+}
+"""
+START_SCHEDULE = """
+mutation Start($selector: ScheduleSelector!) {
+  startSchedule(scheduleSelector: $selector) {
+    __typename
+    ... on ScheduleStateResult { scheduleState { id status } }
+    ... on PythonError { message }
+  }
+}
+"""
+STOP_SCHEDULE = """
+mutation Stop($id: String!) {
+  stopRunningSchedule(id: $id) { __typename }
+}
+"""
+SCHEDULE_TICKS = """
+query Schedule($selector: ScheduleSelector!) {
+  scheduleOrError(scheduleSelector: $selector) {
+    ... on Schedule {
+      scheduleState {
+        ticks(limit: 5) { status timestamp runIds skipReason error { message } }
+      }
+    }
+  }
+}
+"""
+
+
+def _selector(kind: str, name: str) -> dict[str, str]:
+    return {
+        "repositoryLocationName": LOCATION_NAME,
+        "repositoryName": REPOSITORY_NAME,
+        f"{kind}Name": name,
+    }
+
+
+def _expiry_sensor_name() -> str:
+    repo = load_defs().get_repository_def()
+    names = [s.name for s in repo.sensor_defs if "expir" in s.name]
+    assert len(names) == 1, f"expected one expiry sensor, found {names}"
+    return names[0]
+
+
+def _insights_schedule() -> dg.ScheduleDefinition:
+    """The schedule whose job materializes the insights snapshot asset."""
+    repo = load_defs().get_repository_def()
+    insights = set(asset_keys_in_group(INSIGHTS_GROUP))
+    found = []
+    for schedule in repo.schedule_defs:
+        job = repo.get_job(schedule.job_name)
+        if insights & set(job.asset_layer.executable_asset_keys):
+            found.append(schedule)
+    assert len(found) == 1, f"expected one insights schedule, found {[s.name for s in found]}"
+    return found[0]
+
+
+def test_expiry_sensor_rematerializes_an_export_that_expired_in_posthog(
+    dagster_ui: DagsterDevUI, control: StandinControl
+) -> None:
+    key = export_asset_key("png")
+    sensor = _expiry_sensor_name()
+    selector = _selector("sensor", sensor)
+
+    first = dagster_ui.launch_assets([key])
+    run = dagster_ui.wait_for_run(first)
+    assert run["status"] == "SUCCESS", dagster_ui.run_failure_text(first)
+    before = metadata_dict(dagster_ui.latest_materialization(key) or {})
+    old_id, old_path = before["export_id"], Path(before["path"])
+    assert old_path.is_file()
+
+    control.expire_export(int(old_id))
+    control.clear_requests_log()
+    state = dagster_ui.gql(START_SENSOR, {"selector": selector})["startSensor"]
+    assert state["__typename"] == "Sensor", state
+    state_id = state["sensorState"]["id"]
+    try:
+
+        def sensor_run() -> str | None:
+            for r in dagster_ui.runs(limit=10):
+                tags = {t["key"]: t["value"] for t in r["tags"]}
+                if tags.get("dagster/sensor_name") == sensor:
+                    return str(r["runId"])
+            return None
+
+        try:
+            run_id = dagster_ui.wait_for(
+                f"{sensor} to launch a run", sensor_run, timeout_s=SENSOR_RUN_TIMEOUT_S
+            )
+        except AssertionError as exc:
+            ticks = dagster_ui.gql(SENSOR_TICKS, {"selector": selector})
+            raise AssertionError(f"{exc}; latest ticks: {ticks}") from None
+        run = dagster_ui.wait_for_run(run_id)
+        assert run["status"] == "SUCCESS", dagster_ui.run_failure_text(run_id)
+        assert tuple(key.path) in [tuple(a["path"]) for a in run["assetSelection"] or []]
+    finally:
+        dagster_ui.gql(STOP_SENSOR, {"id": state_id})
+
+    after = metadata_dict(dagster_ui.latest_materialization(key) or {})
+    assert after["export_id"] != old_id, "the sensor's run exported again"
+    new_path = Path(after["path"])
+    assert new_path.is_file() and new_path.stat().st_size == after["bytes"]
+    posts = [e for e in control.requests_log() if e["method"] == "POST"]
+    assert any(e["path"].endswith("/exports/") for e in posts), "no new export was created"
+
+
+@pytest.fixture
+def instance(dagster_ui: DagsterDevUI) -> Iterator[dg.DagsterInstance]:
+    """The UI's own instance (SQLite in its DAGSTER_HOME), opened from this process."""
+    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_ui.home))) as inst:
+        yield inst
+
+
+def _backdate_schedule(instance: dg.DagsterInstance, name: str, start: float) -> None:
+    """Make a running schedule look as if it had been started at ``start``."""
+    states = [
+        s
+        for s in instance.all_instigator_state(instigator_type=InstigatorType.SCHEDULE)
+        if s.name == name
+    ]
+    assert len(states) == 1, states
+    data = states[0].instigator_data
+    assert isinstance(data, ScheduleInstigatorData)
+    instance.update_instigator_state(
+        states[0].with_data(ScheduleInstigatorData(data.cron_schedule, start_timestamp=start))
+    )
+
+
+def test_schedule_tick_launches_the_insights_snapshot_for_its_partition(
+    dagster_ui: DagsterDevUI, instance: dg.DagsterInstance
+) -> None:
+    schedule = _insights_schedule()
+    selector = _selector("schedule", schedule.name)
+    # Arm between two of the scheduler's minute-boundary wake-ups, never right before one.
+    if dt.datetime.now(dt.UTC).second > 50:
+        time.sleep(62 - dt.datetime.now(dt.UTC).second)
+    armed_at = time.time()
+    state = dagster_ui.gql(START_SCHEDULE, {"selector": selector})["startSchedule"]
+    assert state["__typename"] == "ScheduleStateResult", state
+    state_id = state["scheduleState"]["id"]
+    try:
+        _backdate_schedule(instance, schedule.name, armed_at - 86400 - 60)
+
+        def ticked() -> list[dict[str, Any]] | None:
+            data = dagster_ui.gql(SCHEDULE_TICKS, {"selector": selector})
+            ticks = data["scheduleOrError"]["scheduleState"]["ticks"]
+            done = [t for t in ticks if t["status"] in ("SUCCESS", "FAILURE", "SKIPPED")]
+            return done or None
+
+        ticks = dagster_ui.wait_for(
+            f"{schedule.name} to tick", ticked, timeout_s=SCHEDULE_RUN_TIMEOUT_S
+        )
+    finally:
+        dagster_ui.gql(STOP_SCHEDULE, {"id": state_id})
+
+    assert all(t["status"] == "SUCCESS" for t in ticks), ticks
+    for tick in ticks:
+        tick_time = dt.datetime.fromtimestamp(tick["timestamp"], dt.UTC)
+        assert armed_at - 86400 - 60 <= tick["timestamp"] <= time.time()
+        # What the schedule asks for at that time, evaluated here from the same definitions.
+        with dg.build_schedule_context(scheduled_execution_time=tick_time) as context:
+            result = schedule.evaluate_tick(context)
+        requests = list(result.run_requests or [])
+        assert len(requests) == 1 and requests[0].partition_key
+        expected = requests[0].partition_key
+        assert len(tick["runIds"]) == 1
+        (run_id,) = tick["runIds"]
+        run = dagster_ui.wait_for_run(run_id)
+        assert run["status"] == "SUCCESS", dagster_ui.run_failure_text(run_id)
+        tags = {t["key"]: t["value"] for t in run["tags"]}
+        assert tags["dagster/schedule_name"] == schedule.name
+        assert tags["dagster/partition"] == expected
+        defs = load_defs()
+        for key in asset_keys_in_group(INSIGHTS_GROUP):
+            if defs.resolve_assets_def(key).partitions_def is None:
+                continue
+            mat = dagster_ui.latest_materialization(key, partition=expected)
+            assert mat is not None and mat["runId"] == run_id, (key, mat)

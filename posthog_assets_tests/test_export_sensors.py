@@ -1,0 +1,246 @@
+"""Expiry and retry sensors, evaluated with ``build_sensor_context`` on a real instance."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import dagster as dg
+
+from posthog_assets.export_sensors import (
+    TAG_REFRESH_OF,
+    TAG_RETRY_ATTEMPT,
+    TAG_RETRY_OF,
+    build_posthog_export_expiry_sensor,
+    build_posthog_export_retry_sensor,
+)
+from posthog_assets.exports import (
+    TAG_DEDUP_ROOT,
+    build_posthog_export_assets,
+    build_posthog_exports_log_asset,
+    exports_log_key,
+)
+from posthog_assets_tests._export_helpers import (
+    CSV,
+    PDF,
+    PNG,
+    export_posts,
+    make_project,
+    materialization_metadata,
+    resources,
+)
+
+DAY = 86400.0
+
+
+def _key(name: str) -> dg.AssetKey:
+    return dg.AssetKey(["posthog", "exports", name])
+
+
+def _evaluate(sensor: dg.SensorDefinition, instance, cursor: str | None):
+    context = dg.build_sensor_context(instance=instance, cursor=cursor)
+    result = sensor(context)
+    assert isinstance(result, dg.SensorResult)
+    return result
+
+
+# ---------------------------------------------------------------------- expiry
+
+
+def test_expiry_sensor_requests_expiring_missing_and_changed_files_once(
+    posthog_resource, control, tmp_path
+):
+    project = make_project(
+        {"name": "table", "insight": 2, "export_format": CSV},  # expires in 7 days
+        {"name": "gone", "insight": 1, "export_format": PNG},  # 180 days
+        {"name": "changed", "insight": 3, "export_format": PNG},
+        {"name": "fine", "insight": 4, "export_format": PNG},
+    )
+    assets = build_posthog_export_assets(project=project, retry_policy=None)
+    keys = list(assets[0].keys)
+    log = build_posthog_exports_log_asset(project=project, export_keys=keys)
+    now = [time.time() + 7 * DAY]  # a week later: the CSV is past or within a day of expiry
+    sensor = build_posthog_export_expiry_sensor(
+        project=project, export_keys=keys, log_key=log.key, margin_s=DAY, clock=lambda: now[0]
+    )
+    res = resources(posthog_resource, tmp_path)
+
+    with dg.instance_for_test() as instance:
+        run = dg.materialize(assets, resources=res, instance=instance)
+        md = {
+            name: materialization_metadata(run, _key(name))
+            for name in ("table", "gone", "changed", "fine")
+        }
+        Path(md["gone"]["path"]).unlink()
+        changed = Path(md["changed"]["path"])
+        data = bytearray(changed.read_bytes())
+        data[-20] ^= 0xFF  # same size, different bytes
+        changed.write_bytes(bytes(data))
+
+        first = _evaluate(sensor, instance, None)
+        second = _evaluate(sensor, instance, first.cursor)
+
+        requested = {r.asset_selection[0].path[-1]: r for r in first.run_requests}
+        assert set(requested) == {"table", "gone", "changed"}
+        for name, request in requested.items():
+            assert request.run_key == f"expiry:posthog/exports/{name}:{md[name]['export_id']}:1"
+            assert request.asset_selection == [_key(name), log.key]
+            assert request.tags[TAG_REFRESH_OF] == f"posthog/exports/{name}:{md[name]['export_id']}"
+        assert "expire" in requested["table"].tags["posthog/expiry_reason"]
+        assert "missing" in requested["gone"].tags["posthog/expiry_reason"]
+        assert "sha256" in requested["changed"].tags["posthog/expiry_reason"]
+        assert second.run_requests == [] and second.skip_reason is not None  # nothing twice
+
+        # The refresh runs: "gone" and "changed" get new exports and files; a later expiry of
+        # the new CSV export is a new request, never swallowed by the old run_key.
+        dg.materialize(
+            assets,
+            resources=res,
+            instance=instance,
+            selection=[_key("gone"), _key("changed"), _key("table")],
+        )
+        third = _evaluate(sensor, instance, second.cursor)
+        assert [r.asset_selection[0].path[-1] for r in third.run_requests] == ["table"]
+        assert third.run_requests[0].run_key != requested["table"].run_key
+
+
+def test_expiry_sensor_stops_within_its_time_budget_and_continues_next_tick(tmp_path):
+    project = make_project()
+    keys = [_key(f"e{i:03d}") for i in range(60)]
+    clock = [1_000_000.0]
+
+    def tick_clock() -> float:
+        clock[0] += 0.05  # every look at the clock costs 50 ms of "work"
+        return clock[0]
+
+    sensor = build_posthog_export_expiry_sensor(
+        project=project, export_keys=keys, margin_s=0, time_budget_s=2.0, clock=tick_clock
+    )
+    with dg.instance_for_test() as instance:
+        for i, key in enumerate(keys):
+            instance.report_runless_asset_event(
+                dg.AssetMaterialization(
+                    asset_key=key,
+                    metadata={
+                        "export_id": 1000 + i,
+                        "expires_after": "2000-01-01T00:00:00Z",
+                        "path": str(tmp_path / "missing.png"),
+                    },
+                )
+            )
+        seen: list[str] = []
+        cursor = None
+        ticks = 0
+        while len(seen) < len(keys) and ticks < 20:
+            result = _evaluate(sensor, instance, cursor)
+            cursor = result.cursor
+            seen += [r.run_key for r in result.run_requests]
+            ticks += 1
+        again = _evaluate(sensor, instance, cursor)
+
+    assert ticks > 1, "a single tick should not have handled everything with this budget"
+    assert len(seen) == len(set(seen)) == len(keys)  # each export requested exactly once
+    assert again.run_requests == [] and again.skip_reason is not None
+    assert len(json.loads(again.cursor)["requested"]) == len(keys)
+
+
+# ---------------------------------------------------------------------- retry
+
+
+def test_retry_sensor_retries_timeouts_after_backoff_and_never_pdf_failures(
+    posthog_resource, control, tmp_path
+):
+    control.configure(export_delay_by_format={PNG: 1.0})
+    project = make_project(
+        {"name": "slow_png", "insight": 1, "export_format": PNG},
+        {"name": "bad_pdf", "insight": 1, "export_format": PDF},
+    )
+    assets = build_posthog_export_assets(project=project, retry_policy=None)
+    log = build_posthog_exports_log_asset(project=project, export_keys=list(assets[0].keys))
+    now = [time.time()]
+    sensor = build_posthog_export_retry_sensor(
+        project=project,
+        export_assets=assets,
+        log_key=log.key,
+        backoff_s=30,
+        clock=lambda: now[0],
+    )
+    res = resources(posthog_resource, tmp_path, poll_timeout_s=0.3)
+
+    with dg.instance_for_test() as instance:
+        failed = dg.materialize(
+            [*assets, log], resources=res, instance=instance, raise_on_error=False
+        )
+        assert not failed.success
+        assert len(export_posts(control)) == 2
+
+        now[0] = time.time()
+        waiting = _evaluate(sensor, instance, None)
+        assert waiting.run_requests == [] and "waiting" in waiting.skip_reason.skip_message
+        now[0] += 31
+        due = _evaluate(sensor, instance, waiting.cursor)
+        again = _evaluate(sensor, instance, due.cursor)
+
+        assert len(due.run_requests) == 1
+        request = due.run_requests[0]
+        assert request.asset_selection == [_key("slow_png"), exports_log_key(project)]
+        assert request.run_key == f"posthog-retry:{failed.run_id}:1"
+        assert request.tags[TAG_RETRY_ATTEMPT] == "1"
+        assert request.tags[TAG_RETRY_OF] == failed.run_id
+        assert request.tags[TAG_DEDUP_ROOT] == failed.run_id
+        assert again.run_requests == []
+
+        # Launch what the sensor asked for: it resumes the pending export (no new POST).
+        time.sleep(0.8)
+        retried = dg.materialize(
+            [*assets, log],
+            resources=resources(posthog_resource, tmp_path),
+            instance=instance,
+            selection=request.asset_selection,
+            tags=request.tags,
+        )
+        assert retried.success
+        assert len(export_posts(control)) == 2
+        md = materialization_metadata(retried, _key("slow_png"))
+        assert md["resumed"] is True
+
+        # The successful retry run gives the sensor nothing more to do.
+        assert _evaluate(sensor, instance, again.cursor).run_requests == []
+
+
+def test_retry_sensor_gives_up_after_max_attempts(posthog_resource, control, tmp_path):
+    control.add_fault(match=r"/exports/?$", method="POST", kind="status", status=503)
+    project = make_project({"name": "weekly_png", "insight": 1, "export_format": PNG})
+    assets = build_posthog_export_assets(project=project, retry_policy=None)
+    sensor = build_posthog_export_retry_sensor(
+        project=project, export_assets=assets, max_attempts=2, backoff_s=0
+    )
+    res = resources(posthog_resource, tmp_path)
+
+    with dg.instance_for_test() as instance:
+        first = dg.materialize(assets, resources=res, instance=instance, raise_on_error=False)
+        tick = _evaluate(sensor, instance, None)
+        assert [r.tags[TAG_RETRY_ATTEMPT] for r in tick.run_requests] == ["1"]
+
+        second = dg.materialize(
+            assets,
+            resources=res,
+            instance=instance,
+            raise_on_error=False,
+            tags=tick.run_requests[0].tags,
+        )
+        tick = _evaluate(sensor, instance, tick.cursor)
+        assert [r.tags[TAG_RETRY_ATTEMPT] for r in tick.run_requests] == ["2"]
+        assert tick.run_requests[0].tags[TAG_DEDUP_ROOT] == first.run_id
+
+        dg.materialize(
+            assets,
+            resources=res,
+            instance=instance,
+            raise_on_error=False,
+            tags=tick.run_requests[0].tags,
+        )
+        tick = _evaluate(sensor, instance, tick.cursor)
+        assert tick.run_requests == []  # third failure: attempts used up
+        assert not second.success

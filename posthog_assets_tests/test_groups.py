@@ -1,0 +1,181 @@
+"""Group snapshots against the stand-in: every type, many cursor pages, properties, tracked groups.
+
+The session stand-in has 3 group types x 1200 groups (12 cursor pages per type).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from posthog_assets.resources import PostHogResource
+from posthog_assets_tests.conftest import TEST_GROUP_TYPES, TEST_GROUPS_PER_TYPE
+from posthog_assets_tests.snapshot_support import (
+    check_results,
+    materialization_metadata,
+    materialize_groups,
+    query,
+    resources_for,
+    scalar,
+    snapshot_defs,
+    snapshot_settings,
+)
+
+TRACKED_YAML = """
+groups:
+  tracked:
+    - {group_type_index: 0, group_key: organization-3}
+    - {group_type_index: 1, group_key: company-7}
+"""
+TOTAL_GROUPS = TEST_GROUP_TYPES * TEST_GROUPS_PER_TYPE
+
+
+@pytest.fixture
+def db(posthog_env: dict[str, str]) -> Path:
+    return Path(posthog_env["POSTHOG_ASSETS_DUCKDB"])
+
+
+@pytest.fixture
+def defs(posthog_env: dict[str, str], tmp_path: Path) -> dg.Definitions:
+    return snapshot_defs(snapshot_settings(posthog_env, tmp_path, TRACKED_YAML))
+
+
+@pytest.fixture
+def resources(posthog_resource: PostHogResource, db: Path) -> dict[str, Any]:
+    return resources_for(posthog_resource, db)
+
+
+def test_every_group_of_every_type_across_many_cursor_pages(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path, client: Any, standin: Any
+) -> None:
+    result = materialize_groups(defs, resources)
+    meta = materialization_metadata(result, "groups")
+
+    per_type = dict(query(db, "SELECT group_type_index, count(*) FROM groups GROUP BY 1"))
+    assert per_type == {i: TEST_GROUPS_PER_TYPE for i in range(TEST_GROUP_TYPES)}
+    assert scalar(db, "SELECT count(DISTINCT (group_type_index, group_key)) FROM groups") == (
+        TOTAL_GROUPS
+    )
+    assert meta["dagster/row_count"] == TOTAL_GROUPS
+    assert meta["pages_fetched"] == TEST_GROUP_TYPES * (TEST_GROUPS_PER_TYPE // 100)
+    assert meta["api_groups_per_type"] == {str(i): TEST_GROUPS_PER_TYPE for i in per_type}
+    assert scalar(db, "SELECT DISTINCT project_id FROM groups") == str(standin.project_id)
+
+    sample = client.find_group(1, "company-7")
+    props, created = query(
+        db,
+        "SELECT group_properties, created_at FROM groups "
+        "WHERE group_type_index = 1 AND group_key = 'company-7'",
+    )[0]
+    assert json.loads(props) == sample["group_properties"]
+    assert created.isoformat().replace("+00:00", "Z") == sample["created_at"]
+
+    types = query(
+        db, "SELECT group_type_index, group_type, name_plural FROM group_types ORDER BY 1"
+    )
+    api_types = client.list_group_types()
+    assert types == [(t["group_type_index"], t["group_type"], t["name_plural"]) for t in api_types]
+    assert all(c.passed for c in check_results(result).values())
+
+
+def test_property_definitions_and_values_match_the_api(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path, client: Any
+) -> None:
+    materialize_groups(
+        defs, resources, names=["group_property_definitions", "group_property_values"]
+    )
+    definitions = client.group_property_definitions()
+    expected_defs = sorted(
+        (int(t), d["name"], d["count"]) for t, items in definitions.items() for d in items
+    )
+    assert query(
+        db, "SELECT group_type_index, name, count FROM group_property_definitions ORDER BY 1, 2, 3"
+    ) == expected_defs
+    assert {t for t, _, _ in expected_defs} == set(range(TEST_GROUP_TYPES))
+
+    for type_index, name, _ in expected_defs:
+        values = client.group_property_values(type_index, name)
+        api = sorted((v["name"], v["count"]) for v in values)
+        stored = query(
+            db,
+            "SELECT value, count FROM group_property_values WHERE group_type_index = ? AND key = ? "
+            "ORDER BY 1, 2",
+            [type_index, name],
+        )
+        assert stored == api and stored, (type_index, name)
+    plan_total = scalar(
+        db,
+        "SELECT sum(count) FROM group_property_values WHERE group_type_index = 0 AND key = 'plan'",
+    )
+    assert plan_total == TEST_GROUPS_PER_TYPE
+
+
+def test_rerun_replaces_the_previous_snapshot(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path
+) -> None:
+    materialize_groups(defs, resources, names=["groups"])
+    materialize_groups(defs, resources, names=["groups"])
+    assert scalar(db, "SELECT count(*) FROM groups") == TOTAL_GROUPS
+    assert scalar(db, "SELECT count(DISTINCT snapshot_at) FROM groups") == 1
+
+
+def test_tracked_group_that_disappears_fails_the_check_by_name(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path, control: Any
+) -> None:
+    result = materialize_groups(defs, resources, names=["tracked_groups"])
+    assert check_results(result)["tracked_groups_present"].passed
+    assert query(db, "SELECT group_key, found FROM tracked_groups ORDER BY 1") == [
+        ("company-7", True),
+        ("organization-3", True),
+    ]
+
+    control.remove_group(1, "company-7")
+    result = materialize_groups(defs, resources, names=["tracked_groups", "groups"])
+    check = check_results(result)["tracked_groups_present"]
+    assert not check.passed
+    assert "1:company-7" in check.description and "organization-3" not in check.description
+    assert query(db, "SELECT group_key, found, error FROM tracked_groups ORDER BY 1") == [
+        ("company-7", False, "not found: groups/find answered 404"),
+        ("organization-3", True, None),
+    ]
+    assert materialization_metadata(result, "tracked_groups")["missing_keys"] == "1:company-7"
+    # the groups snapshot follows the API: one group fewer, and its count check still passes
+    assert scalar(db, "SELECT count(*) FROM groups WHERE group_type_index = 1") == (
+        TEST_GROUPS_PER_TYPE - 1
+    )
+    assert check_results(result)["groups_count_per_type_matches_api"].passed
+
+
+def test_two_projects_share_one_duckdb_file(
+    posthog_env: dict[str, str], tmp_path: Path, standin: Any, db: Path
+) -> None:
+    main_id, staging_id = standin.project_id, standin.project_id + 1
+    yaml_text = f"""
+projects:
+  - {{name: prod, host: "{standin.url}", project_id: {main_id}}}
+  - {{name: staging, host: "{standin.url}", project_id: {staging_id}}}
+"""
+    settings = snapshot_settings(posthog_env, tmp_path, yaml_text)
+    defs = snapshot_defs(settings)
+    resources = {
+        f"posthog_{name}": PostHogResource(
+            host=standin.url, project_id=str(pid), personal_api_key=standin.key
+        )
+        for name, pid in (("prod", main_id), ("staging", staging_id))
+    }
+    resources = resources_for(resources["posthog_prod"], db, **resources)
+    keys = {a.key for a in defs.assets or []}
+    assert dg.AssetKey(["posthog", "staging", "groups"]) in keys
+    groups_assets = [a for a in defs.assets or [] if a.key.path[-1] == "groups"]
+    dg.materialize(groups_assets, resources=resources)
+    counts = dict(query(db, "SELECT project_id, count(*) FROM groups GROUP BY 1"))
+    assert counts[str(main_id)] == TOTAL_GROUPS
+    assert 0 < counts[str(staging_id)] < TOTAL_GROUPS
+
+    staging_only = [a for a in groups_assets if a.key.path[1] == "staging"]
+    dg.materialize(staging_only, resources=resources)
+    assert dict(query(db, "SELECT project_id, count(*) FROM groups GROUP BY 1")) == counts

@@ -1,0 +1,104 @@
+"""Snapshot schedules and definitions: stopped by default, right partition, no HTTP at load."""
+
+from __future__ import annotations
+
+import datetime as dt
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+
+from posthog_assets.resources import build_resources
+from posthog_assets.schedules import GROUPS_SCHEDULE_CRON
+from posthog_assets_tests.snapshot_support import snapshot_defs, snapshot_settings
+
+MULTI_PROJECT_YAML = """
+projects:
+  - name: prod
+    host: "{url}"
+    project_id: {pid}
+    groups: {{tracked: [{{group_type_index: 0, group_key: organization-1}}]}}
+  - name: staging
+    host: "{url}"
+    project_id: {staging}
+    groups: {{enabled: false}}
+"""
+
+
+@pytest.fixture
+def defs(posthog_env: dict[str, str], tmp_path: Path) -> dg.Definitions:
+    settings = snapshot_settings(posthog_env, tmp_path)
+    return dg.Definitions.merge(
+        dg.Definitions(resources=build_resources(settings)), snapshot_defs(settings)
+    )
+
+
+def test_both_schedules_exist_and_are_stopped_by_default(defs: dg.Definitions) -> None:
+    insights = defs.resolve_schedule_def("posthog_insights_snapshot_daily")
+    groups = defs.resolve_schedule_def("posthog_groups_snapshot_daily")
+    assert insights.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert groups.default_status == dg.DefaultScheduleStatus.STOPPED
+    assert insights.job_name == "posthog_insights_snapshot"
+    assert groups.job_name == "posthog_groups_snapshot"
+    assert groups.cron_schedule == GROUPS_SCHEDULE_CRON
+    assert insights.execution_timezone in (None, "UTC")
+
+
+def test_insights_schedule_requests_that_days_partition(defs: dg.Definitions) -> None:
+    schedule = defs.resolve_schedule_def("posthog_insights_snapshot_daily")
+    at = dt.datetime(2026, 3, 2, 6, 0, tzinfo=dt.UTC)
+    with dg.DagsterInstance.ephemeral() as instance:
+        context = dg.build_schedule_context(instance=instance, scheduled_execution_time=at)
+        data = schedule.evaluate_tick(context)
+    [request] = data.run_requests or []
+    assert request.partition_key == "2026-03-02"
+    job = defs.resolve_job_def("posthog_insights_snapshot")
+    assert job.partitions_def is not None
+    keys = job.partitions_def.get_partition_keys(current_time=at)
+    assert keys[0] == "2026-01-01" and keys[-1] == "2026-03-02"  # today's partition exists
+
+
+def test_groups_job_selects_every_group_asset_and_its_checks(defs: dg.Definitions) -> None:
+    job = defs.resolve_job_def("posthog_groups_snapshot")
+    keys = {k.path[-1] for k in job.asset_layer.selected_asset_keys}
+    assert keys == {"group_types", "groups", "group_property_definitions", "group_property_values"}
+    check_names = {k.name for k in job.asset_layer.asset_graph.asset_check_keys}
+    assert "groups_count_per_type_matches_api" in check_names
+
+
+def test_one_job_and_schedule_per_project(
+    posthog_env: dict[str, str], tmp_path: Path, standin: Any
+) -> None:
+    yaml_text = MULTI_PROJECT_YAML.format(
+        url=standin.url, pid=standin.project_id, staging=standin.project_id + 1
+    )
+    settings = snapshot_settings(posthog_env, tmp_path, yaml_text)
+    defs = dg.Definitions.merge(
+        dg.Definitions(resources=build_resources(settings)), snapshot_defs(settings)
+    )
+    names = {s.name for s in defs.schedules or []}
+    assert names == {
+        "posthog_prod_insights_snapshot_daily",
+        "posthog_prod_groups_snapshot_daily",
+        "posthog_staging_insights_snapshot_daily",
+    }
+    keys = {a.key.to_user_string() for a in defs.assets or []}
+    assert "posthog/prod/tracked_groups" in keys and "posthog/staging/insights" in keys
+    assert not any(k.startswith("posthog/staging/group") for k in keys)
+    defs.resolve_job_def("posthog_staging_insights_snapshot")
+    defs.get_repository_def()  # validates the whole location (op names, resources)
+
+
+def test_building_the_definitions_makes_no_http_call(
+    posthog_env: dict[str, str], control: Any, tmp_path: Path
+) -> None:
+    control.clear_requests_log()
+    yaml_text = "groups:\n  tracked: [{group_type_index: 0, group_key: x}]\n"
+    settings = snapshot_settings(posthog_env, tmp_path, yaml_text)
+    defs = dg.Definitions.merge(
+        dg.Definitions(resources=build_resources(settings)), snapshot_defs(settings)
+    )
+    repo = defs.get_repository_def()
+    assert len(repo.asset_graph.get_all_asset_keys()) == 6
+    assert control.requests_log() == []

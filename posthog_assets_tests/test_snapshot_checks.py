@@ -1,0 +1,140 @@
+"""Asset checks on the snapshot tables: they read DuckDB read-only and fail with names and ids."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import duckdb
+import pytest
+
+from posthog_assets.resources import PostHogResource
+from posthog_assets_tests.conftest import TEST_GROUPS_PER_TYPE
+from posthog_assets_tests.snapshot_support import (
+    TEST_PARTITION,
+    check_results,
+    defs_assets,
+    defs_checks,
+    materialize_groups,
+    materialize_insights,
+    resources_for,
+    snapshot_defs,
+    snapshot_settings,
+)
+
+
+@pytest.fixture
+def db(posthog_env: dict[str, str]) -> Path:
+    return Path(posthog_env["POSTHOG_ASSETS_DUCKDB"])
+
+
+@pytest.fixture
+def defs(posthog_env: dict[str, str], tmp_path: Path) -> dg.Definitions:
+    return snapshot_defs(snapshot_settings(posthog_env, tmp_path))
+
+
+@pytest.fixture
+def resources(posthog_resource: PostHogResource, db: Path) -> dict[str, Any]:
+    return resources_for(posthog_resource, db)
+
+
+def _tamper(db: Path, sql: str) -> None:
+    """Corrupt the table behind the package's back (a writer connection, closed at once)."""
+    conn = duckdb.connect(str(db))
+    try:
+        conn.execute("SET schema = 'posthog'")
+        conn.execute(sql)
+    finally:
+        conn.close()
+
+
+def _run_checks_only(
+    defs: dg.Definitions,
+    resources: dict[str, Any],
+    asset_name: str,
+    *,
+    partition: str | None = None,
+    instance: dg.DagsterInstance | None = None,
+) -> dict[str, Any]:
+    """Execute only the checks of one asset (no fetch, no write)."""
+    assets = defs_assets(defs, asset_name)
+    checks = defs_checks(defs, [asset_name])
+    result = dg.materialize(
+        [*assets, *checks],
+        selection=dg.AssetSelection.checks_for_assets(*(a.key for a in assets)),
+        resources=resources,
+        # a checks-only selection has no partitions definition: pass the partition as a tag
+        tags={"dagster/partition": partition} if partition else None,
+        raise_on_error=False,
+        instance=instance,
+    )
+    assert not result.get_asset_materialization_events()
+    return check_results(result)
+
+
+def test_checks_before_any_snapshot_fail_with_a_hint(
+    defs: dg.Definitions, resources: dict[str, Any]
+) -> None:
+    results = _run_checks_only(defs, resources, "insights", partition=TEST_PARTITION)
+    assert not results["insights_not_empty"].passed
+    assert "materialize" in results["insights_not_empty"].description
+
+
+def test_empty_partition_fails_not_empty(
+    defs: dg.Definitions, resources: dict[str, Any]
+) -> None:
+    result = materialize_insights(
+        defs, resources, refresh="force_cache", short_id="zzzzzzzz", raise_on_error=False
+    )
+    check = check_results(result)["insights_not_empty"]
+    assert not check.passed and TEST_PARTITION in check.description
+
+
+def test_duplicate_partition_id_rows_fail_the_duplicates_check(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path
+) -> None:
+    result = materialize_insights(defs, resources, refresh="force_cache", created_by=[3])
+    assert check_results(result)["insights_no_duplicates"].passed
+    _tamper(
+        db,
+        "INSERT INTO insights (project_id, \"partition\", id) "
+        "SELECT project_id, \"partition\", id FROM insights ORDER BY id LIMIT 1",
+    )
+    results = _run_checks_only(defs, resources, "insights", partition=TEST_PARTITION)
+    check = results["insights_no_duplicates"]
+    assert not check.passed and f"({TEST_PARTITION}, " in check.description
+    assert results["insights_not_empty"].passed
+
+
+def test_group_count_check_compares_duckdb_with_what_the_api_returned(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path
+) -> None:
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = materialize_groups(defs, resources, names=["groups"], instance=instance)
+        assert check_results(result)["groups_count_per_type_matches_api"].passed
+        _tamper(db, "DELETE FROM groups WHERE group_type_index = 2 AND group_key LIKE '%-1%'")
+        _tamper(
+            db,
+            "INSERT INTO groups (project_id, group_type_index, group_key) "
+            "SELECT project_id, group_type_index, group_key FROM groups "
+            "WHERE group_type_index = 0 LIMIT 1",
+        )
+        results = _run_checks_only(defs, resources, "groups", instance=instance)
+    count_check = results["groups_count_per_type_matches_api"]
+    assert not count_check.passed
+    assert f"2: {TEST_GROUPS_PER_TYPE} vs " in count_check.description
+    assert f"0: {TEST_GROUPS_PER_TYPE} vs {TEST_GROUPS_PER_TYPE + 1}" in count_check.description
+    assert not results["groups_no_duplicates"].passed
+
+
+def test_checks_release_the_file_so_the_next_writer_is_not_blocked(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path
+) -> None:
+    """Checks open DuckDB read-only and close it: a writer can open the file right after."""
+    materialize_insights(defs, resources, refresh="force_cache", created_by=[3])
+    results = _run_checks_only(defs, resources, "insights", partition=TEST_PARTITION)
+    assert results["insights_not_empty"].passed
+    assert results["insights_no_duplicates"].passed
+    conn = duckdb.connect(str(db))  # would raise if a check had kept the file open
+    conn.close()
