@@ -163,14 +163,14 @@ def build_posthog_export_assets(
         latest = context.instance.get_latest_materialization_events([s.key for s in selected])
         root = _dedup_root(context)
         # A first attempt of a brand-new run cannot have exports of its own yet: skip the list.
-        scan_list = context.retry_number > 0 or root != context.run_id
+        scan_list = context.retry_number > 0 or root != context.run.run_id
         partition = context.partition_key if context.has_partition_key else ""
 
         jobs: list[_Job] = []
         for spec in selected:
             event = latest.get(spec.key)
             previous = materialization_values(event)
-            if event is not None and event.run_id == context.run_id and previous:
+            if event is not None and event.run_id == context.run.run_id and previous:
                 # An earlier attempt of this very step already finished this export: report it
                 # again instead of asking PostHog for another one.
                 context.log.info(
@@ -248,7 +248,7 @@ def build_posthog_export_assets(
 
 
 def _dedup_root(context: dg.AssetExecutionContext) -> str:
-    return dedup_root_from_tags(context.run.tags, context.run_id)
+    return dedup_root_from_tags(context.run.tags, context.run.run_id)
 
 
 def dedup_root_from_tags(tags: Mapping[str, str], run_id: str) -> str:

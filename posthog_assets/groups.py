@@ -267,15 +267,14 @@ def _begin(
 def _staged(
     resource: PostHogResource,
     client: PostHogClient,
-    path: Path,
-    rows: int,
+    staging: StagingFile,
     snapshot_at: str,
     requests_before: int,
     **stats: Any,
 ) -> StagedSnapshot:
     return StagedSnapshot(
-        files=[str(path)],
-        rows=rows,
+        files=list(staging.files),
+        rows=staging.rows,
         scope={"project_id": project_id_of(resource)},
         snapshot_at=snapshot_at,
         stats={"requests": client.request_count - requests_before, **stats},
@@ -316,10 +315,9 @@ def _group_types_asset(
 
     def fetch(context: dg.OpExecutionContext, _config: None, folder: Path) -> StagedSnapshot:
         resource, client, snapshot_at, before = _begin(context, rkey)
-        path = folder / "group_types.ndjson"
-        with StagingFile(path, GROUP_TYPES_TABLE) as staging:
+        with StagingFile(folder / "group_types", GROUP_TYPES_TABLE) as staging:
             n = staging.write(group_type_row(t) for t in client.list_group_types())
-        return _staged(resource, client, path, n, snapshot_at, before, group_types=n)
+        return _staged(resource, client, staging, snapshot_at, before, group_types=n)
 
     return build_snapshot_asset(
         spec=spec, table=GROUP_TYPES_TABLE, resource_key=rkey, fetch=fetch
@@ -346,15 +344,13 @@ def _groups_asset(
     ) -> StagedSnapshot:
         resource, client, snapshot_at, before = _begin(context, rkey)
         indexes = type_indexes(client)
-        path = folder / "groups.ndjson"
-        with StagingFile(path, GROUPS_TABLE) as staging:
+        with StagingFile(folder / "groups", GROUPS_TABLE) as staging:
             counts, pages = stage_groups(
                 client, staging, indexes, concurrency=config.type_concurrency, log=context.log
             )
-            total = staging.rows
         per_type = {f"groups_type_{i}": n for i, n in counts.items()}
         return _staged(
-            resource, client, path, total, snapshot_at, before,
+            resource, client, staging, snapshot_at, before,
             group_types=len(indexes), pages_fetched=pages, api_groups_per_type=counts, **per_type,
         )
 
@@ -375,10 +371,10 @@ def _property_definitions_asset(
 
     def fetch(context: dg.OpExecutionContext, _config: None, folder: Path) -> StagedSnapshot:
         resource, client, snapshot_at, before = _begin(context, rkey)
-        path = folder / "group_property_definitions.ndjson"
-        with StagingFile(path, GROUP_PROPERTY_DEFINITIONS_TABLE) as staging:
+        table = GROUP_PROPERTY_DEFINITIONS_TABLE
+        with StagingFile(folder / table.name, table) as staging:
             n = staging.write(definition_rows(client.group_property_definitions()))
-        return _staged(resource, client, path, n, snapshot_at, before, properties=n)
+        return _staged(resource, client, staging, snapshot_at, before, properties=n)
 
     return build_snapshot_asset(
         spec=spec, table=GROUP_PROPERTY_DEFINITIONS_TABLE, resource_key=rkey, fetch=fetch
@@ -394,15 +390,15 @@ def _property_values_asset(
         context: dg.OpExecutionContext, config: GroupPropertyValuesConfig, folder: Path
     ) -> StagedSnapshot:
         resource, client, snapshot_at, before = _begin(context, rkey)
-        path = folder / "group_property_values.ndjson"
-        with StagingFile(path, GROUP_PROPERTY_VALUES_TABLE) as staging:
+        table = GROUP_PROPERTY_VALUES_TABLE
+        with StagingFile(folder / table.name, table) as staging:
             properties, n = stage_property_values(
                 client,
                 staging,
                 client.group_property_definitions(),
                 concurrency=config.max_concurrency,
             )
-        return _staged(resource, client, path, n, snapshot_at, before, properties=properties)
+        return _staged(resource, client, staging, snapshot_at, before, properties=properties)
 
     return build_snapshot_asset(
         spec=spec,
@@ -421,15 +417,14 @@ def _tracked_groups_asset(
 
     def fetch(context: dg.OpExecutionContext, _config: None, folder: Path) -> StagedSnapshot:
         resource, client, snapshot_at, before = _begin(context, rkey)
-        path = folder / "tracked_groups.ndjson"
         rows = [tracked_group_row(client, index, key) for index, key in tracked]
         missing = [f"{r['group_type_index']}:{r['group_key']}" for r in rows if not r["found"]]
         if missing:
             context.log.warning("Tracked group(s) not found in PostHog: %s", ", ".join(missing))
-        with StagingFile(path, TRACKED_GROUPS_TABLE) as staging:
-            n = staging.write(rows)
+        with StagingFile(folder / "tracked_groups", TRACKED_GROUPS_TABLE) as staging:
+            staging.write(rows)
         return _staged(
-            resource, client, path, n, snapshot_at, before,
+            resource, client, staging, snapshot_at, before,
             tracked=len(rows), missing=len(missing), missing_keys=", ".join(missing) or "none",
         )
 

@@ -687,12 +687,11 @@ def build_posthog_insights_snapshot(
             "Snapshotting insights of project %s with refresh=%s into partition %s",
             resource.project_id, options.refresh, context.partition_key,
         )
-        path = folder / "insights.ndjson"
-        with StagingFile(path, INSIGHTS_TABLE) as staging:
+        with StagingFile(folder / "insights", INSIGHTS_TABLE) as staging:
             stats = InsightSnapshotFetcher(client, staging, options, log=context.log).run()
         return StagedSnapshot(
-            files=[str(path)],
-            rows=stats.staged,
+            files=staging.files,
+            rows=staging.rows,
             scope={"project_id": project_id_of(resource), "partition": context.partition_key},
             snapshot_at=snapshot_at,
             stats={

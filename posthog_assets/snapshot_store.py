@@ -63,19 +63,40 @@ class SnapshotTable:
         return {c: t for c, t in self.columns.items() if c not in self.constants}
 
 
-class StagingFile:
-    """Appends rows to an NDJSON file as pages arrive; thread-safe, one page in memory at a time.
+#: A staging file is closed and a new one started past this size. DuckDB reads a list of small
+#: NDJSON files with less memory than one big file, so the write step's peak stays flat.
+STAGING_ROTATE_BYTES = 4 << 20
 
-    Only the table's staged columns are written, so a payload's extra keys never reach DuckDB.
+
+class StagingFile:
+    """Appends rows as NDJSON to ``<stem>-NNNNN.ndjson`` files as pages arrive.
+
+    Thread-safe; only one page is in memory at a time. Only the table's staged columns are
+    written, so a payload's extra keys never reach DuckDB. ``files`` lists what was written.
     """
 
-    def __init__(self, path: Path, schema: SnapshotTable) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+    def __init__(
+        self, stem: Path, schema: SnapshotTable, *, rotate_bytes: int = STAGING_ROTATE_BYTES
+    ) -> None:
+        self.stem = Path(stem)
+        self.stem.parent.mkdir(parents=True, exist_ok=True)
         self._columns = tuple(schema.staged_columns)
+        self._rotate_bytes = rotate_bytes
         self._lock = threading.Lock()
-        self._fh: IO[str] | None = self.path.open("w", encoding="utf-8", buffering=1 << 20)
+        self.files: list[str] = []
+        self._fh: IO[str] | None = None
+        self._size = 0
         self.rows = 0
+        self._closed = False
+
+    def _next_file(self) -> IO[str]:
+        if self._fh is not None:
+            self._fh.close()
+        path = self.stem.with_name(f"{self.stem.name}-{len(self.files):05d}.ndjson")
+        self.files.append(str(path))
+        self._size = 0
+        self._fh = path.open("w", encoding="utf-8", buffering=1 << 20)
+        return self._fh
 
     def write(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Serialise ``rows`` (outside the lock) and append them; return how many were written."""
@@ -86,16 +107,21 @@ class StagingFile:
         ]
         if not lines:
             return 0
+        text = "\n".join(lines) + "\n"
         with self._lock:
-            if self._fh is None:
-                raise RuntimeError(f"staging file {self.path.name} is already closed")
-            self._fh.write("\n".join(lines))
-            self._fh.write("\n")
+            if self._closed:
+                raise RuntimeError(f"staging {self.stem.name} is already closed")
+            fh = self._fh
+            if fh is None or self._size >= self._rotate_bytes:
+                fh = self._next_file()
+            fh.write(text)
+            self._size += len(text)
             self.rows += len(lines)
         return len(lines)
 
     def close(self) -> None:
         with self._lock:
+            self._closed = True
             if self._fh is not None:
                 self._fh.close()
                 self._fh = None
@@ -196,8 +222,14 @@ def replace_snapshot(
     ``DELETE`` of the scope, the ``INSERT ... SELECT`` with explicit columns, and any view DDL.
     Either everything commits or nothing changes.
     """
+    missing = [f for f in staged.files if not Path(f).exists()]
+    if missing:  # never replace a snapshot with a partial one
+        raise FileNotFoundError(
+            f"{len(missing)} staging file(s) of {SCHEMA}.{schema.name} are gone (e.g. "
+            f"{Path(missing[0]).name}); the table was not changed: re-run the fetch step"
+        )
     ensure_table(conn, schema.name, schema.columns)
-    files = [f for f in staged.files if Path(f).exists() and Path(f).stat().st_size > 0]
+    files = [f for f in staged.files if Path(f).stat().st_size > 0]
     where = " AND ".join(f"{quote(c)} = ?" for c in schema.scope)
     scope_values = [staged.scope[c] for c in schema.scope]
     names = list(schema.columns)
@@ -222,6 +254,11 @@ def replace_snapshot(
                 params,
             ).fetchall()
             inserted = int(rows[0][0]) if rows else 0
+        if inserted != staged.rows:
+            raise RuntimeError(
+                f"{SCHEMA}.{schema.name}: staged {staged.rows} rows but read back {inserted}; "
+                "rolled back, the table was not changed"
+            )
         for view_sql in views:
             conn.execute(view_sql(conn))
         conn.execute("COMMIT")

@@ -85,8 +85,11 @@ def asset_keys_in_group(group: str) -> list[dg.AssetKey]:
 
 
 def export_asset_key(fmt_suffix: str = "png") -> dg.AssetKey:
-    """The first export asset whose name says it is a PNG (the config lists one of insight 1)."""
-    keys = asset_keys_in_group(EXPORTS_GROUP)
+    """The first export asset in that format, insight exports first (the config has insight 1)."""
+    keys = sorted(
+        asset_keys_in_group(EXPORTS_GROUP),
+        key=lambda k: "dagster-posthog/insight_id" not in _spec(k).metadata,
+    )
     for key in keys:
         spec = _spec(key)
         fmt = str(spec.metadata.get("dagster-posthog/export_format", ""))

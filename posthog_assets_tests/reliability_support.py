@@ -19,6 +19,7 @@ from typing import Any
 
 import dagster as dg
 import duckdb
+import pytest
 from dagster_duckdb import DuckDBResource
 
 from posthog_assets.config import Settings, load_settings
@@ -105,7 +106,7 @@ class World:
         log = build_posthog_exports_log_asset(project=self.project, export_keys=keys)
         return [*assets, log]
 
-    def definitions_for(self, families: Sequence[str]) -> list[Any]:
+    def definitions_for(self, families: Sequence[str], *, checks: bool = True) -> list[Any]:
         """Assets (and their checks) of the given families, ready for ``dg.materialize``."""
         unknown = set(families) - set(ALL_FAMILIES)
         assert not unknown, f"unknown families {unknown}"
@@ -113,12 +114,15 @@ class World:
         if EXPORTS in families:
             assets = self.export_assets()
             out += assets
-            out += build_posthog_export_checks(project=self.project, export_assets=assets[:-1])
+            if checks:
+                out += build_posthog_export_checks(
+                    project=self.project, export_assets=assets[:-1]
+                )
         names = [f for f in families if f != EXPORTS]
         for asset in self.snapshot.assets or []:
             if asset.key.path[-1] in names:  # type: ignore[union-attr]
                 out.append(asset)
-        for check in self.snapshot.asset_checks or []:
+        for check in self.snapshot.asset_checks or [] if checks else []:
             if any(k.asset_key.path[-1] in names for k in check.check_keys):
                 out.append(check)
         return out
@@ -133,11 +137,12 @@ class World:
         *,
         run_config: Mapping[str, Any] | None = None,
         instance: dg.DagsterInstance | None = None,
+        checks: bool = True,
     ) -> dg.ExecuteInProcessResult:
         """One real run of the families (never raises on a failed step: tests assert on it)."""
         partitioned = "insights" in families
         return dg.materialize(
-            self.definitions_for(families),
+            self.definitions_for(families, checks=checks),
             resources=self.resources(posthog),
             partition_key=PARTITION if partitioned else None,
             run_config=dict(run_config or {}),
@@ -358,3 +363,126 @@ def materialized(result: dg.ExecuteInProcessResult) -> dict[str, dict[str, Any]]
 def reset(control: StandinControl) -> None:
     control.reset()
     control.clear_requests_log()
+
+
+# ------------------------------------------------------------------------------------------------
+# Chaos
+
+#: The fault kinds of a chaos run: throttling, server errors, and connections that break.
+CHAOS_KINDS: tuple[dict[str, Any], ...] = (
+    {"kind": "status", "status": 429},
+    {"kind": "status", "status": 500},
+    {"kind": "status", "status": 502},
+    {"kind": "status", "status": 503},
+    {"kind": "drop"},
+    {"kind": "drop_mid_body"},
+)
+
+
+def chaos_rules(fault_rate: float, seed: int) -> list[dict[str, Any]]:
+    """Seeded rules that fault ``fault_rate`` of all API requests, spread over the kinds.
+
+    The stand-in applies the first rule that fires, so each rule gets ``p`` with
+    ``1 - (1 - p) ** n == fault_rate``.
+    """
+    p = 1 - (1 - fault_rate) ** (1 / len(CHAOS_KINDS))
+    return [
+        {"match": r"^/api/", "probability": p, "seed": seed * 100 + i, **kind}
+        for i, kind in enumerate(CHAOS_KINDS)
+    ]
+
+
+@dataclass(frozen=True)
+class ChaosReport:
+    """What the stand-in saw during a run."""
+
+    requests: int
+    faulted: int
+    by_kind: dict[str, int]
+    exports_created: int
+
+
+def chaos_report(log: Sequence[Mapping[str, Any]]) -> ChaosReport:
+    api = api_requests(log)
+    kinds: Counter[str] = Counter()
+    for r in api:
+        if r.get("fault"):
+            kinds[f"{r['fault']} {r['status']}" if r["fault"] == "status" else r["fault"]] += 1
+    return ChaosReport(
+        requests=len(api),
+        faulted=sum(kinds.values()),
+        by_kind=dict(sorted(kinds.items())),
+        exports_created=exports_created(log),
+    )
+
+
+def compare_worlds(
+    reference: World, other: World, families: Sequence[str]
+) -> dict[str, dict[str, int]]:
+    """Rows lost and duplicated per family's table (other vs reference; all zero = identical)."""
+    out: dict[str, dict[str, int]] = {}
+    for family in families:
+        if family == EXPORTS:
+            continue
+        want = Counter(table_rows(reference.db, FAMILY_TABLE[family]))
+        got = Counter(table_rows(other.db, FAMILY_TABLE[family]))
+        out[family] = {
+            "rows": sum(want.values()),
+            "lost": sum((want - got).values()),
+            "extra": sum((got - want).values()),
+            "duplicated": sum(n - 1 for n in got.values() if n > 1),
+        }
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The fault-free reference (one run per session, shared by the fault matrix and the chaos test)
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A fault-free run of the whole world: its DuckDB file, rows per family, export facts."""
+
+    world: World
+    rows: dict[str, list[tuple[Any, ...]]]
+    csv_sha256: str
+    insight_ids: list[int]
+
+    @property
+    def db(self) -> Path:
+        return self.world.db
+
+
+def run_reference(standin: StandinProcess, root: Path) -> Reference:
+    """Materialize the whole world with no fault and sanity-check what it wrote."""
+    reset(StandinControl(standin.url))
+    world = build_world(world_env(standin, root), root)
+    result = world.materialize(ALL_FAMILIES, fast_resource(standin, world.export_dir), checks=False)
+    assert result.success, failure_texts(result)
+    rows = family_rows(world.db, ALL_FAMILIES)
+    assert all(rows[f] and not duplicates(rows[f]) for f in ALL_FAMILIES), rows.keys()
+    assert_export_folder(world.export_dir, world.db, WORLD_EXPORTS)
+    ids = [int(i) for (i,) in select(world.db, "SELECT id FROM insights ORDER BY id")]
+    csv = materialized(result)["insight_2_csv"]
+    return Reference(world=world, rows=rows, csv_sha256=csv["sha256"], insight_ids=ids)
+
+
+def select(db: Path, sql: str) -> list[tuple[Any, ...]]:
+    conn = duckdb.connect(str(db), read_only=True)
+    try:
+        conn.execute("SET schema = 'posthog'")
+        return conn.execute(sql).fetchall()
+    finally:
+        conn.close()
+
+
+_REFERENCES: dict[str, Reference] = {}
+
+
+def shared_reference(
+    standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory
+) -> Reference:
+    """The session's fault-free run, made once per stand-in and shared by every test module."""
+    if standin.url not in _REFERENCES:
+        _REFERENCES[standin.url] = run_reference(standin, tmp_path_factory.mktemp("fault_free"))
+    return _REFERENCES[standin.url]

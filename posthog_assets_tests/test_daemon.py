@@ -13,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -173,11 +174,11 @@ def test_expiry_sensor_rematerializes_an_export_that_expired_in_posthog(
     assert any(e["path"].endswith("/exports/") for e in posts), "no new export was created"
 
 
-@pytest.fixture
-def instance(dagster_ui: DagsterDevUI) -> Iterator[dg.DagsterInstance]:
-    """The UI's own instance (SQLite in its DAGSTER_HOME), opened from this process."""
-    with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_ui.home))) as inst:
-        yield inst
+@dataclass(frozen=True)
+class ArmedSchedule:
+    schedule: dg.ScheduleDefinition
+    selector: dict[str, str]
+    started_as_of: float
 
 
 def _backdate_schedule(instance: dg.DagsterInstance, name: str, start: float) -> None:
@@ -195,37 +196,48 @@ def _backdate_schedule(instance: dg.DagsterInstance, name: str, start: float) ->
     )
 
 
-def test_schedule_tick_launches_the_insights_snapshot_for_its_partition(
-    dagster_ui: DagsterDevUI, instance: dg.DagsterInstance
-) -> None:
+@pytest.fixture(scope="module", autouse=True)
+def armed_insights_schedule(dagster_ui: DagsterDevUI) -> Iterator[ArmedSchedule]:
+    """The insights schedule, turned on as if a day ago, when this module starts.
+
+    Why module-wide: the scheduler daemon wakes only at minute boundaries, so arming first lets
+    that wait (up to 60 s) overlap the sensor test instead of adding to the suite's time.
+    """
     schedule = _insights_schedule()
     selector = _selector("schedule", schedule.name)
-    # Arm between two of the scheduler's minute-boundary wake-ups, never right before one.
+    # Arm between two of the scheduler's wake-ups, never in the seconds right before one.
     if dt.datetime.now(dt.UTC).second > 50:
         time.sleep(62 - dt.datetime.now(dt.UTC).second)
-    armed_at = time.time()
+    started_as_of = time.time() - 86400 - 60
     state = dagster_ui.gql(START_SCHEDULE, {"selector": selector})["startSchedule"]
     assert state["__typename"] == "ScheduleStateResult", state
-    state_id = state["scheduleState"]["id"]
     try:
-        _backdate_schedule(instance, schedule.name, armed_at - 86400 - 60)
-
-        def ticked() -> list[dict[str, Any]] | None:
-            data = dagster_ui.gql(SCHEDULE_TICKS, {"selector": selector})
-            ticks = data["scheduleOrError"]["scheduleState"]["ticks"]
-            done = [t for t in ticks if t["status"] in ("SUCCESS", "FAILURE", "SKIPPED")]
-            return done or None
-
-        ticks = dagster_ui.wait_for(
-            f"{schedule.name} to tick", ticked, timeout_s=SCHEDULE_RUN_TIMEOUT_S
-        )
+        with dg.DagsterInstance.from_ref(InstanceRef.from_dir(str(dagster_ui.home))) as instance:
+            _backdate_schedule(instance, schedule.name, started_as_of)
+        yield ArmedSchedule(schedule, selector, started_as_of)
     finally:
-        dagster_ui.gql(STOP_SCHEDULE, {"id": state_id})
+        dagster_ui.gql(STOP_SCHEDULE, {"id": state["scheduleState"]["id"]})
 
+
+def test_schedule_tick_launches_the_insights_snapshot_for_its_partition(
+    dagster_ui: DagsterDevUI, armed_insights_schedule: ArmedSchedule
+) -> None:
+    schedule, selector = armed_insights_schedule.schedule, armed_insights_schedule.selector
+
+    def ticked() -> list[dict[str, Any]] | None:
+        data = dagster_ui.gql(SCHEDULE_TICKS, {"selector": selector})
+        ticks = data["scheduleOrError"]["scheduleState"]["ticks"]
+        done = [t for t in ticks if t["status"] in ("SUCCESS", "FAILURE", "SKIPPED")]
+        return done or None
+
+    ticks = dagster_ui.wait_for(
+        f"{schedule.name} to tick", ticked, timeout_s=SCHEDULE_RUN_TIMEOUT_S
+    )
     assert all(t["status"] == "SUCCESS" for t in ticks), ticks
+    defs = load_defs()
     for tick in ticks:
         tick_time = dt.datetime.fromtimestamp(tick["timestamp"], dt.UTC)
-        assert armed_at - 86400 - 60 <= tick["timestamp"] <= time.time()
+        assert armed_insights_schedule.started_as_of <= tick["timestamp"] <= time.time()
         # What the schedule asks for at that time, evaluated here from the same definitions.
         with dg.build_schedule_context(scheduled_execution_time=tick_time) as context:
             result = schedule.evaluate_tick(context)
@@ -239,7 +251,6 @@ def test_schedule_tick_launches_the_insights_snapshot_for_its_partition(
         tags = {t["key"]: t["value"] for t in run["tags"]}
         assert tags["dagster/schedule_name"] == schedule.name
         assert tags["dagster/partition"] == expected
-        defs = load_defs()
         for key in asset_keys_in_group(INSIGHTS_GROUP):
             if defs.resolve_assets_def(key).partitions_def is None:
                 continue

@@ -138,3 +138,39 @@ def test_checks_release_the_file_so_the_next_writer_is_not_blocked(
     assert results["insights_no_duplicates"].passed
     conn = duckdb.connect(str(db))  # would raise if a check had kept the file open
     conn.close()
+
+
+def test_a_write_never_replaces_a_snapshot_with_a_partial_one(tmp_path: Path) -> None:
+    """Missing staging files or a row-count mismatch roll back: the old rows stay."""
+    from posthog_assets.groups import GROUPS_TABLE
+    from posthog_assets.snapshot_store import StagedSnapshot, StagingFile, replace_snapshot
+
+    def staged(stem: str, n: int, *, rotate: int = 1 << 20) -> StagedSnapshot:
+        with StagingFile(tmp_path / stem, GROUPS_TABLE, rotate_bytes=rotate) as staging:
+            for start in range(0, n, 10):
+                staging.write(
+                    {"group_type_index": 0, "group_key": f"k{i}", "group_properties": {"i": i}}
+                    for i in range(start, min(n, start + 10))
+                )
+        return StagedSnapshot(
+            files=staging.files, rows=staging.rows, scope={"project_id": "1"},
+            snapshot_at="2026-01-05T00:00:00+00:00",
+        )
+
+    conn = duckdb.connect(str(tmp_path / "store.duckdb"))
+    try:
+        many = staged("many", 95, rotate=200)  # several rotated files
+        assert len(many.files) > 3
+        assert replace_snapshot(conn, GROUPS_TABLE, many) == 95
+        partial = staged("partial", 50, rotate=200)
+        Path(partial.files[1]).unlink()
+        with pytest.raises(FileNotFoundError, match="not changed"):
+            replace_snapshot(conn, GROUPS_TABLE, partial)
+        wrong = staged("wrong", 20)
+        wrong.rows = 21
+        with pytest.raises(RuntimeError, match="rolled back"):
+            replace_snapshot(conn, GROUPS_TABLE, wrong)
+        (count,) = conn.execute("SELECT count(*) FROM store.posthog.groups").fetchall()[0]
+        assert count == 95
+    finally:
+        conn.close()

@@ -10,7 +10,6 @@ Names (asset keys, schedules, sensors) come from ``posthog_assets.definitions``.
 from __future__ import annotations
 
 import re
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -29,6 +28,7 @@ from posthog_assets_tests.dagster_dev import (  # noqa: E402
     EXPORTS_GROUP,
     GROUPS_GROUP,
     INSIGHTS_GROUP,
+    LOCATION_NAME,
     DagsterDevUI,
     asset_keys_in_group,
     chromium_path,
@@ -104,11 +104,12 @@ def test_asset_graph_shows_the_posthog_groups(page: Page, dagster_ui: DagsterDev
     for group in groups:
         expect(page.get_by_text(group, exact=True).first).to_be_visible()
     shot(page, "01-asset-graph")
-    # Expand one group in the graph: its assets appear as nodes.
-    page.get_by_text(EXPORTS_GROUP, exact=True).first.click()
-    first = asset_keys_in_group(EXPORTS_GROUP)[0]
-    expect(page.get_by_text(first.path[-1]).first).to_be_visible()
-    shot(page, "02-asset-graph-exports")
+    # One group's own lineage page lists its assets.
+    page.goto(f"{dagster_ui.url}/locations/{LOCATION_NAME}/asset-groups/{EXPORTS_GROUP}")
+    for key in asset_keys_in_group(EXPORTS_GROUP):
+        expect(page.get_by_text(key.path[-1], exact=True).first).to_be_visible()
+    expect(page.get_by_text("Loading...")).to_have_count(0)  # node status filled in
+    shot(page, "02-asset-group-exports")
 
 
 def test_materialize_an_export_and_see_its_file_and_png_preview(
@@ -242,11 +243,14 @@ def test_schedules_and_sensors_are_listed(page: Page, dagster_ui: DagsterDevUI) 
     page.goto(f"{dagster_ui.url}/automation")
     for name in [*schedules, *sensors]:
         expect(page.get_by_text(name, exact=True).first).to_be_visible()
+    # Each row's status (cron, sensor type) loads after the names.
+    expect(page.get_by_text("Standard sensor").first).to_be_visible()
+    expect(page.get_by_text(re.compile(r"^Scheduled")).first).to_be_visible()
     shot(page, "11-automation")
     # The detail page of one of each opens from the list.
-    for name in (schedules[0], sensors[0]):
+    for kind, name in (("schedules", schedules[0]), ("sensors", sensors[0])):
         page.get_by_text(name, exact=True).first.click()
-        expect(page.get_by_role("heading", name=name).first).to_be_visible()
-        shot(page, f"12-{name}")
-        page.go_back()
-        time.sleep(0.2)
+        page.wait_for_url(re.compile(f"/{kind}/{name}"))
+        expect(page.get_by_text("Preview tick result").first).to_be_visible()
+        shot(page, f"12-{kind}-{name}")
+        page.goto(f"{dagster_ui.url}/automation")
