@@ -7,11 +7,13 @@ its own. It retries only what is worth retrying (429, 5xx, dropped connections),
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +41,9 @@ POSTHOG_US_HOST = "https://us.posthog.com"
 POSTHOG_EU_HOST = "https://eu.posthog.com"
 USER_AGENT = "posthog-assets/0.1 (+dagster)"
 DOWNLOAD_CHUNK_BYTES = 1 << 20
+#: Held while a temp file is created and locked, and while stale ones are removed, so a cleaner in
+#: this process never sees a brand-new ``.part`` before its writer has locked it.
+_PART_LOCK = threading.Lock()
 
 ApiPrefix = Literal["environments", "projects"]
 
@@ -472,6 +477,8 @@ class PostHogClient:
         """
         dest = Path(dest)
         dest.parent.mkdir(parents=True, exist_ok=True)
+        for stale in remove_stale_parts(dest.parent):
+            self.log.warning("Removed %s, left by a download that was killed", stale.name)
 
         def attempt() -> DownloadResult:
             url = self.url(path)
@@ -617,7 +624,12 @@ def _stream_to_file(
     expected = None if resp.headers.get("Content-Encoding") else resp.headers.get("Content-Length")
     digest = hashlib.sha256()
     written = 0
-    fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".part")
+    with _PART_LOCK:
+        fd, tmp_name = tempfile.mkstemp(
+            dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".part"
+        )
+        # Held until the file is closed (or the process dies): this .part is being written.
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
@@ -649,6 +661,52 @@ def _stream_to_file(
         content_type=resp.headers.get("Content-Type"),
         redirected=redirected,
     )
+
+
+def remove_stale_parts(folder: Path) -> list[Path]:
+    """Delete the ``.part`` files of downloads whose process died (SIGKILL, OOM, power loss).
+
+    ``finally`` cannot run in a killed process, so its temp file stays. A live download holds an
+    exclusive ``flock`` on its ``.part`` (the kernel drops it when the process dies), so a file we
+    can lock has no writer left, unless another live process (pid in the name) has only just
+    created it and not locked it yet: such a file is left for the next download.
+    """
+    removed: list[Path] = []
+    with _PART_LOCK:
+        for part in folder.glob(".*.part"):
+            try:
+                fd = os.open(part, os.O_RDONLY)
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                os.close(fd)
+                continue  # a download in progress
+            try:
+                pid = _part_writer_pid(part.name)
+                if pid is None or pid == os.getpid() or not _process_alive(pid):
+                    part.unlink(missing_ok=True)
+                    removed.append(part)
+            finally:
+                os.close(fd)
+    return removed
+
+
+def _part_writer_pid(name: str) -> int | None:
+    """The writer's pid from ``.<file>.<pid>.<random>.part`` (None for other names)."""
+    pieces = name.removesuffix(".part").rsplit(".", 2)
+    return int(pieces[1]) if len(pieces) == 3 and pieces[1].isdigit() else None
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -11,10 +11,12 @@ null. The write step replaces the partition's rows in one DuckDB transaction.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
@@ -62,6 +64,8 @@ ASYNC_EXCEPT_ON_CACHE_MISS = "async_except_on_cache_miss"
 CONCURRENCY_LIMIT_MESSAGE = "concurrency_limit_exceeded"
 DEFAULT_POLL_WORKERS = 8
 DEFAULT_CONCURRENCY_RETRIES = 2
+#: Insight pages requested ahead of the one being staged (PostHog allows 240 insight calls/min).
+DEFAULT_PREFETCH_PAGES = 2
 
 INSIGHTS_TABLE = SnapshotTable(
     name="insights",
@@ -144,6 +148,10 @@ class InsightsSnapshotConfig(dg.Config):
         default=DEFAULT_CONCURRENCY_RETRIES,
         description="Re-fetch an insight refused with concurrency_limit_exceeded this many times.",
     )
+    prefetch_pages: int = Field(
+        default=DEFAULT_PREFETCH_PAGES,
+        description="Insight pages requested ahead while the current page is staged (1 = none).",
+    )
 
 
 def insights_config_class(project: ResolvedProject) -> type[InsightsSnapshotConfig]:
@@ -173,6 +181,7 @@ class InsightFetchOptions:
     poll_timeout_s: float = 300.0
     poll_workers: int = DEFAULT_POLL_WORKERS
     concurrency_limit_retries: int = DEFAULT_CONCURRENCY_RETRIES
+    prefetch_pages: int = DEFAULT_PREFETCH_PAGES
 
     @property
     def effective_refresh(self) -> str:
@@ -446,29 +455,58 @@ class InsightSnapshotFetcher:
             params["created_by"] = json.dumps(list(opts.created_by))
         return params
 
-    def _pages(self) -> Iterator[list[dict[str, Any]]]:
-        """Limit/offset pages of insights, each computed in the requested mode.
+    def _get_page(self, offset: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+        """One limit/offset page, computed in the requested mode.
 
         PostHog answers a whole page with 400 (or 500) when one insight's query fails in a
         blocking mode. Such a page is listed again metadata-only and its insights fetched one by
         one, so a failing query costs one row with ``query_error``, not the whole snapshot.
         """
-        offset = 0
-        while True:
-            try:
-                page = self.client.get_json(
-                    "insights/", self._list_params(offset, basic=self.options.basic),
-                    scopes=("insight:read",),
-                )
-                results = list(page.get("results") or [])
-            except (PostHogValidationError, PostHogServerError) as exc:
-                if self.options.basic or not _is_query_failure(exc):
-                    raise
-                page, results = self._page_one_by_one(offset, exc)
-            yield results
-            if not page.get("next") or not results:
-                return
-            offset += self.options.page_size
+        try:
+            page = self.client.get_json(
+                "insights/", self._list_params(offset, basic=self.options.basic),
+                scopes=("insight:read",),
+            )
+            return page, list(page.get("results") or [])
+        except (PostHogValidationError, PostHogServerError) as exc:
+            if self.options.basic or not _is_query_failure(exc):
+                raise
+            return self._page_one_by_one(offset, exc)
+
+    def _pages(self) -> Iterator[list[dict[str, Any]]]:
+        """Every page in order, with up to ``prefetch_pages`` requests in flight.
+
+        The first page gives ``count``; the later offsets are then known, so the next pages are
+        requested while the current one is being staged (PostHog computes a page of results in
+        a blocking mode while we serialise the previous one). Without ``count`` the ``next``
+        links are followed one at a time.
+        """
+        size = self.options.page_size
+        page, results = self._get_page(0)
+        yield results
+        if not page.get("next") or not results:
+            return
+        count = page.get("count")
+        if not isinstance(count, int):
+            offset = size
+            while True:
+                page, results = self._get_page(offset)
+                yield results
+                if not page.get("next") or not results:
+                    return
+                offset += size
+        offsets = iter(range(size, count, size))
+        depth = max(1, self.options.prefetch_pages)
+        with ThreadPoolExecutor(depth, thread_name_prefix="posthog-pages") as pool:
+            inflight: deque[Future[tuple[dict[str, Any], list[dict[str, Any]]]]] = deque(
+                pool.submit(self._get_page, off) for off in itertools.islice(offsets, depth)
+            )
+            while inflight:
+                _page, results = inflight.popleft().result()
+                following = next(offsets, None)
+                if following is not None:
+                    inflight.append(pool.submit(self._get_page, following))
+                yield results
 
     def _page_one_by_one(
         self, offset: int, exc: PostHogError
@@ -477,7 +515,8 @@ class InsightSnapshotFetcher:
             "Insights page at offset %d failed (%s); fetching its insights one by one",
             offset, exc.detail or exc.status,
         )
-        self.stats.fallback_pages += 1
+        with self._stats_lock:
+            self.stats.fallback_pages += 1
         page = self.client.get_json(
             "insights/", self._list_params(offset, basic=True), scopes=("insight:read",)
         )
@@ -495,7 +534,8 @@ class InsightSnapshotFetcher:
                     {**meta, "query_status": {"error": True, "error_message": detail}}
                 )
             except PostHogNotFoundError:
-                self.stats.vanished += 1
+                with self._stats_lock:
+                    self.stats.vanished += 1
         return page, results
 
     def _classify(
@@ -640,6 +680,7 @@ def resolve_fetch_options(
         poll_timeout_s=cfg.query_poll_timeout_s or yaml_cfg.query_poll_timeout_s,
         poll_workers=cfg.poll_workers,
         concurrency_limit_retries=cfg.concurrency_limit_retries,
+        prefetch_pages=cfg.prefetch_pages,
     )
 
 

@@ -29,8 +29,9 @@ from typing import Any
 
 #: Where shared gate files live (default: a per-user folder in the system temp dir).
 ENV_RATE_LIMIT_DIR = "POSTHOG_ASSETS_RATE_LIMIT_DIR"
-#: Seconds of requests a full bucket allows at once (the client's burst above its steady pace).
-DEFAULT_BURST_S = 5.0
+#: Seconds of requests a full bucket lets through at once. One second keeps the burst below any
+#: server bucket at least as generous as the configured pace (PostHog's hold a minute's worth).
+DEFAULT_BURST_S = 1.0
 #: A "not before" further ahead than this is treated as corrupt (a clock jump, a broken file).
 MAX_BLOCK_S = 3600.0
 

@@ -59,7 +59,9 @@ class PostHogResource(dg.ConfigurableResource):
     backoff_max_s: float = Field(default=30.0, description="Largest retry backoff.")
     retry_budget_s: float = Field(default=180.0, description="Total time to keep retrying.")
     requests_per_minute: float | None = Field(
-        default=None, description="Client-side pace (PostHog allows 240/min for insights)."
+        default=None,
+        description="Client-side pace, shared by every thread (and, with shared_rate_limit, "
+        "every process) using this key; PostHog allows 240/min for insights, 480/min else.",
     )
     shared_rate_limit: bool = Field(
         default=True,

@@ -176,7 +176,7 @@ def remove_staging(files: Sequence[str | Path]) -> None:
 #: DuckDB settings of the write step, unless ``DuckDBResource.connection_config`` sets them. The
 #: write is one streaming INSERT ... SELECT: one thread and a bounded buffer pool keep the peak
 #: memory of the step nearly flat however large the snapshot is (DuckDB spills beyond it).
-WRITE_SETTINGS = {"threads": "1", "memory_limit": "'128MB'"}
+WRITE_SETTINGS = {"threads": "1", "memory_limit": "'64MB'"}
 
 
 @contextmanager

@@ -62,12 +62,14 @@ def _dev_command(host: str, port: int) -> list[str]:
     Why next to ``sys.executable``: ``make ui`` runs the venv's Python without activating the venv,
     so ``dg`` is not necessarily on PATH.
     """
+    # --no-check-yaml: the project has no component YAML, and `dg check defs` runs in CI.
+    args = ["dev", "--no-check-yaml", "-h", host, "-p", str(port)]
     dg = Path(sys.executable).parent / "dg"
     if dg.exists():
-        return [str(dg), "dev", "-h", host, "-p", str(port)]
+        return [str(dg), *args]
     found = shutil.which("dg")
     if found:
-        return [found, "dev", "-h", host, "-p", str(port)]
+        return [found, *args]
     return [sys.executable, "-m", "dagster", "dev", "-h", host, "-p", str(port), "-w",
             "workspace.yaml"]
 

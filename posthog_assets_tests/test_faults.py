@@ -83,11 +83,25 @@ class Case:
 
 
 def fault(**rule: Any) -> Setup:
-    return lambda control, _ref: control.add_fault(**rule) and None
+    """Inject one stand-in fault rule (see ``StandinControl.add_fault``)."""
+
+    def setup(control: StandinControl, _ref: Reference) -> None:
+        control.add_fault(**rule)
+
+    return setup
 
 
 def configure(**config: Any) -> Setup:
-    return lambda control, _ref: control.configure(**config) and None
+    """Change the stand-in's behaviour (see ``StandinControl.configure``)."""
+
+    def setup(control: StandinControl, _ref: Reference) -> None:
+        control.configure(**config)
+
+    return setup
+
+
+def nothing(_control: StandinControl, _ref: Reference) -> None:
+    """No fault on the server: the mistake is in the resource (key, project id)."""
 
 
 def limited_key(control: StandinControl, _ref: Reference) -> None:
@@ -152,14 +166,14 @@ CASES = [
          query_errors={3: QUERY_ERROR}),
     Case("concurrency_limit_exceeded_with_http_200", ("insights",), concurrency_limited,
          query_errors={7: "concurrency_limit_exceeded"}),
-    Case("401_bad_key", FAIL_FAST, lambda c, r: None, recovers=False, created=0,
+    Case("401_bad_key", FAIL_FAST, nothing, recovers=False, created=0,
          resource={"personal_api_key": WRONG_KEY}, failed=FAIL_FAST,
          messages=("PostHog answered 401", "Check that the personal API key is set and valid")),
     Case("403_missing_scope", FAIL_FAST, limited_key, recovers=False, created=0,
          resource={"personal_api_key": LIMITED_KEY}, failed=(EXPORTS, "groups"),
          messages=("PostHog answered 403", "The key lacks scope export:write",
                    "The key lacks scope group:read")),
-    Case("404_project", FAIL_FAST, lambda c, r: None, recovers=False, created=0,
+    Case("404_project", FAIL_FAST, nothing, recovers=False, created=0,
          resource={"project_id": "999"}, failed=FAIL_FAST,
          messages=("PostHog answered 404", "Project not found.", "Check the project id")),
 ]  # fmt: skip
@@ -180,7 +194,10 @@ def test_fault(
     result = world.materialize(case.families, resource, run_config=case.run_config, checks=False)
 
     log = control.requests_log()
+    rules = control.faults()
     control.clear_faults()
+    # Every planned fault really struck (a rule that never matches would prove nothing).
+    assert all(r["fired"] >= 1 and not r["times"] for r in rules), rules
     texts = failure_texts(result)
     assert result.success == case.recovers, texts
     for message in case.messages:

@@ -1,0 +1,273 @@
+"""Secrets and hostile input: the personal API key never lands anywhere, and a server-chosen file
+name never decides where a file is written.
+
+Why: a pipeline's run storage, event log, compute logs, data files and CI output are read by many
+more people than the key's owner, and kept for months. After a full successful run AND a failed
+one (403) of the real code location, with distinctive keys, every byte of ``DAGSTER_HOME`` (SQLite
+databases included), the DuckDB file, the export folder, the rate-limit state and the process's
+stdout/stderr is searched for the keys. The UI (GraphQL) must show the key field as secret; the
+object-storage hop of a download must never carry it; and a hostile ``filename`` from the server
+must stay a plain name inside the asset's folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+import requests
+from dagster._core.test_utils import in_process_test_workspace
+from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+from dagster_graphql.test.utils import execute_dagster_graphql, infer_resource_selector
+
+from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets_tests.reliability_support import (
+    PARTITION,
+    WORLD_YAML,
+    all_files,
+    api_requests,
+    assert_export_folder,
+    build_world,
+    failure_texts,
+    fast_resource,
+    materialized,
+    world_env,
+)
+
+SECRET_KEY = f"phx_SeCrEtKeY_{secrets.token_hex(12)}"
+LIMITED_KEY = f"phx_LiMiTeDkEy_{secrets.token_hex(12)}"
+LITERAL_KEY = f"phx_LiTeRaLkEy_{secrets.token_hex(12)}"
+#: Every form a leak could take: the whole key, and its random part on its own.
+NEEDLES = [k.encode() for k in (SECRET_KEY, LIMITED_KEY)] + [
+    k.rsplit("_", 1)[1].encode() for k in (SECRET_KEY, LIMITED_KEY)
+]
+
+RUNNER = r"""
+import json, os, sys
+import dagster as dg
+from posthog_assets.definitions import ALL_ASSETS_JOB, defs
+
+job = defs.resolve_job_def(ALL_ASSETS_JOB)
+out = []
+with dg.DagsterInstance.get() as instance:
+    for key in sys.argv[2:]:
+        os.environ["POSTHOG_PERSONAL_API_KEY"] = key  # dg.EnvVar: read when the run starts
+        result = job.execute_in_process(
+            instance=instance, partition_key=sys.argv[1], raise_on_error=False
+        )
+        errors = [str(e.event_specific_data.error) for e in result.get_step_failure_events()]
+        print("\n".join(errors), file=sys.stderr)
+        out.append({"run_id": result.run_id, "success": result.success, "errors": errors})
+print(json.dumps(out))
+"""
+
+LITERAL_DEFS = f"""
+import dagster as dg
+from posthog_assets.resources import PostHogResource
+
+
+@dg.asset
+def probe(posthog: PostHogResource) -> None:
+    pass
+
+
+defs = dg.Definitions(
+    assets=[probe],
+    resources={{"posthog": PostHogResource(
+        host="https://us.posthog.com", project_id="1", personal_api_key="{LITERAL_KEY}"
+    )}},
+)
+"""
+REAL_DEFS = 'import runpy\n\ndefs = runpy.run_module("posthog_assets.definitions")["defs"]\n'
+RESOURCE_QUERY = """
+query Resource($selector: ResourceSelector!) {
+  topLevelResourceDetailsOrError(resourceSelector: $selector) {
+    __typename
+    ... on ResourceDetails {
+      name
+      description
+      configFields { name description isSecret defaultValueAsJson }
+      configuredValues { key value type }
+    }
+  }
+}
+"""
+
+
+@dataclass(frozen=True)
+class SecretRuns:
+    """Where the two runs left their traces, and what the stand-in saw."""
+
+    root: Path
+    home: Path
+    stdout: str
+    stderr: str
+    runs: list[dict[str, Any]]
+    log: list[dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def secret_runs(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory) -> SecretRuns:
+    """A successful and a failed (403) run of the real code location, downloads via storage."""
+    root = tmp_path_factory.mktemp("secrets")
+    home = root / "dagster_home"
+    home.mkdir()
+    (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
+    (root / "posthog_assets.yaml").write_text(WORLD_YAML)
+    control = StandinControl(standin.url)
+    control.reset()
+    control.add_key(SECRET_KEY, scopes=["*"])
+    control.add_key(LIMITED_KEY, scopes=["insight:read"])  # exports and groups: 403
+    control.configure(content_redirect=True)  # downloads hop to "object storage"
+    env = {
+        **os.environ,
+        **world_env(standin, root),
+        "POSTHOG_ASSETS_CONFIG": str(root / "posthog_assets.yaml"),
+        "POSTHOG_ASSETS_RATE_LIMIT_DIR": str(root / "gates"),
+        "DAGSTER_HOME": str(home),
+    }
+    env.pop("POSTHOG_PERSONAL_API_KEY", None)
+    done = subprocess.run(
+        [sys.executable, "-c", RUNNER, PARTITION, SECRET_KEY, LIMITED_KEY],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=root,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    runs = json.loads(done.stdout.strip().splitlines()[-1])
+    log = control.requests_log()
+    control.reset()
+    return SecretRuns(root, home, done.stdout, done.stderr, runs, log)
+
+
+def test_runs_really_happened_with_both_keys(secret_runs: SecretRuns) -> None:
+    """The traces searched below are real: one success, one 403 failure naming the scope."""
+    ok, failed = secret_runs.runs
+    assert ok["success"] and not failed["success"]
+    assert any("lacks scope export:write" in e for e in failed["errors"])
+    assert any("lacks scope group:read" in e for e in failed["errors"])
+    compute_logs = [p for p in all_files(secret_runs.home) if "compute_logs" in p.parts]
+    assert any(p.stat().st_size > 0 for p in compute_logs), "no compute logs were captured"
+    event_logs = b"".join(p.read_bytes() for p in all_files(secret_runs.home / "history"))
+    assert b"lacks scope export:write" in event_logs  # the failure is in run storage
+
+
+def test_key_appears_nowhere_on_disk_or_in_output(secret_runs: SecretRuns) -> None:
+    searched = all_files(secret_runs.root)  # DAGSTER_HOME, DuckDB (+ WAL), exports, staging, gates
+    assert len(searched) > 10 and any(p.suffix == ".duckdb" for p in searched)
+    assert any(p.suffix == ".db" for p in searched)  # the SQLite run and event storage
+    leaks = [
+        (str(p), needle.decode())
+        for p in searched
+        for needle in NEEDLES
+        if needle in p.read_bytes() or needle.decode() in str(p)
+    ]
+    assert leaks == []
+    for stream in (secret_runs.stdout, secret_runs.stderr):
+        assert all(needle.decode() not in stream for needle in NEEDLES)
+    assert "PostHog answered 403" in secret_runs.stderr  # the output that was searched is real
+
+
+def test_downloads_redirected_to_storage_never_carry_the_key(secret_runs: SecretRuns) -> None:
+    storage = [r for r in secret_runs.log if r["server"] == "storage"]
+    assert len(storage) >= 2  # both exports of the successful run went through the 302
+    assert [r["authorization"] for r in storage] == [False] * len(storage)
+    assert all(r["status"] == 200 for r in storage)
+    assert all(r["authorization"] for r in api_requests(secret_runs.log))  # PostHog itself: yes
+
+
+@pytest.mark.parametrize(
+    ("defs_file", "expected"),
+    [
+        (REAL_DEFS, {"type": "ENV_VAR", "value": "POSTHOG_PERSONAL_API_KEY"}),
+        (LITERAL_DEFS, {"type": "SECRET", "value": "********"}),
+    ],
+    ids=["real_definitions_env_var", "plain_string_key"],
+)
+def test_ui_shows_the_key_field_as_secret(
+    defs_file: str,
+    expected: dict[str, str],
+    standin: StandinProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """What the Dagster UI's resource page gets over GraphQL: a secret field, never the value."""
+    for name, value in world_env(standin, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("POSTHOG_PERSONAL_API_KEY", SECRET_KEY)
+    monkeypatch.delenv("POSTHOG_ASSETS_CONFIG", raising=False)
+    path = tmp_path / "location.py"
+    path.write_text(defs_file)
+    origin = LoadableTargetOrigin(
+        executable_path=sys.executable, python_file=str(path), attribute="defs",
+        working_directory=str(Path(__file__).parent.parent),
+    )  # fmt: skip
+    with dg.instance_for_test() as instance, in_process_test_workspace(instance, origin) as ctx:
+        result = execute_dagster_graphql(
+            ctx, RESOURCE_QUERY, {"selector": infer_resource_selector(ctx, "posthog")}
+        )
+    details = result.data["topLevelResourceDetailsOrError"]
+    assert details["__typename"] == "ResourceDetails", details
+    secret_fields = [f["name"] for f in details["configFields"] if f["isSecret"]]
+    assert secret_fields == ["personal_api_key"]
+    shown = {v["key"]: v for v in details["configuredValues"]}["personal_api_key"]
+    assert {"type": shown["type"], "value": shown["value"]} == expected
+    everything = json.dumps(result.data)
+    assert SECRET_KEY not in everything and LITERAL_KEY not in everything
+
+
+@pytest.mark.parametrize(
+    "hostile",
+    ["../../escaped-{tag}.png", "{root}/abs-escaped-{tag}.png", "..\\..\\escaped-{tag}\r\n.png"],
+    ids=["relative_traversal", "absolute_path", "backslashes_and_newline"],
+)
+def test_hostile_server_filename_stays_inside_the_asset_folder(
+    hostile: str, standin: StandinProcess, control: StandinControl, tmp_path: Path
+) -> None:
+    """PostHog's ``filename`` comes from the server; it must never choose where bytes land."""
+    tag = secrets.token_hex(4)
+    name = hostile.format(tag=tag, root=tmp_path)
+    yaml_text = (
+        "exports:\n  - {name: chart_png, insight: 1, export_format: image/png}\n"
+        "insights: {enabled: false}\ngroups: {enabled: false}\n"
+    )
+    world = build_world(world_env(standin, tmp_path), tmp_path, yaml_text=yaml_text)
+    # The stand-in numbers exports in order: create one to learn the id the run will get.
+    headers = {"Authorization": f"Bearer {standin.key}"}
+    exports_url = f"{standin.url}/api/projects/{standin.project_id}/exports/"
+    probe = requests.post(
+        exports_url, json={"export_format": "image/png", "insight": 1}, headers=headers, timeout=30
+    ).json()
+    next_id = int(probe["id"]) + 1
+    control.configure(export_delay_s=0.2)  # the POST answers "pending", so the run polls
+    control.add_fault(
+        match=rf"/exports/{next_id}/?$", method="GET", kind="status", status=200,
+        body={**probe, "id": next_id, "has_content": True, "exception": None, "filename": name},
+    )  # fmt: skip
+
+    result = world.materialize(
+        ["exports"], fast_resource(standin, world.export_dir, poll_interval_s=0.5)
+    )
+
+    assert result.success, failure_texts(result)
+    md = materialized(result)["chart_png"]
+    assert md["export_id"] == next_id and md["filename"] == name  # the hostile answer was used
+    assert_export_folder(world.export_dir, world.db, ["chart_png"])
+    written = Path(md["path"])
+    assert written.parent == world.export_dir / "chart_png"
+    assert "/" not in written.name and "\\" not in written.name and ".." not in written.name
+    assert not written.name.startswith(".") and written.suffix == ".png"
+    outside = [p for p in all_files(tmp_path) if tag in p.name and p != written]
+    assert outside == []
+    content = requests.get(f"{exports_url}{next_id}/content/", headers=headers, timeout=30)
+    assert written.read_bytes() == content.content
