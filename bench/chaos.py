@@ -1,10 +1,10 @@
 """Chaos benchmark: the whole pipeline under 20% random API faults, several seeded rounds.
 
 The longer variant of ``posthog_assets_tests/test_chaos.py``: six exports (PNG, CSV, XLSX, a
-dashboard), every insight of the stand-in (blocking) and every group asset. One fault-free run is
-the reference; each chaos round materializes everything again into a fresh DuckDB file and export
-folder while seeded rules fault ``--rate`` of all API requests (429, 500, 502, 503, dropped
-connection, connection cut mid-body), then compares:
+dashboard), every insight of the stand-in (blocking, pages of 25) and every group asset. One
+fault-free run is the reference; each chaos round materializes everything again into a fresh
+DuckDB file and export folder while seeded rules fault ``--rate`` of all API requests (429,
+500, 502, 503, dropped connection, connection cut mid-body), then compares:
 
 - DuckDB: every table's rows (content; snapshot time, cache hits and export ids ignored) against
   the reference: rows lost, extra, duplicated;
@@ -12,7 +12,7 @@ connection, connection cut mid-body), then compares:
   each equal to PostHog's content of its export; the CSV byte-identical to the reference run's;
 - exports: how many PostHog created beyond one per asset (duplicates).
 
-Run from the repository root: ``python bench/chaos.py [--rounds 3] [--rate 0.2] [--quick]``.
+Run from the repository root: ``python bench/chaos.py [--rounds 5] [--rate 0.2] [--quick]``.
 Besides the table it prints machine-readable lines: ``chaos_fault_kinds=``,
 ``chaos_requests=``, ``chaos_requests_faulted=``, ``chaos_rows_lost=``, ``chaos_rows_duplicated=``,
 ``chaos_files_lost=``, ``chaos_files_duplicated=``, ``chaos_duplicate_exports=``.
@@ -62,13 +62,13 @@ exports:
   - {name: insight_5_png, insight: 5, export_format: image/png}
 insights:
   refresh: blocking
+  page_size: 25
 groups:
   property_values: true
   tracked:
     - {group_type_index: 0, group_key: organization-3}
 """
-QUICK_YAML = BENCH_YAML.replace("insights:\n  refresh: blocking", "insights:\n  refresh: blocking\n"
-                                "  created_by: [2]")  # fmt: skip
+QUICK_YAML = BENCH_YAML.replace("  page_size: 25", "  page_size: 100\n  created_by: [2]")
 EXPORT_NAMES = [
     "insight_1_png", "insight_2_csv", "insight_3_xlsx", "dashboard_1_png", "insight_4_csv",
     "insight_5_png",
@@ -123,7 +123,7 @@ def file_findings(
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--rate", type=float, default=0.2, help="fraction of requests faulted")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--quick", action="store_true", help="fewer insights, one round")

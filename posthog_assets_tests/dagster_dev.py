@@ -29,6 +29,7 @@ import psutil
 import pytest
 
 from posthog_assets.standin.server import StandinProcess
+from posthog_assets.translator import EXPORTS_GROUP
 from posthog_assets.ui import graphql
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,9 +37,6 @@ ARTIFACTS = ROOT / "test-artifacts"
 #: What the webserver calls a code location loaded from a python module.
 REPOSITORY_NAME = "__repository__"
 LOCATION_NAME = "posthog_assets"
-EXPORTS_GROUP = "posthog_exports"
-INSIGHTS_GROUP = "posthog_insights"
-GROUPS_GROUP = "posthog_groups"
 UI_STARTUP_TIMEOUT_S = 240.0
 RUN_TIMEOUT_S = 180.0
 TERMINAL_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
@@ -96,6 +94,19 @@ def export_asset_key(fmt_suffix: str = "png") -> dg.AssetKey:
         if fmt.endswith(fmt_suffix) or key.path[-1].endswith(f"_{fmt_suffix}"):
             return key
     raise AssertionError(f"no {fmt_suffix} export asset among {keys}")
+
+
+def insights_asset_key() -> dg.AssetKey:
+    """The insight snapshot asset: the one whose config has PostHog's ``refresh`` mode."""
+    found = []
+    defs = load_defs()
+    for key in defs.resolve_all_asset_keys():
+        schema = defs.resolve_assets_def(key).node_def.config_schema
+        fields = getattr(schema.config_type, "fields", None) if schema else None
+        if fields and "refresh" in fields:
+            found.append(key)
+    assert len(found) == 1, f"expected one asset with a 'refresh' config field, found {found}"
+    return found[0]
 
 
 def _spec(key: dg.AssetKey) -> dg.AssetSpec:

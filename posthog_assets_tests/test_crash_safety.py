@@ -49,8 +49,8 @@ insights:
   created_by: [2]
 groups: {enabled: false}
 """
-#: ~50 MB of CSV: streams for a good fraction of a second, so it is caught mid-download.
-BIG_CSV_ROWS = 2_000_000
+#: ~30 MB of CSV: streams for a good part of a second, so it is caught mid-download.
+BIG_CSV_ROWS = 1_200_000
 
 RUNNER = r"""
 import json, sys, time
@@ -140,7 +140,7 @@ def test_kill_mid_download_then_reexecution_resumes_the_same_export(
 
     def downloading() -> bool:
         parts = list(folder.glob(".*.part")) if folder.exists() else []
-        return any(p.stat().st_size > 2 << 20 for p in parts)
+        return any(p.stat().st_size > 1 << 20 for p in parts)
 
     with (tmp_path / "killed.log").open("w") as log:
         proc = _spawn(crash_env, "exports", "none", log)

@@ -27,12 +27,11 @@ from posthog_assets.standin.server import StandinControl
 # Rewrite asserts in the fixture module too (it is also registered as a plugin below).
 pytest.register_assert_rewrite("posthog_assets_tests.dagster_dev")
 from posthog_assets_tests.dagster_dev import (  # noqa: E402
-    INSIGHTS_GROUP,
     LOCATION_NAME,
     REPOSITORY_NAME,
     DagsterDevUI,
-    asset_keys_in_group,
     export_asset_key,
+    insights_asset_key,
     load_defs,
     metadata_dict,
 )
@@ -115,7 +114,7 @@ def _expiry_sensor_name() -> str:
 def _insights_schedule() -> dg.ScheduleDefinition:
     """The schedule whose job materializes the insights snapshot asset."""
     repo = load_defs().get_repository_def()
-    insights = set(asset_keys_in_group(INSIGHTS_GROUP))
+    insights = {insights_asset_key()}
     found = []
     for schedule in repo.schedule_defs:
         job = repo.get_job(schedule.job_name)
@@ -251,8 +250,7 @@ def test_schedule_tick_launches_the_insights_snapshot_for_its_partition(
         tags = {t["key"]: t["value"] for t in run["tags"]}
         assert tags["dagster/schedule_name"] == schedule.name
         assert tags["dagster/partition"] == expected
-        for key in asset_keys_in_group(INSIGHTS_GROUP):
-            if defs.resolve_assets_def(key).partitions_def is None:
-                continue
-            mat = dagster_ui.latest_materialization(key, partition=expected)
-            assert mat is not None and mat["runId"] == run_id, (key, mat)
+        key = insights_asset_key()
+        assert defs.resolve_assets_def(key).partitions_def is not None
+        mat = dagster_ui.latest_materialization(key, partition=expected)
+        assert mat is not None and mat["runId"] == run_id, (key, mat)

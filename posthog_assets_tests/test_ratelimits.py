@@ -157,7 +157,6 @@ def test_client_budget_is_shared_by_processes_using_one_key(
         assert span >= (90 - 30) / 30 * 0.9, f"90 requests at a shared 30/s took only {span:.2f}s"
     else:
         assert throttled, "three separate 30/s budgets should overrun a 40/s bucket"
-    assert wait_violations(log, retry_after_s=1.0) == []
 
 
 def test_retry_after_seen_by_one_process_pauses_the_others(
@@ -188,7 +187,25 @@ def test_retry_after_seen_by_one_process_pauses_the_others(
 
 
 # ------------------------------------------------------------------------------------------------
-# The shared gate on its own (no network)
+# The shared gate and the wait check on their own (no network)
+
+
+def test_a_negative_pace_is_refused_naming_the_field(standin: StandinProcess) -> None:
+    resource = fast_resource(standin, Path("unused"), requests_per_minute=-60)
+    with pytest.raises(ValueError, match="requests_per_minute must be greater than 0"):
+        resource.validate_settings()
+
+
+def test_wait_check_flags_a_request_sent_while_told_to_wait() -> None:
+    """The log check used above really catches a client that ignores Retry-After."""
+    log = [
+        {"server": "api", "path": "/api/projects/1/groups/", "status": 429, "ts": 100.0},
+        {"server": "api", "path": "/api/projects/1/groups/", "status": 200, "ts": 100.05},
+        {"server": "api", "path": "/api/projects/1/groups/", "status": 429, "ts": 100.4},
+        {"server": "api", "path": "/api/projects/1/groups/", "status": 200, "ts": 101.5},
+    ]
+    flagged = wait_violations(log, retry_after_s=1.0)
+    assert [(t, r["ts"]) for t, r in flagged] == [(100.0, 100.4)]  # in flight (100.05) is fine
 
 
 class FakeTime:

@@ -20,19 +20,18 @@ import yaml
 
 from posthog_assets.config import REFRESH_MODES
 from posthog_assets.standin.server import StandinControl
+from posthog_assets.translator import EXPORTS_GROUP, GROUPS_GROUP, INSIGHTS_GROUP
 
 # Rewrite asserts in the fixture module too (it is also registered as a plugin below).
 pytest.register_assert_rewrite("posthog_assets_tests.dagster_dev")
 from posthog_assets_tests.dagster_dev import (  # noqa: E402
     ARTIFACTS,
-    EXPORTS_GROUP,
-    GROUPS_GROUP,
-    INSIGHTS_GROUP,
     LOCATION_NAME,
     DagsterDevUI,
     asset_keys_in_group,
     chromium_path,
     export_asset_key,
+    insights_asset_key,
     load_defs,
     metadata_dict,
     schedule_names,
@@ -98,8 +97,10 @@ def wait_enabled_materialize(page: Page) -> Any:
 
 
 def test_asset_graph_shows_the_posthog_groups(page: Page, dagster_ui: DagsterDevUI) -> None:
-    groups = [g for g in (EXPORTS_GROUP, INSIGHTS_GROUP, GROUPS_GROUP) if asset_keys_in_group(g)]
-    assert EXPORTS_GROUP in groups, "the default config lists exports"
+    groups = [EXPORTS_GROUP, INSIGHTS_GROUP, GROUPS_GROUP]
+    empty = [g for g in groups if not asset_keys_in_group(g)]
+    assert not empty, f"the default config has assets in every group; none in {empty}"
+    assert insights_asset_key() in asset_keys_in_group(INSIGHTS_GROUP)
     page.goto(f"{dagster_ui.url}/asset-groups")
     for group in groups:
         expect(page.get_by_text(group, exact=True).first).to_be_visible()
@@ -159,14 +160,6 @@ def test_materialize_an_export_and_see_its_file_and_png_preview(
     shot(page, "06-export-png-preview")
 
 
-def _insights_key() -> dg.AssetKey:
-    keys = asset_keys_in_group(INSIGHTS_GROUP)
-    assert keys, f"no assets in group {INSIGHTS_GROUP}"
-    defs = load_defs()
-    partitioned = [k for k in keys if defs.resolve_assets_def(k).partitions_def is not None]
-    return (partitioned or keys)[0]
-
-
 def _find_refresh(config: Any) -> list[str]:
     """Every ``refresh`` value under ``ops:`` in a run config."""
     found: list[str] = []
@@ -187,7 +180,7 @@ def test_launchpad_runs_the_insights_snapshot_with_another_refresh_mode(
 ) -> None:
     from posthog_assets.definitions import settings
 
-    key = _insights_key()
+    key = insights_asset_key()
     default_mode = settings.projects[0].insights.refresh
     mode = "force_blocking" if default_mode != "force_blocking" else "blocking"
     assert mode in REFRESH_MODES
