@@ -59,6 +59,13 @@ system-deps:
 	$$sudo apt-get update -q && \
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q$$missing
 
+# Benchmarks (figures, not pass/fail): exports, snapshots (incl. plain script and dlt), chaos.
+bench: install
+	VIRTUAL_ENV=$(VENV) $(UV) pip install -q -r bench/requirements.txt -e .
+	$(VENV)/bin/python bench/exports.py
+	$(VENV)/bin/python bench/snapshots.py
+	$(VENV)/bin/python bench/chaos.py
+
 lint: install
 	$(VENV)/bin/ruff check posthog_assets posthog_assets_tests bench
 
