@@ -194,7 +194,8 @@ def _describe(export: Mapping[str, Any]) -> str:
     return "ready" if export.get("has_content") else "pending"
 
 
-def _parse_time(value: Any) -> datetime | None:
+def parse_time(value: Any) -> datetime | None:
+    """PostHog's ISO timestamps (``...Z``) as aware datetimes; None when absent or malformed."""
     if not isinstance(value, str) or not value:
         return None
     try:
@@ -466,7 +467,7 @@ class ExportRunner:
         for n, export in enumerate(self.client.iter_exports(export_format=request.export_format)):
             if n >= self.lookup_limit:
                 return
-            created = _parse_time(export.get("created_at"))
+            created = parse_time(export.get("created_at"))
             if created is not None and (now - created).total_seconds() > self.lookup_max_age_s:
                 return  # newest first: everything after this is older still
             yield export

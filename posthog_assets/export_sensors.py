@@ -25,6 +25,7 @@ import dagster as dg
 
 from posthog_assets.config import ResolvedProject
 from posthog_assets.export_checks import file_sha256
+from posthog_assets.export_runner import parse_time
 from posthog_assets.exports import (
     FAILURES_METADATA_KEY,
     TAG_DEDUP_ROOT,
@@ -62,16 +63,6 @@ def _load_cursor(raw: str | None) -> dict[str, Any]:
     except ValueError:
         return {}
     return data if isinstance(data, dict) else {}
-
-
-def _parse_time(value: Any) -> float | None:
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return (parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)).timestamp()
 
 
 def _sensor_name(project: ResolvedProject, what: str) -> str:
@@ -201,7 +192,8 @@ def _expiry_reason(
     name: str,
 ) -> str | None:
     """Why this export needs a new materialization, or None. Hashes only changed files."""
-    expires = _parse_time(md.get("expires_after"))
+    expires_at = parse_time(md.get("expires_after"))
+    expires = expires_at.timestamp() if expires_at else None
     if expires is not None and expires - margin_s <= now:
         when = datetime.fromtimestamp(expires, UTC).isoformat()
         return f"expired at {when}" if expires <= now else f"expires at {when}"
