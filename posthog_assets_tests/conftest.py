@@ -50,7 +50,10 @@ def control(standin: StandinProcess) -> StandinControl:
 
 @pytest.fixture
 def posthog_env(
-    standin: StandinProcess, control: StandinControl, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    standin: StandinProcess,
+    control: StandinControl,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, str]:
     """The environment contract pointed at the stand-in and at tmp_path."""
     env = {

@@ -28,7 +28,8 @@ from posthog_assets_tests.conftest import TEST_GROUPS_PER_TYPE, TEST_INSIGHTS, T
 
 def _api_requests(control: StandinControl, method: str, fragment: str) -> list[dict]:
     return [
-        r for r in control.requests_log()
+        r
+        for r in control.requests_log()
         if r["method"] == method and fragment in r["path"] and "/_standin/" not in r["path"]
     ]
 
@@ -89,12 +90,22 @@ def test_projects_listing(client: PostHogClient, standin: StandinProcess) -> Non
 def test_retryable_status_is_retried_then_succeeds(
     client: PostHogClient, control: StandinControl, status: int
 ) -> None:
-    control.add_fault(match=r"/insights/?$", method="GET", kind="status", status=status,
-                      retry_after=1 if status in (429, 503) else None, times=2)
+    control.add_fault(
+        match=r"/insights/?$",
+        method="GET",
+        kind="status",
+        status=status,
+        retry_after=1 if status in (429, 503) else None,
+        times=2,
+    )
     t0 = time.monotonic()
     page = next(client.iter_insight_pages(basic=True, limit=5))
     assert len(page["results"]) == 5
-    assert [r["status"] for r in _api_requests(control, "GET", "/insights")] == [status, status, 200]
+    assert [r["status"] for r in _api_requests(control, "GET", "/insights")] == [
+        status,
+        status,
+        200,
+    ]
     if status in (429, 503):  # Retry-After: 1 was honoured both times
         assert time.monotonic() - t0 >= 2.0
 
@@ -118,9 +129,16 @@ def test_retries_stop_after_the_time_budget(
     standin: StandinProcess, control: StandinControl
 ) -> None:
     c = PostHogClient(
-        standin.url, standin.project_id, standin.key,
-        retry=RetrySettings(max_attempts=50, backoff_initial_s=0.2, backoff_max_s=0.2,
-                            jitter_s=0, total_budget_s=1.0),
+        standin.url,
+        standin.project_id,
+        standin.key,
+        retry=RetrySettings(
+            max_attempts=50,
+            backoff_initial_s=0.2,
+            backoff_max_s=0.2,
+            jitter_s=0,
+            total_budget_s=1.0,
+        ),
     )
     control.add_fault(match=r"/groups_types", kind="status", status=500, times=None)
     t0 = time.monotonic()
@@ -152,8 +170,9 @@ def test_client_errors_are_never_retried(
     client: PostHogClient, control: StandinControl, status: int
 ) -> None:
     control.add_fault(match=r"/groups_types", kind="status", status=status, times=None)
-    with pytest.raises((PostHogValidationError, PostHogAuthError, PostHogPermissionError,
-                        PostHogNotFoundError)):
+    with pytest.raises(
+        (PostHogValidationError, PostHogAuthError, PostHogPermissionError, PostHogNotFoundError)
+    ):
         client.list_group_types()
     assert len(_api_requests(control, "GET", "/groups_types")) == 1
 
@@ -169,8 +188,9 @@ def test_post_is_not_retried_after_the_request_was_sent(
 
 
 def test_post_is_retried_after_429(client: PostHogClient, control: StandinControl) -> None:
-    control.add_fault(match=r"/exports/?$", method="POST", kind="status", status=429,
-                      retry_after=1, times=1)
+    control.add_fault(
+        match=r"/exports/?$", method="POST", kind="status", status=429, retry_after=1, times=1
+    )
     export = client.create_export("image/png", insight=1)
     assert export["id"] and export["export_format"] == "image/png"
     assert [r["status"] for r in _api_requests(control, "POST", "/exports")] == [429, 201]
@@ -179,8 +199,13 @@ def test_post_is_retried_after_429(client: PostHogClient, control: StandinContro
 def test_read_timeout_is_a_connection_error(
     standin: StandinProcess, control: StandinControl
 ) -> None:
-    c = PostHogClient(standin.url, standin.project_id, standin.key, read_timeout_s=0.3,
-                      retry=RetrySettings(max_attempts=2, backoff_initial_s=0.05, jitter_s=0))
+    c = PostHogClient(
+        standin.url,
+        standin.project_id,
+        standin.key,
+        read_timeout_s=0.3,
+        retry=RetrySettings(max_attempts=2, backoff_initial_s=0.05, jitter_s=0),
+    )
     control.add_fault(match=r"/groups_types", kind="slow", delay_s=2.0, times=None)
     with pytest.raises(PostHogConnectionError, match="read timeout"):
         c.list_group_types()
@@ -189,9 +214,7 @@ def test_read_timeout_is_a_connection_error(
 # ---------------------------------------------------------------- errors
 
 
-def test_missing_scope_is_named(
-    standin: StandinProcess, control: StandinControl
-) -> None:
+def test_missing_scope_is_named(standin: StandinProcess, control: StandinControl) -> None:
     control.add_key("phx_insights_only", scopes=["insight:read"])
     c = PostHogClient(standin.url, standin.project_id, "phx_insights_only", retry=TEST_RETRY)
     with pytest.raises(PostHogPermissionError) as err:
@@ -228,9 +251,7 @@ def test_validation_error_names_the_field(client: PostHogClient) -> None:
     assert "field 'group_type_index'" in str(err.value)
 
 
-def test_sunset_header_warns_once(
-    client: PostHogClient, caplog: pytest.LogCaptureFixture
-) -> None:
+def test_sunset_header_warns_once(client: PostHogClient, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.WARNING)
     client.get_json("insights/", {"basic": "true", "limit": 1})
     client.get_json("insights/", {"basic": "true", "limit": 1})
@@ -336,8 +357,9 @@ def test_200mb_download_streams_with_flat_memory(
 def test_rate_limit_error_carries_retry_after(
     standin: StandinProcess, control: StandinControl
 ) -> None:
-    c = PostHogClient(standin.url, standin.project_id, standin.key,
-                      retry=RetrySettings(max_attempts=1))
+    c = PostHogClient(
+        standin.url, standin.project_id, standin.key, retry=RetrySettings(max_attempts=1)
+    )
     control.add_fault(match=r"/groups_types", kind="status", status=429, retry_after=7, times=1)
     with pytest.raises(PostHogRateLimitError) as err:
         c.list_group_types()

@@ -55,32 +55,51 @@ insights: {refresh: force_blocking}
 
 
 BAD_INPUTS = [
-    ("exports: [{name: x, insight: 1, export_format: image/jpeg}]",
-     ["exports[0] (name 'x')", "export_format"]),
-    ("exports: [{name: x, insight: 1, dashboard: 2, export_format: text/csv}]",
-     ["exports[0] (name 'x')", "exactly one of 'insight' or 'dashboard'"]),
-    ("exports: [{name: x, export_format: text/csv}]",
-     ["exports[0] (name 'x')", "exactly one of 'insight' or 'dashboard'"]),
+    (
+        "exports: [{name: x, insight: 1, export_format: image/jpeg}]",
+        ["exports[0] (name 'x')", "export_format"],
+    ),
+    (
+        "exports: [{name: x, insight: 1, dashboard: 2, export_format: text/csv}]",
+        ["exports[0] (name 'x')", "exactly one of 'insight' or 'dashboard'"],
+    ),
+    (
+        "exports: [{name: x, export_format: text/csv}]",
+        ["exports[0] (name 'x')", "exactly one of 'insight' or 'dashboard'"],
+    ),
     ("insights: {refresh: sometimes}", ["insights", "field 'refresh'"]),
-    ("exports: [{name: x, insight: 1, export_format: text/csv, colour: red}]",
-     ["exports[0] (name 'x')", "field 'colour'", "Extra inputs"]),
-    ("exports: [{name: x, insight: one, export_format: text/csv}]",
-     ["exports[0] (name 'x')", "field 'insight'"]),
+    (
+        "exports: [{name: x, insight: 1, export_format: text/csv, colour: red}]",
+        ["exports[0] (name 'x')", "field 'colour'", "Extra inputs"],
+    ),
+    (
+        "exports: [{name: x, insight: one, export_format: text/csv}]",
+        ["exports[0] (name 'x')", "field 'insight'"],
+    ),
     ("exports: [{name: Bad Name, insight: 1, export_format: text/csv}]", ["field 'name'"]),
     ("insights: {query_poll_timeout_s: -5}", ["field 'query_poll_timeout_s'"]),
-    ("projects: [{name: p, host: 'http://posthog.example.com', project_id: 1}]",
-     ["projects[0] (name 'p')", "field 'host'", "https"]),
-    ("projects: [{name: p, host: 'https://us.posthog.com', project_id: abc}]",
-     ["projects[0] (name 'p')", "field 'project_id'", "integer or '@current'"]),
+    (
+        "projects: [{name: p, host: 'http://posthog.example.com', project_id: 1}]",
+        ["projects[0] (name 'p')", "field 'host'", "https"],
+    ),
+    (
+        "projects: [{name: p, host: 'https://us.posthog.com', project_id: abc}]",
+        ["projects[0] (name 'p')", "field 'project_id'", "integer or '@current'"],
+    ),
     ("projects: [{name: p, host: 'us.posthog.com', project_id: 1}]", ["field 'host'"]),
-    ("exports: [{name: a, insight: 1, export_format: text/csv},"
-     " {name: a, insight: 2, export_format: text/csv}]", ["duplicate name(s) in exports: a"]),
+    (
+        "exports: [{name: a, insight: 1, export_format: text/csv},"
+        " {name: a, insight: 2, export_format: text/csv}]",
+        ["duplicate name(s) in exports: a"],
+    ),
     ("exports: [unclosed", ["not valid YAML"]),
 ]
 
 
 @pytest.mark.parametrize(("text", "expected"), BAD_INPUTS)
-def test_bad_input_names_file_entry_and_field(tmp_path: Path, text: str, expected: list[str]) -> None:
+def test_bad_input_names_file_entry_and_field(
+    tmp_path: Path, text: str, expected: list[str]
+) -> None:
     with pytest.raises(ConfigError) as err:
         _load(tmp_path, text)
     message = str(err.value)

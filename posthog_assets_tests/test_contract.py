@@ -39,8 +39,9 @@ def test_client_requests_match_the_openapi_schema(
 ) -> None:
     for prefix in ("environments", "projects"):
         control.clear_requests_log()
-        client = PostHogClient(standin.url, standin.project_id, standin.key,
-                               api_prefix=prefix, retry=TEST_RETRY)  # type: ignore[arg-type]
+        client = PostHogClient(
+            standin.url, standin.project_id, standin.key, api_prefix=prefix, retry=TEST_RETRY
+        )  # type: ignore[arg-type]
         _exercise(client, tmp_path)
         log = [r for r in control.requests_log() if r["server"] == "api"]
         # groups_types lives under /api/projects/ only; everything else under the chosen prefix
@@ -48,8 +49,9 @@ def test_client_requests_match_the_openapi_schema(
         assert {"insights", "groups", "exports"} <= checked, checked
         for r in log:
             assert r["status"] < 400, r
-            validate_request(r["method"], r["path"], r["query"], r.get("body"),
-                             authorization=r["authorization"])
+            validate_request(
+                r["method"], r["path"], r["query"], r.get("body"), authorization=r["authorization"]
+            )
 
 
 def test_contract_check_catches_a_bad_request() -> None:

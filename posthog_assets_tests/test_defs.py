@@ -19,15 +19,20 @@ from posthog_assets.translator import (
 def test_definitions_load_without_any_http_call(
     standin: StandinProcess, control: StandinControl
 ) -> None:
-    env = {**os.environ, "POSTHOG_HOST": standin.url, "POSTHOG_PROJECT_ID": "1",
-           "POSTHOG_PERSONAL_API_KEY": standin.key}
+    env = {
+        **os.environ,
+        "POSTHOG_HOST": standin.url,
+        "POSTHOG_PROJECT_ID": "1",
+        "POSTHOG_PERSONAL_API_KEY": standin.key,
+    }
     code = (
         "from posthog_assets.definitions import defs\n"
         "specs = list(defs.resolve_all_asset_specs())\n"
         "print(len(specs))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                         check=True)
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
+    )
     assert int(out.stdout.strip()) >= 1
     assert [r for r in control.requests_log() if "/api/" in r["path"]] == []
 

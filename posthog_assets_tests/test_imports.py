@@ -10,8 +10,12 @@ import pytest
 
 @pytest.mark.parametrize(
     "module",
-    ["posthog_assets.client", "posthog_assets.config", "posthog_assets.standin.server",
-     "posthog_assets.standin.app"],
+    [
+        "posthog_assets.client",
+        "posthog_assets.config",
+        "posthog_assets.standin.server",
+        "posthog_assets.standin.app",
+    ],
 )
 def test_module_imports_without_dagster(module: str) -> None:
     code = (

@@ -31,8 +31,12 @@ def _probe_asset() -> dg.AssetsDefinition:
 def test_bad_resource_config_fails_at_launch_before_any_request(
     standin: StandinProcess, control: StandinControl, overrides: dict, fragment: str
 ) -> None:
-    fields = {"host": standin.url, "project_id": str(standin.project_id),
-              "personal_api_key": standin.key, **overrides}
+    fields = {
+        "host": standin.url,
+        "project_id": str(standin.project_id),
+        "personal_api_key": standin.key,
+        **overrides,
+    }
     with pytest.raises(Exception) as err:
         dg.materialize([_probe_asset()], resources={"posthog": PostHogResource(**fields)})
     assert fragment in str(err.value) or fragment in str(err.value.__cause__)
@@ -43,8 +47,9 @@ def test_missing_key_env_var_names_the_variable(
     standin: StandinProcess, control: StandinControl, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("POSTHOG_TEST_MISSING_KEY", raising=False)
-    resource = PostHogResource(host=standin.url, project_id="1",
-                               personal_api_key=dg.EnvVar("POSTHOG_TEST_MISSING_KEY"))
+    resource = PostHogResource(
+        host=standin.url, project_id="1", personal_api_key=dg.EnvVar("POSTHOG_TEST_MISSING_KEY")
+    )
     with pytest.raises(Exception, match="POSTHOG_TEST_MISSING_KEY"):
         dg.materialize([_probe_asset()], resources={"posthog": resource})
     assert [r for r in control.requests_log() if "/api/" in r["path"]] == []
