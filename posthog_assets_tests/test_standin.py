@@ -642,7 +642,8 @@ def test_refresh_mode_table(api: Api, mode: str) -> None:
 
 def test_async_refresh_and_query_polling(api: Api) -> None:
     """§8.4/§8.6/§11.18: async job, 202 → 200 on /query/:id/, then a warm cache."""
-    api.control.configure(async_delay_s=0.6)
+    # long enough that a loaded CI machine still sees the 202 before the job completes
+    api.control.configure(async_delay_s=3.0)
     started = api.get("insights/6/", params={"refresh": "async"}).json()
     status = started["query_status"]
     assert started["result"] is None and started["last_refresh"] is None
@@ -651,7 +652,9 @@ def test_async_refresh_and_query_polling(api: Api) -> None:
     poll = api.get(f"query/{status['id']}/")
     assert poll.status_code == 202 and poll.json()["query_status"]["complete"] is False
     openapi_contract.validate_component("QueryStatusResponse", poll.json())
-    done = poll_until(lambda: api.get(f"query/{status['id']}/"), lambda r: r.status_code != 202)
+    done = poll_until(
+        lambda: api.get(f"query/{status['id']}/"), lambda r: r.status_code != 202, timeout=15
+    )
     assert done.status_code == 200
     final = done.json()["query_status"]
     assert final["complete"] is True and final["results"]["results"][0]["data"]
