@@ -6,11 +6,24 @@ an outcome under faults can be compared with the outcome of a fault-free run of 
 Comparisons ignore only what legitimately differs between two runs (snapshot time, cache hit or
 miss, export ids and the file names PostHog stamps with the creation time); everything else must
 be identical, row for row, duplicates included.
+
+Also here: reading what a run left (DuckDB rows, files, the stand-in's request log, Dagster's
+events), seeded chaos rules, the session's fault-free reference run (``shared_reference``), and a
+warm interpreter that forks real child processes cheaply (``warm_python``). Used by the tests and
+by ``bench/chaos.py``; not a test module itself.
 """
 
 from __future__ import annotations
 
+import atexit
 import hashlib
+import json
+import os
+import queue
+import signal
+import subprocess
+import sys
+import threading
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -486,3 +499,155 @@ def shared_reference(
     if standin.url not in _REFERENCES:
         _REFERENCES[standin.url] = run_reference(standin, tmp_path_factory.mktemp("fault_free"))
     return _REFERENCES[standin.url]
+
+
+# ------------------------------------------------------------------------------------------------
+# Real child processes without paying Dagster's import time for each
+
+WARM_SERVER = r"""
+import json, os, sys, traceback
+# The slow part of starting a code location: Dagster, pandas, DuckDB and the package's modules.
+# posthog_assets.definitions itself is NOT imported here: it reads the environment of each child.
+import dagster  # noqa: F401
+import posthog_assets.exports, posthog_assets.snapshots, posthog_assets.resources  # noqa: F401
+
+for line in sys.stdin:
+    job = json.loads(line)
+    pid = os.fork()
+    if pid == 0:
+        os.setsid()
+        null = os.open(os.devnull, os.O_RDONLY)
+        out = os.open(job["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        err = os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.dup2(null, 0)
+        os.dup2(out, 1)
+        os.dup2(err, 2)
+        os.environ.clear()
+        os.environ.update(job["env"])
+        os.chdir(job["cwd"])
+        sys.argv = ["-c", *job["argv"]]
+        code = 0
+        try:
+            exec(compile(job["script"], "<script>", "exec"), {"__name__": "__main__"})
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else int(exc.code is not None)
+        except BaseException:
+            traceback.print_exc()
+            code = 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    print(json.dumps({"pid": pid}), flush=True)
+    _, status = os.waitpid(pid, 0)
+    print(json.dumps({"pid": pid, "code": os.waitstatus_to_exitcode(status)}), flush=True)
+"""
+
+
+@dataclass
+class Child:
+    """A script running in its own process (own session), forked from the warm interpreter."""
+
+    pid: int
+    stdout: Path
+    stderr: Path
+    server: WarmPython
+
+    def wait(self, timeout: float = 240.0) -> int:
+        """The exit code (negative signal number if killed)."""
+        return self.server.result(self.pid, timeout)
+
+    def kill(self) -> int:
+        os.killpg(self.pid, signal.SIGKILL)
+        return self.wait(30)
+
+    def output(self) -> str:
+        return self.stdout.read_text() if self.stdout.exists() else ""
+
+    def errors(self) -> str:
+        return self.stderr.read_text() if self.stderr.exists() else ""
+
+
+class WarmPython:
+    """One interpreter with Dagster and the package imported, forking a real child per script.
+
+    Why: importing Dagster and the package takes seconds of CPU. Tests that need a real separate
+    process (to SIGKILL it, to load the code location with another environment, to capture its
+    output) get one in milliseconds: a fork of this interpreter that runs the script as
+    ``python -c`` would, with its own environment, working directory, stdout and stderr files.
+    """
+
+    def __init__(self) -> None:
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", WARM_SERVER],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        self._lines: queue.Queue[str] = queue.Queue()
+        threading.Thread(target=self._pump, daemon=True, name="warm-python").start()
+        self._lock = threading.Lock()
+
+    def _pump(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.put(line)
+
+    def _next(self, timeout: float) -> dict[str, Any]:
+        try:
+            return json.loads(self._lines.get(timeout=timeout))
+        except queue.Empty:
+            raise AssertionError(f"warm interpreter silent for {timeout}s") from None
+
+    def start(
+        self,
+        script: str,
+        *,
+        argv: Sequence[str] = (),
+        env: Mapping[str, str],
+        cwd: Path,
+        name: str,
+    ) -> Child:
+        """Fork a child running ``script`` (one at a time; ``wait`` for it before the next)."""
+        with self._lock:
+            stdout, stderr = cwd / f"{name}.stdout", cwd / f"{name}.stderr"
+            job = {
+                "script": script, "argv": list(argv), "env": dict(env), "cwd": str(cwd),
+                "stdout": str(stdout), "stderr": str(stderr),
+            }  # fmt: skip
+            assert self.proc.stdin is not None
+            self.proc.stdin.write(json.dumps(job) + "\n")
+            self.proc.stdin.flush()
+            pid = int(self._next(timeout=120)["pid"])
+        return Child(pid=pid, stdout=stdout, stderr=stderr, server=self)
+
+    def result(self, pid: int, timeout: float) -> int:
+        answer = self._next(timeout)
+        assert answer["pid"] == pid, answer
+        return int(answer["code"])
+
+    def run(self, script: str, **kw: Any) -> tuple[int, str, str]:
+        """Run ``script`` to the end: (exit code, stdout, stderr)."""
+        child = self.start(script, **kw)
+        code = child.wait()
+        return code, child.output(), child.errors()
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+_WARM: list[WarmPython] = []
+
+
+def warm_python() -> WarmPython:
+    """The session's warm interpreter (started on first use, stopped when pytest exits)."""
+    if not _WARM or _WARM[0].proc.poll() is not None:
+        _WARM[:] = [WarmPython()]
+        atexit.register(_WARM[0].stop)
+    return _WARM[0]

@@ -6,20 +6,18 @@ previous snapshot intact (the write is one transaction), a half-written ``.part`
 become a file and must be cleaned up, and re-executing the run must resume the export the killed
 process had created instead of asking PostHog for another one.
 
-The killed process is a real ``python -c`` running the real code location
-(``posthog_assets.definitions`` with ``POSTHOG_ASSETS_CONFIG``) on a real ``DAGSTER_HOME``.
+The killed process is a real, separate process (its own session, forked from a warm interpreter
+so it starts in milliseconds) running the real code location (``posthog_assets.definitions``
+imported afresh with ``POSTHOG_ASSETS_CONFIG``) on a real ``DAGSTER_HOME``.
 """
 
 from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import IO
 
 import dagster as dg
 import duckdb
@@ -30,6 +28,7 @@ from dagster._core.instance.ref import InstanceRef
 from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.reliability_support import (
     PARTITION,
+    Child,
     all_files,
     assert_export_folder,
     build_world,
@@ -38,6 +37,7 @@ from posthog_assets_tests.reliability_support import (
     fast_resource,
     materialized,
     select,
+    warm_python,
     world_env,
 )
 
@@ -49,8 +49,8 @@ insights:
   created_by: [2]
 groups: {enabled: false}
 """
-#: ~30 MB of CSV: streams for a good part of a second, so it is caught mid-download.
-BIG_CSV_ROWS = 1_200_000
+#: ~26 MB of CSV (about 88 bytes a row): caught mid-stream once past 1 MB.
+BIG_CSV_ROWS = 300_000
 
 RUNNER = r"""
 import json, sys, time
@@ -92,27 +92,29 @@ print(json.dumps({"run_id": result.run_id, "success": result.success}), flush=Tr
 """
 
 
-def _spawn(env: dict[str, str], family: str, hook: str, log: IO[str]) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-c", RUNNER, family, hook, PARTITION],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=log,
-        text=True,
-        start_new_session=True,
+def _spawn(env: dict[str, str], family: str, hook: str, cwd: Path) -> Child:
+    """The runner in a real child process (forked from the warm interpreter, own session)."""
+    return warm_python().start(
+        RUNNER, argv=[family, hook, PARTITION], env=env, cwd=cwd, name=f"killed_{family}"
     )
 
 
-def _kill_when(proc: subprocess.Popen[str], ready: Callable[[], bool], timeout: float) -> None:
-    """SIGKILL ``proc`` as soon as ``ready()``; fail if it exits or the time runs out first."""
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return True
+
+
+def _kill_when(child: Child, ready: Callable[[], bool], timeout: float) -> None:
+    """SIGKILL ``child`` as soon as ``ready()``; fail if it exits or the time runs out first."""
     deadline = time.monotonic() + timeout
     while not ready():
-        assert proc.poll() is None, f"the run ended (code {proc.returncode}) before the kill"
+        assert _alive(child.pid), f"the run ended before the kill point: {child.errors()[-2000:]}"
         assert time.monotonic() < deadline, "the kill point was never reached"
         time.sleep(0.01)
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    assert proc.returncode == -signal.SIGKILL
+    assert child.kill() == -signal.SIGKILL
 
 
 @pytest.fixture
@@ -142,9 +144,7 @@ def test_kill_mid_download_then_reexecution_resumes_the_same_export(
         parts = list(folder.glob(".*.part")) if folder.exists() else []
         return any(p.stat().st_size > 1 << 20 for p in parts)
 
-    with (tmp_path / "killed.log").open("w") as log:
-        proc = _spawn(crash_env, "exports", "none", log)
-        _kill_when(proc, downloading, timeout=90)
+    _kill_when(_spawn(crash_env, "exports", "none", tmp_path), downloading, timeout=90)
 
     # What the killed process left: half a .part, the pending-export marker, no file, no row.
     leftovers = all_files(tmp_path / "exports")
@@ -190,10 +190,8 @@ def test_kill_inside_the_duckdb_transaction_keeps_the_previous_snapshot(
     before = _insights(world.db)
     assert len(before) > 100 and len({r[0] for r in before}) == len(before)
 
-    with (tmp_path / "killed.log").open("w") as log:
-        proc = _spawn(crash_env, "insights", "pause_in_write", log)
-        assert proc.stdout is not None
-        _kill_when(proc, lambda: "IN_TRANSACTION" in proc.stdout.readline(), timeout=90)
+    child = _spawn(crash_env, "insights", "pause_in_write", tmp_path)
+    _kill_when(child, lambda: "IN_TRANSACTION" in child.output(), timeout=90)
 
     # The file opens, and holds exactly the previous snapshot: no partial, no duplicate rows.
     assert _insights(world.db) == before

@@ -44,6 +44,8 @@ SENSOR_RUN_TIMEOUT_S = 90.0
 #: The scheduler daemon wakes at each minute boundary.
 SCHEDULE_RUN_TIMEOUT_S = 150.0
 
+IN_PROCESS = {"execution": {"config": {"in_process": {}}}}
+
 START_SENSOR = """
 mutation Start($selector: SensorSelector!) {
   startSensor(sensorSelector: $selector) {
@@ -131,7 +133,8 @@ def test_expiry_sensor_rematerializes_an_export_that_expired_in_posthog(
     sensor = _expiry_sensor_name()
     selector = _selector("sensor", sensor)
 
-    first = dagster_ui.launch_assets([key])
+    # Set-up run: the in-process executor saves a step subprocess (10-20 s on two busy cores).
+    first = dagster_ui.launch_assets([key], run_config=IN_PROCESS)
     run = dagster_ui.wait_for_run(first)
     assert run["status"] == "SUCCESS", dagster_ui.run_failure_text(first)
     before = metadata_dict(dagster_ui.latest_materialization(key) or {})

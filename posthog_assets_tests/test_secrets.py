@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import os
 import secrets
-import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -24,9 +23,6 @@ from typing import Any
 import dagster as dg
 import pytest
 import requests
-from dagster._core.test_utils import in_process_test_workspace
-from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
-from dagster_graphql.test.utils import execute_dagster_graphql, infer_resource_selector
 
 from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.reliability_support import (
@@ -39,6 +35,7 @@ from posthog_assets_tests.reliability_support import (
     failure_texts,
     fast_resource,
     materialized,
+    warm_python,
     world_env,
 )
 
@@ -116,7 +113,11 @@ class SecretRuns:
 
 @pytest.fixture(scope="module")
 def secret_runs(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory) -> SecretRuns:
-    """A successful and a failed (403) run of the real code location, downloads via storage."""
+    """A successful and a failed (403) run of the real code location, downloads via storage.
+
+    Both runs happen in one child process (the key changes between them, as ``dg.EnvVar`` is read
+    when a run starts); its stdout and stderr are files in ``root``, searched with the rest.
+    """
     root = tmp_path_factory.mktemp("secrets")
     home = root / "dagster_home"
     home.mkdir()
@@ -135,19 +136,14 @@ def secret_runs(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactor
         "DAGSTER_HOME": str(home),
     }
     env.pop("POSTHOG_PERSONAL_API_KEY", None)
-    done = subprocess.run(
-        [sys.executable, "-c", RUNNER, PARTITION, SECRET_KEY, LIMITED_KEY],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        cwd=root,
+    code, stdout, stderr = warm_python().run(
+        RUNNER, argv=[PARTITION, SECRET_KEY, LIMITED_KEY], env=env, cwd=root, name="runs"
     )
-    assert done.returncode == 0, done.stderr[-3000:]
-    runs = json.loads(done.stdout.strip().splitlines()[-1])
+    assert code == 0, stderr[-3000:]
+    runs = json.loads(stdout.strip().splitlines()[-1])
     log = control.requests_log()
     control.reset()
-    return SecretRuns(root, home, done.stdout, done.stderr, runs, log)
+    return SecretRuns(root, home, stdout, stderr, runs, log)
 
 
 def test_runs_really_happened_with_both_keys(secret_runs: SecretRuns) -> None:
@@ -202,6 +198,11 @@ def test_ui_shows_the_key_field_as_secret(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     """What the Dagster UI's resource page gets over GraphQL: a secret field, never the value."""
+    # Imported here: dagster_graphql is slow to import and only these two tests need it.
+    from dagster._core.test_utils import in_process_test_workspace
+    from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
+    from dagster_graphql.test.utils import execute_dagster_graphql, infer_resource_selector
+
     for name, value in world_env(standin, tmp_path).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("POSTHOG_PERSONAL_API_KEY", SECRET_KEY)

@@ -17,6 +17,7 @@ from typing import Any
 import dagster as dg
 import pytest
 import yaml
+from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from posthog_assets.config import REFRESH_MODES
 from posthog_assets.standin.server import StandinControl
@@ -42,10 +43,8 @@ from posthog_assets_tests.dagster_dev import (  # noqa: E402
 #: The shared ``dg dev`` fixture, registered once as a plugin so both UI test modules share it.
 pytest_plugins = ("posthog_assets_tests.dagster_dev",)
 
-pytest.importorskip("playwright.sync_api", reason="playwright is a dev dependency (make install)")
-from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
 
-#: Verified on Debian 12's Chromium 156 (../shared/SETUP-NOTES.md).
+#: Flags verified with Debian 12's Chromium 156 in a container without a display or D-Bus.
 CHROMIUM_ARGS = [
     "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
     "--disable-background-networking", "--disable-component-update", "--disable-sync",
