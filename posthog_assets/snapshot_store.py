@@ -429,6 +429,7 @@ def build_snapshot_asset(
         outs={spec.key.path[-1]: dg.AssetOut.from_spec(spec, dagster_type=dg.Nothing)},
         partitions_def=partitions_def,
         config=config_mapping,
+        group_name=spec.group_name,  # graph_multi_asset drops the out spec's group otherwise
     )
     def _graph():
         return write_op(fetch_op())

@@ -63,3 +63,13 @@ def test_translator_can_be_overridden() -> None:
     assert spec.group_name == "marketing"
     ids = PostHogMetadataSet.extract(spec.metadata)
     assert ids.export_format == project.exports[0].export_format
+
+
+def test_every_asset_sits_in_a_posthog_group_with_the_posthog_kind() -> None:
+    """The UI groups assets by these names; a graph-backed asset once fell into 'default'."""
+    from posthog_assets.definitions import defs
+
+    specs = list(defs.resolve_all_asset_specs())
+    groups = {s.key.to_user_string(): s.group_name for s in specs}
+    assert set(groups.values()) == {"posthog_exports", "posthog_insights", "posthog_groups"}, groups
+    assert all("posthog" in s.kinds for s in specs)
