@@ -7,6 +7,7 @@ project id or missing key fails the launch with a message that names the field.
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from posthog_assets.ratelimit import shared_state_path
 
 #: The Dagster config-schema flag that masks a field in the UI (no public API for it yet).
 SECRET_FIELD = {"dagster__is_secret": True}
+#: What the UI shows (and the launchpad sends back) in place of a secret field's value.
+UI_SECRET_MASK = "********"
 
 DEFAULT_POLL_INTERVAL_S = 1.0
 DEFAULT_POLL_MAX_INTERVAL_S = 15.0
@@ -44,6 +47,13 @@ class PostHogResource(dg.ConfigurableResource):
     personal_api_key: str = Field(
         description="Personal API key (phx_...); set it from an env var with dg.EnvVar.",
         json_schema_extra=SECRET_FIELD,
+    )
+    api_key_env: str = Field(
+        default=ENV_API_KEY,
+        description=(
+            "Env var holding the key. Used when the launchpad sends back the UI's masked value "
+            "('********') for personal_api_key, so a run launched from the UI keeps the real key."
+        ),
     )
     api_prefix: str = Field(
         default="environments",
@@ -87,8 +97,11 @@ class PostHogResource(dg.ConfigurableResource):
         """Fail with the field's name before any request is sent."""
         validate_host(self.host, field_name="host")
         parse_project_id(self.project_id, field_name="project_id")
-        if not self.personal_api_key or not self.personal_api_key.strip():
-            raise ValueError("personal_api_key is empty: set the env var that holds the key")
+        if not self.api_key.strip():
+            raise ValueError(
+                "personal_api_key is empty: set the env var that holds the key "
+                f"({self.api_key_env})"
+            )
         if self.api_prefix not in ("environments", "projects"):
             raise ValueError(
                 f"api_prefix must be 'environments' or 'projects', got {self.api_prefix!r}"
@@ -112,11 +125,18 @@ class PostHogResource(dg.ConfigurableResource):
                 f"{self.requests_per_minute}"
             )
 
+    @property
+    def api_key(self) -> str:
+        """The key; the UI's mask stands for "unchanged", i.e. the key from ``api_key_env``."""
+        if self.personal_api_key == UI_SECRET_MASK:
+            return os.environ.get(self.api_key_env, "")
+        return self.personal_api_key or ""
+
     @cached_method
     def get_client(self, log: logging.Logger | None = None) -> PostHogClient:
         """One client (one HTTP session, one rate-limit gate) per run, shared by all threads."""
         self.validate_settings()
-        host, key = validate_host(self.host), self.personal_api_key.strip()
+        host, key = validate_host(self.host), self.api_key.strip()
         return PostHogClient(
             host,
             parse_project_id(self.project_id),
@@ -151,6 +171,7 @@ def build_posthog_resource(project: ResolvedProject, export_dir: Path) -> PostHo
         host=host,
         project_id=project_id,
         personal_api_key=dg.EnvVar(project.api_key_env or ENV_API_KEY),
+        api_key_env=project.api_key_env or ENV_API_KEY,
         export_dir=str(export_dir),
     )
 

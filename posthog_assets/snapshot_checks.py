@@ -18,6 +18,7 @@ import duckdb
 
 from posthog_assets.config import BLOCKING_REFRESH_MODES, ResolvedProject
 from posthog_assets.duckdb_store import open_read_only, table_ref
+from posthog_assets.pools import DUCKDB_POOL
 from posthog_assets.snapshot_store import DUCKDB_RESOURCE_KEY, project_id_of, table_exists
 
 PARTITION_TAG = "dagster/partition"
@@ -83,6 +84,7 @@ def build_insights_checks(
         description="The snapshot partition has at least one insight.",
         blocking=True,
         required_resource_keys=keys,
+        pool=DUCKDB_POOL,  # a read-only open fails while a writer holds the file
     )
     def insights_not_empty(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         with _reader(context) as conn:
@@ -109,6 +111,7 @@ def build_insights_checks(
             "may legitimately return null (cold cache), so only the count is reported."
         ),
         required_resource_keys=keys,
+        pool=DUCKDB_POOL,  # a read-only open fails while a writer holds the file
     )
     def insights_results_present(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         with _reader(context) as conn:
@@ -145,6 +148,7 @@ def build_insights_checks(
         description="No (partition, id) appears twice in posthog.insights for this project.",
         blocking=True,
         required_resource_keys=keys,
+        pool=DUCKDB_POOL,  # a read-only open fails while a writer holds the file
     )
     def insights_no_duplicates(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         with _reader(context) as conn:
@@ -196,6 +200,7 @@ def build_group_checks(
                 "(api_groups_per_type in the latest materialization's metadata)."
             ),
             required_resource_keys=keys,
+        pool=DUCKDB_POOL,  # a read-only open fails while a writer holds the file
         )
         def groups_count_matches(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
             reported = _latest_metadata(context, groups_key).get("api_groups_per_type")
@@ -234,6 +239,7 @@ def build_group_checks(
             name="groups_no_duplicates",
             description="No (group_type_index, group_key) appears twice for this project.",
             required_resource_keys=keys,
+        pool=DUCKDB_POOL,  # a read-only open fails while a writer holds the file
         )
         def groups_no_duplicates(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
             with _reader(context) as conn:
@@ -267,6 +273,7 @@ def build_group_checks(
             name="tracked_groups_present",
             description="Every group listed under groups.tracked still exists in PostHog.",
             required_resource_keys=keys,
+        pool=DUCKDB_POOL,  # a read-only open fails while a writer holds the file
         )
         def tracked_groups_present(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
             with _reader(context) as conn:

@@ -71,3 +71,14 @@ def test_resource_hands_out_one_client_per_run(posthog_resource: PostHogResource
 
     assert dg.materialize([probe], resources={"posthog": posthog_resource}).success
     assert seen[0] is seen[1]
+
+
+def test_ui_mask_sent_back_by_the_launchpad_means_the_env_key(
+    posthog_resource: PostHogResource, monkeypatch: pytest.MonkeyPatch, standin: StandinProcess
+) -> None:
+    """The launchpad shows the key as '********' and submits that: the run must use the env key."""
+    monkeypatch.setenv("POSTHOG_TEST_KEY_ENV", standin.key)
+    masked = posthog_resource.model_copy(
+        update={"personal_api_key": "********", "api_key_env": "POSTHOG_TEST_KEY_ENV"}
+    )
+    assert dg.materialize([_probe_asset()], resources={"posthog": masked}).success
