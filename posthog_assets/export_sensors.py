@@ -15,15 +15,24 @@ next tick), return ``SkipReason`` when there is nothing to do, and default to ST
 """
 
 import json
+import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
-from datetime import UTC, datetime
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import TimeoutError as FuturesTimeout
+from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from posthog_assets.config import ResolvedProject
+from posthog_assets.errors import (
+    PostHogAuthError,
+    PostHogError,
+    PostHogNotFoundError,
+    PostHogPermissionError,
+)
 from posthog_assets.export_checks import file_sha256
 from posthog_assets.export_runner import parse_time
 from posthog_assets.exports import (
@@ -32,6 +41,7 @@ from posthog_assets.exports import (
     dedup_root_from_tags,
     materialization_values,
 )
+from posthog_assets.resources import PostHogResource
 
 TAG_REFRESH_OF = "posthog/refresh_of"
 TAG_EXPIRY_REASON = "posthog/expiry_reason"
@@ -42,6 +52,10 @@ DEFAULT_EXPIRY_MARGIN_S = 24 * 3600.0
 DEFAULT_REREQUEST_AFTER_S = 6 * 3600.0
 #: Dagster kills a sensor evaluation after 60 s; stop looping well before.
 DEFAULT_TIME_BUDGET_S = 20.0
+#: PostHog lookups inside a tick: short retries and timeouts, a few at a time.
+SENSOR_RETRY_BUDGET_S = 8.0
+SENSOR_READ_TIMEOUT_S = 8.0
+SENSOR_LOOKUP_WORKERS = 4
 DEFAULT_RETRY_BACKOFF_S = 300.0
 DEFAULT_RETRY_BACKOFF_MAX_S = 3600.0
 DEFAULT_RETRY_MAX_ATTEMPTS = 3
@@ -83,10 +97,18 @@ def build_posthog_export_expiry_sensor(
     minimum_interval_seconds: int = 3600,
     time_budget_s: float = DEFAULT_TIME_BUDGET_S,
     max_requests_per_tick: int = 100,
+    check_posthog: bool = True,
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.STOPPED,
     clock: Callable[[], float] = time.time,
 ) -> dg.SensorDefinition:
-    """Re-materialize an export when it expires within ``margin_s`` or its file is gone/changed.
+    """Re-materialize an export that expires within ``margin_s``, is gone from PostHog, or whose
+    file is gone/changed.
+
+    The recorded ``expires_after`` and the local file are checked first (no HTTP). Exports that
+    pass are then looked up in PostHog (``GET exports/:id/``, a few at a time, with a short retry
+    budget): a 404 means PostHog expired or deleted it early, and a changed ``expires_after``
+    replaces the recorded one. A lookup that fails for a passing reason is retried next tick; a
+    401/403 fails the tick with the missing scope (``export:read``).
 
     Args:
         export_keys: The export assets to watch (their latest materialization's metadata).
@@ -94,6 +116,7 @@ def build_posthog_export_expiry_sensor(
         margin_s: Refresh this long before ``expires_after``.
         rerequest_after_s: If a refresh produced no new export, ask again after this long.
         time_budget_s: Stop this long into an evaluation; the rest waits for the next tick.
+        check_posthog: Ask PostHog about each export (needs the project's resource).
     """
     keys = list(export_keys)
     extra = [log_key] if log_key is not None else []
@@ -104,8 +127,9 @@ def build_posthog_export_expiry_sensor(
         target=dg.AssetSelection.assets(*keys, *extra),
         minimum_interval_seconds=minimum_interval_seconds,
         default_status=default_status,
-        description="Re-exports PostHog exports that are about to expire or whose file is "
-        "missing or changed.",
+        required_resource_keys={project.resource_key} if check_posthog else set(),
+        description="Re-exports PostHog exports that are about to expire, are gone from PostHog, "
+        "or whose file is missing or changed.",
     )
     def _expiry_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         started = clock()
@@ -120,28 +144,43 @@ def build_posthog_export_expiry_sensor(
         order = keys[offset:] + keys[:offset]
         latest = context.instance.get_latest_materialization_events(keys)
 
-        requests: list[dg.RunRequest] = []
+        # Pass 1, local only: what was recorded and what is on disk.
+        seen: list[tuple[dg.AssetKey, Any, str | None]] = []
         next_offset = 0
         for i, key in enumerate(order):
-            if clock() - started > time_budget_s or len(requests) >= max_requests_per_tick:
+            if clock() - started > time_budget_s:
                 next_offset = (offset + i) % len(keys)
                 context.log.info(
-                    "Stopping after %d of %d exports (time/request budget); continuing next tick",
+                    "Stopping after %d of %d exports (time budget); continuing next tick",
                     i,
                     len(keys),
                 )
                 break
-            name_ = key.to_user_string()
             md = materialization_values(latest.get(key))
-            export_id = md.get("export_id")
-            if export_id is None:
+            if md.get("export_id") is None:
                 continue  # never exported: that is the schedule's job, not ours
-            reason = _expiry_reason(md, clock(), margin_s, hashed, name_)
+            reason = _expiry_reason(md, clock(), margin_s, hashed, key.to_user_string())
+            seen.append((key, md["export_id"], reason))
+
+        # Pass 2: ask PostHog about the exports that look fine here.
+        if check_posthog:
+            unknown = [export_id for _, export_id, reason in seen if reason is None]
+            remaining = time_budget_s - (clock() - started)
+            if unknown and remaining > 1:
+                resource = getattr(context.resources, project.resource_key)
+                remote = _posthog_reasons(
+                    resource, unknown, clock(), margin_s, remaining, context.log
+                )
+                seen = [(k, e, r or remote.get(e)) for k, e, r in seen]
+
+        requests: list[dg.RunRequest] = []
+        for key, export_id, reason in seen:
+            name_ = key.to_user_string()
             prev = requested.get(name_)
             if prev and prev[0] != export_id:
                 requested.pop(name_, None)  # re-exported since: forget the old request
                 prev = None
-            if reason is None:
+            if reason is None or len(requests) >= max_requests_per_tick:
                 continue
             if prev and clock() - float(prev[2]) < rerequest_after_s:
                 continue  # already asked for this export
@@ -175,13 +214,22 @@ def build_posthog_export_expiry_sensor(
             return dg.SensorResult(
                 skip_reason=dg.SkipReason(
                     f"All {len(keys)} exports are fresh (none expires within {margin_s:g}s, "
-                    "files present and intact) or already requested."
+                    "PostHog still has them or could not be asked, files present and intact) "
+                    "or already requested."
                 ),
                 cursor=new_cursor,
             )
         return dg.SensorResult(run_requests=requests, cursor=new_cursor)
 
     return _expiry_sensor
+
+
+def _expires_reason(expires_after: Any, now: float, margin_s: float) -> str | None:
+    expires_at = parse_time(expires_after)
+    if expires_at is None or expires_at.timestamp() - margin_s > now:
+        return None
+    when = expires_at.astimezone(UTC).isoformat()
+    return f"expired at {when}" if expires_at.timestamp() <= now else f"expires at {when}"
 
 
 def _expiry_reason(
@@ -192,11 +240,9 @@ def _expiry_reason(
     name: str,
 ) -> str | None:
     """Why this export needs a new materialization, or None. Hashes only changed files."""
-    expires_at = parse_time(md.get("expires_after"))
-    expires = expires_at.timestamp() if expires_at else None
-    if expires is not None and expires - margin_s <= now:
-        when = datetime.fromtimestamp(expires, UTC).isoformat()
-        return f"expired at {when}" if expires <= now else f"expires at {when}"
+    reason = _expires_reason(md.get("expires_after"), now, margin_s)
+    if reason is not None:
+        return reason
     path = Path(str(md.get("path") or ""))
     if not md.get("path") or not path.is_file():
         hashed.pop(name, None)
@@ -212,6 +258,51 @@ def _expiry_reason(
         ok = file_sha256(path) == md.get("sha256")
         hashed[name] = [*key, ok]
     return None if ok else "file sha256 differs from the recorded download"
+
+
+def _posthog_reasons(
+    resource: PostHogResource,
+    export_ids: Sequence[Any],
+    now: float,
+    margin_s: float,
+    budget_s: float,
+    log: logging.Logger,
+) -> dict[Any, str]:
+    """Export id -> why PostHog says it needs refreshing; lookups overlap, bounded by the budget."""
+    client = resource.get_client(
+        retry_budget_s=min(SENSOR_RETRY_BUDGET_S, budget_s / 2),
+        read_timeout_s=min(SENSOR_READ_TIMEOUT_S, budget_s / 2),
+    )
+
+    def ask(export_id: Any) -> str | None:
+        try:
+            data = client.get_export(int(export_id))
+        except PostHogNotFoundError:
+            return f"export {export_id} is gone from PostHog (expired or deleted)"
+        return _expires_reason(data.get("expires_after"), now, margin_s)
+
+    reasons: dict[Any, str] = {}
+    pool = ThreadPoolExecutor(max_workers=SENSOR_LOOKUP_WORKERS, thread_name_prefix="posthog")
+    futures = {pool.submit(ask, export_id): export_id for export_id in export_ids}
+    try:
+        for future in as_completed(futures, timeout=budget_s):
+            export_id = futures[future]
+            try:
+                reason = future.result()
+            except (PostHogAuthError, PostHogPermissionError):
+                raise  # the message names the missing scope; every lookup would fail alike
+            except PostHogError as exc:
+                log.warning(
+                    "Could not look up export %s in PostHog (next tick): %s", export_id, exc
+                )
+                continue
+            if reason is not None:
+                reasons[export_id] = reason
+    except FuturesTimeout:
+        log.warning("PostHog lookups ran out of time; the rest are checked next tick")
+    finally:
+        pool.shutdown(wait=False, cancel_futures=True)
+    return reasons
 
 
 # ---------------------------------------------------------------------- retry

@@ -133,22 +133,34 @@ class PostHogResource(dg.ConfigurableResource):
         return self.personal_api_key or ""
 
     @cached_method
-    def get_client(self, log: logging.Logger | None = None) -> PostHogClient:
-        """One client (one HTTP session, one rate-limit gate) per run, shared by all threads."""
+    def get_client(
+        self,
+        log: logging.Logger | None = None,
+        *,
+        retry_budget_s: float | None = None,
+        read_timeout_s: float | None = None,
+    ) -> PostHogClient:
+        """One client (one HTTP session, one rate-limit gate) per run, shared by all threads.
+
+        ``retry_budget_s``/``read_timeout_s`` tighten the configured values for callers with a
+        deadline of their own (a sensor tick must end within Dagster's 60 s).
+        """
         self.validate_settings()
         host, key = validate_host(self.host), self.api_key.strip()
+        budget = self.retry_budget_s if retry_budget_s is None else retry_budget_s
+        read_timeout = self.read_timeout_s if read_timeout_s is None else read_timeout_s
         return PostHogClient(
             host,
             parse_project_id(self.project_id),
             key,
             api_prefix=self.api_prefix,  # type: ignore[arg-type]
-            connect_timeout_s=self.connect_timeout_s,
-            read_timeout_s=self.read_timeout_s,
+            connect_timeout_s=min(self.connect_timeout_s, read_timeout),
+            read_timeout_s=min(self.read_timeout_s, read_timeout),
             retry=RetrySettings(
                 max_attempts=self.max_attempts,
                 backoff_initial_s=self.backoff_initial_s,
-                backoff_max_s=self.backoff_max_s,
-                total_budget_s=self.retry_budget_s,
+                backoff_max_s=min(self.backoff_max_s, budget),
+                total_budget_s=min(self.retry_budget_s, budget),
             ),
             requests_per_minute=self.requests_per_minute,
             rate_limit_state=shared_state_path(host, key) if self.shared_rate_limit else None,

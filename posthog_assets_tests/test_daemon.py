@@ -126,7 +126,7 @@ def _insights_schedule() -> dg.ScheduleDefinition:
     return found[0]
 
 
-def test_expiry_sensor_rematerializes_an_export_whose_file_is_gone(
+def test_expiry_sensor_rematerializes_an_export_that_expired_in_posthog(
     dagster_ui: DagsterDevUI, control: StandinControl
 ) -> None:
     key = export_asset_key("png")
@@ -141,10 +141,9 @@ def test_expiry_sensor_rematerializes_an_export_whose_file_is_gone(
     old_id, old_path = before["export_id"], Path(before["path"])
     assert old_path.is_file()
 
-    # PostHog fixes expires_after at creation and the sensor acts on that recorded date (unit
-    # tests move its clock); here the daemon must react to the other trigger it watches: the
-    # local file is gone. (Detecting an export PostHog deleted early is not implemented.)
-    old_path.unlink()
+    # PostHog drops the export before its recorded expires_after; the file is still here, so
+    # only the sensor's lookup in PostHog (404) can notice.
+    control.expire_export(int(old_id))
     control.clear_requests_log()
     state = dagster_ui.gql(START_SENSOR, {"selector": selector})["startSensor"]
     assert state["__typename"] == "Sensor", state
@@ -168,6 +167,8 @@ def test_expiry_sensor_rematerializes_an_export_whose_file_is_gone(
         run = dagster_ui.wait_for_run(run_id)
         assert run["status"] == "SUCCESS", dagster_ui.run_failure_text(run_id)
         assert tuple(key.path) in [tuple(a["path"]) for a in run["assetSelection"] or []]
+        reason = {t["key"]: t["value"] for t in run["tags"]}.get("posthog/expiry_reason", "")
+        assert "gone from PostHog" in reason, run["tags"]
     finally:
         dagster_ui.gql(STOP_SENSOR, {"id": state_id})
 

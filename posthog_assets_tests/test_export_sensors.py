@@ -1,4 +1,4 @@
-"""Expiry and retry sensors, evaluated with ``build_sensor_context`` on a real instance."""
+"""Expiry and retry sensors, evaluated as the daemon does (``evaluate_tick``) on a real instance."""
 
 from __future__ import annotations
 
@@ -7,6 +7,8 @@ import time
 from pathlib import Path
 
 import dagster as dg
+import pytest
+from dagster._core.definitions.sensor_definition import SensorExecutionData
 
 from posthog_assets.export_sensors import (
     TAG_REFRESH_OF,
@@ -38,11 +40,12 @@ def _key(name: str) -> dg.AssetKey:
     return dg.AssetKey(["posthog", "exports", name])
 
 
-def _evaluate(sensor: dg.SensorDefinition, instance, cursor: str | None):
-    context = dg.build_sensor_context(instance=instance, cursor=cursor)
-    result = sensor(context)
-    assert isinstance(result, dg.SensorResult)
-    return result
+def _evaluate(
+    sensor: dg.SensorDefinition, instance, cursor: str | None, resources: dict | None = None
+) -> SensorExecutionData:
+    """One tick, the daemon's way (direct calls reject ``required_resource_keys``)."""
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources=resources) as ctx:
+        return sensor.evaluate_tick(ctx)
 
 
 # ---------------------------------------------------------------------- expiry
@@ -56,6 +59,7 @@ def test_expiry_sensor_requests_expiring_missing_and_changed_files_once(
         {"name": "gone", "insight": 1, "export_format": PNG},  # 180 days
         {"name": "changed", "insight": 3, "export_format": PNG},
         {"name": "fine", "insight": 4, "export_format": PNG},
+        {"name": "early", "insight": 5, "export_format": PNG},  # PostHog drops it early
     )
     assets = build_posthog_export_assets(project=project, retry_policy=None)
     keys = list(assets[0].keys)
@@ -70,19 +74,21 @@ def test_expiry_sensor_requests_expiring_missing_and_changed_files_once(
         run = dg.materialize(assets, resources=res, instance=instance)
         md = {
             name: materialization_metadata(run, _key(name))
-            for name in ("table", "gone", "changed", "fine")
+            for name in ("table", "gone", "changed", "fine", "early")
         }
+        control.expire_export(md["early"]["export_id"])
         Path(md["gone"]["path"]).unlink()
         changed = Path(md["changed"]["path"])
         data = bytearray(changed.read_bytes())
         data[-20] ^= 0xFF  # same size, different bytes
         changed.write_bytes(bytes(data))
 
-        first = _evaluate(sensor, instance, None)
-        second = _evaluate(sensor, instance, first.cursor)
+        control.clear_requests_log()
+        first = _evaluate(sensor, instance, None, res)
+        second = _evaluate(sensor, instance, first.cursor, res)
 
         requested = {r.asset_selection[0].path[-1]: r for r in first.run_requests}
-        assert set(requested) == {"table", "gone", "changed"}
+        assert set(requested) == {"table", "gone", "changed", "early"}
         for name, request in requested.items():
             assert request.run_key == f"expiry:posthog/exports/{name}:{md[name]['export_id']}:1"
             assert request.asset_selection == [_key(name), log.key]
@@ -90,7 +96,15 @@ def test_expiry_sensor_requests_expiring_missing_and_changed_files_once(
         assert "expire" in requested["table"].tags["posthog/expiry_reason"]
         assert "missing" in requested["gone"].tags["posthog/expiry_reason"]
         assert "sha256" in requested["changed"].tags["posthog/expiry_reason"]
-        assert second.run_requests == [] and second.skip_reason is not None  # nothing twice
+        assert "gone from PostHog" in requested["early"].tags["posthog/expiry_reason"]
+        # Only exports that looked fine locally were looked up, once per tick.
+        lookups = sorted(
+            int(e["path"].rstrip("/").rsplit("/", 1)[-1])
+            for e in control.requests_log()
+            if e["method"] == "GET" and "/exports/" in e["path"]
+        )
+        assert lookups == sorted([md["fine"]["export_id"], md["early"]["export_id"]] * 2)
+        assert second.run_requests == [] and second.skip_message  # nothing twice
 
         # The refresh runs: "gone" and "changed" get new exports and files; a later expiry of
         # the new CSV export is a new request, never swallowed by the old run_key.
@@ -100,7 +114,7 @@ def test_expiry_sensor_requests_expiring_missing_and_changed_files_once(
             instance=instance,
             selection=[_key("gone"), _key("changed"), _key("table")],
         )
-        third = _evaluate(sensor, instance, second.cursor)
+        third = _evaluate(sensor, instance, second.cursor, res)
         assert [r.asset_selection[0].path[-1] for r in third.run_requests] == ["table"]
         assert third.run_requests[0].run_key != requested["table"].run_key
 
@@ -115,7 +129,12 @@ def test_expiry_sensor_stops_within_its_time_budget_and_continues_next_tick(tmp_
         return clock[0]
 
     sensor = build_posthog_export_expiry_sensor(
-        project=project, export_keys=keys, margin_s=0, time_budget_s=2.0, clock=tick_clock
+        project=project,
+        export_keys=keys,
+        margin_s=0,
+        time_budget_s=2.0,
+        clock=tick_clock,
+        check_posthog=False,
     )
     with dg.instance_for_test() as instance:
         for i, key in enumerate(keys):
@@ -141,8 +160,32 @@ def test_expiry_sensor_stops_within_its_time_budget_and_continues_next_tick(tmp_
 
     assert ticks > 1, "a single tick should not have handled everything with this budget"
     assert len(seen) == len(set(seen)) == len(keys)  # each export requested exactly once
-    assert again.run_requests == [] and again.skip_reason is not None
+    assert again.run_requests == [] and again.skip_message
     assert len(json.loads(again.cursor)["requested"]) == len(keys)
+
+
+def test_expiry_sensor_rides_out_posthog_errors_and_names_a_missing_scope(
+    posthog_resource, control, tmp_path
+):
+    project = make_project({"name": "weekly_png", "insight": 1, "export_format": PNG})
+    assets = build_posthog_export_assets(project=project, retry_policy=None)
+    sensor = build_posthog_export_expiry_sensor(project=project, export_keys=list(assets[0].keys))
+    res = resources(posthog_resource, tmp_path)
+
+    with dg.instance_for_test() as instance:
+        dg.materialize(assets, resources=res, instance=instance)
+        # PostHog down: the tick neither fails nor re-exports; it looks again next tick.
+        control.add_fault(match=r"/exports/\d+/?$", method="GET", kind="status", status=503)
+        down = _evaluate(sensor, instance, None, res)
+        assert down.run_requests == [] and down.skip_message
+        control.clear_faults()
+
+        # A key without export:read fails the tick with the scope to add.
+        control.add_key("phx_no_export_read", scopes=["insight:read"])
+        no_scope = resources(posthog_resource, tmp_path, personal_api_key="phx_no_export_read")
+        with pytest.raises(Exception, match="export:read") as raised:
+            _evaluate(sensor, instance, None, no_scope)
+        assert "phx_no_export_read" not in str(raised.value)
 
 
 # ---------------------------------------------------------------------- retry
@@ -177,7 +220,7 @@ def test_retry_sensor_retries_timeouts_after_backoff_and_never_pdf_failures(
 
         now[0] = time.time()
         waiting = _evaluate(sensor, instance, None)
-        assert waiting.run_requests == [] and "waiting" in waiting.skip_reason.skip_message
+        assert waiting.run_requests == [] and "waiting" in (waiting.skip_message or "")
         now[0] += 31
         due = _evaluate(sensor, instance, waiting.cursor)
         again = _evaluate(sensor, instance, due.cursor)
