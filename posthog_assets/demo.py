@@ -29,20 +29,27 @@ def prepare_dagster_home(root: Path) -> Path:
     return home
 
 
+def use_standin_without_credentials(stack: ExitStack) -> None:
+    """No ``POSTHOG_HOST``: start the local stand-in (stopped with ``stack``) and point the env
+    at it, so the commands run with no PostHog account."""
+    if os.environ.get("POSTHOG_HOST"):
+        return
+    from posthog_assets.standin.server import StandinProcess
+
+    standin = stack.enter_context(StandinProcess(key=DEMO_KEY, export_delay=0.5))
+    os.environ.update(
+        POSTHOG_HOST=standin.url,
+        POSTHOG_PROJECT_ID=str(standin.project_id),
+        POSTHOG_PERSONAL_API_KEY=standin.key,
+    )
+    print(f"No POSTHOG_HOST set: using the local PostHog stand-in at {standin.url}")
+
+
 def main() -> int:
     root = Path.cwd()
     home = prepare_dagster_home(root)
     with ExitStack() as stack:
-        if not os.environ.get("POSTHOG_HOST"):
-            from posthog_assets.standin.server import StandinProcess
-
-            standin = stack.enter_context(StandinProcess(key=DEMO_KEY, export_delay=0.5))
-            os.environ.update(
-                POSTHOG_HOST=standin.url,
-                POSTHOG_PROJECT_ID=str(standin.project_id),
-                POSTHOG_PERSONAL_API_KEY=standin.key,
-            )
-            print(f"No POSTHOG_HOST set: using the local PostHog stand-in at {standin.url}")
+        use_standin_without_credentials(stack)
 
         import dagster as dg
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -24,6 +24,7 @@ from posthog_assets.config import ResolvedProject
 from posthog_assets.errors import PostHogNotFoundError
 from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshot_store import (
+    DescribeFn,
     SnapshotTable,
     StagedSnapshot,
     StagingFile,
@@ -256,37 +257,46 @@ def tracked_group_row(client: PostHogClient, type_index: int, key: str) -> dict[
 # Dagster
 
 
-def _begin(
-    context: dg.OpExecutionContext, resource_key: str
-) -> tuple[PostHogResource, PostHogClient, str, int]:
-    resource: PostHogResource = getattr(context.resources, resource_key)
-    client = resource.get_client(log=context.log)
-    return resource, client, utc_now_iso(), client.request_count
+#: Stages one table's rows from the API; returns the figures recorded as metadata.
+StageFn = Callable[[dg.OpExecutionContext, Any, PostHogClient, StagingFile], Mapping[str, Any]]
 
 
-def _staged(
-    resource: PostHogResource,
-    client: PostHogClient,
-    staging: StagingFile,
-    snapshot_at: str,
-    requests_before: int,
-    **stats: Any,
-) -> StagedSnapshot:
-    return StagedSnapshot(
-        files=list(staging.files),
-        rows=staging.rows,
-        scope={"project_id": project_id_of(resource)},
-        snapshot_at=snapshot_at,
-        stats={"requests": client.request_count - requests_before, **stats},
-    )
-
-
-def _spec_and_key(
-    project: ResolvedProject, kind: SnapshotKind, translator: DagsterPostHogTranslator
-) -> tuple[dg.AssetSpec, str]:
+def _group_snapshot_asset(
+    project: ResolvedProject,
+    kind: SnapshotKind,
+    translator: DagsterPostHogTranslator,
+    table: SnapshotTable,
+    stage: StageFn,
+    *,
+    config_cls: type[dg.Config] | None = None,
+    describe: DescribeFn | None = None,
+) -> dg.AssetsDefinition:
+    """A snapshot asset whose fetch step stages ``table`` with ``stage`` and counts requests."""
     spec = translator.get_asset_spec(PostHogSnapshotProps(project, kind))
-    key = PostHogMetadataSet.extract(spec.metadata).resource_key or project.resource_key
-    return spec, key
+    rkey = PostHogMetadataSet.extract(spec.metadata).resource_key or project.resource_key
+
+    def fetch(context: dg.OpExecutionContext, config: Any, folder: Path) -> StagedSnapshot:
+        resource: PostHogResource = getattr(context.resources, rkey)
+        client = resource.get_client(log=context.log)
+        snapshot_at, requests_before = utc_now_iso(), client.request_count
+        with StagingFile(folder / table.name, table) as staging:
+            stats = stage(context, config, client, staging)
+        return StagedSnapshot(
+            files=list(staging.files),
+            rows=staging.rows,
+            scope={"project_id": project_id_of(resource)},
+            snapshot_at=snapshot_at,
+            stats={"requests": client.request_count - requests_before, **stats},
+        )
+
+    return build_snapshot_asset(
+        spec=spec,
+        table=table,
+        resource_key=rkey,
+        fetch=fetch,
+        config_cls=config_cls,
+        describe=describe,
+    )
 
 
 def build_posthog_group_assets(
@@ -311,17 +321,12 @@ def build_posthog_group_assets(
 def _group_types_asset(
     project: ResolvedProject, translator: DagsterPostHogTranslator
 ) -> dg.AssetsDefinition:
-    spec, rkey = _spec_and_key(project, "group_types", translator)
+    def stage(
+        _context: dg.OpExecutionContext, _config: None, client: PostHogClient, staging: StagingFile
+    ) -> dict[str, Any]:
+        return {"group_types": staging.write(group_type_row(t) for t in client.list_group_types())}
 
-    def fetch(context: dg.OpExecutionContext, _config: None, folder: Path) -> StagedSnapshot:
-        resource, client, snapshot_at, before = _begin(context, rkey)
-        with StagingFile(folder / "group_types", GROUP_TYPES_TABLE) as staging:
-            n = staging.write(group_type_row(t) for t in client.list_group_types())
-        return _staged(resource, client, staging, snapshot_at, before, group_types=n)
-
-    return build_snapshot_asset(
-        spec=spec, table=GROUP_TYPES_TABLE, resource_key=rkey, fetch=fetch
-    )
+    return _group_snapshot_asset(project, "group_types", translator, GROUP_TYPES_TABLE, stage)
 
 
 def describe_groups(conn: Any, staged: StagedSnapshot) -> dict[str, Any]:
@@ -337,28 +342,29 @@ def describe_groups(conn: Any, staged: StagedSnapshot) -> dict[str, Any]:
 def _groups_asset(
     project: ResolvedProject, translator: DagsterPostHogTranslator
 ) -> dg.AssetsDefinition:
-    spec, rkey = _spec_and_key(project, "groups", translator)
-
-    def fetch(
-        context: dg.OpExecutionContext, config: GroupsSnapshotConfig, folder: Path
-    ) -> StagedSnapshot:
-        resource, client, snapshot_at, before = _begin(context, rkey)
+    def stage(
+        context: dg.OpExecutionContext,
+        config: GroupsSnapshotConfig,
+        client: PostHogClient,
+        staging: StagingFile,
+    ) -> dict[str, Any]:
         indexes = type_indexes(client)
-        with StagingFile(folder / "groups", GROUPS_TABLE) as staging:
-            counts, pages = stage_groups(
-                client, staging, indexes, concurrency=config.type_concurrency, log=context.log
-            )
-        per_type = {f"groups_type_{i}": n for i, n in counts.items()}
-        return _staged(
-            resource, client, staging, snapshot_at, before,
-            group_types=len(indexes), pages_fetched=pages, api_groups_per_type=counts, **per_type,
+        counts, pages = stage_groups(
+            client, staging, indexes, concurrency=config.type_concurrency, log=context.log
         )
+        return {
+            "group_types": len(indexes),
+            "pages_fetched": pages,
+            "api_groups_per_type": counts,
+            **{f"groups_type_{i}": n for i, n in counts.items()},
+        }
 
-    return build_snapshot_asset(
-        spec=spec,
-        table=GROUPS_TABLE,
-        resource_key=rkey,
-        fetch=fetch,
+    return _group_snapshot_asset(
+        project,
+        "groups",
+        translator,
+        GROUPS_TABLE,
+        stage,
         config_cls=GroupsSnapshotConfig,
         describe=describe_groups,
     )
@@ -367,44 +373,36 @@ def _groups_asset(
 def _property_definitions_asset(
     project: ResolvedProject, translator: DagsterPostHogTranslator
 ) -> dg.AssetsDefinition:
-    spec, rkey = _spec_and_key(project, "group_property_definitions", translator)
+    def stage(
+        _context: dg.OpExecutionContext, _config: None, client: PostHogClient, staging: StagingFile
+    ) -> dict[str, Any]:
+        return {"properties": staging.write(definition_rows(client.group_property_definitions()))}
 
-    def fetch(context: dg.OpExecutionContext, _config: None, folder: Path) -> StagedSnapshot:
-        resource, client, snapshot_at, before = _begin(context, rkey)
-        table = GROUP_PROPERTY_DEFINITIONS_TABLE
-        with StagingFile(folder / table.name, table) as staging:
-            n = staging.write(definition_rows(client.group_property_definitions()))
-        return _staged(resource, client, staging, snapshot_at, before, properties=n)
-
-    return build_snapshot_asset(
-        spec=spec, table=GROUP_PROPERTY_DEFINITIONS_TABLE, resource_key=rkey, fetch=fetch
+    return _group_snapshot_asset(
+        project, "group_property_definitions", translator, GROUP_PROPERTY_DEFINITIONS_TABLE, stage
     )
 
 
 def _property_values_asset(
     project: ResolvedProject, translator: DagsterPostHogTranslator
 ) -> dg.AssetsDefinition:
-    spec, rkey = _spec_and_key(project, "group_property_values", translator)
+    def stage(
+        _context: dg.OpExecutionContext,
+        config: GroupPropertyValuesConfig,
+        client: PostHogClient,
+        staging: StagingFile,
+    ) -> dict[str, Any]:
+        properties, _ = stage_property_values(
+            client, staging, client.group_property_definitions(), concurrency=config.max_concurrency
+        )
+        return {"properties": properties}
 
-    def fetch(
-        context: dg.OpExecutionContext, config: GroupPropertyValuesConfig, folder: Path
-    ) -> StagedSnapshot:
-        resource, client, snapshot_at, before = _begin(context, rkey)
-        table = GROUP_PROPERTY_VALUES_TABLE
-        with StagingFile(folder / table.name, table) as staging:
-            properties, n = stage_property_values(
-                client,
-                staging,
-                client.group_property_definitions(),
-                concurrency=config.max_concurrency,
-            )
-        return _staged(resource, client, staging, snapshot_at, before, properties=properties)
-
-    return build_snapshot_asset(
-        spec=spec,
-        table=GROUP_PROPERTY_VALUES_TABLE,
-        resource_key=rkey,
-        fetch=fetch,
+    return _group_snapshot_asset(
+        project,
+        "group_property_values",
+        translator,
+        GROUP_PROPERTY_VALUES_TABLE,
+        stage,
         config_cls=GroupPropertyValuesConfig,
     )
 
@@ -412,22 +410,20 @@ def _property_values_asset(
 def _tracked_groups_asset(
     project: ResolvedProject, translator: DagsterPostHogTranslator
 ) -> dg.AssetsDefinition:
-    spec, rkey = _spec_and_key(project, "tracked_groups", translator)
     tracked = [(t.group_type_index, t.group_key) for t in project.groups.tracked]
 
-    def fetch(context: dg.OpExecutionContext, _config: None, folder: Path) -> StagedSnapshot:
-        resource, client, snapshot_at, before = _begin(context, rkey)
+    def stage(
+        context: dg.OpExecutionContext, _config: None, client: PostHogClient, staging: StagingFile
+    ) -> dict[str, Any]:
         rows = [tracked_group_row(client, index, key) for index, key in tracked]
         missing = [f"{r['group_type_index']}:{r['group_key']}" for r in rows if not r["found"]]
         if missing:
             context.log.warning("Tracked group(s) not found in PostHog: %s", ", ".join(missing))
-        with StagingFile(folder / "tracked_groups", TRACKED_GROUPS_TABLE) as staging:
-            staging.write(rows)
-        return _staged(
-            resource, client, staging, snapshot_at, before,
-            tracked=len(rows), missing=len(missing), missing_keys=", ".join(missing) or "none",
-        )
+        staging.write(rows)
+        return {
+            "tracked": len(rows),
+            "missing": len(missing),
+            "missing_keys": ", ".join(missing) or "none",
+        }
 
-    return build_snapshot_asset(
-        spec=spec, table=TRACKED_GROUPS_TABLE, resource_key=rkey, fetch=fetch
-    )
+    return _group_snapshot_asset(project, "tracked_groups", translator, TRACKED_GROUPS_TABLE, stage)

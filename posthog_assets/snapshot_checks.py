@@ -7,8 +7,7 @@
 - tracked groups: every configured group was found; a failure names the missing keys.
 """
 
-
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -40,6 +39,35 @@ def _reader(context: dg.AssetCheckExecutionContext) -> Iterator[duckdb.DuckDBPyC
         conn.close()
 
 
+def _select(
+    context: dg.AssetCheckExecutionContext, table: str, sql: str, params: Sequence[Any]
+) -> list[tuple[Any, ...]] | None:
+    """Rows of ``sql`` (``{table}`` becomes the qualified name); None if the table is not there."""
+    with _reader(context) as conn:
+        if conn is None or not table_exists(conn, table):
+            return None
+        return conn.execute(sql.format(table=table_ref(conn, table)), list(params)).fetchall()
+
+
+def _duckdb_check(
+    asset_key: dg.AssetKey,
+    name: str,
+    description: str,
+    resource_keys: set[str],
+    *,
+    blocking: bool = False,
+) -> Callable[[Callable[..., dg.AssetCheckResult]], dg.AssetChecksDefinition]:
+    """``dg.asset_check`` in the duckdb pool (a read-only open fails while a writer holds it)."""
+    return dg.asset_check(
+        asset=asset_key,
+        name=name,
+        description=description,
+        blocking=blocking,
+        required_resource_keys=resource_keys,
+        pool=DUCKDB_POOL,
+    )
+
+
 def _missing_table(table: str) -> dg.AssetCheckResult:
     return dg.AssetCheckResult(
         passed=False, description=f"posthog.{table} does not exist yet: materialize the asset."
@@ -50,9 +78,7 @@ def _project_id(context: dg.AssetCheckExecutionContext, resource_key: str) -> st
     return project_id_of(getattr(context.resources, resource_key))
 
 
-def _partition_of(
-    context: dg.AssetCheckExecutionContext, conn: duckdb.DuckDBPyConnection, project_id: str
-) -> str | None:
+def _partition_of(context: dg.AssetCheckExecutionContext, project_id: str) -> str | None:
     """The run's partition; a check run on its own looks at the newest partition in DuckDB.
 
     The checks are not partitioned themselves (partitioned checks are a preview feature in
@@ -61,11 +87,12 @@ def _partition_of(
     tagged = context.run.tags.get(PARTITION_TAG)
     if tagged:
         return tagged
-    rows = conn.execute(
-        f'SELECT max("partition")::VARCHAR FROM {table_ref(conn, "insights")} '
-        "WHERE project_id = ?",
+    rows = _select(
+        context,
+        "insights",
+        'SELECT max("partition")::VARCHAR FROM {table} WHERE project_id = ?',
         [project_id],
-    ).fetchall()
+    )
     return rows[0][0] if rows else None
 
 
@@ -78,52 +105,50 @@ def build_insights_checks(
     rkey = project.resource_key
     keys = {DUCKDB_RESOURCE_KEY, rkey}
 
-    @dg.asset_check(
-        asset=asset_key,
-        name="insights_not_empty",
-        description="The snapshot partition has at least one insight.",
+    @_duckdb_check(
+        asset_key,
+        "insights_not_empty",
+        "The snapshot partition has at least one insight.",
+        keys,
         blocking=True,
-        required_resource_keys=keys,
-        pool=DUCKDB_POOL,  # a read-only open fails while a writer holds the file
     )
     def insights_not_empty(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        with _reader(context) as conn:
-            if conn is None or not table_exists(conn, "insights"):
-                return _missing_table("insights")
-            project_id = _project_id(context, rkey)
-            partition = _partition_of(context, conn, project_id)
-            ((rows,),) = conn.execute(
-                f"SELECT count(*) FROM {table_ref(conn, 'insights')} "
-                'WHERE project_id = ? AND "partition" = ?',
-                [project_id, partition],
-            ).fetchall()
+        project_id = _project_id(context, rkey)
+        partition = _partition_of(context, project_id)
+        counted = _select(
+            context,
+            "insights",
+            'SELECT count(*) FROM {table} WHERE project_id = ? AND "partition" = ?',
+            [project_id, partition],
+        )
+        if counted is None:
+            return _missing_table("insights")
+        rows = int(counted[0][0])
         return dg.AssetCheckResult(
             passed=rows > 0,
             metadata={"rows": rows, "partition": str(partition)},
             description=None if rows else f"No insights in partition {partition}.",
         )
 
-    @dg.asset_check(
-        asset=asset_key,
-        name="insights_results_present",
-        description=(
-            "In blocking modes (blocking, force_blocking) every insight has a result; other modes "
-            "may legitimately return null (cold cache), so only the count is reported."
-        ),
-        required_resource_keys=keys,
-        pool=DUCKDB_POOL,  # a read-only open fails while a writer holds the file
+    @_duckdb_check(
+        asset_key,
+        "insights_results_present",
+        "In blocking modes (blocking, force_blocking) every insight has a result; other modes "
+        "may legitimately return null (cold cache), so only the count is reported.",
+        keys,
     )
     def insights_results_present(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        with _reader(context) as conn:
-            if conn is None or not table_exists(conn, "insights"):
-                return _missing_table("insights")
-            project_id = _project_id(context, rkey)
-            partition = _partition_of(context, conn, project_id)
-            rows = conn.execute(
-                f"SELECT id, refresh, query_error FROM {table_ref(conn, 'insights')} "
-                'WHERE project_id = ? AND "partition" = ? AND result IS NULL ORDER BY id',
-                [project_id, partition],
-            ).fetchall()
+        project_id = _project_id(context, rkey)
+        partition = _partition_of(context, project_id)
+        rows = _select(
+            context,
+            "insights",
+            "SELECT id, refresh, query_error FROM {table} "
+            'WHERE project_id = ? AND "partition" = ? AND result IS NULL ORDER BY id',
+            [project_id, partition],
+        )
+        if rows is None:
+            return _missing_table("insights")
         blocking = [r for r in rows if r[1] in BLOCKING_REFRESH_MODES]
         listed = "; ".join(
             f"{i} ({err or 'no error given'})" for i, _, err in blocking[:MAX_LISTED]
@@ -142,23 +167,23 @@ def build_insights_checks(
             ),
         )
 
-    @dg.asset_check(
-        asset=asset_key,
-        name="insights_no_duplicates",
-        description="No (partition, id) appears twice in posthog.insights for this project.",
+    @_duckdb_check(
+        asset_key,
+        "insights_no_duplicates",
+        "No (partition, id) appears twice in posthog.insights for this project.",
+        keys,
         blocking=True,
-        required_resource_keys=keys,
-        pool=DUCKDB_POOL,  # a read-only open fails while a writer holds the file
     )
     def insights_no_duplicates(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        with _reader(context) as conn:
-            if conn is None or not table_exists(conn, "insights"):
-                return _missing_table("insights")
-            dupes = conn.execute(
-                f'SELECT "partition", id, count(*) FROM {table_ref(conn, "insights")} '
-                "WHERE project_id = ? GROUP BY 1, 2 HAVING count(*) > 1 ORDER BY 1, 2 LIMIT ?",
-                [_project_id(context, rkey), MAX_LISTED],
-            ).fetchall()
+        dupes = _select(
+            context,
+            "insights",
+            'SELECT "partition", id, count(*) FROM {table} '
+            "WHERE project_id = ? GROUP BY 1, 2 HAVING count(*) > 1 ORDER BY 1, 2 LIMIT ?",
+            [_project_id(context, rkey), MAX_LISTED],
+        )
+        if dupes is None:
+            return _missing_table("insights")
         return dg.AssetCheckResult(
             passed=not dupes,
             metadata={"duplicate_keys_listed": len(dupes)},
@@ -192,15 +217,12 @@ def build_group_checks(
 
     if groups_key is not None:
 
-        @dg.asset_check(
-            asset=groups_key,
-            name="groups_count_per_type_matches_api",
-            description=(
-                "Rows per group type in posthog.groups equal the groups the API returned "
-                "(api_groups_per_type in the latest materialization's metadata)."
-            ),
-            required_resource_keys=keys,
-        pool=DUCKDB_POOL,  # a read-only open fails while a writer holds the file
+        @_duckdb_check(
+            groups_key,
+            "groups_count_per_type_matches_api",
+            "Rows per group type in posthog.groups equal the groups the API returned "
+            "(api_groups_per_type in the latest materialization's metadata).",
+            keys,
         )
         def groups_count_matches(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
             reported = _latest_metadata(context, groups_key).get("api_groups_per_type")
@@ -208,14 +230,14 @@ def build_group_checks(
                 return dg.AssetCheckResult(
                     passed=False, description="No materialization with per-type counts yet."
                 )
-            with _reader(context) as conn:
-                if conn is None or not table_exists(conn, "groups"):
-                    return _missing_table("groups")
-                rows = conn.execute(
-                    f"SELECT group_type_index, count(*) FROM {table_ref(conn, 'groups')} "
-                    "WHERE project_id = ? GROUP BY 1",
-                    [_project_id(context, rkey)],
-                ).fetchall()
+            rows = _select(
+                context,
+                "groups",
+                "SELECT group_type_index, count(*) FROM {table} WHERE project_id = ? GROUP BY 1",
+                [_project_id(context, rkey)],
+            )
+            if rows is None:
+                return _missing_table("groups")
             in_db = {str(i): int(n) for i, n in rows}
             api = {str(k): int(v) for k, v in reported.items()}
             wrong = {
@@ -234,24 +256,22 @@ def build_group_checks(
                 ),
             )
 
-        @dg.asset_check(
-            asset=groups_key,
-            name="groups_no_duplicates",
-            description="No (group_type_index, group_key) appears twice for this project.",
-            required_resource_keys=keys,
-        pool=DUCKDB_POOL,  # a read-only open fails while a writer holds the file
+        @_duckdb_check(
+            groups_key,
+            "groups_no_duplicates",
+            "No (group_type_index, group_key) appears twice for this project.",
+            keys,
         )
         def groups_no_duplicates(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-            with _reader(context) as conn:
-                if conn is None or not table_exists(conn, "groups"):
-                    return _missing_table("groups")
-                dupes = conn.execute(
-                    "SELECT group_type_index, group_key, count(*) "
-                    f"FROM {table_ref(conn, 'groups')} "
-                    "WHERE project_id = ? GROUP BY 1, 2 HAVING count(*) > 1 ORDER BY 1, 2 "
-                    "LIMIT ?",
-                    [_project_id(context, rkey), MAX_LISTED],
-                ).fetchall()
+            dupes = _select(
+                context,
+                "groups",
+                "SELECT group_type_index, group_key, count(*) FROM {table} "
+                "WHERE project_id = ? GROUP BY 1, 2 HAVING count(*) > 1 ORDER BY 1, 2 LIMIT ?",
+                [_project_id(context, rkey), MAX_LISTED],
+            )
+            if dupes is None:
+                return _missing_table("groups")
             return dg.AssetCheckResult(
                 passed=not dupes,
                 description=(
@@ -268,23 +288,21 @@ def build_group_checks(
             (t.group_type_index, t.group_key) for t in project.groups.tracked
         ]
 
-        @dg.asset_check(
-            asset=tracked_key,
-            name="tracked_groups_present",
-            description="Every group listed under groups.tracked still exists in PostHog.",
-            required_resource_keys=keys,
-        pool=DUCKDB_POOL,  # a read-only open fails while a writer holds the file
+        @_duckdb_check(
+            tracked_key,
+            "tracked_groups_present",
+            "Every group listed under groups.tracked still exists in PostHog.",
+            keys,
         )
         def tracked_groups_present(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-            with _reader(context) as conn:
-                if conn is None or not table_exists(conn, "tracked_groups"):
-                    return _missing_table("tracked_groups")
-                rows = conn.execute(
-                    "SELECT group_type_index, group_key, found "
-                    f"FROM {table_ref(conn, 'tracked_groups')} "
-                    "WHERE project_id = ?",
-                    [_project_id(context, rkey)],
-                ).fetchall()
+            rows = _select(
+                context,
+                "tracked_groups",
+                "SELECT group_type_index, group_key, found FROM {table} WHERE project_id = ?",
+                [_project_id(context, rkey)],
+            )
+            if rows is None:
+                return _missing_table("tracked_groups")
             found = {(int(t), str(k)) for t, k, ok in rows if ok}
             missing = [f"{t}:{k}" for t, k in tracked if (t, k) not in found]
             return dg.AssetCheckResult(

@@ -228,22 +228,13 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop_on_signal)
     signal.signal(signal.SIGTERM, _stop_on_signal)
 
-    from posthog_assets.demo import DEMO_KEY, prepare_dagster_home
+    from posthog_assets.demo import prepare_dagster_home, use_standin_without_credentials
 
     root = Path.cwd()
     home = prepare_dagster_home(root)
     try:
         with ExitStack() as stack:
-            if not os.environ.get("POSTHOG_HOST"):
-                from posthog_assets.standin.server import StandinProcess
-
-                standin = stack.enter_context(StandinProcess(key=DEMO_KEY, export_delay=0.5))
-                os.environ.update(
-                    POSTHOG_HOST=standin.url,
-                    POSTHOG_PROJECT_ID=str(standin.project_id),
-                    POSTHOG_PERSONAL_API_KEY=standin.key,
-                )
-                print(f"No POSTHOG_HOST set: using the local PostHog stand-in at {standin.url}")
+            use_standin_without_credentials(stack)
 
             import dagster as dg
 

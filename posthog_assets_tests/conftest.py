@@ -7,12 +7,15 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
+import dagster as dg
 import pytest
 
 from posthog_assets.client import PostHogClient, RetrySettings
 from posthog_assets.resources import PostHogResource
 from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets_tests.snapshot_support import resources_for, snapshot_defs, snapshot_settings
 
 #: Seed sizes for the session's stand-in: several pages of everything, still fast to serve.
 TEST_INSIGHTS = 1200
@@ -94,3 +97,23 @@ def posthog_resource(
         poll_max_interval_s=0.3,
         poll_timeout_s=20,
     )
+
+
+# -- the snapshot tests' defaults (a module may override any of them)
+
+
+@pytest.fixture
+def db(posthog_env: dict[str, str]) -> Path:
+    """The DuckDB file the env points the package at."""
+    return Path(posthog_env["POSTHOG_ASSETS_DUCKDB"])
+
+
+@pytest.fixture
+def defs(posthog_env: dict[str, str], tmp_path: Path) -> dg.Definitions:
+    """Snapshot definitions from an empty YAML (every default) against the stand-in."""
+    return snapshot_defs(snapshot_settings(posthog_env, tmp_path))
+
+
+@pytest.fixture
+def resources(posthog_resource: PostHogResource, db: Path) -> dict[str, Any]:
+    return resources_for(posthog_resource, db)

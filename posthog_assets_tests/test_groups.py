@@ -35,18 +35,8 @@ TOTAL_GROUPS = TEST_GROUP_TYPES * TEST_GROUPS_PER_TYPE
 
 
 @pytest.fixture
-def db(posthog_env: dict[str, str]) -> Path:
-    return Path(posthog_env["POSTHOG_ASSETS_DUCKDB"])
-
-
-@pytest.fixture
 def defs(posthog_env: dict[str, str], tmp_path: Path) -> dg.Definitions:
     return snapshot_defs(snapshot_settings(posthog_env, tmp_path, TRACKED_YAML))
-
-
-@pytest.fixture
-def resources(posthog_resource: PostHogResource, db: Path) -> dict[str, Any]:
-    return resources_for(posthog_resource, db)
 
 
 def test_every_group_of_every_type_across_many_cursor_pages(

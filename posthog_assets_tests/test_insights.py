@@ -13,7 +13,6 @@ from typing import Any
 
 import dagster as dg
 import duckdb
-import pytest
 
 from posthog_assets.config import REFRESH_MODES
 from posthog_assets.insights import (
@@ -31,27 +30,11 @@ from posthog_assets_tests.snapshot_support import (
     query,
     resources_for,
     scalar,
-    snapshot_defs,
     snapshot_settings,
 )
 
 #: created_by=[2] keeps about a third of the insights: enough for many pages of async follow-up.
 USER_FILTER = [2]
-
-
-@pytest.fixture
-def db(posthog_env: dict[str, str]) -> Path:
-    return Path(posthog_env["POSTHOG_ASSETS_DUCKDB"])
-
-
-@pytest.fixture
-def defs(posthog_env: dict[str, str], tmp_path: Path) -> dg.Definitions:
-    return snapshot_defs(snapshot_settings(posthog_env, tmp_path))
-
-
-@pytest.fixture
-def resources(posthog_resource: Any, db: Path) -> dict[str, Any]:
-    return resources_for(posthog_resource, db)
 
 
 def _partition_rows(db: Path, partition: str = TEST_PARTITION) -> list[dict[str, Any]]:

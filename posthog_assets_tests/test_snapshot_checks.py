@@ -9,7 +9,6 @@ import dagster as dg
 import duckdb
 import pytest
 
-from posthog_assets.resources import PostHogResource
 from posthog_assets_tests.conftest import TEST_GROUPS_PER_TYPE
 from posthog_assets_tests.snapshot_support import (
     TEST_PARTITION,
@@ -18,25 +17,7 @@ from posthog_assets_tests.snapshot_support import (
     defs_checks,
     materialize_groups,
     materialize_insights,
-    resources_for,
-    snapshot_defs,
-    snapshot_settings,
 )
-
-
-@pytest.fixture
-def db(posthog_env: dict[str, str]) -> Path:
-    return Path(posthog_env["POSTHOG_ASSETS_DUCKDB"])
-
-
-@pytest.fixture
-def defs(posthog_env: dict[str, str], tmp_path: Path) -> dg.Definitions:
-    return snapshot_defs(snapshot_settings(posthog_env, tmp_path))
-
-
-@pytest.fixture
-def resources(posthog_resource: PostHogResource, db: Path) -> dict[str, Any]:
-    return resources_for(posthog_resource, db)
 
 
 def _tamper(db: Path, sql: str) -> None:
