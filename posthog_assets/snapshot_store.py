@@ -39,6 +39,11 @@ from posthog_assets.errors import (
 
 #: Folder (next to the DuckDB file) that holds staging files between the fetch and write steps.
 STAGING_DIRNAME = ".posthog_staging"
+#: Written into an asset's staging folder once its fetch step has finished.
+STAGED_MARKER = ".fetched"
+#: A failed run's finished fetches stay this long, so "re-execute from failure" can still write
+#: them; an unfinished fetch of a finished run is removed at once (no step will read it).
+FAILED_STAGING_KEEP_S = 7 * 24 * 3600.0
 
 
 @dataclass(frozen=True)
@@ -168,9 +173,44 @@ def remove_staging(files: Sequence[str | Path]) -> None:
         p.unlink(missing_ok=True)
         folders.add(p.parent)
     for folder in folders:
+        (folder / STAGED_MARKER).unlink(missing_ok=True)
         for candidate in (folder, folder.parent):
             with suppress(OSError):
                 candidate.rmdir()
+
+
+def remove_stale_staging(
+    database: str | Path, instance: dg.DagsterInstance, *, now: float | None = None
+) -> list[Path]:
+    """Delete what finished runs left in staging: a killed or failed fetch's partial files at
+    once, a failed run's finished fetch after ``FAILED_STAGING_KEEP_S``.
+
+    Folders of runs still going, or of runs this instance does not know (another Dagster home
+    may share the folder), are left alone.
+    """
+    root = staging_root(database)
+    if not root.is_dir():
+        return []
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+        run = instance.get_run_by_id(run_dir.name)
+        if run is None or not run.is_finished:
+            continue
+        for folder in [p for p in run_dir.iterdir() if p.is_dir()]:
+            marker = folder / STAGED_MARKER
+            fetched = marker.exists()
+            if (
+                fetched
+                and run.status != dg.DagsterRunStatus.SUCCESS
+                and now - marker.stat().st_mtime < FAILED_STAGING_KEEP_S
+            ):
+                continue
+            shutil.rmtree(folder, ignore_errors=True)
+            removed.append(folder)
+        with suppress(OSError):
+            run_dir.rmdir()
+    return removed
 
 
 #: DuckDB settings of the write step, unless ``DuckDBResource.connection_config`` sets them. The
@@ -339,6 +379,9 @@ def build_snapshot_asset(
 
     def _run_fetch(context: dg.OpExecutionContext, config: Any) -> StagedSnapshot:
         duck = getattr(context.resources, DUCKDB_RESOURCE_KEY)
+        stale = remove_stale_staging(duck.database, context.instance)
+        if stale:
+            context.log.info("Removed %d staging folder(s) of finished runs", len(stale))
         folder = staging_dir(duck.database, context.run_id, base)
         started = time.monotonic()
         try:
@@ -355,6 +398,7 @@ def build_snapshot_asset(
             shutil.rmtree(folder, ignore_errors=True)
             raise
         staged.stats["fetch_seconds"] = round(time.monotonic() - started, 3)
+        (folder / STAGED_MARKER).touch()
         return staged
 
     # Dagster reads the op's parameters from real annotations (this module uses postponed ones).

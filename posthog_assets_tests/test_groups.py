@@ -6,6 +6,8 @@ The session stand-in has 3 group types x 1200 groups (12 cursor pages per type).
 from __future__ import annotations
 
 import json
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -13,9 +15,11 @@ import dagster as dg
 import pytest
 
 from posthog_assets.resources import PostHogResource
+from posthog_assets.snapshot_store import STAGED_MARKER, STAGING_DIRNAME
 from posthog_assets_tests.conftest import TEST_GROUP_TYPES, TEST_GROUPS_PER_TYPE
 from posthog_assets_tests.snapshot_support import (
     check_results,
+    defs_assets,
     materialization_metadata,
     materialize_groups,
     query,
@@ -169,3 +173,56 @@ projects:
     staging_only = [a for a in groups_assets if a.key.path[1] == "staging"]
     dg.materialize(staging_only, resources=resources)
     assert dict(query(db, "SELECT project_id, count(*) FROM groups GROUP BY 1")) == counts
+
+
+@dg.asset
+def _finishes() -> None:
+    """Stands for any run that ended well."""
+
+
+@dg.asset
+def _fails() -> None:
+    raise RuntimeError("stands for a run that failed")
+
+
+def test_a_fetch_clears_what_finished_runs_left_in_staging(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path
+) -> None:
+    root = db.parent / STAGING_DIRNAME
+
+    def leave(run_id: str, asset: str, *, fetched: bool, age_days: float = 0) -> Path:
+        folder = root / run_id / asset
+        folder.mkdir(parents=True)
+        (folder / "rows-00000.ndjson").write_text('{"id": 1}\n')
+        if fetched:
+            marker = folder / STAGED_MARKER
+            marker.touch()
+            then = time.time() - age_days * 86400
+            os.utime(marker, (then, then))
+        return folder
+
+    with dg.instance_for_test() as instance:
+        ok = dg.materialize([_finishes], instance=instance)
+        failed = dg.materialize([_fails], instance=instance, raise_on_error=False)
+        assert not failed.success
+        gone = [
+            leave(ok.run_id, "fetched", fetched=True),
+            leave(failed.run_id, "killed_mid_fetch", fetched=False),
+            leave(failed.run_id, "fetched_last_month", fetched=True, age_days=30),
+        ]
+        kept = [
+            # "Re-execute from failure" can still write this one.
+            leave(failed.run_id, "fetched_yesterday", fetched=True, age_days=1),
+            # Not a run of this instance: maybe another Dagster home's, running now.
+            leave("0f0e0d0c-not-a-run-of-this-instance", "fetching", fetched=False),
+        ]
+        result = dg.materialize(
+            defs_assets(defs, "group_types"), resources=resources, instance=instance
+        )
+
+    assert result.success
+    assert [f for f in gone if f.exists()] == []
+    assert [f for f in kept if not f.exists()] == []
+    assert not (root / ok.run_id).exists()
+    assert not (root / result.run_id).exists()  # its own staging went after the write
+    assert scalar(db, "SELECT count(*) FROM group_types") == TEST_GROUP_TYPES
