@@ -36,6 +36,26 @@ def table_ref(conn: duckdb.DuckDBPyConnection, table: str) -> str:
     return f"{schema_ref(conn)}.{quote(table)}"
 
 
+def table_columns(conn: duckdb.DuckDBPyConnection, table: str) -> list[str]:
+    """``posthog.<table>``'s columns in table order (none when the table does not exist)."""
+    rows = conn.execute(
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ? "
+        "ORDER BY ordinal_position",
+        [SCHEMA, table],
+    ).fetchall()
+    return [str(r[0]) for r in rows]
+
+
+def table_exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
+    rows = conn.execute(
+        "SELECT count(*) FROM information_schema.tables "
+        "WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ?",
+        [SCHEMA, table],
+    ).fetchall()
+    return bool(rows and rows[0][0])
+
+
 def ensure_table(
     conn: duckdb.DuckDBPyConnection, table: str, columns: Mapping[str, str]
 ) -> None:
@@ -44,14 +64,7 @@ def ensure_table(
     cols = ", ".join(f"{quote(name)} {sql_type}" for name, sql_type in columns.items())
     ref = table_ref(conn, table)
     conn.execute(f"CREATE TABLE IF NOT EXISTS {ref} ({cols})")
-    existing = {
-        row[0]
-        for row in conn.execute(
-            "SELECT column_name FROM information_schema.columns "
-            "WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ?",
-            [SCHEMA, table],
-        ).fetchall()
-    }
+    existing = set(table_columns(conn, table))
     for name, sql_type in columns.items():
         if name not in existing:
             conn.execute(f"ALTER TABLE {ref} ADD COLUMN {quote(name)} {sql_type}")

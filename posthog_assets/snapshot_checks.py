@@ -16,9 +16,9 @@ import dagster as dg
 import duckdb
 
 from posthog_assets.config import BLOCKING_REFRESH_MODES, ResolvedProject
-from posthog_assets.duckdb_store import open_read_only, table_ref
+from posthog_assets.duckdb_store import open_read_only, quote, table_exists, table_ref
 from posthog_assets.pools import DUCKDB_POOL
-from posthog_assets.snapshot_store import DUCKDB_RESOURCE_KEY, project_id_of, table_exists
+from posthog_assets.snapshot_store import DUCKDB_RESOURCE_KEY, project_id_of
 
 PARTITION_TAG = "dagster/partition"
 #: How many offending ids/keys a failed check lists in its description.
@@ -66,6 +66,51 @@ def _duckdb_check(
         required_resource_keys=resource_keys,
         pool=DUCKDB_POOL,
     )
+
+
+def _no_duplicates_check(
+    asset_key: dg.AssetKey,
+    name: str,
+    table: str,
+    key_columns: tuple[str, str],
+    resource_keys: set[str],
+    posthog_key: str,
+    show: Callable[[Any, Any], str],
+    *,
+    blocking: bool = False,
+) -> dg.AssetChecksDefinition:
+    """No ``key_columns`` pair appears twice in ``posthog.<table>`` for the project."""
+    a, b = (quote(c) for c in key_columns)
+    label = ", ".join(key_columns)
+
+    @_duckdb_check(
+        asset_key,
+        name,
+        f"No ({label}) appears twice in posthog.{table} for this project.",
+        resource_keys,
+        blocking=blocking,
+    )
+    def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        dupes = _select(
+            context,
+            table,
+            f"SELECT {a}, {b}, count(*) FROM {{table}} WHERE project_id = ? "
+            "GROUP BY 1, 2 HAVING count(*) > 1 ORDER BY 1, 2 LIMIT ?",
+            [_project_id(context, posthog_key), MAX_LISTED],
+        )
+        if dupes is None:
+            return _missing_table(table)
+        return dg.AssetCheckResult(
+            passed=not dupes,
+            metadata={"duplicate_keys_listed": len(dupes)},
+            description=(
+                f"Duplicate ({label}): " + ", ".join(f"{show(x, y)} x{n}" for x, y, n in dupes)
+                if dupes
+                else None
+            ),
+        )
+
+    return _check
 
 
 def _missing_table(table: str) -> dg.AssetCheckResult:
@@ -167,32 +212,16 @@ def build_insights_checks(
             ),
         )
 
-    @_duckdb_check(
+    insights_no_duplicates = _no_duplicates_check(
         asset_key,
         "insights_no_duplicates",
-        "No (partition, id) appears twice in posthog.insights for this project.",
+        "insights",
+        ("partition", "id"),
         keys,
+        rkey,
+        lambda p, i: f"({p}, {i})",
         blocking=True,
     )
-    def insights_no_duplicates(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        dupes = _select(
-            context,
-            "insights",
-            'SELECT "partition", id, count(*) FROM {table} '
-            "WHERE project_id = ? GROUP BY 1, 2 HAVING count(*) > 1 ORDER BY 1, 2 LIMIT ?",
-            [_project_id(context, rkey), MAX_LISTED],
-        )
-        if dupes is None:
-            return _missing_table("insights")
-        return dg.AssetCheckResult(
-            passed=not dupes,
-            metadata={"duplicate_keys_listed": len(dupes)},
-            description=(
-                "Duplicate (partition, id): " + ", ".join(f"({p}, {i}) x{n}" for p, i, n in dupes)
-                if dupes
-                else None
-            ),
-        )
 
     return [insights_not_empty, insights_results_present, insights_no_duplicates]
 
@@ -256,30 +285,15 @@ def build_group_checks(
                 ),
             )
 
-        @_duckdb_check(
+        groups_no_duplicates = _no_duplicates_check(
             groups_key,
             "groups_no_duplicates",
-            "No (group_type_index, group_key) appears twice for this project.",
+            "groups",
+            ("group_type_index", "group_key"),
             keys,
+            rkey,
+            lambda t, k: f"{t}:{k}",
         )
-        def groups_no_duplicates(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-            dupes = _select(
-                context,
-                "groups",
-                "SELECT group_type_index, group_key, count(*) FROM {table} "
-                "WHERE project_id = ? GROUP BY 1, 2 HAVING count(*) > 1 ORDER BY 1, 2 LIMIT ?",
-                [_project_id(context, rkey), MAX_LISTED],
-            )
-            if dupes is None:
-                return _missing_table("groups")
-            return dg.AssetCheckResult(
-                passed=not dupes,
-                description=(
-                    "Duplicate groups: " + ", ".join(f"{t}:{k} x{n}" for t, k, n in dupes)
-                    if dupes
-                    else None
-                ),
-            )
 
         checks += [groups_count_matches, groups_no_duplicates]
 

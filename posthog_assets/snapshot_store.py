@@ -319,15 +319,6 @@ def count_rows(
     return int(rows[0][0]) if rows else 0
 
 
-def table_exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
-    rows = conn.execute(
-        "SELECT count(*) FROM information_schema.tables "
-        "WHERE table_catalog = current_database() AND table_schema = ? AND table_name = ?",
-        [SCHEMA, table],
-    ).fetchall()
-    return bool(rows and rows[0][0])
-
-
 # ------------------------------------------------------------------------------------------------
 # Dagster wiring: one asset = a fetch op (pool posthog_api) + a write op (pool duckdb).
 

@@ -28,6 +28,17 @@ TEST_RETRY = RetrySettings(
 )
 
 
+def standin_env(standin: StandinProcess, root: Path) -> dict[str, str]:
+    """The env contract pointed at the stand-in, DuckDB and exports under ``root``; no key
+    (callers that need one add it, so tests of the key choose theirs)."""
+    return {
+        "POSTHOG_HOST": standin.url,
+        "POSTHOG_PROJECT_ID": str(standin.project_id),
+        "POSTHOG_ASSETS_DUCKDB": str(root / "posthog.duckdb"),
+        "POSTHOG_ASSETS_EXPORT_DIR": str(root / "exports"),
+    }
+
+
 @pytest.fixture(scope="session")
 def standin() -> Iterator[StandinProcess]:
     proc = StandinProcess(
@@ -59,13 +70,7 @@ def posthog_env(
     monkeypatch: pytest.MonkeyPatch,
 ) -> dict[str, str]:
     """The environment contract pointed at the stand-in and at tmp_path."""
-    env = {
-        "POSTHOG_HOST": standin.url,
-        "POSTHOG_PROJECT_ID": str(standin.project_id),
-        "POSTHOG_PERSONAL_API_KEY": standin.key,
-        "POSTHOG_ASSETS_DUCKDB": str(tmp_path / "posthog.duckdb"),
-        "POSTHOG_ASSETS_EXPORT_DIR": str(tmp_path / "exports"),
-    }
+    env = {**standin_env(standin, tmp_path), "POSTHOG_PERSONAL_API_KEY": standin.key}
     for k, v in env.items():
         monkeypatch.setenv(k, v)
     return env

@@ -31,6 +31,7 @@ import pytest
 from posthog_assets.standin.server import StandinProcess
 from posthog_assets.translator import EXPORTS_GROUP
 from posthog_assets.ui import graphql
+from posthog_assets_tests.conftest import standin_env
 
 ROOT = Path(__file__).resolve().parents[1]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -317,12 +318,9 @@ def dagster_ui(
     env = {
         **os.environ,
         "DAGSTER_HOME": str(tmp / "dagster_home"),
-        "POSTHOG_HOST": standin.url,
-        "POSTHOG_PROJECT_ID": str(standin.project_id),
+        **standin_env(standin, tmp),
         "POSTHOG_PERSONAL_API_KEY": standin.key,
         "POSTHOG_ASSETS_CONFIG": str(ROOT / "posthog_assets.yaml"),
-        "POSTHOG_ASSETS_DUCKDB": str(tmp / "posthog.duckdb"),
-        "POSTHOG_ASSETS_EXPORT_DIR": str(tmp / "exports"),
         "PYTHONUNBUFFERED": "1",
     }
     with log_path.open("wb") as log:

@@ -25,7 +25,8 @@ import subprocess
 import sys
 import threading
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -36,11 +37,13 @@ import pytest
 from dagster_duckdb import DuckDBResource
 
 from posthog_assets.config import Settings, load_settings
+from posthog_assets.duckdb_store import open_read_only, table_columns, table_exists
 from posthog_assets.export_checks import build_posthog_export_checks
 from posthog_assets.exports import build_posthog_export_assets, build_posthog_exports_log_asset
 from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshots import build_posthog_snapshot_definitions
 from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets_tests.conftest import standin_env
 
 #: Two exports (PNG, CSV), a filtered blocking insights snapshot (4 pages), every group asset.
 WORLD_YAML = """
@@ -204,17 +207,22 @@ def fast_resource(standin: StandinProcess, export_dir: Path, **overrides: Any) -
     return PostHogResource(**fields)
 
 
-def world_env(standin: StandinProcess, root: Path) -> dict[str, str]:
-    return {
-        "POSTHOG_HOST": standin.url,
-        "POSTHOG_PROJECT_ID": str(standin.project_id),
-        "POSTHOG_ASSETS_DUCKDB": str(root / "posthog.duckdb"),
-        "POSTHOG_ASSETS_EXPORT_DIR": str(root / "exports"),
-    }
-
-
 # ------------------------------------------------------------------------------------------------
 # What a run left behind
+
+
+@contextmanager
+def _read_posthog(db: Path) -> Iterator[duckdb.DuckDBPyConnection | None]:
+    """A read-only connection with ``posthog`` as the schema, or None when there is no file."""
+    if not db.exists():
+        yield None
+        return
+    conn = open_read_only(db)
+    try:
+        conn.execute("SET schema = 'posthog'")
+        yield conn
+    finally:
+        conn.close()
 
 
 def table_rows(db: Path, table: str, ignore: Iterable[str] = ()) -> list[tuple[Any, ...]]:
@@ -222,24 +230,15 @@ def table_rows(db: Path, table: str, ignore: Iterable[str] = ()) -> list[tuple[A
 
     An absent file or table gives ``[]``: "nothing written" is a comparable outcome.
     """
-    if not db.exists():
-        return []
-    conn = duckdb.connect(str(db), read_only=True)
-    try:
-        conn.execute("SET schema = 'posthog'")
-        found = conn.execute(
-            "SELECT column_name FROM information_schema.columns WHERE table_schema = 'posthog' "
-            "AND table_name = ? AND table_catalog = current_database() ORDER BY ordinal_position",
-            [table],
-        ).fetchall()
+    with _read_posthog(db) as conn:
+        if conn is None:
+            return []
         skip = VOLATILE_COLUMNS.get(table, DEFAULT_VOLATILE) | set(ignore)
-        cols = [c for (c,) in found if c not in skip]
+        cols = [c for c in table_columns(conn, table) if c not in skip]
         if not cols:
             return []
         select = ", ".join(f'CAST("{c}" AS VARCHAR)' for c in cols)
         rows = conn.execute(f'SELECT {select} FROM "{table}"').fetchall()
-    finally:
-        conn.close()
     return sorted(rows, key=lambda r: tuple("" if v is None else v for v in r))
 
 
@@ -266,22 +265,12 @@ def sha256_of(path: Path) -> str:
 
 def export_records(db: Path) -> list[dict[str, Any]]:
     """Rows of ``posthog.exports`` as dicts (empty when nothing was logged)."""
-    if not db.exists():
-        return []
-    conn = duckdb.connect(str(db), read_only=True)
-    try:
-        conn.execute("SET schema = 'posthog'")
-        exists = conn.execute(
-            "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'posthog' "
-            "AND table_name = 'exports' AND table_catalog = current_database()"
-        ).fetchall()[0][0]
-        if not exists:
+    with _read_posthog(db) as conn:
+        if conn is None or not table_exists(conn, "exports"):
             return []
         cur = conn.execute("SELECT * FROM exports ORDER BY asset_name")
         names = [d[0] for d in cur.description]
         return [dict(zip(names, row, strict=True)) for row in cur.fetchall()]
-    finally:
-        conn.close()
 
 
 def assert_export_folder(export_dir: Path, db: Path, expected_assets: Iterable[str]) -> None:
@@ -469,7 +458,7 @@ class Reference:
 def run_reference(standin: StandinProcess, root: Path) -> Reference:
     """Materialize the whole world with no fault and sanity-check what it wrote."""
     reset(StandinControl(standin.url))
-    world = build_world(world_env(standin, root), root)
+    world = build_world(standin_env(standin, root), root)
     result = world.materialize(ALL_FAMILIES, fast_resource(standin, world.export_dir), checks=False)
     assert result.success, failure_texts(result)
     rows = family_rows(world.db, ALL_FAMILIES)

@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets_tests.conftest import standin_env
 from posthog_assets_tests.reliability_support import api_requests, warm_python
 
 CHILD = """
@@ -94,11 +95,8 @@ def outcomes(
     base = {
         "PATH": os.environ.get("PATH", ""),
         "HOME": str(root),
-        "POSTHOG_HOST": standin.url,
-        "POSTHOG_PROJECT_ID": str(standin.project_id),
+        **standin_env(standin, root),
         "POSTHOG_PERSONAL_API_KEY": standin.key,
-        "POSTHOG_ASSETS_DUCKDB": str(root / "posthog.duckdb"),
-        "POSTHOG_ASSETS_EXPORT_DIR": str(root / "exports"),
         "POSTHOG_ASSETS_RATE_LIMIT_DIR": str(root / "gates"),
     }
     batch = []

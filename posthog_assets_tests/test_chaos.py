@@ -31,7 +31,7 @@ from posthog_assets_tests.reliability_support import (
     materialized,
     reset,
     shared_reference,
-    world_env,
+    standin_env,
 )
 
 FAULT_RATE = 0.2
@@ -53,7 +53,7 @@ def test_chaos_run_ends_with_the_same_data_as_a_fault_free_run(
     for rule in chaos_rules(FAULT_RATE, SEED):
         control.add_fault(**rule)
     chaos = build_world(
-        world_env(standin, tmp_path / "chaos"), tmp_path / "chaos", step_retry=CHAOS_STEP_RETRY
+        standin_env(standin, tmp_path / "chaos"), tmp_path / "chaos", step_retry=CHAOS_STEP_RETRY
     )
     result = chaos.materialize(
         ALL_FAMILIES, fast_resource(standin, chaos.export_dir, **CHAOS_CLIENT)

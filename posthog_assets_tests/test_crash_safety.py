@@ -37,8 +37,8 @@ from posthog_assets_tests.reliability_support import (
     fast_resource,
     materialized,
     select,
+    standin_env,
     warm_python,
-    world_env,
 )
 
 CRASH_YAML = """
@@ -126,7 +126,7 @@ def crash_env(standin: StandinProcess, tmp_path: Path) -> dict[str, str]:
     (tmp_path / "posthog_assets.yaml").write_text(CRASH_YAML)
     return {
         **os.environ,
-        **world_env(standin, tmp_path),
+        **standin_env(standin, tmp_path),
         "POSTHOG_PERSONAL_API_KEY": standin.key,
         "POSTHOG_ASSETS_CONFIG": str(tmp_path / "posthog_assets.yaml"),
         "DAGSTER_HOME": str(home),
@@ -159,7 +159,7 @@ def test_kill_mid_download_then_reexecution_resumes_the_same_export(
     instance.report_run_failed(killed)  # what run monitoring does after a worker vanishes
 
     # Re-execute the killed run (same root run id), as the UI's "Re-execute" does.
-    world = build_world(world_env(standin, tmp_path), tmp_path, yaml_text=CRASH_YAML)
+    world = build_world(standin_env(standin, tmp_path), tmp_path, yaml_text=CRASH_YAML)
     result = dg.materialize(
         world.definitions_for(["exports"], checks=True),
         resources=world.resources(fast_resource(standin, world.export_dir)),
@@ -183,7 +183,7 @@ def test_kill_mid_download_then_reexecution_resumes_the_same_export(
 def test_kill_inside_the_duckdb_transaction_keeps_the_previous_snapshot(
     standin: StandinProcess, control: StandinControl, tmp_path: Path, crash_env: dict[str, str]
 ) -> None:
-    world = build_world(world_env(standin, tmp_path), tmp_path, yaml_text=CRASH_YAML)
+    world = build_world(standin_env(standin, tmp_path), tmp_path, yaml_text=CRASH_YAML)
     resource = fast_resource(standin, world.export_dir)
     first = world.materialize(["insights"], resource, checks=False)
     assert first.success, failure_texts(first)

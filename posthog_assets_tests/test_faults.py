@@ -38,10 +38,10 @@ from posthog_assets_tests.reliability_support import (
     select,
     sha256_of,
     shared_reference,
+    standin_env,
     step_retries,
     table_rows,
     wait_violations,
-    world_env,
 )
 
 POST_EXPORTS = r"/exports/?$"
@@ -187,7 +187,7 @@ def test_fault(
     control: StandinControl,
     tmp_path: Path,
 ) -> None:
-    world = build_world(world_env(standin, tmp_path), tmp_path, step_retry=case.step_retry)
+    world = build_world(standin_env(standin, tmp_path), tmp_path, step_retry=case.step_retry)
     case.setup(control, reference)
     resource = fast_resource(standin, world.export_dir, **case.resource)
 

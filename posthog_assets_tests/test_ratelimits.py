@@ -36,9 +36,9 @@ from posthog_assets_tests.reliability_support import (
     failure_texts,
     fast_resource,
     shared_reference,
+    standin_env,
     table_rows,
     wait_violations,
-    world_env,
 )
 
 #: Small buckets so throttling happens within a second: capacity N, refilled N per second.
@@ -74,7 +74,7 @@ def test_full_snapshot_completes_under_real_token_buckets(
     tmp_path: Path,
 ) -> None:
     control.configure(rate_limits=True, rate_limit_overrides=SNAPSHOT_LIMITS)
-    world = build_world(world_env(standin, tmp_path), tmp_path)
+    world = build_world(standin_env(standin, tmp_path), tmp_path)
     resource = fast_resource(
         standin,
         world.export_dir,

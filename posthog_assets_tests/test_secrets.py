@@ -35,8 +35,8 @@ from posthog_assets_tests.reliability_support import (
     failure_texts,
     fast_resource,
     materialized,
+    standin_env,
     warm_python,
-    world_env,
 )
 
 SECRET_KEY = f"phx_SeCrEtKeY_{secrets.token_hex(12)}"
@@ -130,7 +130,7 @@ def secret_runs(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactor
     control.configure(content_redirect=True)  # downloads hop to "object storage"
     env = {
         **os.environ,
-        **world_env(standin, root),
+        **standin_env(standin, root),
         "POSTHOG_ASSETS_CONFIG": str(root / "posthog_assets.yaml"),
         "POSTHOG_ASSETS_RATE_LIMIT_DIR": str(root / "gates"),
         "DAGSTER_HOME": str(home),
@@ -203,7 +203,7 @@ def test_ui_shows_the_key_field_as_secret(
     from dagster._core.types.loadable_target_origin import LoadableTargetOrigin
     from dagster_graphql.test.utils import execute_dagster_graphql, infer_resource_selector
 
-    for name, value in world_env(standin, tmp_path).items():
+    for name, value in standin_env(standin, tmp_path).items():
         monkeypatch.setenv(name, value)
     monkeypatch.setenv("POSTHOG_PERSONAL_API_KEY", SECRET_KEY)
     monkeypatch.delenv("POSTHOG_ASSETS_CONFIG", raising=False)
@@ -242,7 +242,7 @@ def test_hostile_server_filename_stays_inside_the_asset_folder(
         "exports:\n  - {name: chart_png, insight: 1, export_format: image/png}\n"
         "insights: {enabled: false}\ngroups: {enabled: false}\n"
     )
-    world = build_world(world_env(standin, tmp_path), tmp_path, yaml_text=yaml_text)
+    world = build_world(standin_env(standin, tmp_path), tmp_path, yaml_text=yaml_text)
     # The stand-in numbers exports in order: create one to learn the id the run will get.
     headers = {"Authorization": f"Bearer {standin.key}"}
     exports_url = f"{standin.url}/api/projects/{standin.project_id}/exports/"
