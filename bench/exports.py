@@ -154,7 +154,7 @@ def main() -> None:
     try:
         ctl = standin.control
         ctl.reset()
-        ctl.configure(export_delay_s=args.render_s)
+        ctl.configure(export_post_held=False, export_delay_s=args.render_s)
         run_exports(standin, 1, tmp / "warmup")  # imports, first-run costs
         wall_1 = run_exports(standin, 1, tmp / "one")
         progress(f"1 export: {wall_1:.2f}s")

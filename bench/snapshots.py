@@ -8,6 +8,12 @@ Run from the project root::
 One stand-in serves the comparison; before each variant its state is reset (insight caches cold),
 so every variant does the same server-side work: list every insight with ``refresh=blocking``
 (100 per page), list every group of every type (cursor pages of 100), and write both into DuckDB.
+The comparison turns the stand-in's throttles off: it measures the package's own overhead.
+
+Request economy (PostHog allows 1,200 insight requests an hour per key), with throttles ON and
+the package's defaults (``refresh=async``): ``requests_per_1000_insights`` for a snapshot of 1,000
+insights of which ~45% are stale or cold, and ``scale_2000_async_s`` for 2,000 insights with the
+same mix (every result must be present).
 
 How it is timed: each variant runs in its own subprocess. The subprocess first imports
 everything, builds its pipeline and does a tiny warm-up run (one insight, into a throw-away DuckDB
@@ -45,8 +51,11 @@ if str(ROOT) not in sys.path:
 
 BENCH_KEY = "phx_bench_key_0123456789"
 GROUP_TYPES = 5
-PARTITION = "2026-01-05"
 SAMPLE_INTERVAL_S = 0.02
+#: How long the stand-in's background recalculations take in the request-economy runs.
+ASYNC_RECALC_S = 2.0
+#: Share of insights whose cache is stale or cold in the request-economy runs.
+STALE_SHARE = 0.45
 
 INSIGHT_COLUMNS = {
     "id": "BIGINT",
@@ -91,7 +100,7 @@ def _first_short_id(args: argparse.Namespace) -> str:
 
     resp = requests.get(
         f"{args.url}/api/projects/{args.project_id}/insights/",
-        params={"basic": "true", "limit": 1},
+        params={"basic": "true", "limit": 1, "order": "id"},
         headers={"Authorization": f"Bearer {args.key}"},
         timeout=30,
     )
@@ -121,34 +130,38 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     from dagster_duckdb import DuckDBResource
 
     from posthog_assets.config import load_settings
-    from posthog_assets.resources import build_resources
+    from posthog_assets.resources import PostHogResource, build_resources
     from posthog_assets.snapshots import build_posthog_snapshot_definitions
 
     work = Path(args.workdir)
     config = work / "posthog_assets.yaml"
-    config.write_text("insights: {refresh: blocking}\ngroups: {property_values: false}\n")
+    config.write_text(
+        "insights: {refresh: blocking, page_size: 100}\ngroups: {property_values: false}\n"
+    )
     _child_env(args)
     settings = load_settings(config, env={**os.environ, "POSTHOG_ASSETS_DUCKDB": args.db})
     defs = build_posthog_snapshot_definitions(settings)
     by_name = {a.key.path[-1]: a for a in defs.assets or []}
     assets = [by_name["insights"], by_name["groups"]]
     resources = build_resources(settings)
+    # The comparison runs without throttles: measure the package, not PostHog's rate limits.
+    resources["posthog"] = PostHogResource(
+        host=args.url, project_id=str(args.project_id), personal_api_key=args.key,
+        pace_requests=False,
+    )  # fmt: skip
 
     warm = {**resources, "duckdb": DuckDBResource(database=str(work / "warmup.duckdb"))}
     node = "__".join(by_name["insights"].key.path)
     dg.materialize(
         [by_name["insights"]],
         resources=warm,
-        partition_key=PARTITION,
         run_config={"ops": {node: {"config": {"short_id": _first_short_id(args)}}}},
     )
     _reset(args)
 
     with dg.DagsterInstance.ephemeral() as instance:
         started = time.perf_counter()
-        result = dg.materialize(
-            assets, resources=resources, partition_key=PARTITION, instance=instance
-        )
+        result = dg.materialize(assets, resources=resources, instance=instance)
         seconds = time.perf_counter() - started
     assert result.success
     db = Path(args.db)
@@ -228,7 +241,7 @@ def child_plain(args: argparse.Namespace) -> dict[str, Any]:
     insights = [
         insight_row(i)
         for page in _plain_pages(
-            session, f"{base}/insights/", {"refresh": "blocking", "limit": 100}
+            session, f"{base}/insights/", {"refresh": "blocking", "limit": 100, "order": "id"}
         )
         for i in page
     ]
@@ -264,7 +277,7 @@ def _dlt_config(args: argparse.Namespace, *, warmup: bool = False) -> dict[str, 
         "name": "insights",
         "endpoint": {
             "path": "insights/",
-            "params": {"refresh": "blocking"},
+            "params": {"refresh": "blocking", "order": "id"},
             "data_selector": "results",
             "paginator": {
                 "type": "offset",
@@ -399,10 +412,77 @@ def _median_run(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return chosen
 
 
+def request_economy(insights: int, workdir: Path) -> dict[str, Any]:
+    """One default (async) snapshot under PostHog's throttles, ~45% of insights stale or cold.
+
+    Runs in this process: what is measured is requests and wall time of the snapshot itself.
+    """
+    import dagster as dg
+    import duckdb
+
+    from posthog_assets.config import load_settings
+    from posthog_assets.resources import build_resources
+    from posthog_assets.snapshots import build_posthog_snapshot_definitions
+    from posthog_assets.standin.server import StandinControl, StandinProcess
+
+    folder = workdir / f"economy_{insights}"
+    folder.mkdir(parents=True, exist_ok=True)
+    with StandinProcess(key=BENCH_KEY, insights=insights, rate_limits=True) as standin:
+        control = StandinControl(standin.url)
+        control.configure(async_delay_s=ASYNC_RECALC_S)
+        control.set_insight_cache(None, "fresh")
+        stale = int(insights * STALE_SHARE)
+        for k in range(stale):  # every other one of the stale share cold, the rest stale
+            control.set_insight_cache(1 + k * insights // stale, "cold" if k % 2 else "stale")
+        config = folder / "posthog_assets.yaml"
+        config.write_text("insights: {}\ngroups: {enabled: false}\n")
+        env = {
+            **os.environ,
+            "POSTHOG_HOST": standin.url,
+            "POSTHOG_PROJECT_ID": str(standin.project_id),
+            "POSTHOG_PERSONAL_API_KEY": standin.key,
+            "POSTHOG_ASSETS_DUCKDB": str(folder / "economy.duckdb"),
+            "POSTHOG_ASSETS_RATE_LIMIT_DIR": str(folder / "gates"),
+        }
+        os.environ.update({k: env[k] for k in ("POSTHOG_PERSONAL_API_KEY",
+                                               "POSTHOG_ASSETS_RATE_LIMIT_DIR")})
+        settings = load_settings(config, env=env)
+        defs = build_posthog_snapshot_definitions(settings)
+        control.clear_requests_log()
+        started = time.perf_counter()
+        with dg.DagsterInstance.ephemeral() as instance:
+            result = dg.materialize(
+                list(defs.assets or []), resources=build_resources(settings), instance=instance
+            )
+        seconds = time.perf_counter() - started
+        assert result.success
+        log = [r for r in control.requests_log() if r["server"] == "api"]
+        throttled = sum(1 for r in log if r["status"] == 429)
+    conn = duckdb.connect(str(folder / "economy.duckdb"), read_only=True)
+    try:
+        rows, with_result = conn.execute(
+            "SELECT count(*), count(result) FROM posthog.insights"
+        ).fetchall()[0]
+    finally:
+        conn.close()
+    return {
+        "insights": insights,
+        "stale_or_cold": stale,
+        "requests": len(log),
+        "throttled_429": throttled,
+        "seconds": seconds,
+        "rows": int(rows),
+        "with_result": int(with_result),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="1,000 insights + 5,000 groups")
     parser.add_argument("--skip-10x", action="store_true", help="skip the RSS scaling run")
+    parser.add_argument(
+        "--economy-only", action="store_true", help="only the request-economy figures"
+    )
     parser.add_argument(
         "--repeat", type=int, default=3,
         help="runs of ours and plain, interleaved; the median is reported (dlt runs once)",
@@ -424,9 +504,18 @@ def main() -> int:
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory(prefix="posthog_bench_") as tmp:
         workdir = Path(tmp)
+        print("Request economy: async snapshots under PostHog's throttles, 45% stale or cold")
+        economy = {n: request_economy(n, workdir) for n in (1_000, 2_000)}
+        for n, e in economy.items():
+            print(f"  {n:>5} insights: {e['requests']} requests, {e['throttled_429']} x 429, "
+                  f"{e['seconds']:.1f}s, {e['with_result']}/{e['rows']} rows with a result")
+        if args.economy_only:
+            _print_economy(economy)
+            return 0
         print(f"Stand-in: {insights:,} insights + {groups:,} groups ({GROUP_TYPES} types)")
         with StandinProcess(
-            key=BENCH_KEY, insights=insights, groups=groups // GROUP_TYPES, group_types=GROUP_TYPES
+            key=BENCH_KEY, insights=insights, groups=groups // GROUP_TYPES,
+            group_types=GROUP_TYPES, rate_limits=False,
         ) as standin:
             control = StandinControl(standin.url)
             runs: dict[str, list[dict[str, Any]]] = {"ours": [], "plain": []}
@@ -448,6 +537,7 @@ def main() -> int:
                 insights=10 * insights,
                 groups=10 * groups // GROUP_TYPES,
                 group_types=GROUP_TYPES,
+                rate_limits=False,
             ) as standin:
                 print("  running ours (10x) ...", flush=True)
                 rows["ours (10x)"] = measure("ours", standin, workdir / "ours_10x")
@@ -477,7 +567,16 @@ def main() -> int:
         print(f"rss_growth_10x={rows['ours (10x)']['peak_rss_mb'] / ours['peak_rss_mb']:.3f}")
     else:
         print("rss_growth_10x=skipped")
+    _print_economy(economy)
     return 0
+
+
+def _print_economy(economy: dict[int, dict[str, Any]]) -> None:
+    one, two = economy[1_000], economy[2_000]
+    print(f"requests_per_1000_insights={one['requests'] * 1000 / one['insights']:.0f}")
+    complete = two["with_result"] == two["rows"] == two["insights"]
+    print(f"scale_2000_async_s={two['seconds']:.1f}")
+    print(f"scale_2000_async_complete={'yes' if complete else 'no'}")
 
 
 if __name__ == "__main__":

@@ -9,13 +9,18 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import itertools
 import json
 import logging
 import os
 import tempfile
 import threading
-from collections.abc import Callable, Iterator, Mapping
+import time
+from collections import deque
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal
 from urllib.parse import urljoin, urlsplit
@@ -28,6 +33,7 @@ from posthog_assets.errors import (
     PostHogConnectionError,
     PostHogDownloadError,
     PostHogError,
+    PostHogExportFailed,
     PostHogNotFoundError,
     PostHogPermissionError,
     PostHogRateLimitError,
@@ -35,10 +41,16 @@ from posthog_assets.errors import (
     PostHogValidationError,
     advice_for,
 )
-from posthog_assets.ratelimit import RequestGate, SharedRequestGate
+from posthog_assets.ratelimit import (
+    POSTHOG_CLOUD_LIMITS,
+    FileState,
+    GateWaitTooLong,
+    Limits,
+    MemoryState,
+    RequestGate,
+    throttle_class,
+)
 
-POSTHOG_US_HOST = "https://us.posthog.com"
-POSTHOG_EU_HOST = "https://eu.posthog.com"
 USER_AGENT = "posthog-assets/0.1 (+dagster)"
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 #: Held while a temp file is created and locked, and while stale ones are removed, so a cleaner in
@@ -138,6 +150,20 @@ class _WaitRetryAfterOrBackoff(tenacity.wait.wait_base):
         return max(base, float(retry_after)) if retry_after else base
 
 
+@dataclass(frozen=True)
+class InsightPage:
+    """One limit/offset page of the insights list (``results`` in PostHog's order for it)."""
+
+    offset: int
+    count: int | None
+    results: list[dict[str, Any]]
+    #: The page failed as a whole (one insight's query broke it): it was listed metadata-only and
+    #: its insights fetched one by one; a failing one carries ``query_status.error``.
+    fallback: bool = False
+    #: Insights listed metadata-only that were gone by the time they were fetched one by one.
+    vanished: int = 0
+
+
 class PostHogClient:
     """Talks to one PostHog project.
 
@@ -145,10 +171,18 @@ class PostHogClient:
         host: Base URL, e.g. ``https://us.posthog.com`` or a self-hosted instance.
         project_id: Numeric project id (``@current`` works but follows the UI's selection).
         personal_api_key: A ``phx_`` key; sent only as a Bearer header to ``host``.
-        api_prefix: ``environments`` (``/api/environments/:id/``) or ``projects``.
-        requests_per_minute: Client-side pace (token bucket); None paces only on 429s.
+        api_prefix: ``projects`` (``/api/projects/:id/``, the default) or ``environments``, the
+            older alias PostHog has marked deprecated.
+        read_timeout_s: Longest wait for an answer to one request.
+        post_timeout_s: Longest wait for the answer to ``POST /exports/``: PostHog holds it open
+            until the export is rendered. When it passes, the export is found in the list and
+            followed there (see :mod:`posthog_assets.export_runner`). Default: ``read_timeout_s``.
+        rate_limits: PostHog's throttles to stay under, per class (default PostHog Cloud's);
+            None paces only on 429s.
         rate_limit_state: A file shared with other processes using the same key and host
             (:func:`posthog_assets.ratelimit.shared_state_path`); None keeps pacing per client.
+        deprecation_marker: A file whose creation claims the one deprecation warning of a run,
+            so the steps of one run (separate processes) warn once between them.
     """
 
     def __init__(
@@ -157,12 +191,14 @@ class PostHogClient:
         project_id: int | str,
         personal_api_key: str,
         *,
-        api_prefix: ApiPrefix = "environments",
+        api_prefix: ApiPrefix = "projects",
         connect_timeout_s: float = 10.0,
         read_timeout_s: float = 60.0,
+        post_timeout_s: float | None = None,
         retry: RetrySettings | None = None,
-        requests_per_minute: float | None = None,
+        rate_limits: Limits | None = POSTHOG_CLOUD_LIMITS,
         rate_limit_state: str | os.PathLike[str] | None = None,
+        deprecation_marker: str | os.PathLike[str] | None = None,
         log: logging.Logger | None = None,
         sleep: Callable[[float], None] | None = None,
     ) -> None:
@@ -170,17 +206,16 @@ class PostHogClient:
         self.project_id = project_id
         self.api_prefix = api_prefix
         self.timeout = (connect_timeout_s, read_timeout_s)
+        self.post_timeout = (connect_timeout_s, post_timeout_s or read_timeout_s)
         self.retry = retry or RetrySettings()
         self.log = log or logger
-        # A state file makes Retry-After pauses and the pace shared with other processes.
-        self.gate: RequestGate | SharedRequestGate = (
-            SharedRequestGate(rate_limit_state, requests_per_minute)
-            if rate_limit_state is not None
-            else RequestGate(requests_per_minute)
-        )
+        state = FileState(rate_limit_state) if rate_limit_state is not None else MemoryState()
+        self.gate = RequestGate(state, rate_limits)
         self._sleep = sleep or tenacity.nap.sleep
+        self._deprecation_marker = Path(deprecation_marker) if deprecation_marker else None
         self._warned_sunset = False
         self.request_count = 0
+        self._count_lock = threading.Lock()
         self.session = requests.Session()
         self.session.headers["User-Agent"] = USER_AGENT
         self.session.auth = _OriginBearerAuth(self.host, personal_api_key)
@@ -230,10 +265,11 @@ class PostHogClient:
         accept: tuple[int, ...] = (),
         stream: bool = False,
         allow_redirects: bool = True,
+        timeout: tuple[float, float] | None = None,
     ) -> requests.Response:
         """Send one request with retries; raise a typed :class:`PostHogError` on failure.
 
-        Statuses in ``accept`` are returned instead of raised (e.g. 400 from ``/query/:id/``).
+        Statuses in ``accept`` are returned instead of raised (e.g. 400/500 from ``/query/:id/``).
         POSTs are retried only when PostHog certainly did not act on them (429 or a failed
         connect), so a retry can never create a second export.
         """
@@ -242,7 +278,7 @@ class PostHogClient:
 
         def attempt() -> requests.Response:
             return self._send_once(
-                method, url, params, json_body, scopes, accept, stream, allow_redirects
+                method, url, params, json_body, scopes, accept, stream, allow_redirects, timeout
             )
 
         return self.call_with_retries(attempt, idempotent=idempotent)
@@ -250,10 +286,19 @@ class PostHogClient:
     def call_with_retries(
         self, fn: Callable[[], Any], *, idempotent: bool = True, what: str = "request"
     ) -> Any:
-        """Run ``fn`` under the client's retry policy (attempts, backoff, budget)."""
+        """Run ``fn`` under the client's retry policy (attempts, backoff, budget).
+
+        A 429 whose ``Retry-After`` lies beyond the remaining budget is not waited for: the error
+        says when PostHog will accept requests again, for the caller (or a later run) to decide.
+        """
+        started = time.monotonic()
 
         def should_retry(exc: BaseException) -> bool:
             if not isinstance(exc, PostHogError) or not exc.retryable:
+                return False
+            retry_after = getattr(exc, "retry_after", None)
+            remaining = self.retry.total_budget_s - (time.monotonic() - started)
+            if retry_after is not None and retry_after > remaining:
                 return False
             if idempotent or isinstance(exc, PostHogRateLimitError):
                 return True
@@ -261,9 +306,6 @@ class PostHogClient:
 
         def before_sleep(state: tenacity.RetryCallState) -> None:
             exc = state.outcome.exception() if state.outcome else None
-            retry_after = getattr(exc, "retry_after", None)
-            if retry_after:
-                self.gate.block_for(float(retry_after))
             wait = state.next_action.sleep if state.next_action else 0.0
             self.log.warning(
                 "PostHog %s failed (attempt %d/%d: %s); retrying in %.1fs",
@@ -283,7 +325,13 @@ class PostHogClient:
             sleep=self._sleep,
             reraise=True,
         )
-        return retrying(fn)
+        try:
+            return retrying(fn)
+        except PostHogRateLimitError as exc:
+            remaining = self.retry.total_budget_s - (time.monotonic() - started)
+            if exc.retry_after is not None and exc.retry_after > remaining:
+                exc.retryable = False  # a step retry seconds later would only be refused again
+            raise
 
     def _send_once(
         self,
@@ -295,17 +343,25 @@ class PostHogClient:
         accept: tuple[int, ...],
         stream: bool,
         allow_redirects: bool,
+        timeout: tuple[float, float] | None = None,
     ) -> requests.Response:
-        self.gate.wait()
-        self.request_count += 1
         path = urlsplit(url).path
+        klass = throttle_class(path) if _origin(url) == _origin(self.host) else None
+        if klass is not None:
+            try:
+                self.gate.acquire(klass, max_wait_s=self.retry.total_budget_s)
+            except GateWaitTooLong as exc:
+                raise _too_long(exc, method, path) from None
+        with self._count_lock:
+            self.request_count += 1
+        timeout = timeout or self.timeout
         try:
             resp = self.session.request(
                 method,
                 url,
                 params=params,
                 json=json_body,
-                timeout=self.timeout,
+                timeout=timeout,
                 stream=stream,
                 allow_redirects=allow_redirects,
             )
@@ -318,9 +374,10 @@ class PostHogClient:
             ) from None
         except requests.exceptions.ReadTimeout:
             raise PostHogConnectionError(
-                f"{method} {path}: no answer within {self.timeout[1]}s (read timeout)",
+                f"{method} {path}: no answer within {timeout[1]:g}s (read timeout)",
                 method=method,
                 path=path,
+                read_timeout=True,
             ) from None
         except requests.exceptions.ConnectionError as exc:
             sent = "NewConnectionError" not in repr(exc) and "Connection refused" not in repr(exc)
@@ -342,19 +399,35 @@ class PostHogClient:
         self._warn_on_sunset(resp)
         if resp.status_code < 400 or resp.status_code in accept:
             return resp
-        raise self._error_from(resp, method, path, scopes)
+        error = self._error_from(resp, method, path, scopes)
+        retry_after = getattr(error, "retry_after", None)
+        if retry_after is not None and klass is not None:
+            # Tell every thread and process on this key before anyone sends again. A 429 pauses
+            # its throttle class; a 503 with Retry-After (PostHog overloaded) pauses everything.
+            self.gate.throttled(klass if resp.status_code == 429 else None, retry_after)
+        raise error
 
     def _warn_on_sunset(self, resp: requests.Response) -> None:
         if self._warned_sunset:
             return
         sunset = resp.headers.get("Sunset") or resp.headers.get("Deprecation")
-        if sunset:
-            self._warned_sunset = True
-            self.log.warning(
-                "PostHog marks /api/%s/ as deprecated (Sunset: %s); set api_prefix='projects'.",
-                self.api_prefix,
-                sunset,
-            )
+        if not sunset:
+            return
+        self._warned_sunset = True
+        marker = self._deprecation_marker
+        if marker is not None:
+            try:
+                marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+                os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+            except FileExistsError:
+                return  # another step of this run has said it already
+            except OSError:
+                pass
+        self.log.warning(
+            "PostHog marks /api/%s/ as deprecated (Sunset: %s); set api_prefix='projects'.",
+            self.api_prefix,
+            resp.headers.get("Sunset") or sunset,
+        )
 
     def _error_from(
         self, resp: requests.Response, method: str, path: str, scopes: tuple[str, ...]
@@ -375,6 +448,8 @@ class PostHogClient:
         where = f"{method} {path}"
         field = f" (field '{attr}')" if attr else ""
         advice = advice_for(status, detail, scopes)
+        if retry_after is not None and status in (429, 503):
+            advice += f" PostHog accepts requests again at {_utc(time.time() + retry_after)}."
         message = f"PostHog answered {status} to {where}{field}: {detail} {advice}"
         kw: dict[str, Any] = dict(
             status=status, code=code, detail=detail, attr=attr, method=method, path=path
@@ -434,6 +509,11 @@ class PostHogClient:
         dashboard: int | None = None,
         export_context: Mapping[str, Any] | None = None,
     ) -> dict[str, Any]:
+        """``POST /exports/``; PostHog may hold it open until rendering ends (``post_timeout``).
+
+        Never retried once sent: a read timeout raises :class:`PostHogConnectionError` with
+        ``read_timeout=True`` and the caller looks the export up in the list instead.
+        """
         body: dict[str, Any] = {"export_format": export_format}
         scopes = ["export:write"]
         if insight is not None:
@@ -444,13 +524,18 @@ class PostHogClient:
             scopes.append("dashboard:read")
         if export_context is not None:
             body["export_context"] = dict(export_context)
-        return _decode(self.request("POST", "exports/", json_body=body, scopes=tuple(scopes)))
+            if export_context.get("source"):
+                scopes.append("query:read")
+        resp = self.request(
+            "POST", "exports/", json_body=body, scopes=tuple(scopes), timeout=self.post_timeout
+        )
+        return _decode(resp)
 
     def get_export(self, export_id: int) -> dict[str, Any]:
         return self.get_json(f"exports/{export_id}/", scopes=("export:read",))
 
     def iter_exports(self, **filters: Any) -> Iterator[dict[str, Any]]:
-        """The key owner's exports, newest first."""
+        """The key owner's exports, newest first (PostHog orders them by ``-created_at``)."""
         params = {k: v for k, v in filters.items() if v is not None}
         for page in self.iter_pages("exports/", params, scopes=("export:read",)):
             yield from page.get("results", [])
@@ -458,8 +543,23 @@ class PostHogClient:
     def download_export_content(
         self, export_id: int, dest: Path, *, chunk_bytes: int = DOWNLOAD_CHUNK_BYTES
     ) -> DownloadResult:
-        """Stream ``/exports/:id/content/`` to ``dest`` (atomically, with retries)."""
-        return self.download(f"exports/{export_id}/content/", dest, scopes=("export:read",))
+        """Stream ``/exports/:id/content/`` to ``dest`` (atomically, with retries).
+
+        Besides 404 (nothing stored, or expired), one PostHog version answers 425
+        ``export_not_ready`` before the content exists (retried like a 5xx) and 400
+        ``export_failed`` after the export failed (raised as :class:`PostHogExportFailed`).
+        """
+        try:
+            return self.download(f"exports/{export_id}/content/", dest, scopes=("export:read",))
+        except PostHogValidationError as exc:
+            if exc.code != "export_failed":
+                raise
+            raise PostHogExportFailed(
+                f"PostHog export {export_id} failed; its content route says: {exc.detail}",
+                detail=exc.detail,
+                status=exc.status,
+                code=exc.code,
+            ) from None
 
     def download(
         self,
@@ -485,8 +585,17 @@ class PostHogClient:
             redirected = False
             for _ in range(max_redirects + 1):
                 resp = self._send_once(
-                    "GET", url, None, None, scopes, (), stream=True, allow_redirects=False
+                    "GET", url, None, None, scopes, (425,), stream=True, allow_redirects=False
                 )
+                if resp.status_code == 425:
+                    resp.close()
+                    raise PostHogServerError(
+                        f"GET {path}: PostHog answered 425 (export_not_ready)",
+                        status=425,
+                        code="export_not_ready",
+                        method="GET",
+                        path=path,
+                    )
                 if not resp.is_redirect:
                     break
                 location = resp.headers["Location"]
@@ -519,12 +628,19 @@ class PostHogClient:
             params["group_key"] = group_key
         return self.iter_pages("groups/", params, scopes=("group:read",))
 
-    def find_group(self, group_type_index: int, group_key: str) -> dict[str, Any]:
-        return self.get_json(
-            "groups/find/",
-            {"group_type_index": group_type_index, "group_key": group_key},
-            scopes=("group:read",),
-        )
+    def lookup_group(self, group_type_index: int, group_key: str) -> dict[str, Any] | None:
+        """The group with exactly this key, or None, read without side effects.
+
+        Not ``groups/find``: with PostHog's CRM feature on, ``find`` creates a Notebook for the
+        group in the customer's project (``ee/clickhouse/views/groups.py``). The groups list with
+        ``search=<key>`` matches keys exactly (case-insensitively) and also property text, so the
+        exact key is picked out here.
+        """
+        for page in self.iter_group_pages(group_type_index, search=group_key):
+            for group in page.get("results") or []:
+                if group.get("group_key") == group_key:
+                    return group
+        return None
 
     def group_property_definitions(self) -> dict[str, list[dict[str, Any]]]:
         return self.get_json("groups/property_definitions/", scopes=("group:read",))
@@ -532,6 +648,7 @@ class PostHogClient:
     def group_property_values(
         self, group_type_index: int, key: str, *, value: str | None = None
     ) -> list[dict[str, Any]]:
+        """Top values of a group property; PostHog answers a bare list or ``{"results": …}``."""
         params: dict[str, Any] = {"group_type_index": group_type_index, "key": key}
         if value is not None:
             params["value"] = value
@@ -540,60 +657,181 @@ class PostHogClient:
 
     # ---------------------------------------------------------------- insights
 
+    def list_insights(
+        self,
+        *,
+        offset: int = 0,
+        limit: int = 100,
+        refresh: str | None = None,
+        basic: bool = False,
+        order: str = "id",
+        **filters: Any,
+    ) -> dict[str, Any]:
+        """One page of ``GET /insights/``, ordered by a unique field.
+
+        PostHog orders by the ``order`` column (NULL for almost every insight) unless told
+        otherwise, and ties come back in whatever order each LIMIT/OFFSET query yields, so
+        pages overlap and skip rows. ``order=id`` makes every page part of one order.
+        """
+        params = _insight_params(refresh, basic, filters)
+        params.update(limit=limit, offset=offset)
+        if order:
+            params["order"] = order
+        return self.get_json("insights/", params, scopes=("insight:read",))
+
     def iter_insight_pages(
         self,
         *,
         refresh: str | None = None,
-        basic: bool | None = None,
-        short_id: str | None = None,
-        created_by: list[int] | None = None,
-        limit: int = 100,
+        basic: bool = False,
+        page_size: int = 100,
+        order: str = "id",
+        prefetch: int = 2,
+        offsets: Sequence[int] | None = None,
         **filters: Any,
-    ) -> Iterator[dict[str, Any]]:
-        """Limit/offset pages of insights, each computed in the given ``refresh`` mode."""
-        params = _insight_params(refresh, basic, short_id, created_by, filters)
-        params["limit"] = limit
-        return self.iter_pages("insights/", params, scopes=("insight:read",))
+    ) -> Iterator[InsightPage]:
+        """Every page of the insights list (or the pages at ``offsets``), in order.
+
+        Up to ``prefetch`` requests are in flight while the caller works on the current page
+        (in a blocking mode PostHog computes a page's results inside the request). A page that
+        fails with a query error (400, or 500 after retries) is listed metadata-only and its
+        insights are fetched one by one, so one broken insight costs one row, not the snapshot.
+        """
+
+        def fetch(offset: int) -> InsightPage:
+            try:
+                page = self.list_insights(
+                    offset=offset, limit=page_size, refresh=refresh, basic=basic, order=order,
+                    **filters,
+                )  # fmt: skip
+            except (PostHogValidationError, PostHogServerError) as exc:
+                if basic or exc.status not in (400, 500):
+                    raise
+                return self._insight_page_one_by_one(
+                    offset, page_size, refresh, order, exc, filters
+                )
+            count = page.get("count")
+            return InsightPage(
+                offset, count if isinstance(count, int) else None, list(page.get("results") or [])
+            )
+
+        if offsets is not None:
+            todo: Iterator[int] = iter(sorted(set(offsets)))
+        else:
+            first = fetch(0)
+            yield first
+            if first.count is None or not first.results:
+                # No count to plan with: follow the pages one at a time.
+                offset = page_size
+                while first.results and first.count is None:
+                    page = fetch(offset)
+                    if not page.results:
+                        return
+                    yield page
+                    offset += page_size
+                return
+            todo = iter(range(page_size, first.count, page_size))
+        depth = max(1, prefetch)
+        with ThreadPoolExecutor(depth, thread_name_prefix="posthog-pages") as pool:
+            inflight: deque[Future[InsightPage]] = deque(
+                pool.submit(fetch, off) for off in itertools.islice(todo, depth)
+            )
+            while inflight:
+                page = inflight.popleft().result()
+                following = next(todo, None)
+                if following is not None:
+                    inflight.append(pool.submit(fetch, following))
+                yield page
+
+    def _insight_page_one_by_one(
+        self,
+        offset: int,
+        limit: int,
+        refresh: str | None,
+        order: str,
+        exc: PostHogError,
+        filters: Mapping[str, Any],
+    ) -> InsightPage:
+        self.log.warning(
+            "Insights page at offset %d failed (%s); fetching its insights one by one",
+            offset, exc.detail or exc.status,
+        )  # fmt: skip
+        page = self.list_insights(
+            offset=offset, limit=limit, basic=True, order=order, **dict(filters)
+        )
+        results, vanished = [], 0
+        for meta in page.get("results") or []:
+            try:
+                results.append(self.get_insight(meta["id"], refresh=refresh))
+            except (PostHogValidationError, PostHogServerError) as item_exc:
+                if item_exc.status not in (400, 500):
+                    raise
+                detail = item_exc.detail or f"HTTP {item_exc.status}"
+                results.append({**meta, "query_status": {"error": True, "error_message": detail}})
+            except PostHogNotFoundError:
+                vanished += 1
+        count = page.get("count")
+        return InsightPage(
+            offset, count if isinstance(count, int) else None, results, True, vanished
+        )
 
     def get_insight(
-        self, insight_id: int | str, *, refresh: str | None = None, **params: Any
+        self, insight_id: int | str, *, refresh: str | None = None, basic: bool = False
     ) -> dict[str, Any]:
         """One insight by numeric id or ``short_id``."""
-        query = _insight_params(refresh, None, None, None, params)
+        query = _insight_params(refresh, basic, {})
         return self.get_json(f"insights/{insight_id}/", query, scopes=("insight:read",))
 
-    def get_insights_csv(self, **params: Any) -> str:
-        """``format=csv``: PostHog flattens the whole response into one CSV row."""
-        query = {**{k: v for k, v in params.items() if v is not None}, "format": "csv"}
-        return self.request("GET", "insights/", params=query, scopes=("insight:read",)).text
-
     def get_query_status(self, query_id: str) -> QueryStatus:
-        """Poll an async query; 400/500 with a ``query_status`` body mean the query failed."""
+        """Poll an async query: 202 running, 200 done, 400 and 500 failed.
+
+        A 500 here is PostHog's answer for a job that failed with an error it does not expose
+        (``posthog/api/query.py``), so it is an answer about the query, not a passing fault.
+        """
         resp = self.request(
-            "GET", f"query/{query_id}/", scopes=("query:read",), accept=(400,)
+            "GET", f"query/{query_id}/", scopes=("query:read",), accept=(400, 500)
         )
-        body = _decode(resp)
+        try:
+            body = resp.json()
+        except ValueError:
+            body = {}
         status = body.get("query_status", body) if isinstance(body, dict) else {}
         return QueryStatus(http_status=resp.status_code, status=status or {})
 
 
-def _insight_params(
-    refresh: str | None,
-    basic: bool | None,
-    short_id: str | None,
-    created_by: list[int] | None,
-    extra: Mapping[str, Any],
-) -> dict[str, Any]:
-    params: dict[str, Any] = {k: v for k, v in extra.items() if v is not None}
-    if refresh is not None:
+def _insight_params(refresh: str | None, basic: bool, extra: Mapping[str, Any]) -> dict[str, Any]:
+    params: dict[str, Any] = {}
+    for name, value in extra.items():
+        if value is None:
+            continue
+        if name == "created_by":
+            params[name] = json.dumps(list(value))
+        else:
+            params[name] = value
+    if basic:
+        params["basic"] = "true"
+    elif refresh is not None:
         params["refresh"] = refresh
-    if basic is not None:
-        params["basic"] = "true" if basic else "false"
-    if short_id is not None:
-        params["short_id"] = short_id
-    if created_by:
-        params["created_by"] = json.dumps(list(created_by))
     return params
+
+
+def _too_long(exc: GateWaitTooLong, method: str, path: str) -> PostHogRateLimitError:
+    wait = max(0.0, exc.retry_at - time.time())
+    error = PostHogRateLimitError(
+        f"PostHog will accept {method} {path} from this key again at {_utc(exc.retry_at)} "
+        f"(in {wait:.0f}s; {exc.reason}), later than this step's retry budget allows. Run again "
+        "after that time, or raise retry_budget_s.",
+        retry_after=wait,
+        method=method,
+        path=path,
+    )
+    error.retryable = False
+    error.retry_at = exc.retry_at
+    return error
+
+
+def _utc(epoch: float) -> str:
+    return datetime.fromtimestamp(epoch, UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
 
 
 def _decode(resp: requests.Response) -> Any:

@@ -62,18 +62,23 @@ RefreshMode = Literal[
 ASYNC_REFRESH_MODES = frozenset({"async", "force_async", "lazy_async"})
 BLOCKING_REFRESH_MODES = frozenset({"blocking", "force_blocking"})
 
-EXPORT_FORMATS: dict[str, str] = {
-    "image/png": "png",
-    "application/pdf": "pdf",
-    "text/csv": "csv",
-    "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet": "xlsx",
-}
+PNG = "image/png"
+CSV = "text/csv"
+XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+PDF = "application/pdf"
+#: The formats PostHog renders for an insight or dashboard, and their file extensions.
+EXPORT_FORMATS: dict[str, str] = {PNG: "png", CSV: "csv", XLSX: "xlsx"}
+TABULAR_FORMATS = frozenset({CSV, XLSX})
 ExportFormat = Literal[
     "image/png",
-    "application/pdf",
     "text/csv",
     "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
 ]
+PDF_REFUSED = (
+    "PostHog accepts application/pdf but never renders it (its image exporter raises "
+    "'Export to format application/pdf is not supported for insights' and retries it for up "
+    "to 35 minutes); use image/png"
+)
 
 _NAME_RE = r"^[a-z][a-z0-9_]*$"
 
@@ -137,29 +142,54 @@ class ExportConfig(_Model):
     name: str = Field(pattern=_NAME_RE, description="Asset name (lower_snake_case).")
     insight: int | None = Field(default=None, gt=0, description="Insight id to export.")
     dashboard: int | None = Field(default=None, gt=0, description="Dashboard id to export.")
-    export_format: ExportFormat = Field(description="MIME type: PNG, PDF, CSV or XLSX.")
+    export_format: ExportFormat = Field(description="MIME type: PNG, CSV or XLSX.")
     export_context: dict[str, Any] | None = Field(
-        default=None, description="Passed to PostHog as is (e.g. a query 'source' for CSV)."
+        default=None,
+        description="Sent to PostHog; its keys win over what the package builds (for a CSV/XLSX "
+        "of an insight: the saved query's 'source', or a 'path' for legacy insights).",
     )
     description: str | None = None
+
+    @field_validator("export_format", mode="before")
+    @classmethod
+    def _renderable(cls, value: Any) -> Any:
+        if value == PDF:
+            raise ValueError(PDF_REFUSED)
+        return value
 
     @model_validator(mode="after")
     def _one_target(self) -> ExportConfig:
         if (self.insight is None) == (self.dashboard is None):
             raise ValueError("give exactly one of 'insight' or 'dashboard'")
+        if self.dashboard is not None and self.export_format in TABULAR_FORMATS:
+            raise ValueError(
+                "PostHog exports a dashboard only as image/png; export its insights as "
+                f"{EXPORT_FORMATS[self.export_format].upper()} instead"
+            )
         return self
+
+
+#: The default mode: fresh results where PostHog has them cached, a background recalculation
+#: where not, followed in bulk. A blocking mode computes every stale insight of a page inside
+#: one request, one after another; async costs about one request per 100 insights per round.
+DEFAULT_REFRESH: RefreshMode = "async"
 
 
 class InsightsConfig(_Model):
     """How insight snapshots are taken."""
 
     enabled: bool = True
-    refresh: RefreshMode = Field(default="blocking", description="PostHog refresh mode.")
+    refresh: RefreshMode = Field(default=DEFAULT_REFRESH, description="PostHog refresh mode.")
     short_id: str | None = None
     created_by: list[int] | None = None
     basic: bool = False
-    page_size: int = Field(default=100, gt=0, le=1000)
-    partition_start: str = Field(default="2026-01-01", pattern=r"^\d{4}-\d{2}-\d{2}$")
+    page_size: int | None = Field(
+        default=None,
+        gt=0,
+        le=1000,
+        description="Insights per list request (default: 100, or 5 in blocking modes, where "
+        "PostHog computes every stale insight of a page inside the request).",
+    )
     query_poll_timeout_s: float = Field(default=300.0, gt=0)
 
 

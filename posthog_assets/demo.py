@@ -2,13 +2,12 @@
 
 Without ``POSTHOG_HOST`` it starts the local PostHog stand-in and points the package at it, so the
 whole pipeline runs with no PostHog account. It then materializes every asset once (today's
-partition), records the run in ``DAGSTER_HOME`` (``.dagster_home/`` by default, visible later in
+snapshot), records the run in ``DAGSTER_HOME`` (``.dagster_home/`` by default, visible later in
 the UI) and prints where the results landed.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import os
 import shutil
 import sys
@@ -59,12 +58,9 @@ def main() -> int:
         instance = stack.enter_context(dg.DagsterInstance.get())
         apply_pool_limits(instance)
         job = defs.resolve_job_def(ALL_ASSETS_JOB)
-        today = dt.datetime.now(dt.UTC).date().isoformat()
-        partitioned = job.partitions_def is not None
         result = job.execute_in_process(
             run_config={"loggers": {"console": {"config": {"log_level": "INFO"}}}},
             instance=instance,
-            partition_key=today if partitioned else None,
             raise_on_error=False,
         )
         print()

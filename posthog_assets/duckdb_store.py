@@ -57,29 +57,26 @@ def table_exists(conn: duckdb.DuckDBPyConnection, table: str) -> bool:
 
 
 def ensure_table(
-    conn: duckdb.DuckDBPyConnection, table: str, columns: Mapping[str, str]
+    conn: duckdb.DuckDBPyConnection,
+    table: str,
+    columns: Mapping[str, str],
+    *,
+    renamed: Mapping[str, str] | None = None,
 ) -> None:
-    """Create ``posthog.<table>`` if missing, else add any column it lacks (rows are kept)."""
+    """Create ``posthog.<table>`` if missing, else rename old columns and add any it lacks
+    (rows are kept)."""
     conn.execute(f"CREATE SCHEMA IF NOT EXISTS {schema_ref(conn)}")
     cols = ", ".join(f"{quote(name)} {sql_type}" for name, sql_type in columns.items())
     ref = table_ref(conn, table)
     conn.execute(f"CREATE TABLE IF NOT EXISTS {ref} ({cols})")
     existing = set(table_columns(conn, table))
+    for old, new in (renamed or {}).items():
+        if old in existing and new not in existing:
+            conn.execute(f"ALTER TABLE {ref} RENAME COLUMN {quote(old)} TO {quote(new)}")
+            existing = (existing - {old}) | {new}
     for name, sql_type in columns.items():
         if name not in existing:
             conn.execute(f"ALTER TABLE {ref} ADD COLUMN {quote(name)} {sql_type}")
-
-
-def insert_select(
-    conn: duckdb.DuckDBPyConnection, table: str, columns: list[str], source_sql: str
-) -> int:
-    """``INSERT INTO posthog.<table> (<columns>) SELECT <columns> FROM <source>``, by name."""
-    names = ", ".join(quote(c) for c in columns)
-    conn.execute(
-        f"INSERT INTO {table_ref(conn, table)} ({names}) SELECT {names} FROM {source_sql}"
-    )
-    rows = conn.fetchall()
-    return int(rows[0][0]) if rows else 0
 
 
 def open_read_only(path: str | Path) -> duckdb.DuckDBPyConnection:

@@ -8,6 +8,7 @@ the message a person reads says what to do next. None of these messages ever con
 from __future__ import annotations
 
 import re
+import time
 
 _SCOPE_RE = re.compile(r"scope '([a-z_]+:(?:read|write))'")
 
@@ -59,13 +60,18 @@ class PostHogValidationError(PostHogError):
 
 
 class PostHogRateLimitError(PostHogError):
-    """429: throttled; ``retry_after`` is how long PostHog asked us to wait."""
+    """429: throttled; ``retry_after`` is how long PostHog asked us to wait.
+
+    ``retry_at`` (epoch seconds) is when PostHog will accept requests again; when that lies
+    beyond the step's retry budget the error is not retryable within the step.
+    """
 
     retryable = True
 
     def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
         self.retry_after = retry_after
+        self.retry_at = time.time() + retry_after if retry_after is not None else None
 
 
 class PostHogServerError(PostHogError):
@@ -83,10 +89,14 @@ class PostHogConnectionError(PostHogError):
 
     retryable = True
 
-    def __init__(self, message: str, *, request_sent: bool = True, **kw: object) -> None:
+    def __init__(
+        self, message: str, *, request_sent: bool = True, read_timeout: bool = False, **kw: object
+    ) -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
         #: False only when the request certainly never reached the server (connect failure).
         self.request_sent = request_sent
+        #: The request was sent and no answer came in time (PostHog may still act on it).
+        self.read_timeout = read_timeout
 
 
 class PostHogDownloadError(PostHogError):
@@ -103,14 +113,6 @@ class PostHogPollTimeout(PostHogError):
 
 class PostHogExportFailed(PostHogError):
     """PostHog set ``exception`` on an export: the export itself failed and will not recover."""
-
-    def __init__(self, message: str, *, retryable: bool = False, **kw: object) -> None:
-        super().__init__(message, **kw)  # type: ignore[arg-type]
-        self.retryable = retryable
-
-
-class PostHogQueryFailed(PostHogError):
-    """An insight's query failed (``query_status.error``) or was refused by ClickHouse limits."""
 
     def __init__(self, message: str, *, retryable: bool = False, **kw: object) -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
@@ -139,7 +141,8 @@ def advice_for(status: int, detail: str, scopes: tuple[str, ...]) -> str:
     if status == 404:
         return "Check the project id and object id (an export 404s once it has expired)."
     if status == 429:
-        return "PostHog rate-limited this key; lower concurrency or spread runs out."
+        return "PostHog rate-limited this key (240/min and 1200/h for insights, 480/min and "\
+            "4800/h for other routes); other tools may be using the same key."
     if status >= 500:
         return "PostHog failed on its side; a retry usually helps."
     return "Fix the request as the detail says."

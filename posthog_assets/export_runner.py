@@ -25,6 +25,7 @@ import logging
 import os
 import random
 import re
+import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -33,7 +34,7 @@ from pathlib import Path
 from typing import Any
 
 from posthog_assets.client import PostHogClient
-from posthog_assets.config import EXPORT_FORMATS
+from posthog_assets.config import EXPORT_FORMATS, TABULAR_FORMATS
 from posthog_assets.errors import (
     PostHogConnectionError,
     PostHogError,
@@ -47,6 +48,12 @@ logger = logging.getLogger(__name__)
 
 #: How many of our own exports (newest first) to scan for a resumable one before creating anew.
 DEFAULT_LOOKUP_LIMIT = 300
+#: After a POST that got no answer: look for the export in the list this often, this far apart.
+#: PostHog creates the row before it renders, so the first look nearly always finds it.
+POST_LOOKUP_ATTEMPTS = 3
+POST_LOOKUP_WAIT_S = 1.0
+#: Saved-query kinds whose ``source`` is what the tabular exporter runs (posthog/schema.py).
+_WRAPPER_KINDS = frozenset({"InsightVizNode", "DataVisualizationNode"})
 #: Exports older than this are never resumed (PostHog's envelope for PNG/CSV/XLSX is ~10 min).
 DEFAULT_LOOKUP_MAX_AGE_S = 2 * 24 * 3600.0
 PENDING_MARKER_DIR = ".posthog-pending"
@@ -134,8 +141,51 @@ class ExportRequest:
             return f"dashboard {self.dashboard}"
         return "query"
 
-    def body_context(self) -> dict[str, Any]:
-        return {**dict(self.export_context or {}), "filename": self.tag}
+    @property
+    def needs_source(self) -> bool:
+        """A CSV/XLSX of an insight renders only from ``export_context.source`` or ``.path``.
+
+        Without either, PostHog's tabular exporter (``csv_exporter.py``, ``_export_to_dict``)
+        fails with ``KeyError('path')``, retried for up to 35 minutes, and never gives a file.
+        """
+        context = self.export_context or {}
+        return (
+            self.export_format in TABULAR_FORMATS
+            and self.insight is not None
+            and not context.get("source")
+            and not context.get("path")
+        )
+
+    def body_context(self, built: Mapping[str, Any] | None = None) -> dict[str, Any]:
+        """What is sent: what we built, then the user's keys (they win), then our tag."""
+        return {**dict(built or {}), **dict(self.export_context or {}), "filename": self.tag}
+
+
+def tabular_context(insight: Mapping[str, Any], project_id: int | str) -> dict[str, Any]:
+    """``export_context`` that lets PostHog render an insight as CSV/XLSX.
+
+    The saved query's ``source`` for an ``InsightVizNode`` (the query node the exporter runs), a
+    ``DataTableNode`` or HogQL query as it is, or, for an insight with only legacy ``filters``, a
+    ``path`` to the insight's own API route (the exporter's legacy path).
+
+    Raises:
+        PostHogExportFailed: The insight has neither a query nor filters to render.
+    """
+    query = insight.get("query")
+    if isinstance(query, Mapping) and query.get("kind"):
+        if query["kind"] in _WRAPPER_KINDS and isinstance(query.get("source"), Mapping):
+            return {"source": dict(query["source"])}
+        if query["kind"] not in _WRAPPER_KINDS:
+            return {"source": dict(query)}
+    if isinstance(insight.get("filters"), Mapping) and insight["filters"]:
+        return {"path": f"/api/projects/{project_id}/insights/{insight['id']}/"}
+    name = insight.get("name") or insight.get("derived_name") or "unnamed"
+    raise PostHogExportFailed(
+        f"insight {insight.get('id')} ('{name}') has neither a saved query nor legacy filters, so "
+        "PostHog has nothing to render as a table; give the export an export_context.source "
+        "(a query) or export it as PNG",
+        retryable=False,
+    )
 
 
 @dataclass(frozen=True)
@@ -224,6 +274,8 @@ class ExportRunner:
         log: logging.Logger | None = None,
         lookup_limit: int = DEFAULT_LOOKUP_LIMIT,
         lookup_max_age_s: float = DEFAULT_LOOKUP_MAX_AGE_S,
+        post_lookup_attempts: int = POST_LOOKUP_ATTEMPTS,
+        post_lookup_wait_s: float = POST_LOOKUP_WAIT_S,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
         rng: random.Random | None = None,
@@ -234,7 +286,11 @@ class ExportRunner:
         self.log = log or logger
         self.lookup_limit = lookup_limit
         self.lookup_max_age_s = lookup_max_age_s
+        self.post_lookup_attempts = max(1, post_lookup_attempts)
+        self.post_lookup_wait_s = post_lookup_wait_s
         self._sleep = sleep
+        self._contexts: dict[int, dict[str, Any]] = {}
+        self._contexts_lock = threading.Lock()
         self._clock = clock
         self._rng = rng or random.Random()
 
@@ -372,23 +428,45 @@ class ExportRunner:
 
     # ------------------------------------------------------------------ create / poll
 
+    def _built_context(self, request: ExportRequest) -> dict[str, Any] | None:
+        """The ``source``/``path`` PostHog needs for a CSV/XLSX of an insight (one basic GET)."""
+        if not request.needs_source or request.insight is None:
+            return None
+        with self._contexts_lock:
+            cached = self._contexts.get(request.insight)
+        if cached is None:
+            insight = self.client.get_insight(request.insight, basic=True)
+            cached = tabular_context(insight, self.client.project_id)
+            with self._contexts_lock:
+                self._contexts[request.insight] = cached
+        return cached
+
     def _create(self, request: ExportRequest) -> dict[str, Any]:
+        try:
+            built = self._built_context(request)
+        except PostHogExportFailed as exc:
+            raise PostHogExportFailed(
+                f"{request.asset_name}: cannot export {request.target} as "
+                f"{request.extension.upper()}: {exc}",
+                retryable=False,
+            ) from None
         try:
             export = self.client.create_export(
                 request.export_format,
                 insight=request.insight,
                 dashboard=request.dashboard,
-                export_context=request.body_context(),
+                export_context=request.body_context(built),
             )
         except (PostHogConnectionError, PostHogServerError) as exc:
-            # The POST may have reached PostHog before the failure: look before giving up, so
-            # the next attempt does not create a second export.
+            # The POST may have reached PostHog: PostHog holds it open while it renders, and the
+            # row is in the list from the start. Look for it rather than POST a second export.
             sent = not isinstance(exc, PostHogConnectionError) or exc.request_sent
-            found = self.find_resumable(request) if sent else None
+            found = self._find_after_post(request) if sent else None
             if found is None:
                 raise
             self.log.warning(
-                "%s: POST /exports/ failed (%s) but PostHog created export %s; using it",
+                "%s: POST /exports/ got no answer (%s); following PostHog export %s, which it "
+                "created, instead of creating another",
                 request.asset_name,
                 exc,
                 found["id"],
@@ -403,6 +481,15 @@ class ExportRunner:
             _describe(export),
         )
         return export
+
+    def _find_after_post(self, request: ExportRequest) -> dict[str, Any] | None:
+        for attempt in range(self.post_lookup_attempts):
+            if attempt:
+                self._sleep(self.post_lookup_wait_s)
+            found = self.find_resumable(request)
+            if found is not None:
+                return found
+        return None
 
     def _wait_for_content(
         self, request: ExportRequest, export: dict[str, Any]

@@ -378,11 +378,14 @@ def build_posthog_export_retry_sensor(
             plan = _plan_retry(context, record.run_id, ours, log_key, max_attempts)
             if plan is None:
                 continue
-            attempt, assets, tags = plan
+            attempt, assets, tags, retry_at = plan
             delay = min(backoff_s * 2 ** (attempt - 1), backoff_max_s)
+            # Never before PostHog's rate limit lets requests through again.
+            due = max(record.timestamp + delay, retry_at or 0.0)
+            delay = due - record.timestamp
             pending.append(
                 {
-                    "due": record.timestamp + delay,
+                    "due": due,
                     "run_key": f"posthog-retry:{record.run_id}:{attempt}",
                     "assets": assets,
                     "tags": tags,
@@ -427,8 +430,12 @@ def _plan_retry(
     ours: set[dg.AssetKey],
     log_key: dg.AssetKey | None,
     max_attempts: int,
-) -> tuple[int, list[str], dict[str, str]] | None:
-    """(attempt, asset keys to request, tags) for one failed run, or None (not ours / final)."""
+) -> tuple[int, list[str], dict[str, str], float | None] | None:
+    """(attempt, asset keys, tags, not-before time) for one failed run, or None (not ours/final).
+
+    A failure that recorded ``retry_at`` (PostHog's rate limit said when) is retried then, even
+    when the step itself could not wait that long.
+    """
     instance = context.instance
     run = instance.get_run_by_id(run_id)
     if run is None:
@@ -465,10 +472,13 @@ def _plan_retry(
         return None
     exports_failed = sorted(k.to_user_string() for k in failed if k != log_key)
     retry: list[str] = []
+    retry_at = 0.0
     for name in exports_failed:
         info = recorded.get(name)
-        if info is None or info.get("retryable", True):
+        if info is None or info.get("retryable", True) or info.get("retry_at"):
             retry.append(name)
+            if info is not None and isinstance(info.get("retry_at"), int | float):
+                retry_at = max(retry_at, float(info["retry_at"]))
         else:
             context.log.warning(
                 "Not retrying %s (failed run %s): %s is not retryable: %s",
@@ -497,4 +507,4 @@ def _plan_retry(
         TAG_RETRY_OF: run_id,
         TAG_DEDUP_ROOT: dedup_root_from_tags(run.tags, run_id),
     }
-    return attempt, assets, tags
+    return attempt, assets, tags, retry_at or None

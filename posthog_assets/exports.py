@@ -220,6 +220,8 @@ def build_posthog_export_assets(
                             "export_id": getattr(exc, "export_id", None),
                             "kind": kind,
                             "retryable": retryable,
+                            # When PostHog's rate limit will let a retry through (epoch seconds).
+                            "retry_at": getattr(exc, "retry_at", None),
                             "message": str(exc),
                         }
                     )

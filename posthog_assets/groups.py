@@ -3,7 +3,7 @@
 Each asset is a fetch step (API, stages rows to disk page by page) and a write step (one DuckDB
 transaction). A groups snapshot **replaces** the project's previous snapshot in its table: these
 tables hold the latest state (with ``snapshot_at`` saying when it was taken), not a history. Groups
-are big and change slowly; history is what the daily insights partitions are for.
+are big and change slowly; history is what the daily insights snapshots are for.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from pydantic import Field
 
 from posthog_assets.client import PostHogClient
 from posthog_assets.config import ResolvedProject
-from posthog_assets.errors import PostHogNotFoundError
 from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshot_store import (
     DescribeFn,
@@ -98,7 +97,6 @@ TRACKED_GROUPS_TABLE = SnapshotTable(
         "found": "BOOLEAN",
         "group_properties": "JSON",
         "created_at": "TIMESTAMPTZ",
-        "notebook": "VARCHAR",
         "error": "VARCHAR",
     },
 )
@@ -233,15 +231,18 @@ def stage_property_values(
 
 
 def tracked_group_row(client: PostHogClient, type_index: int, key: str) -> dict[str, Any]:
-    """``groups/find`` for one tracked group; a 404 is recorded as missing, not raised."""
-    try:
-        found = client.find_group(type_index, key)
-    except PostHogNotFoundError:
+    """One tracked group, looked up without side effects (the groups list, exact key match).
+
+    Not ``groups/find``: with PostHog's CRM feature on it creates a Notebook in the customer's
+    project for every group it finds, and a daily snapshot would litter the project with them.
+    """
+    found = client.lookup_group(type_index, key)
+    if found is None:
         return {
             "group_type_index": type_index,
             "group_key": key,
             "found": False,
-            "error": "not found: groups/find answered 404",
+            "error": "not found: no group of this type has this key",
         }
     return {
         "group_type_index": type_index,
@@ -249,7 +250,6 @@ def tracked_group_row(client: PostHogClient, type_index: int, key: str) -> dict[
         "found": True,
         "group_properties": found.get("group_properties"),
         "created_at": found.get("created_at"),
-        "notebook": found.get("notebook"),
     }
 
 

@@ -1,25 +1,38 @@
-"""The daily insights snapshot: every insight with its result, in ``posthog.insights``.
+"""The insights snapshot: every insight with its result, in ``posthog.insights``.
 
-The fetch step lists insights page by page in the chosen ``refresh`` mode and stages each page's
-rows on disk at once. Insights whose result is still being computed (async modes) are followed
-through ``GET /query/:id/`` *together*: a poll round asks about every pending query at once on a
-small thread pool, rounds back off up to ``poll_max_interval_s``, and the whole follow-up gives up
-after a finite timeout. Each insight whose query finished (or failed, or timed out) is then re-read
-once with ``refresh=force_cache``; a failure is recorded in ``query_error``, never left as a bare
-null. The write step replaces the partition's rows in one DuckDB transaction.
+One snapshot a day per project: the rows of a snapshot carry the UTC date it was taken
+(``snapshot_date``); taking it again the same day replaces that day's rows, and earlier days stay
+as history. The asset is not partitioned: a snapshot records PostHog's state *now*, so there is no
+honest way to take "yesterday's" snapshot today, and a partitioned asset would offer exactly that
+backfill.
+
+How the fetch spends requests (PostHog allows 1,200 insight requests an hour per key):
+
+- the list is read page by page, ``order=id`` (PostHog's default order has ties, so unordered pages
+  overlap and skip rows), 100 insights a page in the async and cache modes;
+- in the async modes, insights whose result PostHog is still computing are followed in bulk: each
+  round re-reads the pages that hold them with ``refresh=force_cache`` (100 insights from the cache
+  per request, computing nothing) and keeps those whose ``last_refresh`` is not older than the
+  query's ``start_time``; only once the rounds stop making progress are the few queries still
+  missing asked about with ``GET /query/:id/`` (a 400 or 500 there is PostHog's answer that the
+  query failed). So N insights cost about ``ceil(N/100) x (rounds + 1)`` requests;
+- blocking modes compute every stale insight of a page inside one request, one after another, so
+  their pages are small (5 by default).
+
+A failure of one insight is recorded on its row (``query_error``), never left as a bare null. The
+snapshot then compares the distinct insights it stored with the ``count`` PostHog reported and
+fails when any are missing, before anything is written.
 """
 
 from __future__ import annotations
 
-import itertools
-import json
 import logging
 import threading
 import time
-from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Mapping
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +44,7 @@ from pydantic import Field
 from posthog_assets.client import PostHogClient, QueryStatus
 from posthog_assets.config import (
     ASYNC_REFRESH_MODES,
+    BLOCKING_REFRESH_MODES,
     REFRESH_MODES,
     RefreshMode,
     ResolvedProject,
@@ -41,9 +55,8 @@ from posthog_assets.errors import (
     PostHogError,
     PostHogNotFoundError,
     PostHogPermissionError,
-    PostHogServerError,
-    PostHogValidationError,
 )
+from posthog_assets.export_runner import parse_time
 from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshot_store import (
     SnapshotTable,
@@ -59,19 +72,32 @@ from posthog_assets.translator import (
     PostHogSnapshotProps,
 )
 
-#: PostHog's insights endpoints silently treat this mode as ``force_cache`` (posthog-api.md §8.3).
+#: PostHog's insights endpoints silently treat this mode as ``force_cache`` (``posthog/utils.py``,
+#: ``refresh_requested_by_client``); only ``POST /query/`` honours it.
 ASYNC_EXCEPT_ON_CACHE_MISS = "async_except_on_cache_miss"
 CONCURRENCY_LIMIT_MESSAGE = "concurrency_limit_exceeded"
-DEFAULT_POLL_WORKERS = 8
+DEFAULT_POLL_WORKERS = 4
 DEFAULT_CONCURRENCY_RETRIES = 2
-#: Insight pages requested ahead of the one being staged (PostHog allows 240 insight calls/min).
+#: Insight pages requested ahead of the one being staged.
 DEFAULT_PREFETCH_PAGES = 2
+DEFAULT_PAGE_SIZE = 100
+#: In a blocking mode PostHog computes each stale insight of a page inside the request, one after
+#: another: a few per request keeps each request short.
+DEFAULT_BLOCKING_PAGE_SIZE = 5
+#: Rounds in a row in which no pending insight finished before the remaining queries are asked
+#: about directly (a failed query never reaches the cache, so only ``/query/:id/`` tells).
+STALL_ROUNDS = 2
+#: ... but only once some insight has finished, or after this long: a batch of slow queries
+#: would otherwise cost one request per insight.
+STALL_AFTER_S = 30.0
+#: Queries asked about in one round at most; each is asked again after 2, 4, 8 ... rounds.
+MAX_ASKS_PER_ROUND = 10
 
 INSIGHTS_TABLE = SnapshotTable(
     name="insights",
     columns={
         "project_id": "VARCHAR",
-        "partition": "DATE",
+        "snapshot_date": "DATE",
         "snapshot_at": "TIMESTAMPTZ",
         "id": "BIGINT",
         "short_id": "VARCHAR",
@@ -94,8 +120,9 @@ INSIGHTS_TABLE = SnapshotTable(
         "updated_at": "TIMESTAMPTZ",
         "last_modified_at": "TIMESTAMPTZ",
     },
-    scope=("project_id", "partition"),
-    constants=("project_id", "partition", "snapshot_at"),
+    scope=("project_id", "snapshot_date"),
+    constants=("project_id", "snapshot_date", "snapshot_at"),
+    renamed={"partition": "snapshot_date"},
 )
 
 INSIGHTS_LATEST_VIEW = "insights_latest"
@@ -111,7 +138,7 @@ def latest_view_sql(conn: duckdb.DuckDBPyConnection) -> str:
     return (
         f"CREATE OR REPLACE VIEW {table_ref(conn, INSIGHTS_LATEST_VIEW)} AS SELECT {cols} "
         "FROM insights QUALIFY row_number() OVER ("
-        'PARTITION BY project_id, id ORDER BY "partition" DESC, snapshot_at DESC) = 1'
+        "PARTITION BY project_id, id ORDER BY snapshot_date DESC, snapshot_at DESC) = 1"
     )
 
 
@@ -125,7 +152,7 @@ class InsightsSnapshotConfig(dg.Config):
     """Per-run overrides of the YAML ``insights:`` section, set in the launchpad as
     ``ops: {<prefix>__insights: {config: {refresh: async}}}``. Empty fields use the YAML."""
 
-    refresh: RefreshMode = Field(default="blocking", description=REFRESH_FIELD_DESCRIPTION)
+    refresh: RefreshMode = Field(default="async", description=REFRESH_FIELD_DESCRIPTION)
     short_id: str | None = Field(
         default=None, description="Only the insight with this 8-character short id."
     )
@@ -135,14 +162,18 @@ class InsightsSnapshotConfig(dg.Config):
     basic: bool | None = Field(
         default=None, description="Metadata only (basic=true): no results are computed."
     )
-    page_size: int | None = Field(default=None, description="Insights per page (limit).")
+    page_size: int | None = Field(
+        default=None,
+        description="Insights per list request (default 100; 5 in blocking modes, where PostHog "
+        "computes each stale insight of a page inside the request).",
+    )
     query_poll_timeout_s: float | None = Field(
         default=None,
         description="Give up following async queries after this many seconds (YAML default).",
     )
     poll_workers: int = Field(
         default=DEFAULT_POLL_WORKERS,
-        description="Threads polling pending queries and re-reading finished insights.",
+        description="Threads asking about stalled queries (GET /query/:id/) at once.",
     )
     concurrency_limit_retries: int = Field(
         default=DEFAULT_CONCURRENCY_RETRIES,
@@ -175,23 +206,44 @@ class InsightFetchOptions:
     short_id: str | None = None
     created_by: list[int] | None = None
     basic: bool = False
-    page_size: int = 100
+    page_size: int | None = None
     poll_interval_s: float = 1.0
     poll_max_interval_s: float = 15.0
     poll_timeout_s: float = 300.0
     poll_workers: int = DEFAULT_POLL_WORKERS
     concurrency_limit_retries: int = DEFAULT_CONCURRENCY_RETRIES
     prefetch_pages: int = DEFAULT_PREFETCH_PAGES
+    #: A unique sort field (PostHog's default order has ties); "" sends none.
+    order: str = "id"
 
     @property
     def effective_refresh(self) -> str:
-        """What PostHog's insights endpoints actually do with our mode (§8.3)."""
+        """What PostHog's insights endpoints actually do with our mode."""
         return "force_cache" if self.refresh == ASYNC_EXCEPT_ON_CACHE_MISS else self.refresh
 
     @property
     def recorded_refresh(self) -> str | None:
         """The ``refresh`` column: the configured mode, or NULL for metadata-only (basic) runs."""
         return None if self.basic else self.refresh
+
+    @property
+    def effective_page_size(self) -> int:
+        if self.page_size:
+            return self.page_size
+        if not self.basic and self.refresh in BLOCKING_REFRESH_MODES:
+            return DEFAULT_BLOCKING_PAGE_SIZE
+        return DEFAULT_PAGE_SIZE
+
+    @property
+    def follows_queries(self) -> bool:
+        return not self.basic and self.effective_refresh in ASYNC_REFRESH_MODES
+
+    def filters(self) -> dict[str, Any]:
+        return {
+            "short_id": self.short_id,
+            "created_by": self.created_by or None,
+            "order": self.order,
+        }
 
 
 def insight_row(
@@ -226,21 +278,12 @@ def insight_row(
     }
 
 
-def _pending_query_id(insight: Mapping[str, Any], refresh: str) -> str | None:
-    """The query to follow: a background job still running for this insight, if any."""
+def _running_query(insight: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """The ``query_status`` of a background job still computing this insight, if any."""
     status = insight.get("query_status") or {}
     if not status or status.get("complete") or status.get("error") or not status.get("id"):
         return None
-    if refresh in ASYNC_REFRESH_MODES or insight.get("result") is None:
-        return str(status["id"])
-    return None
-
-
-def _is_query_failure(exc: PostHogError) -> bool:
-    """A 400 (HogQL/ClickHouse user error) or a bare 500 from computing an insight."""
-    return isinstance(exc, PostHogValidationError) or (
-        isinstance(exc, PostHogServerError) and exc.status == 500
-    )
+    return status
 
 
 def _is_concurrency_limited(insight: Mapping[str, Any]) -> bool:
@@ -250,124 +293,34 @@ def _is_concurrency_limited(insight: Mapping[str, Any]) -> bool:
     )
 
 
-# ------------------------------------------------------------------------------------------------
-# Following async queries
+class InsightSnapshotIncomplete(PostHogError):
+    """Fewer distinct insights were read than PostHog's ``count`` says exist (a step retry may
+    read them all: the list can shift while it is read)."""
+
+    retryable = True
 
 
 @dataclass
-class FollowResult:
-    """How a batch of pending queries ended."""
+class PendingInsight:
+    """An insight whose result PostHog is computing in the background."""
 
-    completed: set[str] = field(default_factory=set)
-    failed: dict[str, str] = field(default_factory=dict)
-    timed_out: set[str] = field(default_factory=set)
-    rounds: int = 0
-    polls: int = 0
-    seconds: float = 0.0
+    insight: Mapping[str, Any]
+    offset: int | None  # the list page it was on; None once it was not found there again
+    query_id: str
+    started_at: datetime | None
+    seen_last_refresh: datetime | None
+    asks: int = 0  # times /query/:id/ was asked about this insight's query
+    next_ask_round: int = 0
+    completed: bool = False  # /query/:id/ said complete, but the cache had not shown it yet
 
-
-class QueryFollower:
-    """Polls many pending ``query_status`` ids together until each completes, fails or times out.
-
-    Each round polls every still-pending id once, concurrently on ``workers`` threads, then waits
-    ``interval`` (growing 1.5x per round up to ``max_interval_s``) unless the deadline comes
-    first. ``on_finished(query_id, error)`` is called as soon as a query ends (``error`` is None
-    for success), so callers can re-read results while other queries are still running.
-    """
-
-    def __init__(
-        self,
-        client: PostHogClient,
-        *,
-        interval_s: float,
-        max_interval_s: float,
-        timeout_s: float,
-        workers: int = DEFAULT_POLL_WORKERS,
-        log: logging.Logger | Any = None,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
-        if timeout_s <= 0:
-            raise ValueError(f"query poll timeout must be greater than 0, got {timeout_s}")
-        self.client = client
-        self.interval_s = max(0.01, interval_s)
-        self.max_interval_s = max(self.interval_s, max_interval_s)
-        self.timeout_s = timeout_s
-        self.workers = max(1, workers)
-        self.log = log or logging.getLogger(__name__)
-        self._clock = clock
-        self._sleep = sleep
-
-    def _poll(self, query_id: str) -> QueryStatus | str:
-        """One status; a query PostHog no longer knows (404) or a failed poll is a failure."""
-        try:
-            return self.client.get_query_status(query_id)
-        except (PostHogAuthError, PostHogPermissionError):
-            raise
-        except PostHogNotFoundError:
-            return "query not found (expired or never started)"
-        except PostHogError as exc:
-            return f"polling failed: {exc}"
-
-    def follow(
-        self,
-        query_ids: Iterable[str],
-        on_finished: Callable[[str, str | None], None] | None = None,
-    ) -> FollowResult:
-        result = FollowResult()
-        pending = list(dict.fromkeys(query_ids))
-        if not pending:
-            return result
-        started = self._clock()
-        deadline = started + self.timeout_s
-        interval = self.interval_s
-        notify = on_finished or (lambda _qid, _err: None)
-        with ThreadPoolExecutor(self.workers, thread_name_prefix="posthog-poll") as pool:
-            while pending:
-                answers = list(pool.map(self._poll, pending))
-                result.rounds += 1
-                result.polls += len(pending)
-                still: list[str] = []
-                for qid, answer in zip(pending, answers, strict=True):
-                    if isinstance(answer, str):
-                        result.failed[qid] = answer
-                        notify(qid, answer)
-                    elif answer.failed:
-                        message = answer.error_message or "query failed"
-                        result.failed[qid] = message
-                        notify(qid, message)
-                    elif answer.complete:
-                        result.completed.add(qid)
-                        notify(qid, None)
-                    else:
-                        still.append(qid)
-                pending = still
-                elapsed = self._clock() - started
-                self.log.info(
-                    "query_status round %d after %.1fs: %d running, %d complete, %d failed",
-                    result.rounds, elapsed, len(pending), len(result.completed),
-                    len(result.failed),
-                )
-                if not pending:
-                    break
-                now = self._clock()
-                if now >= deadline:
-                    break
-                self._sleep(min(interval, deadline - now))  # one last round at the deadline
-                interval = min(interval * 1.5, self.max_interval_s)
-        for qid in pending:
-            message = (
-                f"query {qid} still running after {self.timeout_s:g}s "
-                "(raise insights.query_poll_timeout_s to wait longer)"
-            )
-            result.timed_out.add(qid)
-            notify(qid, message)
-        result.seconds = round(self._clock() - started, 3)
-        return result
-
-
-# ------------------------------------------------------------------------------------------------
-# The fetch
+    def finished_in(self, insight: Mapping[str, Any]) -> bool:
+        """Whether this cache-only answer holds the new result (not the stale one we saw)."""
+        refreshed = parse_time(insight.get("last_refresh"))
+        if insight.get("result") is None or refreshed is None:
+            return False
+        if self.started_at is not None:
+            return refreshed >= self.started_at
+        return self.seen_last_refresh is None or refreshed > self.seen_last_refresh
 
 
 @dataclass
@@ -375,25 +328,31 @@ class InsightFetchStats:
     pages: int = 0
     fallback_pages: int = 0
     listed: int = 0
+    count_reported: int | None = None
     staged: int = 0
     duplicates_skipped: int = 0
     vanished: int = 0
     pending_queries: int = 0
+    follow_rounds: int = 0
+    follow_page_requests: int = 0
+    query_polls: int = 0
+    single_rereads: int = 0
     async_completed: int = 0
     async_failed: int = 0
     async_timed_out: int = 0
-    poll_rounds: int = 0
-    polls: int = 0
-    rereads: int = 0
     concurrency_limited: int = 0
     concurrency_retries: int = 0
+    follow_seconds: float = 0.0
 
-    def as_metadata(self) -> dict[str, int]:
-        return dict(self.__dict__)
+    def as_metadata(self) -> dict[str, Any]:
+        return {k: v for k, v in self.__dict__.items() if v is not None}
 
 
 class InsightSnapshotFetcher:
-    """Lists insights, follows async queries and stages one row per insight (no Dagster here)."""
+    """Lists insights, follows async queries in bulk and stages one row per insight.
+
+    No Dagster here: the asset below and the benchmark both drive it.
+    """
 
     def __init__(
         self,
@@ -403,14 +362,19 @@ class InsightSnapshotFetcher:
         *,
         log: logging.Logger | Any = None,
         sleep: Callable[[float], None] = time.sleep,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.client = client
         self.staging = staging
         self.options = options
         self.log = log or logging.getLogger(__name__)
         self._sleep = sleep
+        self._clock = clock
         self.stats = InsightFetchStats()
-        self._stats_lock = threading.Lock()
+        self._lock = threading.Lock()
+        self._stored: set[int] = set()
+
+    # ------------------------------------------------------------------ the run
 
     def run(self) -> InsightFetchStats:
         opts = self.options
@@ -421,144 +385,87 @@ class InsightSnapshotFetcher:
                 "cold comes back with result null. Sending force_cache; the null results are "
                 "counted in the metadata (null_results)."
             )
-        pending: dict[str, list[int]] = {}
+        pending: dict[int, PendingInsight] = {}
         limited: dict[int, Mapping[str, Any]] = {}
-        seen: set[int] = set()
-        for page in self._pages():
+        pages = self.client.iter_insight_pages(
+            refresh=opts.effective_refresh,
+            basic=opts.basic,
+            page_size=opts.effective_page_size,
+            prefetch=opts.prefetch_pages,
+            **opts.filters(),
+        )
+        for page in pages:
             self.stats.pages += 1
+            self.stats.fallback_pages += int(page.fallback)
+            self.stats.vanished += page.vanished
+            if self.stats.count_reported is None:
+                self.stats.count_reported = page.count
             rows = []
-            for insight in page:
+            for insight in page.results:
                 self.stats.listed += 1
-                iid = insight.get("id")
-                if iid in seen:  # limit/offset pages shift when insights change mid-listing
+                iid = int(insight["id"])
+                if iid in self._stored or iid in pending or iid in limited:
                     self.stats.duplicates_skipped += 1
                     continue
-                seen.add(iid)
-                rows.extend(self._classify(insight, pending, limited))
-            self.stats.staged += self.staging.write(rows)
+                running = _running_query(insight) if opts.follows_queries else None
+                if running is not None:
+                    pending[iid] = PendingInsight(
+                        insight=insight,
+                        offset=page.offset,
+                        query_id=str(running["id"]),
+                        started_at=parse_time(running.get("start_time")),
+                        seen_last_refresh=parse_time(insight.get("last_refresh")),
+                    )
+                elif _is_concurrency_limited(insight) and opts.concurrency_limit_retries > 0:
+                    limited[iid] = insight
+                else:
+                    self.stats.concurrency_limited += int(_is_concurrency_limited(insight))
+                    rows.append(insight)
+            self._stage(rows)
         if limited:
             self._retry_concurrency_limited(limited, pending)
         if pending:
             self._follow(pending)
+        self._check_complete()
         return self.stats
 
-    def _list_params(self, offset: int, *, basic: bool) -> dict[str, Any]:
-        opts = self.options
-        params: dict[str, Any] = {"limit": opts.page_size, "offset": offset}
-        if basic:
-            params["basic"] = "true"
-        else:
-            params["refresh"] = opts.effective_refresh
-        if opts.short_id is not None:
-            params["short_id"] = opts.short_id
-        if opts.created_by:
-            params["created_by"] = json.dumps(list(opts.created_by))
-        return params
+    def _stage(self, insights: Iterable[Mapping[str, Any]], error: str | None = None) -> None:
+        rows = []
+        with self._lock:
+            for insight in insights:
+                iid = int(insight["id"])
+                if iid not in self._stored:
+                    self._stored.add(iid)
+                    rows.append(insight_row(insight, self.options.recorded_refresh, error))
+        written = self.staging.write(rows)
+        with self._lock:
+            self.stats.staged += written
 
-    def _get_page(self, offset: int) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        """One limit/offset page, computed in the requested mode.
+    def _check_complete(self) -> None:
+        """Fail before anything is written when fewer insights were read than PostHog has.
 
-        PostHog answers a whole page with 400 (or 500) when one insight's query fails in a
-        blocking mode. Such a page is listed again metadata-only and its insights fetched one by
-        one, so a failing query costs one row with ``query_error``, not the whole snapshot.
+        The count is asked again before failing: insights deleted during the run are not missing.
         """
-        try:
-            page = self.client.get_json(
-                "insights/", self._list_params(offset, basic=self.options.basic),
-                scopes=("insight:read",),
-            )
-            return page, list(page.get("results") or [])
-        except (PostHogValidationError, PostHogServerError) as exc:
-            if self.options.basic or not _is_query_failure(exc):
-                raise
-            return self._page_one_by_one(offset, exc)
-
-    def _pages(self) -> Iterator[list[dict[str, Any]]]:
-        """Every page in order, with up to ``prefetch_pages`` requests in flight.
-
-        The first page gives ``count``; the later offsets are then known, so the next pages are
-        requested while the current one is being staged (PostHog computes a page of results in
-        a blocking mode while we serialise the previous one). Without ``count`` the ``next``
-        links are followed one at a time.
-        """
-        size = self.options.page_size
-        page, results = self._get_page(0)
-        yield results
-        if not page.get("next") or not results:
+        reported = self.stats.count_reported
+        if reported is None or len(self._stored) >= reported:
             return
-        count = page.get("count")
-        if not isinstance(count, int):
-            offset = size
-            while True:
-                page, results = self._get_page(offset)
-                yield results
-                if not page.get("next") or not results:
-                    return
-                offset += size
-        offsets = iter(range(size, count, size))
-        depth = max(1, self.options.prefetch_pages)
-        with ThreadPoolExecutor(depth, thread_name_prefix="posthog-pages") as pool:
-            inflight: deque[Future[tuple[dict[str, Any], list[dict[str, Any]]]]] = deque(
-                pool.submit(self._get_page, off) for off in itertools.islice(offsets, depth)
-            )
-            while inflight:
-                _page, results = inflight.popleft().result()
-                following = next(offsets, None)
-                if following is not None:
-                    inflight.append(pool.submit(self._get_page, following))
-                yield results
-
-    def _page_one_by_one(
-        self, offset: int, exc: PostHogError
-    ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        self.log.warning(
-            "Insights page at offset %d failed (%s); fetching its insights one by one",
-            offset, exc.detail or exc.status,
+        now = self.client.list_insights(limit=1, basic=True, **self.options.filters()).get(
+            "count"
         )
-        with self._stats_lock:
-            self.stats.fallback_pages += 1
-        page = self.client.get_json(
-            "insights/", self._list_params(offset, basic=True), scopes=("insight:read",)
+        expected = min(reported, now) if isinstance(now, int) else reported
+        if len(self._stored) >= expected:
+            return
+        raise InsightSnapshotIncomplete(
+            f"read {len(self._stored)} distinct insights but PostHog reports {expected} "
+            f"(count {reported} at the start, {now} at the end); nothing was written. Pages of "
+            "the insights list overlapped or skipped rows, or insights were added while the "
+            "snapshot ran: run it again."
         )
-        results = []
-        for meta in page.get("results") or []:
-            try:
-                results.append(
-                    self.client.get_insight(meta["id"], refresh=self.options.effective_refresh)
-                )
-            except (PostHogValidationError, PostHogServerError) as item_exc:
-                if not _is_query_failure(item_exc):
-                    raise
-                detail = item_exc.detail or f"HTTP {item_exc.status}"
-                results.append(
-                    {**meta, "query_status": {"error": True, "error_message": detail}}
-                )
-            except PostHogNotFoundError:
-                with self._stats_lock:
-                    self.stats.vanished += 1
-        return page, results
 
-    def _classify(
-        self,
-        insight: Mapping[str, Any],
-        pending: dict[str, list[int]],
-        limited: dict[int, Mapping[str, Any]],
-    ) -> list[dict[str, Any]]:
-        """Stage the row now, or park the insight until its query (or a retry) settles."""
-        opts = self.options
-        qid = None if opts.basic else _pending_query_id(insight, opts.effective_refresh)
-        if qid is not None:
-            pending.setdefault(qid, []).append(int(insight["id"]))
-            return []
-        if _is_concurrency_limited(insight) and opts.concurrency_limit_retries > 0:
-            limited[int(insight["id"])] = insight
-            return []
-        if _is_concurrency_limited(insight):
-            self.stats.concurrency_limited += 1
-        return [insight_row(insight, opts.recorded_refresh)]
+    # ------------------------------------------------------------------ ClickHouse load
 
     def _retry_concurrency_limited(
-        self, limited: dict[int, Mapping[str, Any]], pending: dict[str, list[int]]
+        self, limited: dict[int, Mapping[str, Any]], pending: dict[int, PendingInsight]
     ) -> None:
         """ClickHouse refused these for load: wait a little, ask again, keep the last answer."""
         opts = self.options
@@ -583,80 +490,174 @@ class InsightSnapshotFetcher:
                     limited[iid] = insight
                     continue
                 del limited[iid]
-                qid = _pending_query_id(insight, opts.effective_refresh)
-                if qid is not None:
-                    pending.setdefault(qid, []).append(iid)
+                running = _running_query(insight) if opts.follows_queries else None
+                if running is not None:
+                    pending[iid] = PendingInsight(
+                        insight=insight,
+                        offset=None,
+                        query_id=str(running["id"]),
+                        started_at=parse_time(running.get("start_time")),
+                        seen_last_refresh=parse_time(insight.get("last_refresh")),
+                    )
                 else:
-                    row = insight_row(insight, opts.recorded_refresh)
-                    self.stats.staged += self.staging.write([row])
+                    self._stage([insight])
         if limited:
             self.stats.concurrency_limited += len(limited)
             self.log.warning(
                 "%d insight(s) still refused with %s; recorded in query_error",
                 len(limited), CONCURRENCY_LIMIT_MESSAGE,
-            )
-            self.stats.staged += self.staging.write(
-                insight_row(insight, opts.recorded_refresh) for insight in limited.values()
-            )
+            )  # fmt: skip
+            self._stage(limited.values())
 
-    def _follow(self, pending: dict[str, list[int]]) -> None:
+    # ------------------------------------------------------------------ following in bulk
+
+    def _follow(self, pending: dict[int, PendingInsight]) -> None:
         opts = self.options
-        self.stats.pending_queries = len(pending)
+        started = self._clock()
+        deadline = started + opts.poll_timeout_s
+        interval = max(0.01, opts.poll_interval_s)
+        quiet, finished_any = 0, False
+        self.stats.pending_queries = len({p.query_id for p in pending.values()})
         self.log.info(
-            "Following %d async queries for %d insights (timeout %gs)",
-            len(pending), sum(len(v) for v in pending.values()), opts.poll_timeout_s,
-        )
-        futures: list[Future[None]] = []
-        with ThreadPoolExecutor(
-            max(1, opts.poll_workers), thread_name_prefix="posthog-reread"
-        ) as rereads:
-
-            def on_finished(qid: str, error: str | None) -> None:
-                for iid in pending.get(qid, ()):
-                    futures.append(rereads.submit(self._reread, iid, error))
-
-            follower = QueryFollower(
-                self.client,
-                interval_s=opts.poll_interval_s,
-                max_interval_s=opts.poll_max_interval_s,
-                timeout_s=opts.poll_timeout_s,
-                workers=opts.poll_workers,
-                log=self.log,
-                sleep=self._sleep,
+            "Following %d insight(s) whose results PostHog is computing (timeout %gs)",
+            len(pending), opts.poll_timeout_s,
+        )  # fmt: skip
+        while pending:
+            now = self._clock()
+            if now >= deadline:
+                break
+            self._sleep(min(interval, deadline - now))
+            interval = min(interval * 1.5, max(interval, opts.poll_max_interval_s))
+            self.stats.follow_rounds += 1
+            before = len(pending)
+            self._reread_pages(pending)
+            self._reread_singles(pending)
+            quiet = quiet + 1 if len(pending) == before else 0
+            finished_any = finished_any or len(pending) < before
+            if pending and quiet >= STALL_ROUNDS and (
+                finished_any or self._clock() - started >= STALL_AFTER_S
+            ):
+                self._ask_about_stalled(pending)
+            self.log.info(
+                "Follow round %d after %.1fs: %d finished, %d still computing",
+                self.stats.follow_rounds, self._clock() - started, before - len(pending),
+                len(pending),
+            )  # fmt: skip
+        if pending:
+            message = (
+                f"still computing after {opts.poll_timeout_s:g}s "
+                "(raise insights.query_poll_timeout_s to wait longer)"
             )
-            outcome = follower.follow(pending, on_finished)
-            wait(futures)
-        for f in futures:
-            f.result()  # re-raise an auth error from a re-read
-        self.stats.async_completed = len(outcome.completed)
-        self.stats.async_failed = len(outcome.failed)
-        self.stats.async_timed_out = len(outcome.timed_out)
-        self.stats.poll_rounds = outcome.rounds
-        self.stats.polls = outcome.polls
-        if outcome.failed or outcome.timed_out:
-            self.log.warning(
-                "%d async queries failed and %d timed out; their insights carry query_error",
-                len(outcome.failed), len(outcome.timed_out),
-            )
+            self.stats.async_timed_out += len(pending)
+            self._stage([p.insight for p in pending.values()], message)
+            self.log.warning("%d insight(s) timed out; recorded in query_error", len(pending))
+        self.stats.follow_seconds = round(self._clock() - started, 3)
 
-    def _reread(self, insight_id: int, error: str | None) -> None:
-        """Read the now-cached result (``force_cache``) and stage the insight's row."""
-        try:
-            insight = self.client.get_insight(insight_id, refresh="force_cache")
-        except PostHogNotFoundError:
-            with self._stats_lock:
-                self.stats.vanished += 1
+    def _settle(self, pending: dict[int, PendingInsight], insight: Mapping[str, Any]) -> None:
+        """Stage a re-read insight when it holds the new result or a failure; else wait."""
+        iid = int(insight["id"])
+        entry = pending.get(iid)
+        if entry is None:
             return
-        if error is None and insight.get("result") is None and not self.options.basic:
-            status = insight.get("query_status") or {}
-            if status.get("error"):
-                error = status.get("error_message") or "query failed (no message)"
-            else:
-                error = "query completed but its result was not in the cache on re-read"
-        staged = self.staging.write([insight_row(insight, self.options.recorded_refresh, error)])
-        with self._stats_lock:
-            self.stats.rereads += 1
-            self.stats.staged += staged
+        status = insight.get("query_status") or {}
+        if entry.finished_in(insight):
+            del pending[iid]
+            self.stats.async_completed += 1
+            self._stage([insight])
+        elif status.get("error"):  # newer PostHog versions attach a failed job's status
+            del pending[iid]
+            self.stats.async_failed += 1
+            self._stage([insight])
+
+    def _reread_pages(self, pending: dict[int, PendingInsight]) -> None:
+        """One ``force_cache`` request per page that still holds a pending insight."""
+        opts = self.options
+        offsets = sorted({p.offset for p in pending.values() if p.offset is not None})
+        if not offsets:
+            return
+        expected = {iid for iid, p in pending.items() if p.offset is not None}
+        seen: set[int] = set()
+        pages = self.client.iter_insight_pages(
+            refresh="force_cache",
+            page_size=opts.effective_page_size,
+            prefetch=opts.prefetch_pages,
+            offsets=offsets,
+            **opts.filters(),
+        )
+        for page in pages:
+            self.stats.follow_page_requests += 1
+            for insight in page.results:
+                if int(insight["id"]) in pending:
+                    seen.add(int(insight["id"]))
+                    self._settle(pending, insight)
+        for iid in expected - seen:  # the list shifted (insights added or deleted meanwhile)
+            if iid in pending:
+                pending[iid].offset = None
+
+    def _reread_singles(self, pending: dict[int, PendingInsight]) -> None:
+        """Insights no longer where they were in the list, or whose query said complete."""
+        for iid, entry in list(pending.items()):
+            if entry.offset is not None and not entry.completed:
+                continue
+            self.stats.single_rereads += 1
+            try:
+                insight = self.client.get_insight(iid, refresh="force_cache")
+            except PostHogNotFoundError:
+                del pending[iid]
+                self.stats.vanished += 1
+                continue
+            if entry.completed and not entry.finished_in(insight):
+                del pending[iid]
+                self.stats.async_failed += 1
+                self._stage(
+                    [insight], "query completed but its result was not in the cache on re-read"
+                )
+                continue
+            self._settle(pending, insight)
+
+    def _ask_about_stalled(self, pending: dict[int, PendingInsight]) -> None:
+        """``GET /query/:id/`` for queries that still have not landed in the cache.
+
+        A few per round, each again only after 2, 4, 8 ... rounds: a 400 or 500 there is
+        PostHog's answer that the query failed; 202 means it is merely slow.
+        """
+        round_no = self.stats.follow_rounds
+        stalled: dict[str, list[int]] = {}
+        due = sorted(
+            (e.asks, iid) for iid, e in pending.items() if e.next_ask_round <= round_no
+        )
+        for _asks, iid in due:
+            query_id = pending[iid].query_id
+            if query_id not in stalled and len(stalled) >= MAX_ASKS_PER_ROUND:
+                continue
+            stalled.setdefault(query_id, []).append(iid)
+        if not stalled:
+            return
+        workers = max(1, min(self.options.poll_workers, len(stalled)))
+        with ThreadPoolExecutor(workers, thread_name_prefix="posthog-query") as pool:
+            answers = list(pool.map(self._poll, stalled))
+        self.stats.query_polls += len(stalled)
+        for (query_id, ids), answer in zip(stalled.items(), answers, strict=True):
+            for iid in ids:
+                entry = pending[iid]
+                entry.asks += 1
+                entry.next_ask_round = round_no + 2**entry.asks
+                if isinstance(answer, str) or answer.failed:
+                    message = answer if isinstance(answer, str) else answer.error_message
+                    del pending[iid]
+                    self.stats.async_failed += 1
+                    self._stage([{**entry.insight, "query_status": {"id": query_id}}], message)
+                elif answer.complete:
+                    entry.completed = True
+
+    def _poll(self, query_id: str) -> QueryStatus | str:
+        """One status; a query PostHog no longer knows (404) is a failure, not a fault."""
+        try:
+            return self.client.get_query_status(query_id)
+        except (PostHogAuthError, PostHogPermissionError):
+            raise
+        except PostHogNotFoundError:
+            return "query not found (expired or never started)"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -685,14 +686,14 @@ def resolve_fetch_options(
 
 
 def describe_insights(conn: duckdb.DuckDBPyConnection, staged: StagedSnapshot) -> dict[str, Any]:
-    """Counts over the rows just written (the partition), for the materialization metadata."""
+    """Counts over the rows just written (the day's snapshot), for the materialization metadata."""
     rows = conn.execute(
         "SELECT count(*), count(*) FILTER (WHERE result IS NULL), "
         "count(*) FILTER (WHERE is_cached), "
         "count(*) FILTER (WHERE NOT coalesce(is_cached, false) AND result IS NOT NULL), "
         "count(*) FILTER (WHERE query_error IS NOT NULL) "
-        f'FROM {INSIGHTS_TABLE.ref(conn)} WHERE project_id = ? AND "partition" = ?',
-        [staged.scope["project_id"], staged.scope["partition"]],
+        f"FROM {INSIGHTS_TABLE.ref(conn)} WHERE project_id = ? AND snapshot_date = ?",
+        [staged.scope["project_id"], staged.scope["snapshot_date"]],
     ).fetchall()
     total, null_results, cached, fresh, errors = (int(v) for v in rows[0])
     return {
@@ -705,12 +706,9 @@ def describe_insights(conn: duckdb.DuckDBPyConnection, staged: StagedSnapshot) -
 
 
 def build_posthog_insights_snapshot(
-    project: ResolvedProject,
-    *,
-    partitions_def: dg.PartitionsDefinition,
-    translator: DagsterPostHogTranslator | None = None,
+    project: ResolvedProject, *, translator: DagsterPostHogTranslator | None = None
 ) -> dg.AssetsDefinition:
-    """The daily-partitioned ``posthog.insights`` snapshot asset of one project."""
+    """The ``posthog.insights`` snapshot asset of one project (one snapshot per UTC day)."""
     translator = translator or DagsterPostHogTranslator()
     spec = translator.get_asset_spec(PostHogSnapshotProps(project, "insights"))
     meta = PostHogMetadataSet.extract(spec.metadata)
@@ -723,24 +721,26 @@ def build_posthog_insights_snapshot(
         client = resource.get_client(log=context.log)
         options = resolve_fetch_options(project, resource, config)
         snapshot_at = utc_now_iso()
+        snapshot_date = snapshot_at[:10]
         requests_before = client.request_count
         context.log.info(
-            "Snapshotting insights of project %s with refresh=%s into partition %s",
-            resource.project_id, options.refresh, context.partition_key,
-        )
+            "Snapshotting insights of project %s with refresh=%s (snapshot of %s)",
+            resource.project_id, options.refresh, snapshot_date,
+        )  # fmt: skip
         with StagingFile(folder / "insights", INSIGHTS_TABLE) as staging:
             stats = InsightSnapshotFetcher(client, staging, options, log=context.log).run()
         return StagedSnapshot(
             files=staging.files,
             rows=staging.rows,
-            scope={"project_id": project_id_of(resource), "partition": context.partition_key},
+            scope={"project_id": project_id_of(resource), "snapshot_date": snapshot_date},
             snapshot_at=snapshot_at,
             stats={
                 "refresh": options.refresh,
                 "effective_refresh": options.effective_refresh,
-                "pages_fetched": stats.pages,
+                "page_size": options.effective_page_size,
+                "snapshot_date": snapshot_date,
                 "requests": client.request_count - requests_before,
-                **{k: v for k, v in stats.as_metadata().items() if k != "pages"},
+                **stats.as_metadata(),
             },
         )
 
@@ -750,19 +750,7 @@ def build_posthog_insights_snapshot(
         resource_key=resource_key,
         fetch=fetch,
         config_cls=insights_config_class(project),
-        partitions_def=partitions_def,
         views=[latest_view_sql],
         describe=describe_insights,
     )
 
-
-def insights_partitions_def(projects: Sequence[ResolvedProject]) -> dg.DailyPartitionsDefinition:
-    """One daily partitions definition for every project's insights (UTC dates, today included).
-
-    A partition is the UTC date a snapshot was taken; ``end_offset=1`` makes today's partition
-    exist so the daily schedule and the demo snapshot "today". One shared definition (earliest
-    ``partition_start``) keeps a single asset job over all assets valid.
-    """
-    starts = [p.insights.partition_start for p in projects if p.insights.enabled]
-    start = min(starts) if starts else "2026-01-01"
-    return dg.DailyPartitionsDefinition(start_date=start, end_offset=1, timezone="UTC")

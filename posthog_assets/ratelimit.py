@@ -1,86 +1,153 @@
-"""Client-side pacing shared by every thread, and optionally every process, that uses one key.
+"""Client-side throttling that mirrors PostHog's, shared by every thread and process using a key.
 
-PostHog limits each personal API key (480/min for most routes, 240/min for insights). When one
-thread is told to wait (429 + ``Retry-After``) the others must wait too, or they burn the budget
-and extend the penalty; an optional token bucket keeps a busy run under the limit to begin with.
+PostHog throttles each personal API key with DRF sliding logs (``posthog/rate_limit.py``): the
+insight and query routes allow 240 requests a minute and 1,200 an hour, every other route 480 a
+minute and 4,800 an hour. A 429's ``Retry-After`` is the time until the oldest logged request
+leaves the full window, so once the hourly budget is spent it can be close to an hour.
 
-Why a cross-process variant: a Dagster run launched from the UI or a schedule uses the
-multiprocess executor, so the steps of ONE run (exports, insights, groups, property values) are
-separate processes, each with its own client, all spending the same key's budget at the same time
-(the ``posthog_api`` pool lets several run at once). A per-process gate cannot see the others'
-``Retry-After`` or their requests. :class:`SharedRequestGate` keeps the same "not before" instant
-and token bucket in a tiny file per (host, key), guarded by ``fcntl.flock``, so every process on
-the machine that uses the key paces together. The file name is a hash: the key never touches disk.
+:class:`RequestGate` keeps the same sliding log of the requests *we* sent, per throttle class, and
+holds a request back until PostHog would accept it, so a run alone on its key is never throttled.
+When a 429 arrives anyway (another tool uses the key, or the limits differ), every caller of that
+class pauses until ``Retry-After``, and the log is filled as if the window were full, so the
+callers resume one slot at a time instead of all at once (which would earn each of them another
+429).
+
+Why the state can live in a file: the steps of one Dagster run are separate processes under the
+multiprocess executor, each with its own client, all spending the same key's budget. A gate on a
+:class:`FileState` keeps the log and the pauses in a small file per (host, key), guarded by
+``fcntl.flock``, so every process on the machine paces together. The file name is a hash: the key
+never touches disk.
 """
 
 from __future__ import annotations
 
+import bisect
 import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
+import re
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 #: Where shared gate files live (default: a per-user folder in the system temp dir).
 ENV_RATE_LIMIT_DIR = "POSTHOG_ASSETS_RATE_LIMIT_DIR"
-#: Seconds of requests a full bucket lets through at once. One second keeps the burst below any
-#: server bucket at least as generous as the configured pace (PostHog's hold a minute's worth).
-DEFAULT_BURST_S = 1.0
-#: A "not before" further ahead than this is treated as corrupt (a clock jump, a broken file).
-MAX_BLOCK_S = 3600.0
+#: Throttle classes: PostHog's ClickHouse throttles (insights, query status) and the default ones.
+INSIGHTS = "insights"
+DEFAULT = "default"
+ALL = "*"
+#: A slot counts as free this long after PostHog would free it: our clock reads the send time,
+#: PostHog logs the arrival a little later.
+DEFAULT_MARGIN_S = 1.0
+#: A pause further ahead than this is treated as corrupt (a clock jump, a broken file). PostHog's
+#: longest window is an hour, so a real ``Retry-After`` stays below it.
+MAX_BLOCK_S = 2 * 3600.0
+
+_PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*([smhd])[a-z]*\s*$")
 
 
-class RequestGate:
-    """Blocks callers until a shared "not before" instant, optionally paced by a token bucket."""
+@dataclass(frozen=True)
+class Window:
+    """At most ``count`` requests in any ``period_s`` seconds."""
 
-    def __init__(
-        self,
-        requests_per_minute: float | None = None,
-        *,
-        burst_s: float = DEFAULT_BURST_S,
-        clock: Callable[[], float] = time.monotonic,
-        sleep: Callable[[float], None] = time.sleep,
-    ) -> None:
+    count: int
+    period_s: float
+
+    def __str__(self) -> str:
+        unit = {1.0: "second", 60.0: "minute", 3600.0: "hour", 86400.0: "day"}
+        return f"{self.count}/{unit.get(self.period_s, f'{self.period_s:g}s')}"
+
+
+def parse_rate(text: str) -> Window:
+    """DRF's rate syntax, e.g. ``240/minute``, ``1200/hour``, ``5/s``."""
+    match = _RATE_RE.match(text)
+    if not match or int(match.group(1)) <= 0:
+        raise ValueError(f"rate must look like '240/minute' or '1200/hour', got {text!r}")
+    return Window(int(match.group(1)), _PERIODS[match.group(2)])
+
+
+Limits = Mapping[str, Sequence[Window]]
+
+#: PostHog Cloud's throttles per personal API key (``ClickHouseBurstRateThrottle``,
+#: ``ClickHouseSustainedRateThrottle``, ``BurstRateThrottle``, ``SustainedRateThrottle``).
+POSTHOG_CLOUD_LIMITS: dict[str, tuple[Window, ...]] = {
+    INSIGHTS: (Window(240, 60.0), Window(1200, 3600.0)),
+    DEFAULT: (Window(480, 60.0), Window(4800, 3600.0)),
+}
+
+
+def throttle_class(path: str) -> str:
+    """Which of PostHog's throttles a route counts against (``/insights/…`` and ``/query/…``)."""
+    return INSIGHTS if re.search(r"/(insights|query)(/|$)", path) else DEFAULT
+
+
+class GateWaitTooLong(Exception):
+    """PostHog will not accept a request within the caller's budget; ``retry_at`` says when."""
+
+    def __init__(self, retry_at: float, reason: str) -> None:
+        super().__init__(reason)
+        self.retry_at = retry_at
+        self.reason = reason
+
+
+class GateState(Protocol):
+    """Where a gate keeps its pauses and logs: read and written back under one lock."""
+
+    def locked(self) -> contextlib.AbstractContextManager[dict[str, Any]]: ...
+
+
+class MemoryState:
+    """State shared by the threads of one process (one client)."""
+
+    def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._clock = clock
-        self._sleep = sleep
-        self._not_before = 0.0
-        self._rate = (requests_per_minute / 60.0) if requests_per_minute else None
-        self._capacity = max(1.0, (requests_per_minute or 0) / 60.0 * burst_s)
-        self._tokens = self._capacity
-        self._refilled_at = clock()
+        self._state: dict[str, Any] = {}
 
-    def block_for(self, seconds: float) -> None:
-        """Tell every caller to hold off for ``seconds`` (from a ``Retry-After``)."""
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[dict[str, Any]]:
         with self._lock:
-            self._not_before = max(self._not_before, self._clock() + max(0.0, seconds))
+            yield self._state
 
-    def wait(self) -> float:
-        """Wait until a request may be sent; return how long we waited."""
-        waited = 0.0
-        while True:
-            with self._lock:
-                now = self._clock()
-                delay = self._not_before - now
-                if delay <= 0 and self._rate is not None:
-                    self._tokens = min(
-                        self._capacity, self._tokens + (now - self._refilled_at) * self._rate
-                    )
-                    self._refilled_at = now
-                    if self._tokens >= 1:
-                        self._tokens -= 1
-                    else:
-                        delay = (1 - self._tokens) / self._rate
-                if delay <= 0:
-                    return waited
-            self._sleep(delay)
-            waited += delay
+
+class FileState:
+    """State in a file shared by every process on this machine (``fcntl.flock``, mode 0600)."""
+
+    def __init__(self, path: str | os.PathLike[str]) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self._thread_lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[dict[str, Any]]:
+        with self._thread_lock:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                raw = b""
+                while chunk := os.pread(fd, 1 << 20, len(raw)):
+                    raw += chunk
+                try:
+                    state = json.loads(raw) if raw else {}
+                except ValueError:
+                    state = {}  # a torn or foreign file: start afresh rather than fail a run
+                if not isinstance(state, dict):
+                    state = {}
+                before = json.dumps(state, sort_keys=True)
+                yield state
+                data = json.dumps(state, sort_keys=True)
+                if data != before:
+                    os.ftruncate(fd, 0)
+                    os.pwrite(fd, data.encode(), 0)
+            finally:
+                os.close(fd)  # closing releases the flock
 
 
 def default_state_dir() -> Path:
@@ -97,97 +164,116 @@ def shared_state_path(host: str, key: str, directory: str | os.PathLike[str] | N
     return Path(directory or default_state_dir()) / f"gate-{digest}.json"
 
 
-class SharedRequestGate:
-    """:class:`RequestGate` whose state lives in a file, so separate processes share it.
-
-    The state is ``{"not_before", "tokens", "refilled_at"}`` in wall-clock seconds (comparable
-    across processes and harmless after a reboot). Every read-modify-write holds an exclusive
-    ``flock`` on the file; sleeping happens outside the lock. Threads of one process also take a
-    threading lock first, so the file is opened once at a time per process.
+class RequestGate:
+    """Holds requests back until PostHog's sliding windows have room; shares 429 pauses.
 
     Args:
-        path: The state file (see :func:`shared_state_path`); its folder is created (mode 0700).
-        requests_per_minute: Steady pace shared by all processes; None = only ``Retry-After``.
-        burst_s: Seconds of requests a full bucket lets through at once.
+        state: Where pauses and logs live (:class:`MemoryState` for one process,
+            :class:`FileState` for every process using the key); default: in memory.
+        limits: Windows per throttle class (default PostHog Cloud's); None paces only on 429s.
+        margin_s: Extra seconds before a logged request counts as gone from a window.
     """
 
     def __init__(
         self,
-        path: str | os.PathLike[str],
-        requests_per_minute: float | None = None,
+        state: GateState | None = None,
+        limits: Limits | None = POSTHOG_CLOUD_LIMITS,
         *,
-        burst_s: float = DEFAULT_BURST_S,
+        margin_s: float = DEFAULT_MARGIN_S,
         clock: Callable[[], float] = time.time,
         sleep: Callable[[float], None] = time.sleep,
     ) -> None:
-        self.path = Path(path)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        self._thread_lock = threading.Lock()
+        self.state: GateState = state if state is not None else MemoryState()
+        self.limits = {k: tuple(v) for k, v in (limits or {}).items()}
+        self.margin_s = margin_s
         self._clock = clock
         self._sleep = sleep
-        self._rate = (requests_per_minute / 60.0) if requests_per_minute else None
-        self._capacity = max(1.0, (requests_per_minute or 0) / 60.0 * burst_s)
 
-    @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, Any]]:
-        """The state, read and written back under an exclusive lock."""
-        with self._thread_lock:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                raw = os.pread(fd, 4096, 0)
-                try:
-                    state = json.loads(raw) if raw else {}
-                    if not isinstance(state, dict):
-                        state = {}
-                except ValueError:
-                    state = {}  # a torn or foreign file: start afresh rather than fail a run
-                before = dict(state)
-                yield state
-                if state != before:
-                    data = json.dumps(state).encode()
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, data, 0)
-            finally:
-                os.close(fd)  # closing releases the flock
+    def _windows(self, klass: str) -> tuple[Window, ...]:
+        return self.limits.get(klass, self.limits.get(DEFAULT, ()))
 
-    def block_for(self, seconds: float) -> None:
-        """Tell every process using this key to hold off for ``seconds``."""
-        seconds = min(max(0.0, seconds), MAX_BLOCK_S)
-        with self._locked() as state:
-            now = self._clock()
-            state["not_before"] = max(_number(state.get("not_before")), now + seconds)
+    def acquire(self, klass: str = DEFAULT, *, max_wait_s: float = math.inf) -> float:
+        """Wait until a request of ``klass`` may be sent and log it; return the seconds waited.
 
-    def not_before(self) -> float:
-        """The shared instant (wall clock) before which no request may be sent."""
-        with self._locked() as state:
-            return _number(state.get("not_before"))
-
-    def wait(self) -> float:
-        """Wait until a request may be sent (and take a token); return how long we waited."""
+        Raises :class:`GateWaitTooLong` (before waiting) when the wait would exceed ``max_wait_s``.
+        """
         waited = 0.0
         while True:
-            with self._locked() as state:
+            with self.state.locked() as state:
                 now = self._clock()
-                not_before = _number(state.get("not_before"))
-                if not_before - now > MAX_BLOCK_S:
-                    not_before = state["not_before"] = now  # corrupt or clock jumped back
-                delay = not_before - now
-                if delay <= 0 and self._rate is not None:
-                    refilled_at = _number(state.get("refilled_at"), now)
-                    tokens = _number(state.get("tokens"), self._capacity)
-                    elapsed = min(max(0.0, now - refilled_at), MAX_BLOCK_S)
-                    tokens = min(self._capacity, tokens + elapsed * self._rate)
-                    if tokens >= 1:
-                        tokens -= 1
-                    else:
-                        delay = (1 - tokens) / self._rate
-                    state["tokens"] = tokens
-                    state["refilled_at"] = now
-            if delay <= 0:
-                return waited
+                delay, reason = self._delay(state, klass, now)
+                if delay <= 0:
+                    log = _log(state, klass)
+                    log.append(round(now, 3))
+                    longest = max((w.period_s for w in self._windows(klass)), default=0.0)
+                    del log[: bisect.bisect_right(log, now - longest - self.margin_s)]
+                    return waited
+            if waited + delay > max_wait_s:
+                raise GateWaitTooLong(now + delay, reason)
             self._sleep(delay)
             waited += delay
+
+    def _delay(self, state: dict[str, Any], klass: str, now: float) -> tuple[float, str]:
+        pauses = state.get("not_before")
+        pauses = pauses if isinstance(pauses, dict) else {}
+        delay, reason = 0.0, ""
+        for name in (ALL, klass):
+            until = _number(pauses.get(name))
+            if until - now > MAX_BLOCK_S:
+                pauses[name] = until = now  # corrupt, or the clock jumped back
+            if until - now > delay:
+                delay, reason = until - now, "PostHog answered 429 (Retry-After)"
+        log = _log(state, klass)
+        for window in self._windows(klass):
+            span = window.period_s + self.margin_s
+            recent = len(log) - bisect.bisect_right(log, now - span)
+            if recent >= window.count:
+                frees = log[-window.count] + span - now
+                if frees > delay:
+                    delay, reason = frees, f"{klass} limit {window} per key"
+        return delay, reason
+
+    def throttled(self, klass: str | None, retry_after_s: float) -> None:
+        """A 429 (or 503) said to wait: pause ``klass`` (every class when None) for everyone.
+
+        PostHog's window is full: fill our log so that, after the pause, slots come back one at
+        a time at the window's pace rather than all at once.
+        """
+        seconds = min(max(0.0, retry_after_s), MAX_BLOCK_S)
+        with self.state.locked() as state:
+            now = self._clock()
+            pauses = state.setdefault("not_before", {})
+            if not isinstance(pauses, dict):
+                pauses = state["not_before"] = {}
+            name = klass or ALL
+            pauses[name] = max(_number(pauses.get(name)), now + seconds)
+            windows = sorted(self._windows(klass), key=lambda w: w.period_s) if klass else []
+            fitting = [w for w in windows if w.period_s >= seconds] or windows[-1:]
+            if not fitting:
+                return
+            window = fitting[0]
+            first = now + seconds - window.period_s - self.margin_s
+            step = (now - first) / max(1, window.count - 1)
+            log = [t for t in _log(state, klass) if t < first]  # type: ignore[arg-type]
+            log += [round(first + k * step, 3) for k in range(window.count)]
+            state.setdefault("logs", {})[klass] = log
+
+    def not_before(self, klass: str | None = None) -> float:
+        """The instant (wall clock) before which no request of ``klass`` may be sent."""
+        with self.state.locked() as state:
+            now = self._clock()
+            delay, _ = self._delay(state, klass or DEFAULT, now)
+            return now + max(0.0, delay)
+
+
+def _log(state: dict[str, Any], klass: str) -> list[float]:
+    logs = state.get("logs")
+    if not isinstance(logs, dict):
+        logs = state["logs"] = {}
+    log = logs.get(klass)
+    if not isinstance(log, list) or not all(isinstance(t, int | float) for t in log):
+        log = logs[klass] = []
+    return log
 
 
 def _number(value: Any, default: float = 0.0) -> float:

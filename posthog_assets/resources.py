@@ -6,7 +6,9 @@ project id or missing key fails the launch with a message that names the field.
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import math
 import os
 from pathlib import Path
 from typing import Any
@@ -14,7 +16,7 @@ from typing import Any
 import dagster as dg
 from dagster._utils.cached_method import cached_method
 from dagster_duckdb import DuckDBResource
-from pydantic import Field
+from pydantic import Field, PrivateAttr
 
 from posthog_assets.client import PostHogClient, RetrySettings
 from posthog_assets.config import (
@@ -27,7 +29,14 @@ from posthog_assets.config import (
     parse_project_id,
     validate_host,
 )
-from posthog_assets.ratelimit import shared_state_path
+from posthog_assets.ratelimit import (
+    DEFAULT,
+    INSIGHTS,
+    POSTHOG_CLOUD_LIMITS,
+    default_state_dir,
+    parse_rate,
+    shared_state_path,
+)
 
 #: The Dagster config-schema flag that masks a field in the UI (no public API for it yet).
 SECRET_FIELD = {"dagster__is_secret": True}
@@ -56,29 +65,45 @@ class PostHogResource(dg.ConfigurableResource):
         ),
     )
     api_prefix: str = Field(
-        default="environments",
-        description="'environments' (/api/environments/:id/) or 'projects' (/api/projects/:id/).",
+        default="projects",
+        description="'projects' (/api/projects/:id/) or 'environments' (/api/environments/:id/, "
+        "the older alias PostHog has deprecated).",
     )
     export_dir: str = Field(
         default=DEFAULT_EXPORT_DIR, description="Folder that export files are written to."
     )
     connect_timeout_s: float = Field(default=10.0, description="TCP connect timeout.")
     read_timeout_s: float = Field(default=60.0, description="Timeout waiting for a response.")
+    export_post_timeout_s: float = Field(
+        default=60.0,
+        description="Timeout waiting for the answer to POST /exports/, which PostHog holds open "
+        "until rendering ends. After it, the export is followed in the list (never re-created).",
+    )
     max_attempts: int = Field(default=6, description="Attempts per request (429/5xx/resets).")
     backoff_initial_s: float = Field(default=0.5, description="First retry backoff.")
     backoff_max_s: float = Field(default=30.0, description="Largest retry backoff.")
     retry_budget_s: float = Field(default=180.0, description="Total time to keep retrying.")
-    requests_per_minute: float | None = Field(
-        default=None,
-        description="Client-side pace, shared by every thread (and, with shared_rate_limit, "
-        "every process) using this key; PostHog allows 240/min for insights, 480/min else.",
+    pace_requests: bool = Field(
+        default=True,
+        description="Hold requests back so the key stays under PostHog's throttles "
+        "(insight_rate_limits, default_rate_limits); off: pause only when PostHog answers 429.",
+    )
+    insight_rate_limits: list[str] = Field(
+        default=[str(w) for w in POSTHOG_CLOUD_LIMITS[INSIGHTS]],
+        description="PostHog's throttles of the insight and query routes per key (Cloud: "
+        "240/minute, 1200/hour).",
+    )
+    default_rate_limits: list[str] = Field(
+        default=[str(w) for w in POSTHOG_CLOUD_LIMITS[DEFAULT]],
+        description="PostHog's throttles of every other route per key (Cloud: 480/minute, "
+        "4800/hour).",
     )
     shared_rate_limit: bool = Field(
         default=True,
-        description="Share Retry-After pauses and the requests_per_minute budget with every "
-        "process on this machine that uses the same key and host (the steps of a multiprocess "
-        "run, concurrent runs), through a hashed state file in $POSTHOG_ASSETS_RATE_LIMIT_DIR "
-        "or the temp dir. Off: each step process paces on its own.",
+        description="Share the request log and Retry-After pauses with every process on this "
+        "machine that uses the same key and host (the steps of a multiprocess run, concurrent "
+        "runs), through a hashed state file in $POSTHOG_ASSETS_RATE_LIMIT_DIR or the temp dir. "
+        "Off: each step process paces on its own.",
     )
     poll_interval_s: float = Field(
         default=DEFAULT_POLL_INTERVAL_S, description="First wait between export/query polls."
@@ -90,8 +115,11 @@ class PostHogResource(dg.ConfigurableResource):
         default=DEFAULT_POLL_TIMEOUT_S, description="Give up polling after this many seconds."
     )
 
+    _run_id: str | None = PrivateAttr(default=None)
+
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self.validate_settings()
+        self._run_id = context.run.run_id if context.run is not None else None
 
     def validate_settings(self) -> None:
         """Fail with the field's name before any request is sent."""
@@ -109,6 +137,7 @@ class PostHogResource(dg.ConfigurableResource):
         numbers = {
             "connect_timeout_s": self.connect_timeout_s,
             "read_timeout_s": self.read_timeout_s,
+            "export_post_timeout_s": self.export_post_timeout_s,
             "poll_interval_s": self.poll_interval_s,
             "poll_max_interval_s": self.poll_max_interval_s,
             "poll_timeout_s": self.poll_timeout_s,
@@ -119,11 +148,20 @@ class PostHogResource(dg.ConfigurableResource):
                 raise ValueError(f"{name} must be greater than 0, got {value}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
-        if self.requests_per_minute is not None and self.requests_per_minute <= 0:
-            raise ValueError(
-                f"requests_per_minute must be greater than 0 (or unset), got "
-                f"{self.requests_per_minute}"
-            )
+        self.rate_limits()
+
+    def rate_limits(self) -> dict[str, tuple[Any, ...]] | None:
+        """The throttles to stay under, parsed; None when pacing is off."""
+        parsed = {}
+        for name, klass, texts in (
+            ("insight_rate_limits", INSIGHTS, self.insight_rate_limits),
+            ("default_rate_limits", DEFAULT, self.default_rate_limits),
+        ):
+            try:
+                parsed[klass] = tuple(parse_rate(t) for t in texts)
+            except ValueError as exc:
+                raise ValueError(f"{name}: {exc}") from None
+        return parsed if self.pace_requests else None
 
     @property
     def api_key(self) -> str:
@@ -149,6 +187,10 @@ class PostHogResource(dg.ConfigurableResource):
         host, key = validate_host(self.host), self.api_key.strip()
         budget = self.retry_budget_s if retry_budget_s is None else retry_budget_s
         read_timeout = self.read_timeout_s if read_timeout_s is None else read_timeout_s
+        marker = None
+        if self._run_id:  # one deprecation warning per run, whichever step sees it first
+            digest = hashlib.sha256(f"{self._run_id}\n{host}".encode()).hexdigest()[:24]
+            marker = default_state_dir() / "warned" / f"deprecation-{digest}"
         return PostHogClient(
             host,
             parse_project_id(self.project_id),
@@ -156,14 +198,16 @@ class PostHogResource(dg.ConfigurableResource):
             api_prefix=self.api_prefix,  # type: ignore[arg-type]
             connect_timeout_s=min(self.connect_timeout_s, read_timeout),
             read_timeout_s=min(self.read_timeout_s, read_timeout),
+            post_timeout_s=min(self.export_post_timeout_s, read_timeout_s or math.inf),
             retry=RetrySettings(
                 max_attempts=self.max_attempts,
                 backoff_initial_s=self.backoff_initial_s,
                 backoff_max_s=min(self.backoff_max_s, budget),
                 total_budget_s=min(self.retry_budget_s, budget),
             ),
-            requests_per_minute=self.requests_per_minute,
+            rate_limits=self.rate_limits(),
             rate_limit_state=shared_state_path(host, key) if self.shared_rate_limit else None,
+            deprecation_marker=marker,
             log=log,
         )
 

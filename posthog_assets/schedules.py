@@ -1,7 +1,7 @@
 """Daily schedules for the snapshots, both stopped by default (turn them on in the UI).
 
-The insights schedule is built from the partitioned job, so each tick materializes the partition
-of that UTC day (the partitions definition includes today, see ``insights_partitions_def``).
+Each tick takes that day's snapshot: the insights snapshot records the UTC date it was taken, so a
+second run the same day replaces that day's rows.
 """
 
 from __future__ import annotations
@@ -9,22 +9,24 @@ from __future__ import annotations
 import dagster as dg
 
 #: 06:00 UTC: after PostHog's nightly cache warming, before most people look at dashboards.
-INSIGHTS_SCHEDULE_HOUR = 6
-INSIGHTS_SCHEDULE_MINUTE = 0
+INSIGHTS_SCHEDULE_CRON = "0 6 * * *"
 #: Groups change slowly; once a day, an hour after the insights.
 GROUPS_SCHEDULE_CRON = "0 7 * * *"
 
 
 def build_insights_snapshot_schedule(
-    job: dg.UnresolvedAssetJobDefinition, *, name: str
-) -> dg.ScheduleDefinition | dg.UnresolvedPartitionedAssetScheduleDefinition:
-    """Daily at 06:00 UTC, for that day's partition."""
-    return dg.build_schedule_from_partitioned_job(
-        job,
+    job: dg.UnresolvedAssetJobDefinition,
+    *,
+    name: str,
+    cron_schedule: str = INSIGHTS_SCHEDULE_CRON,
+) -> dg.ScheduleDefinition:
+    """Daily at 06:00 UTC: that day's insights snapshot."""
+    return dg.ScheduleDefinition(
         name=name,
-        description="Daily insights snapshot (the partition of the current UTC day).",
-        hour_of_day=INSIGHTS_SCHEDULE_HOUR,
-        minute_of_hour=INSIGHTS_SCHEDULE_MINUTE,
+        job=job,
+        cron_schedule=cron_schedule,
+        execution_timezone="UTC",
+        description="Daily insights snapshot (stored under the UTC date it is taken).",
         default_status=dg.DefaultScheduleStatus.STOPPED,
     )
 

@@ -1,7 +1,7 @@
 """Asset checks on the snapshot tables. Every check opens DuckDB read-only (STYLE §4).
 
-- insights: the partition is non-empty; in blocking modes no insight came back without a result;
-  no duplicate ``(partition, id)`` rows.
+- insights: the newest snapshot is non-empty; in blocking modes no insight came back without a
+  result; no duplicate ``(snapshot_date, id)`` rows.
 - groups: rows per group type in DuckDB equal what the API returned (recorded in the last
   materialization's metadata); no duplicate ``(group_type_index, group_key)`` rows.
 - tracked groups: every configured group was found; a failure names the missing keys.
@@ -20,7 +20,6 @@ from posthog_assets.duckdb_store import open_read_only, quote, table_exists, tab
 from posthog_assets.pools import DUCKDB_POOL
 from posthog_assets.snapshot_store import DUCKDB_RESOURCE_KEY, project_id_of
 
-PARTITION_TAG = "dagster/partition"
 #: How many offending ids/keys a failed check lists in its description.
 MAX_LISTED = 10
 
@@ -123,19 +122,18 @@ def _project_id(context: dg.AssetCheckExecutionContext, resource_key: str) -> st
     return project_id_of(getattr(context.resources, resource_key))
 
 
-def _partition_of(context: dg.AssetCheckExecutionContext, project_id: str) -> str | None:
-    """The run's partition; a check run on its own looks at the newest partition in DuckDB.
-
-    The checks are not partitioned themselves (partitioned checks are a preview feature in
-    Dagster 1.13): they read the partition from the run's ``dagster/partition`` tag.
-    """
-    tagged = context.run.tags.get(PARTITION_TAG)
-    if tagged:
-        return tagged
+def _newest_snapshot(
+    context: dg.AssetCheckExecutionContext, asset_key: dg.AssetKey, project_id: str
+) -> str | None:
+    """The date of the latest materialized snapshot (the one the run just wrote), else the
+    newest date in DuckDB."""
+    recorded = _latest_metadata(context, asset_key).get("snapshot_date")
+    if isinstance(recorded, str) and recorded:
+        return recorded
     rows = _select(
         context,
         "insights",
-        'SELECT max("partition")::VARCHAR FROM {table} WHERE project_id = ?',
+        "SELECT max(snapshot_date)::VARCHAR FROM {table} WHERE project_id = ?",
         [project_id],
     )
     return rows[0][0] if rows else None
@@ -146,33 +144,33 @@ def build_insights_checks(
     *,
     asset_key: dg.AssetKey,
 ) -> list[dg.AssetChecksDefinition]:
-    """Checks on one project's insights snapshot (the run's partition, or the newest one)."""
+    """Checks on one project's newest insights snapshot."""
     rkey = project.resource_key
     keys = {DUCKDB_RESOURCE_KEY, rkey}
 
     @_duckdb_check(
         asset_key,
         "insights_not_empty",
-        "The snapshot partition has at least one insight.",
+        "The newest snapshot has at least one insight.",
         keys,
         blocking=True,
     )
     def insights_not_empty(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         project_id = _project_id(context, rkey)
-        partition = _partition_of(context, project_id)
+        snapshot = _newest_snapshot(context, asset_key, project_id)
         counted = _select(
             context,
             "insights",
-            'SELECT count(*) FROM {table} WHERE project_id = ? AND "partition" = ?',
-            [project_id, partition],
+            "SELECT count(*) FROM {table} WHERE project_id = ? AND snapshot_date = ?",
+            [project_id, snapshot],
         )
         if counted is None:
             return _missing_table("insights")
         rows = int(counted[0][0])
         return dg.AssetCheckResult(
             passed=rows > 0,
-            metadata={"rows": rows, "partition": str(partition)},
-            description=None if rows else f"No insights in partition {partition}.",
+            metadata={"rows": rows, "snapshot_date": str(snapshot)},
+            description=None if rows else f"No insights in the snapshot of {snapshot}.",
         )
 
     @_duckdb_check(
@@ -184,13 +182,13 @@ def build_insights_checks(
     )
     def insights_results_present(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         project_id = _project_id(context, rkey)
-        partition = _partition_of(context, project_id)
+        snapshot = _newest_snapshot(context, asset_key, project_id)
         rows = _select(
             context,
             "insights",
             "SELECT id, refresh, query_error FROM {table} "
-            'WHERE project_id = ? AND "partition" = ? AND result IS NULL ORDER BY id',
-            [project_id, partition],
+            "WHERE project_id = ? AND snapshot_date = ? AND result IS NULL ORDER BY id",
+            [project_id, snapshot],
         )
         if rows is None:
             return _missing_table("insights")
@@ -203,7 +201,7 @@ def build_insights_checks(
             metadata={
                 "null_results": len(rows),
                 "null_results_in_blocking_modes": len(blocking),
-                "partition": str(partition),
+                "snapshot_date": str(snapshot),
             },
             description=(
                 f"{len(blocking)} insight(s) without a result in a blocking mode: {listed}"
@@ -216,7 +214,7 @@ def build_insights_checks(
         asset_key,
         "insights_no_duplicates",
         "insights",
-        ("partition", "id"),
+        ("snapshot_date", "id"),
         keys,
         rkey,
         lambda p, i: f"({p}, {i})",

@@ -4,7 +4,7 @@ Fetching and writing are separate steps (STYLE §4): the fetch step appends each
 newline-delimited JSON file as the page arrives, so memory stays flat however many rows there are;
 the write step then replaces the snapshot's rows in DuckDB in ONE short transaction::
 
-    DELETE FROM posthog.<table> WHERE project_id = ? [AND partition = ?];
+    DELETE FROM posthog.<table> WHERE project_id = ? [AND snapshot_date = ?];
     INSERT INTO posthog.<table> (<explicit columns>) SELECT <explicit columns> FROM read_json(...);
 
 DuckDB parses the staging file itself (typed by the table's schema), so no row passes through
@@ -29,13 +29,7 @@ import duckdb
 
 from posthog_assets.config import parse_project_id
 from posthog_assets.duckdb_store import SCHEMA, ensure_table, quote, table_ref
-from posthog_assets.errors import (
-    PostHogAuthError,
-    PostHogError,
-    PostHogNotFoundError,
-    PostHogPermissionError,
-    PostHogValidationError,
-)
+from posthog_assets.errors import PostHogError
 
 #: Folder (next to the DuckDB file) that holds staging files between the fetch and write steps.
 STAGING_DIRNAME = ".posthog_staging"
@@ -50,7 +44,7 @@ FAILED_STAGING_KEEP_S = 7 * 24 * 3600.0
 class SnapshotTable:
     """One snapshot table: its columns (ordered, with SQL types) and how a snapshot is scoped.
 
-    ``scope`` columns (e.g. ``project_id``, ``partition``) and ``snapshot_at`` are written as
+    ``scope`` columns (e.g. ``project_id``, ``snapshot_date``) and ``snapshot_at`` are written as
     constants by the write step; all other columns come from the staged rows.
     """
 
@@ -58,6 +52,8 @@ class SnapshotTable:
     columns: Mapping[str, str]
     scope: tuple[str, ...] = ("project_id",)
     constants: tuple[str, ...] = ("project_id", "snapshot_at")
+    #: Columns renamed since an earlier version (old name -> new), renamed in place on write.
+    renamed: Mapping[str, str] = field(default_factory=dict)
 
     def ref(self, conn: duckdb.DuckDBPyConnection) -> str:
         """Catalog-qualified name (a file called posthog.duckdb makes ``posthog.x`` ambiguous)."""
@@ -268,7 +264,7 @@ def replace_snapshot(
             f"{len(missing)} staging file(s) of {SCHEMA}.{schema.name} are gone (e.g. "
             f"{Path(missing[0]).name}); the table was not changed: re-run the fetch step"
         )
-    ensure_table(conn, schema.name, schema.columns)
+    ensure_table(conn, schema.name, schema.columns, renamed=schema.renamed)
     files = [f for f in staged.files if Path(f).stat().st_size > 0]
     where = " AND ".join(f"{quote(c)} = ?" for c in schema.scope)
     scope_values = [staged.scope[c] for c in schema.scope]
@@ -308,17 +304,6 @@ def replace_snapshot(
     return inserted
 
 
-def count_rows(
-    conn: duckdb.DuckDBPyConnection, schema: SnapshotTable, scope: Mapping[str, Any]
-) -> int:
-    where = " AND ".join(f"{quote(c)} = ?" for c in schema.scope)
-    rows = conn.execute(
-        f"SELECT count(*) FROM {schema.ref(conn)} WHERE {where}",
-        [scope[c] for c in schema.scope],
-    ).fetchall()
-    return int(rows[0][0]) if rows else 0
-
-
 # ------------------------------------------------------------------------------------------------
 # Dagster wiring: one asset = a fetch op (pool posthog_api) + a write op (pool duckdb).
 
@@ -345,8 +330,10 @@ def utc_now_iso() -> str:
 
 
 def fatal_failure(exc: PostHogError) -> dg.Failure:
-    """Auth, scope, not-found and validation errors will not heal on retry: fail the step now."""
-    return dg.Failure(description=str(exc), allow_retries=False)
+    """A failure a step retry cannot heal; says when PostHog accepts requests again, if known."""
+    retry_at = getattr(exc, "retry_at", None)
+    metadata = {"retry_at": dg.MetadataValue.float(float(retry_at))} if retry_at else {}
+    return dg.Failure(description=str(exc), allow_retries=False, metadata=metadata)
 
 
 def build_snapshot_asset(
@@ -377,13 +364,12 @@ def build_snapshot_asset(
         started = time.monotonic()
         try:
             staged = fetch(context, config, folder)
-        except (
-            PostHogAuthError,
-            PostHogPermissionError,
-            PostHogNotFoundError,
-            PostHogValidationError,
-        ) as exc:
+        except PostHogError as exc:
             shutil.rmtree(folder, ignore_errors=True)
+            if exc.retryable:
+                raise
+            # Auth, scope, not-found, validation and "not before <time>" rate limits will not
+            # heal within a step retry: fail now.
             raise fatal_failure(exc) from None
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)

@@ -10,7 +10,7 @@ import dagster as dg
 
 from posthog_assets.config import Settings
 from posthog_assets.groups import build_posthog_group_assets
-from posthog_assets.insights import build_posthog_insights_snapshot, insights_partitions_def
+from posthog_assets.insights import build_posthog_insights_snapshot
 from posthog_assets.schedules import (
     build_groups_snapshot_schedule,
     build_insights_snapshot_schedule,
@@ -32,7 +32,6 @@ def build_posthog_snapshot_definitions(
 ) -> dg.Definitions:
     """Insights and group snapshots (assets, checks, one job and one schedule each) per project."""
     translator = translator or DagsterPostHogTranslator()
-    partitions_def = insights_partitions_def(settings.projects)
     assets: list[dg.AssetsDefinition] = []
     checks: list[dg.AssetChecksDefinition] = []
     jobs: list[dg.UnresolvedAssetJobDefinition] = []
@@ -40,9 +39,7 @@ def build_posthog_snapshot_definitions(
     for project in settings.projects:
         prefix = project.resource_key
         if project.insights.enabled:
-            insights = build_posthog_insights_snapshot(
-                project, partitions_def=partitions_def, translator=translator
-            )
+            insights = build_posthog_insights_snapshot(project, translator=translator)
             assets.append(insights)
             checks += build_insights_checks(project, asset_key=insights.key)
             job = dg.define_asset_job(

@@ -36,7 +36,7 @@ _SNAPSHOT_DESCRIPTIONS: dict[str, str] = {
     "groups": "Every PostHog group of every type (cursor pages), in DuckDB.",
     "group_property_definitions": "Group property names and counts per group type, in DuckDB.",
     "group_property_values": "Top values of each group property with counts, in DuckDB.",
-    "tracked_groups": "Configured groups looked up with groups/find, in DuckDB.",
+    "tracked_groups": "Configured groups looked up by key (without side effects), in DuckDB.",
 }
 
 

@@ -13,7 +13,6 @@ from posthog_assets.config import ExportConfig, GroupsConfig, InsightsConfig, Re
 from posthog_assets.resources import PostHogResource
 
 PNG = "image/png"
-PDF = "application/pdf"
 CSV = "text/csv"
 XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 #: Small in-run retry policy so step retries take fractions of a second.

@@ -13,6 +13,7 @@ import dagster as dg
 import pytest
 
 from posthog_assets.client import PostHogClient, RetrySettings
+from posthog_assets.ratelimit import ENV_RATE_LIMIT_DIR
 from posthog_assets.resources import PostHogResource
 from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.snapshot_support import resources_for, snapshot_defs, snapshot_settings
@@ -37,6 +38,15 @@ def standin_env(standin: StandinProcess, root: Path) -> dict[str, str]:
         "POSTHOG_ASSETS_DUCKDB": str(root / "posthog.duckdb"),
         "POSTHOG_ASSETS_EXPORT_DIR": str(root / "exports"),
     }
+
+
+@pytest.fixture(autouse=True)
+def private_rate_limit_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Each test gets its own shared-gate folder: the stand-in's throttles are reset per test,
+    so the client's record of what it sent must start afresh too."""
+    folder = tmp_path / "gates"
+    monkeypatch.setenv(ENV_RATE_LIMIT_DIR, str(folder))
+    return folder
 
 
 @pytest.fixture(scope="session")

@@ -1,10 +1,15 @@
-"""Contract checks against PostHog's published OpenAPI schema (Nov 2025 copy in ../shared).
+"""Contract checks against PostHog's published OpenAPI schema (November 2025).
+
+The schema is ``data/posthog-openapi-subset.yaml`` beside this module: the paths the package and
+the stand-in use, cut from PostHog's full schema (its header says where that came from;
+``data/make_openapi_subset.py`` regenerates it). ``POSTHOG_OPENAPI_SPEC`` may name another copy,
+e.g. the full schema.
 
 ``validate_response`` checks what the stand-in answers; ``validate_request`` checks what a client
 sent (method, path, query, JSON body; e.g. entries of the stand-in's request log). The schema is
-known to be wrong in a few places (listed in ../shared/posthog-openapi/README.md); each of those
-is patched below, narrowly and with the README line it answers to, and nothing else is relaxed.
-Each patch first asserts the node still looks as the README describes, so a different spec copy
+wrong in a few places, where it disagrees with PostHog's server code; each of those is patched
+below, narrowly and with the server's actual behaviour stated beside it, and nothing else is
+relaxed. Each patch first asserts the node still has the wrong shape, so a different spec copy
 fails loudly instead of being silently loosened.
 """
 
@@ -26,7 +31,7 @@ from referencing.jsonschema import DRAFT4
 SPEC_PATH = Path(
     os.environ.get(
         "POSTHOG_OPENAPI_SPEC",
-        Path(__file__).resolve().parents[2] / "shared" / "posthog-openapi" / "openapi.yaml",
+        Path(__file__).resolve().parent / "data" / "posthog-openapi-subset.yaml",
     )
 )
 HOST = "https://us.posthog.com"
@@ -44,14 +49,14 @@ def _operation(spec: dict[str, Any], path: str, method: str) -> dict[str, Any] |
 def _patch(spec: dict[str, Any]) -> None:
     schemas = spec["components"]["schemas"]
 
-    # README: "`ExportedAsset.has_content` is typed `string`; the server returns a JSON boolean."
+    # `ExportedAsset.has_content` is typed `string`; the server returns a JSON boolean.
     node = schemas["ExportedAsset"]["properties"]["has_content"]
     assert node == {"readOnly": True, "type": "string"}, node
     schemas["ExportedAsset"]["properties"]["has_content"] = {"readOnly": True, "type": "boolean"}
 
-    # README: "`Insight.result`, `is_cached`, `query_status`, etc. are typed `string`; real values
-    # are arbitrary JSON / boolean / object." The "etc." are the other read-only result fields
-    # the spec types as a bare string while the serializer emits JSON values or null.
+    # `Insight.result`, `is_cached`, `query_status` and the other read-only result fields below
+    # are typed as a bare `string`; the serializer emits arbitrary JSON, a boolean, an object,
+    # a nullable timestamp, ... (each field's real type is given here).
     insight = schemas["Insight"]["properties"]
     real_types: dict[str, dict[str, Any]] = {
         "result": {},
@@ -78,15 +83,15 @@ def _patch(spec: dict[str, Any]) -> None:
         insight[name] = {"readOnly": True, **real}
 
     for prefix in PREFIXES:
-        # README: "`groups_list` marks `search` as required; the server treats it as optional."
+        # `groups_list` marks `search` as required; the server treats it as optional.
         listing = _operation(spec, f"{prefix}/groups/", "get")
         if listing is not None:
             search = next(p for p in listing["parameters"] if p["name"] == "search")
             assert search["required"] is True
             search["required"] = False
 
-        # README: "`groups_property_values_retrieve` lists no query params; the server requires
-        # `group_type_index` and `key`, and accepts `value`."
+        # `groups_property_values_retrieve` lists no query params; the server requires
+        # `group_type_index` and `key`, and accepts `value`.
         values = _operation(spec, f"{prefix}/groups/property_values/", "get")
         if values is not None:
             assert [p["in"] for p in values["parameters"]] == ["path"], values["parameters"]
@@ -97,15 +102,23 @@ def _patch(spec: dict[str, Any]) -> None:
                 {"in": "query", "name": "value", "required": False, "schema": {"type": "string"}},
             ]  # fmt: skip
 
-        # README: "`refresh` enum lists `async_except_on_cache_miss`, but the insights endpoints do
-        # not accept that value (it silently falls back to `force_cache`)." Dropping it makes a
-        # client that sends it fail the request check.
+        # The `refresh` enum lists `async_except_on_cache_miss`, but the insights endpoints do not
+        # accept that value (the server silently falls back to `force_cache`). Dropping it makes
+        # a client that sends it fail the request check.
         for path in (f"{prefix}/insights/", f"{prefix}/insights/{{id}}/"):
             operation = _operation(spec, path, "get")
             if operation is None:
                 continue
             refresh = next(p for p in operation["parameters"] if p["name"] == "refresh")
             refresh["schema"]["enum"].remove("async_except_on_cache_miss")
+
+        # The insights list types `created_by` as an integer; PostHog parses it as a JSON array
+        # of user ids (`created_by=[1,42]`, products/product_analytics/backend/api/insight.py).
+        listing = _operation(spec, f"{prefix}/insights/", "get")
+        if listing is not None:
+            created_by = next(p for p in listing["parameters"] if p["name"] == "created_by")
+            assert created_by["schema"] == {"type": "integer"}, created_by
+            created_by["schema"] = {"type": "string", "pattern": r"^\[\s*(\d+\s*(,\s*\d+\s*)*)?\]$"}
 
 
 def _jsonable(value: Any) -> Any:
@@ -121,7 +134,7 @@ def _jsonable(value: Any) -> Any:
 
 @functools.cache
 def load_spec() -> dict[str, Any]:
-    """The patched spec as a dict (loaded once per process; the file is 1.9 MB)."""
+    """The patched spec as a dict (loaded once per process)."""
     with SPEC_PATH.open("rb") as handle:
         spec = _jsonable(yaml.load(handle, Loader=yaml.CSafeLoader))
     _patch(spec)

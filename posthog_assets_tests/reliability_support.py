@@ -53,13 +53,13 @@ exports:
 insights:
   refresh: blocking
   created_by: [2]
+  page_size: 100
 groups:
   property_values: true
   tracked:
     - {group_type_index: 0, group_key: organization-3}
 """
 WORLD_EXPORTS = ("insight_1_png", "insight_2_csv")
-PARTITION = "2026-01-05"
 #: In-run step retries that take fractions of a second (the package default waits ~10 s).
 FAST_STEP_RETRY = dg.RetryPolicy(max_retries=2, delay=0.05)
 #: Families a test can materialize: the export step (+ its DuckDB log) or one snapshot asset.
@@ -156,11 +156,9 @@ class World:
         checks: bool = True,
     ) -> dg.ExecuteInProcessResult:
         """One real run of the families (never raises on a failed step: tests assert on it)."""
-        partitioned = "insights" in families
         return dg.materialize(
             self.definitions_for(families, checks=checks),
             resources=self.resources(posthog),
-            partition_key=PARTITION if partitioned else None,
             run_config=dict(run_config or {}),
             raise_on_error=False,
             instance=instance,

@@ -14,7 +14,6 @@ from posthog_assets.config import Settings, load_settings
 from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshots import build_posthog_snapshot_definitions
 
-TEST_PARTITION = "2026-01-05"
 INSIGHTS_NODE = "posthog__insights"
 
 
@@ -59,7 +58,6 @@ def materialize_insights(
     defs: dg.Definitions,
     resources: Mapping[str, Any],
     *,
-    partition: str = TEST_PARTITION,
     raise_on_error: bool = True,
     instance: dg.DagsterInstance | None = None,
     **cfg: Any,
@@ -68,7 +66,6 @@ def materialize_insights(
     return dg.materialize(
         [*assets, *defs_checks(defs, ["insights"])],
         resources=dict(resources),
-        partition_key=partition,
         run_config=insights_run_config(**cfg),
         raise_on_error=raise_on_error,
         instance=instance,

@@ -16,12 +16,14 @@ from posthog_assets.client import PostHogClient, RetrySettings
 from posthog_assets.errors import (
     PostHogAuthError,
     PostHogConnectionError,
+    PostHogExportFailed,
     PostHogNotFoundError,
     PostHogPermissionError,
     PostHogRateLimitError,
     PostHogServerError,
     PostHogValidationError,
 )
+from posthog_assets.export_runner import tabular_context
 from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.conftest import TEST_GROUPS_PER_TYPE, TEST_INSIGHTS, TEST_RETRY
 
@@ -40,16 +42,16 @@ def _api_requests(control: StandinControl, method: str, fragment: str) -> list[d
 def test_offset_pages_cover_every_insight_once(client: PostHogClient) -> None:
     ids: list[int] = []
     pages = 0
-    for page in client.iter_insight_pages(basic=True, limit=100):
+    for page in client.iter_insight_pages(basic=True, page_size=100):
         pages += 1
-        assert page["count"] == TEST_INSIGHTS
-        ids.extend(i["id"] for i in page["results"])
+        assert page.count == TEST_INSIGHTS
+        ids.extend(i["id"] for i in page.results)
     assert pages == -(-TEST_INSIGHTS // 100)
     assert len(ids) == len(set(ids)) == TEST_INSIGHTS
 
 
 def test_offset_pages_are_lazy(client: PostHogClient, control: StandinControl) -> None:
-    pages = client.iter_insight_pages(basic=True, limit=100)
+    pages = client.iter_insight_pages(basic=True, page_size=100, prefetch=1)
     next(pages)
     assert len(_api_requests(control, "GET", "/insights")) == 1
 
@@ -69,8 +71,9 @@ def test_group_routes(client: PostHogClient) -> None:
     types = client.list_group_types()
     assert [t["group_type_index"] for t in types] == [0, 1, 2]
     first = next(client.iter_group_pages(0))["results"][0]
-    found = client.find_group(0, first["group_key"])
-    assert found["group_key"] == first["group_key"]
+    found = client.lookup_group(0, first["group_key"])
+    assert found is not None and found["group_key"] == first["group_key"]
+    assert client.lookup_group(0, first["group_key"] + "-gone") is None
     definitions = client.group_property_definitions()
     assert set(definitions) >= {"0", "1", "2"}
     prop = definitions["0"][0]["name"]
@@ -99,8 +102,8 @@ def test_retryable_status_is_retried_then_succeeds(
         times=2,
     )
     t0 = time.monotonic()
-    page = next(client.iter_insight_pages(basic=True, limit=5))
-    assert len(page["results"]) == 5
+    page = next(client.iter_insight_pages(basic=True, page_size=5))
+    assert len(page.results) == 5
     assert [r["status"] for r in _api_requests(control, "GET", "/insights")] == [
         status,
         status,
@@ -251,25 +254,43 @@ def test_validation_error_names_the_field(client: PostHogClient) -> None:
     assert "field 'group_type_index'" in str(err.value)
 
 
-def test_sunset_header_warns_once(client: PostHogClient, caplog: pytest.LogCaptureFixture) -> None:
+def test_deprecated_prefix_warns_once_per_run(
+    standin: StandinProcess,
+    control: StandinControl,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Two clients (two steps of one run, sharing the run's marker) warn once between them."""
+    caplog.set_level(logging.WARNING)
+    marker = tmp_path / "run-1-deprecation"
+    for _ in range(2):
+        c = PostHogClient(
+            standin.url, standin.project_id, standin.key, api_prefix="environments",
+            deprecation_marker=marker,
+        )  # fmt: skip
+        c.get_json("insights/", {"basic": "true", "limit": 1})
+        c.get_json("insights/", {"basic": "true", "limit": 1})
+    assert caplog.text.count("Sunset") == 1
+    assert "set api_prefix='projects'" in caplog.text
+
+
+def test_projects_prefix_is_the_default_and_not_deprecated(
+    client: PostHogClient, standin: StandinProcess, control: StandinControl,
+    caplog: pytest.LogCaptureFixture,
+) -> None:  # fmt: skip
     caplog.set_level(logging.WARNING)
     client.get_json("insights/", {"basic": "true", "limit": 1})
-    client.get_json("insights/", {"basic": "true", "limit": 1})
-    assert caplog.text.count("Sunset") == 1
-
-
-def test_projects_prefix(standin: StandinProcess, control: StandinControl) -> None:
-    c = PostHogClient(standin.url, standin.project_id, standin.key, api_prefix="projects")
-    c.get_json("insights/", {"basic": "true", "limit": 1})
     assert _api_requests(control, "GET", f"/api/projects/{standin.project_id}/insights")
+    assert "Sunset" not in caplog.text
 
 
 # ---------------------------------------------------------------- downloads
 
 
 def _csv_export(client: PostHogClient) -> dict:
-    export = client.create_export("text/csv", insight=1)
-    assert export["has_content"] is True
+    source = tabular_context(client.get_insight(1, basic=True), client.project_id)
+    export = client.create_export("text/csv", insight=1, export_context=source)
+    assert export["has_content"] is True, export
     return export
 
 
@@ -304,6 +325,7 @@ def test_redirect_to_storage_drops_the_key(
 def test_truncated_download_is_retried_and_never_left_half_written(
     client: PostHogClient, control: StandinControl, tmp_path: Path
 ) -> None:
+    control.configure(content_redirect=False)  # PostHog streams the bytes itself, and breaks
     export = _csv_export(client)
     control.add_fault(match=r"/content", kind="drop_mid_body", times=1)
     result = client.download_export_content(export["id"], tmp_path / "a.csv")
@@ -318,11 +340,29 @@ def test_truncated_download_is_retried_and_never_left_half_written(
 def test_content_before_ready_is_not_found(
     client: PostHogClient, control: StandinControl, tmp_path: Path
 ) -> None:
-    control.configure(export_delay_s=30)
-    export = client.create_export("text/csv", insight=1)
+    control.configure(export_post_held=False, export_delay_s=30)
+    export = client.create_export("image/png", insight=1)
     assert export["has_content"] is False
     with pytest.raises(PostHogNotFoundError):
-        client.download_export_content(export["id"], tmp_path / "a.csv")
+        client.download_export_content(export["id"], tmp_path / "a.png")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_content_answers_425_and_400_of_another_posthog_version(
+    client: PostHogClient, control: StandinControl, tmp_path: Path
+) -> None:
+    """425 export_not_ready is retried like a passing fault; 400 export_failed is final."""
+    control.configure(content_not_ready_status=425, export_delay_s=30, export_post_held=False)
+    pending = client.create_export("image/png", insight=1)
+    with pytest.raises(PostHogServerError, match="425"):
+        client.download_export_content(pending["id"], tmp_path / "a.png")
+    statuses = [r["status"] for r in _api_requests(control, "GET", "/content")]
+    assert statuses == [425] * TEST_RETRY.max_attempts
+    control.configure(export_delay_s=0, export_post_held=True)
+    failed = client.create_export("text/csv", insight=1)  # no source: PostHog fails it
+    assert failed["exception"] == "'path'"
+    with pytest.raises(PostHogExportFailed, match="failed"):
+        client.download_export_content(failed["id"], tmp_path / "b.csv")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -365,3 +405,5 @@ def test_rate_limit_error_carries_retry_after(
         c.list_group_types()
     assert err.value.retry_after == 7
     assert "Expected available in" in str(err.value)
+    assert "accepts requests again at" in str(err.value)
+    assert err.value.retry_at == pytest.approx(time.time() + 7, abs=3)

@@ -11,7 +11,7 @@ from posthog_assets.config import ConfigError, load_settings
 GOOD = """
 exports:
   - {name: weekly_png, insight: 1, export_format: image/png}
-  - {name: board_pdf, dashboard: 2, export_format: application/pdf}
+  - {name: board_png, dashboard: 2, export_format: image/png}
 insights: {refresh: force_async}
 groups: {tracked: [{group_type_index: 0, group_key: acme}]}
 """
@@ -29,7 +29,7 @@ def test_good_config_resolves_default_project_from_env(tmp_path: Path) -> None:
     (project,) = settings.projects
     assert project.is_default and project.resource_key == "posthog"
     assert project.host == "https://eu.posthog.com" and project.project_id == 12
-    assert [e.name for e in project.exports] == ["weekly_png", "board_pdf"]
+    assert [e.name for e in project.exports] == ["weekly_png", "board_png"]
     assert project.insights.refresh == "force_async"
     assert project.groups.tracked[0].group_key == "acme"
 
@@ -68,6 +68,14 @@ BAD_INPUTS = [
         ["exports[0] (name 'x')", "exactly one of 'insight' or 'dashboard'"],
     ),
     ("insights: {refresh: sometimes}", ["insights", "field 'refresh'"]),
+    (
+        "exports: [{name: x, insight: 1, export_format: application/pdf}]",
+        ["exports[0] (name 'x')", "field 'export_format'", "never renders it", "image/png"],
+    ),
+    (
+        "exports: [{name: x, dashboard: 1, export_format: text/csv}]",
+        ["exports[0] (name 'x')", "dashboard only as image/png", "export its insights"],
+    ),
     (
         "exports: [{name: x, insight: 1, export_format: text/csv, colour: red}]",
         ["exports[0] (name 'x')", "field 'colour'", "Extra inputs"],

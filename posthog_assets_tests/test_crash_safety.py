@@ -27,7 +27,6 @@ from dagster._core.instance.ref import InstanceRef
 
 from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.reliability_support import (
-    PARTITION,
     Child,
     all_files,
     assert_export_folder,
@@ -47,6 +46,7 @@ exports:
 insights:
   refresh: blocking
   created_by: [2]
+  page_size: 100
 groups: {enabled: false}
 """
 #: ~26 MB of CSV (about 88 bytes a row): caught mid-stream once past 1 MB.
@@ -86,7 +86,6 @@ assets = [a for a in defs.assets if (a.key.path[-1] == "insights") == (family ==
 with dg.DagsterInstance.get() as instance:
     result = dg.materialize(
         assets, resources=defs.resources, instance=instance, raise_on_error=False,
-        partition_key=sys.argv[3] if family == "insights" else None,
     )
 print(json.dumps({"run_id": result.run_id, "success": result.success}), flush=True)
 """
@@ -95,7 +94,7 @@ print(json.dumps({"run_id": result.run_id, "success": result.success}), flush=Tr
 def _spawn(env: dict[str, str], family: str, hook: str, cwd: Path) -> Child:
     """The runner in a real child process (forked from the warm interpreter, own session)."""
     return warm_python().start(
-        RUNNER, argv=[family, hook, PARTITION], env=env, cwd=cwd, name=f"killed_{family}"
+        RUNNER, argv=[family, hook], env=env, cwd=cwd, name=f"killed_{family}"
     )
 
 

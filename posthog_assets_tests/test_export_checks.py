@@ -17,7 +17,6 @@ from posthog_assets.export_checks import (
 from posthog_assets.exports import build_posthog_export_assets
 from posthog_assets_tests._export_helpers import (
     CSV,
-    PDF,
     PNG,
     XLSX,
     make_project,
@@ -90,9 +89,6 @@ def test_checks_fail_when_the_file_is_gone(posthog_resource, control, tmp_path):
 @pytest.mark.parametrize(
     ("fmt", "content", "ok"),
     [
-        (PDF, b"%PDF-1.7\n1 0 obj\n<<>>\nendobj\ntrailer\n<<>>\n%%EOF\n", True),
-        (PDF, b"%PDF-1.7\n1 0 obj\n<<>>\nendo", False),
-        (PDF, b"<html>not a pdf</html>", False),
         (PNG, b"GIF89a....", False),
         (CSV, b"a,b\n1,2\n", True),
         (CSV, b"", False),

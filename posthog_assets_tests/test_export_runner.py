@@ -26,7 +26,6 @@ from posthog_assets.export_runner import (
 )
 from posthog_assets_tests._export_helpers import (
     CSV,
-    PDF,
     PNG,
     XLSX,
     export_posts,
@@ -34,6 +33,7 @@ from posthog_assets_tests._export_helpers import (
     server_content,
 )
 
+PDF_MIME = "application/pdf"
 FAST_POLL = PollSettings(interval_s=0.05, max_interval_s=0.2, timeout_s=10)
 
 
@@ -66,7 +66,7 @@ def test_download_equals_server_content_with_sha256(client, control, standin, tm
 
 
 def test_pending_export_becomes_ready_after_several_polls(client, control, tmp_path, caplog):
-    control.configure(export_delay_s=0.5)
+    control.configure(export_post_held=False, export_delay_s=0.5)
     caplog.set_level(logging.INFO, logger="posthog_assets")
 
     out = _runner(client, tmp_path).run(_request())
@@ -80,8 +80,9 @@ def test_pending_export_becomes_ready_after_several_polls(client, control, tmp_p
 
 
 def test_pdf_of_insight_fails_with_posthogs_message_and_no_leftovers(client, control, tmp_path):
+    """The configuration refuses PDF; should one reach PostHog, its failure is final."""
     with pytest.raises(PostHogExportFailed) as err:
-        _runner(client, tmp_path).run(_request(PDF))
+        _runner(client, tmp_path).run(_request(PDF_MIME))
 
     assert "not supported for insights" in str(err.value)
     assert err.value.retryable is False
@@ -115,7 +116,7 @@ def test_exception_text_is_surfaced_and_classified(client, control, tmp_path, te
 
 
 def test_poll_timeout_names_export_id_elapsed_and_last_state(client, control, tmp_path):
-    control.configure(export_delay_s=60)
+    control.configure(export_post_held=False, export_delay_s=60)
     poll = PollSettings(interval_s=0.05, max_interval_s=0.1, timeout_s=0.4)
 
     with pytest.raises(PostHogPollTimeout) as err:
@@ -133,7 +134,7 @@ def test_poll_timeout_names_export_id_elapsed_and_last_state(client, control, tm
 def test_crashed_step_resumes_its_pending_export_with_exactly_one_post(
     client, control, tmp_path, forget_marker
 ):
-    control.configure(export_delay_s=0.6)
+    control.configure(export_post_held=False, export_delay_s=0.6)
     polls = []
 
     def crash_on_second_poll(seconds: float) -> None:
@@ -179,7 +180,7 @@ def test_lost_content_is_recreated_once(client, control, tmp_path):
 
 
 def test_lost_content_of_a_resumed_export_is_recreated_once(client, control, tmp_path):
-    control.configure(export_delay_s=0.3)
+    control.configure(export_post_held=False, export_delay_s=0.3)
     with pytest.raises(Crash):
         _runner(client, tmp_path, sleep=lambda s: (_ for _ in ()).throw(Crash)).run(_request())
     pending_id = next(client.iter_exports())["id"]
@@ -193,7 +194,7 @@ def test_lost_content_of_a_resumed_export_is_recreated_once(client, control, tmp
 
 
 def test_expired_pending_export_is_replaced_by_a_fresh_one(client, control, tmp_path):
-    control.configure(export_delay_s=60)
+    control.configure(export_post_held=False, export_delay_s=60)
     poll = PollSettings(interval_s=0.05, max_interval_s=0.1, timeout_s=0.2)
     with pytest.raises(PostHogPollTimeout) as err:
         _runner(client, tmp_path, poll=poll).run(_request(key="run-9"))
@@ -218,7 +219,7 @@ def test_content_lost_twice_fails_after_one_recreation(client, control, tmp_path
 
 
 def test_broken_download_leaves_no_temp_files(client, control, tmp_path):
-    control.configure(csv_rows=50_000)
+    control.configure(csv_rows=50_000, content_redirect=False)  # PostHog streams, and breaks
     control.add_fault(match=r"/exports/\d+/content", method="GET", kind="drop_mid_body")
 
     with pytest.raises(PostHogDownloadError):
@@ -276,3 +277,91 @@ def test_export_runner_imports_no_dagster():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- tabular exports PostHog renders
+
+#: Seeded insights of each saved-query kind (the stand-in's seed: index 7 has only legacy
+#: filters, index 9 a DataTableNode over HogQL, index 39 neither).
+TRENDS_INSIGHT, LEGACY_INSIGHT, HOGQL_INSIGHT, EMPTY_INSIGHT = 2, 8, 10, 40
+
+
+def _posted_context(control) -> dict:
+    [post] = export_posts(control)
+    return post["body"]["export_context"]
+
+
+@pytest.mark.parametrize("fmt", [CSV, XLSX])
+def test_a_table_of_a_trends_insight_sends_its_query_source(client, control, tmp_path, fmt):
+    out = _runner(client, tmp_path).run(_request(fmt, insight=TRENDS_INSIGHT))
+
+    saved = client.get_insight(TRENDS_INSIGHT, basic=True)["query"]
+    context = _posted_context(control)
+    assert context["source"] == saved["source"] and "path" not in context
+    assert context["filename"].startswith("weekly-dg")  # our dedup tag, nothing else of ours
+    assert out.bytes > 0 and out.path.suffix == f".{'csv' if fmt == CSV else 'xlsx'}"
+
+
+def test_a_table_of_a_legacy_insight_sends_the_path_of_its_own_route(client, control, tmp_path):
+    out = _runner(client, tmp_path).run(_request(CSV, insight=LEGACY_INSIGHT))
+
+    context = _posted_context(control)
+    assert context["path"] == f"/api/projects/{client.project_id}/insights/{LEGACY_INSIGHT}/"
+    assert "source" not in context
+    assert out.path.read_text().splitlines()[0].startswith("series")
+
+
+def test_a_table_of_a_hogql_insight_sends_the_node_as_it_is(client, control, tmp_path):
+    _runner(client, tmp_path).run(_request(CSV, insight=HOGQL_INSIGHT))
+
+    saved = client.get_insight(HOGQL_INSIGHT, basic=True)["query"]
+    assert saved["kind"] == "DataTableNode"
+    assert _posted_context(control)["source"] == saved
+
+
+def test_a_table_of_an_insight_with_nothing_to_render_fails_naming_it_before_any_post(
+    client, control, tmp_path
+):
+    with pytest.raises(PostHogExportFailed, match=f"insight {EMPTY_INSIGHT} ") as err:
+        _runner(client, tmp_path).run(_request(CSV, insight=EMPTY_INSIGHT))
+    assert err.value.retryable is False
+    assert "export_context.source" in str(err.value)
+    assert export_posts(control) == []
+
+
+def test_the_users_export_context_keys_win(client, control, tmp_path):
+    mine = {"kind": "HogQLQuery", "query": "select event, count() from events group by event"}
+    _runner(client, tmp_path).run(
+        _request(CSV, insight=TRENDS_INSIGHT, export_context={"source": mine, "columns": ["a"]})
+    )
+    context = _posted_context(control)
+    assert context["source"] == mine and context["columns"] == ["a"]
+    assert len([r for r in control.requests_log() if "/insights/" in r["path"]]) == 0
+
+
+def test_without_a_source_posthog_never_renders_a_table_of_an_insight(client, control):
+    """What the package must avoid: PostHog's tabular exporter fails with KeyError('path')."""
+    export = client.create_export(CSV, insight=TRENDS_INSIGHT)
+    assert export["has_content"] is False and export["exception"] == "'path'"
+
+
+# ---------------------------------------------------------------- held POSTs
+
+
+def test_a_post_held_past_its_timeout_is_followed_in_the_list_never_posted_twice(
+    standin, control, tmp_path
+):
+    """PostHog answers POST /exports/ only when rendering ends; the row is listed as pending
+    from the start. A POST read timeout shorter than the render resumes that row."""
+    control.configure(export_delay_by_target={f"insight:{TRENDS_INSIGHT}": 2.5})
+    client = PostHogClient(
+        standin.url, standin.project_id, standin.key, post_timeout_s=0.5, read_timeout_s=10
+    )
+    out = _runner(client, tmp_path).run(_request(PNG, insight=TRENDS_INSIGHT))
+
+    posts = export_posts(control)
+    assert len(posts) == 1 and out.post_count == 1
+    assert out.path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert out.wait_s >= 2.0 and out.states[-1] == "ready"
+    assert out.export_id == client.get_export(out.export_id)["id"]
+    assert control.stats()["exports_created"] == 1

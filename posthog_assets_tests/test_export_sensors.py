@@ -25,7 +25,6 @@ from posthog_assets.exports import (
 )
 from posthog_assets_tests._export_helpers import (
     CSV,
-    PDF,
     PNG,
     export_posts,
     make_project,
@@ -191,13 +190,13 @@ def test_expiry_sensor_rides_out_posthog_errors_and_names_a_missing_scope(
 # ---------------------------------------------------------------------- retry
 
 
-def test_retry_sensor_retries_timeouts_after_backoff_and_never_pdf_failures(
+def test_retry_sensor_retries_timeouts_after_backoff_and_never_user_errors(
     posthog_resource, control, tmp_path
 ):
-    control.configure(export_delay_by_format={PNG: 1.0})
+    control.configure(export_post_held=False, export_delay_by_format={PNG: 1.0})
     project = make_project(
         {"name": "slow_png", "insight": 1, "export_format": PNG},
-        {"name": "bad_pdf", "insight": 1, "export_format": PDF},
+        {"name": "empty_csv", "insight": 40, "export_format": CSV},
     )
     assets = build_posthog_export_assets(project=project, retry_policy=None)
     log = build_posthog_exports_log_asset(project=project, export_keys=list(assets[0].keys))
@@ -216,7 +215,7 @@ def test_retry_sensor_retries_timeouts_after_backoff_and_never_pdf_failures(
             [*assets, log], resources=res, instance=instance, raise_on_error=False
         )
         assert not failed.success
-        assert len(export_posts(control)) == 2
+        assert len(export_posts(control)) == 1  # the user error never reached POST
 
         now[0] = time.time()
         waiting = _evaluate(sensor, instance, None)
@@ -244,7 +243,7 @@ def test_retry_sensor_retries_timeouts_after_backoff_and_never_pdf_failures(
             tags=request.tags,
         )
         assert retried.success
-        assert len(export_posts(control)) == 2
+        assert len(export_posts(control)) == 1
         md = materialization_metadata(retried, _key("slow_png"))
         assert md["resumed"] is True
 
@@ -287,3 +286,36 @@ def test_retry_sensor_gives_up_after_max_attempts(posthog_resource, control, tmp
         tick = _evaluate(sensor, instance, tick.cursor)
         assert tick.run_requests == []  # third failure: attempts used up
         assert not second.success
+
+
+def test_retry_sensor_waits_until_posthogs_rate_limit_lets_requests_through(
+    posthog_resource, control, tmp_path
+):
+    """The hourly window is full: the step fails at once saying when PostHog will accept
+    requests again, is not retried within the run, and the sensor waits until that time."""
+    control.configure(rate_limits=True, rate_limit_overrides={"sustained": "1/hour"})
+    project = make_project({"name": "weekly_png", "insight": 1, "export_format": PNG})
+    assets = build_posthog_export_assets(project=project)
+    now = [time.time()]
+    sensor = build_posthog_export_retry_sensor(
+        project=project, export_assets=assets, backoff_s=0, clock=lambda: now[0]
+    )
+    res = resources(posthog_resource, tmp_path, pace_requests=False)
+
+    with dg.instance_for_test() as instance:
+        started = time.time()
+        client = res["posthog"].get_client()
+        client.list_group_types()  # the one request of the hour
+        failed = dg.materialize(assets, resources=res, instance=instance, raise_on_error=False)
+        assert not failed.success and time.time() - started < 15
+        assert not [e for e in failed.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
+        failure = failed.get_step_failure_events()[0].step_failure_data.user_failure_data
+        assert "accepts requests again at" in failure.description
+        [recorded] = failure.metadata["posthog_export_failures"].value
+        assert recorded["retry_at"] == pytest.approx(started + 3600, abs=60)
+
+        tick = _evaluate(sensor, instance, None)
+        assert tick.run_requests == [] and "waiting" in (tick.skip_message or "")
+        now[0] = recorded["retry_at"] + 1
+        tick = _evaluate(sensor, instance, tick.cursor)
+        assert [r.tags[TAG_RETRY_ATTEMPT] for r in tick.run_requests] == ["1"]

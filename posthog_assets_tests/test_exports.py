@@ -12,6 +12,7 @@ import pytest
 
 from posthog_assets.config import load_settings
 from posthog_assets.duckdb_store import table_ref
+from posthog_assets.export_checks import build_posthog_export_checks
 from posthog_assets.exports import (
     FAILURES_METADATA_KEY,
     build_posthog_export_assets,
@@ -24,7 +25,6 @@ from posthog_assets.translator import DagsterPostHogTranslator, PostHogExportPro
 from posthog_assets_tests._export_helpers import (
     CSV,
     FAST_RETRY,
-    PDF,
     PNG,
     XLSX,
     export_posts,
@@ -111,7 +111,7 @@ def test_large_csv_counts_rows_without_loading_it(posthog_resource, control, tmp
 
 
 def test_twenty_slow_exports_wait_together_not_in_a_queue(posthog_resource, control, tmp_path):
-    control.configure(export_delay_s=1.0)
+    control.configure(export_post_held=False, export_delay_s=1.0)
     project = make_project(
         *({"name": f"e{i:02d}", "insight": 1 + i, "export_format": PNG} for i in range(20))
     )
@@ -126,9 +126,10 @@ def test_twenty_slow_exports_wait_together_not_in_a_queue(posthog_resource, cont
     assert wall < 6.0, f"20 exports of 1 s took {wall:.1f}s: they are not waiting in parallel"
 
 
-def test_pdf_failure_message_surfaces_and_is_not_retried(posthog_resource, control, tmp_path):
+def test_a_user_error_surfaces_and_is_not_retried(posthog_resource, control, tmp_path):
+    """A table of an insight with nothing to render is final: named, not retried, no POST."""
     project = make_project(
-        {"name": "weekly_pdf", "insight": 1, "export_format": PDF},
+        {"name": "empty_csv", "insight": 40, "export_format": CSV},
         {"name": "weekly_png", "insight": 1, "export_format": PNG},
     )
     assets, _ = _defs(project, retry=FAST_RETRY)
@@ -139,21 +140,41 @@ def test_pdf_failure_message_surfaces_and_is_not_retried(posthog_resource, contr
 
     assert not result.success
     failure = result.get_step_failure_events()[0].step_failure_data.user_failure_data
-    assert "weekly_pdf" in failure.description
-    assert "Export to format application/pdf is not supported for insights" in failure.description
+    assert "empty_csv" in failure.description
+    assert "insight 40" in failure.description and "export_context.source" in failure.description
     recorded = failure.metadata[FAILURES_METADATA_KEY].value
-    assert [(f["export_name"], f["retryable"]) for f in recorded] == [("weekly_pdf", False)]
-    # The PNG still materialized; the PDF was not retried (one POST each, no retry event).
+    assert [(f["export_name"], f["retryable"]) for f in recorded] == [("empty_csv", False)]
+    # The PNG still materialized; the CSV was never posted and not retried.
     assert [e.asset_key.path[-1] for e in result.get_asset_materialization_events()] == [
         "weekly_png"
     ]
-    assert len(export_posts(control)) == 2
+    assert len(export_posts(control)) == 1
     retries = [e for e in result.all_events if e.event_type_value == "STEP_UP_FOR_RETRY"]
     assert retries == []
 
 
+def test_csv_and_xlsx_of_every_insight_kind_render(posthog_resource, control, tmp_path):
+    """Trends (query source), legacy filters (path) and HogQL tables all give files."""
+    project = make_project(
+        {"name": "trends_csv", "insight": 2, "export_format": CSV},
+        {"name": "legacy_xlsx", "insight": 8, "export_format": XLSX},
+        {"name": "hogql_csv", "insight": 10, "export_format": CSV},
+    )
+    assets, _ = _defs(project)
+    checks = build_posthog_export_checks(project=project, export_assets=assets)
+
+    result = dg.materialize([*assets, *checks], resources=resources(posthog_resource, tmp_path))
+
+    assert result.success
+    for name in ("trends_csv", "legacy_xlsx", "hogql_csv"):
+        md = materialization_metadata(result, KEY(["posthog", "exports", name]))
+        assert md["bytes"] > 0 and md["dagster/row_count"] > 0, (name, md)
+    assert all(c.passed for c in result.get_asset_check_evaluations())
+    assert all(p["status"] == 201 for p in export_posts(control))
+
+
 def test_step_retry_after_timeout_resumes_the_same_export(posthog_resource, control, tmp_path):
-    control.configure(export_delay_s=1.2)
+    control.configure(export_post_held=False, export_delay_s=1.2)
     project = make_project({"name": "slow_png", "insight": 1, "export_format": PNG})
     assets, _ = _defs(project, retry=dg.RetryPolicy(max_retries=3, delay=0.05))
 
@@ -174,7 +195,7 @@ def test_step_retry_does_not_redo_exports_finished_by_an_earlier_attempt(
 ):
     # The first attempt: PNG done, CSV hits 503s on its POST (not retried in the client).
     control.add_fault(match=r"/exports/?$", method="POST", kind="status", status=503, times=1)
-    control.configure(export_delay_by_format={PNG: 0.0, CSV: 0.3})
+    control.configure(export_post_held=False, export_delay_by_format={PNG: 0.0, CSV: 0.3})
     project = make_project(
         {"name": "a_csv", "insight": 2, "export_format": CSV},
         {"name": "b_png", "insight": 1, "export_format": PNG},
@@ -256,7 +277,7 @@ def test_definitions_load_without_any_http_call(posthog_env, control, tmp_path):
 def test_secret_never_in_metadata_or_failure(posthog_resource, control, tmp_path, secret):
     project = make_project(
         {"name": "weekly_png", "insight": 1, "export_format": PNG},
-        {"name": "weekly_pdf", "insight": 1, "export_format": PDF},
+        {"name": "empty_csv", "insight": 40, "export_format": CSV},
     )
     assets, _ = _defs(project)
 

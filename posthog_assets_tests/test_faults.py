@@ -155,7 +155,7 @@ CASES = [
          recovers=False, failed=(EXPORTS,),
          messages=(EXPORT_EXCEPTION, "not retryable", "This is final for this export")),
     Case("export_stuck_past_threshold", (EXPORTS,),
-         configure(export_delay_s=60, stuck_threshold_s=0.3),
+         configure(export_post_held=False, export_delay_s=60, stuck_threshold_s=0.3),
          recovers=False, failed=(EXPORTS,), step_retry=None,
          messages=("Export failed without throwing an exception", "retryable",
                    "a new attempt may succeed")),

@@ -59,7 +59,7 @@ def test_every_group_of_every_type_across_many_cursor_pages(
     assert meta["api_groups_per_type"] == {str(i): TEST_GROUPS_PER_TYPE for i in per_type}
     assert scalar(db, "SELECT DISTINCT project_id FROM groups") == str(standin.project_id)
 
-    sample = client.find_group(1, "company-7")
+    sample = client.lookup_group(1, "company-7")
     props, created = query(
         db,
         "SELECT group_properties, created_at FROM groups "
@@ -122,6 +122,9 @@ def test_tracked_group_that_disappears_fails_the_check_by_name(
 ) -> None:
     result = materialize_groups(defs, resources, names=["tracked_groups"])
     assert check_results(result)["tracked_groups_present"].passed
+    # read without side effects: never groups/find, which creates a Notebook in the project
+    assert not any("/groups/find" in r["path"] for r in control.requests_log())
+    assert control.stats()["notebooks_created"] == 0
     assert query(db, "SELECT group_key, found FROM tracked_groups ORDER BY 1") == [
         ("company-7", True),
         ("organization-3", True),
@@ -133,7 +136,7 @@ def test_tracked_group_that_disappears_fails_the_check_by_name(
     assert not check.passed
     assert "1:company-7" in check.description and "organization-3" not in check.description
     assert query(db, "SELECT group_key, found, error FROM tracked_groups ORDER BY 1") == [
-        ("company-7", False, "not found: groups/find answered 404"),
+        ("company-7", False, "not found: no group of this type has this key"),
         ("organization-3", True, None),
     ]
     assert materialization_metadata(result, "tracked_groups")["missing_keys"] == "1:company-7"

@@ -1,7 +1,8 @@
-"""The insights snapshot against the stand-in: every refresh mode, pagination, partitions, errors.
+"""The insights snapshot against the stand-in: every refresh mode, paging, request economy, errors.
 
 Each test runs a real ``dg.materialize`` over HTTP into a DuckDB file in tmp_path and asserts the
-rows in DuckDB. The session stand-in has 1200 insights (12 pages of 100), all cold at reset.
+rows in DuckDB. The session stand-in has 1200 insights (12 pages of 100), all cold at reset, and
+throttles like PostHog Cloud (240 insight requests a minute, 1200 an hour per key).
 """
 
 from __future__ import annotations
@@ -13,18 +14,23 @@ from typing import Any
 
 import dagster as dg
 import duckdb
+import pytest
 
 from posthog_assets.config import REFRESH_MODES
 from posthog_assets.insights import (
+    DEFAULT_BLOCKING_PAGE_SIZE,
     INSIGHTS_TABLE,
-    QueryFollower,
+    InsightFetchOptions,
+    InsightSnapshotFetcher,
+    InsightSnapshotIncomplete,
     insights_config_class,
 )
 from posthog_assets.resources import PostHogResource
+from posthog_assets.snapshot_store import StagingFile
 from posthog_assets_tests.conftest import TEST_INSIGHTS
 from posthog_assets_tests.snapshot_support import (
-    TEST_PARTITION,
     check_results,
+    defs_assets,
     materialization_metadata,
     materialize_insights,
     query,
@@ -33,154 +39,123 @@ from posthog_assets_tests.snapshot_support import (
     snapshot_settings,
 )
 
-#: created_by=[2] keeps about a third of the insights: enough for many pages of async follow-up.
+#: created_by=[2] keeps about a third of the insights: enough for several pages of follow-up.
 USER_FILTER = [2]
 
 
-def _partition_rows(db: Path, partition: str = TEST_PARTITION) -> list[dict[str, Any]]:
+def _rows(db: Path, day: str | None = None) -> list[dict[str, Any]]:
     cols = ["id", "refresh", "is_cached", "result", "query_error", "last_refresh", "query"]
+    day = day or dt.datetime.now(dt.UTC).date().isoformat()
     rows = query(
-        db,
-        f"SELECT {', '.join(cols)} FROM insights WHERE \"partition\" = ? ORDER BY id",
-        [partition],
+        db, f"SELECT {', '.join(cols)} FROM insights WHERE snapshot_date = ? ORDER BY id", [day]
     )
     return [dict(zip(cols, r, strict=True)) for r in rows]
 
 
+def _user_insights(client: Any) -> list[dict[str, Any]]:
+    return [
+        i for page in client.iter_insight_pages(basic=True, created_by=USER_FILTER)
+        for i in page.results
+    ]  # fmt: skip
+
+
 def _user_insight_ids(client: Any) -> list[int]:
-    ids = []
-    for page in client.iter_insight_pages(basic=True, created_by=USER_FILTER, limit=500):
-        ids += [i["id"] for i in page["results"]]
-    return ids
+    return [i["id"] for i in _user_insights(client)]
 
 
-# ---------------------------------------------------------------- blocking and pagination
+def _insight_list_requests(control: Any) -> list[dict[str, Any]]:
+    return [
+        r for r in control.requests_log()
+        if r["server"] == "api" and r["path"].rstrip("/").endswith("/insights")
+    ]  # fmt: skip
 
 
-def test_blocking_cold_cache_pages_through_every_insight(
-    defs: dg.Definitions, resources: dict[str, Any], db: Path, standin: Any
+# ---------------------------------------------------------------- the default: async, in bulk
+
+
+def test_default_async_snapshot_reads_every_insight_in_bulk(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path, control: Any, standin: Any
 ) -> None:
-    result = materialize_insights(defs, resources, refresh="blocking")
+    """1200 cold insights: 12 pages to start them, then a few bulk rounds of 12 cache reads."""
+    control.configure(async_delay_s=0.3)
+    started = dt.datetime.now(dt.UTC)
+    result = materialize_insights(defs, resources)
     meta = materialization_metadata(result, "insights")
-    rows = _partition_rows(db)
+    rows = _rows(db)
 
-    assert len(rows) == TEST_INSIGHTS == meta["dagster/row_count"]
-    assert len({r["id"] for r in rows}) == TEST_INSIGHTS
-    assert all(r["result"] is not None and r["refresh"] == "blocking" for r in rows)
-    assert all(r["is_cached"] is False for r in rows)  # cold cache: computed now
-    assert meta["pages_fetched"] == TEST_INSIGHTS // 100
-    assert meta["requests"] == TEST_INSIGHTS // 100
-    assert meta["null_results"] == 0 and meta["fresh"] == TEST_INSIGHTS and meta["cached"] == 0
-    assert meta["seconds"] > 0
+    assert meta["refresh"] == "async" and meta["page_size"] == 100
+    assert len(rows) == TEST_INSIGHTS == meta["dagster/row_count"] == meta["count_reported"]
+    assert all(r["result"] is not None and r["query_error"] is None for r in rows)
+    assert all(r["last_refresh"] >= started for r in rows)  # new results, not old ones
+    pages = TEST_INSIGHTS // 100
+    assert meta["pages"] == pages and meta["pending_queries"] == TEST_INSIGHTS
+    assert meta["query_polls"] == 0 and meta["single_rereads"] == 0
+    # each round re-reads at most the 12 pages from the cache: never one request per insight
+    assert pages < meta["requests"] <= pages * (meta["follow_rounds"] + 1)
+    assert meta["requests"] == pages + meta["follow_page_requests"]
+    assert meta["follow_rounds"] <= 8, meta
+    listed = _insight_list_requests(control)
+    assert listed and all(r["query"].get("order") == "id" for r in listed)
     assert all(c.passed for c in check_results(result).values())
     assert scalar(db, "SELECT count(*) FROM insights WHERE project_id = ?",
-                  [str(standin.project_id)]) == TEST_INSIGHTS
+                  [str(standin.project_id)]) == TEST_INSIGHTS  # fmt: skip
 
 
-def test_rerunning_a_partition_replaces_its_rows_and_partitions_build_history(
-    defs: dg.Definitions, resources: dict[str, Any], db: Path, client: Any
+def test_stale_results_are_kept_only_until_the_recalculation_lands(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path, control: Any, client: Any
 ) -> None:
-    n = len(_user_insight_ids(client))
-    materialize_insights(defs, resources, refresh="blocking", created_by=USER_FILTER)
-    first = scalar(db, "SELECT max(snapshot_at) FROM insights")
-    materialize_insights(defs, resources, refresh="blocking", created_by=USER_FILTER)
-    assert scalar(db, "SELECT count(*) FROM insights") == n
-    assert scalar(db, "SELECT count(DISTINCT snapshot_at) FROM insights") == 1
-    assert scalar(db, "SELECT max(snapshot_at) FROM insights") > first
-    assert all(r["is_cached"] for r in _partition_rows(db))  # warm now: served from cache
-
-    materialize_insights(
-        defs, resources, refresh="blocking", created_by=USER_FILTER, partition="2026-01-06"
-    )
-    counts = dict(query(db, 'SELECT "partition"::VARCHAR, count(*) FROM insights GROUP BY 1'))
-    assert counts == {TEST_PARTITION: n, "2026-01-06": n}
-    latest = query(db, 'SELECT DISTINCT "partition"::VARCHAR FROM insights_latest')
-    assert latest == [("2026-01-06",)]
-    assert scalar(db, "SELECT count(*) FROM insights_latest") == n
-
-
-# ---------------------------------------------------------------- cache-only modes
-
-
-def test_force_cache_on_a_cold_cache_gives_null_results(
-    defs: dg.Definitions, resources: dict[str, Any], db: Path
-) -> None:
-    result = materialize_insights(defs, resources, refresh="force_cache")
-    meta = materialization_metadata(result, "insights")
-    rows = _partition_rows(db)
-    assert len(rows) == TEST_INSIGHTS
-    assert all(r["result"] is None and r["last_refresh"] is None for r in rows)
-    assert all(r["query"] is not None for r in rows)
-    assert meta["null_results"] == TEST_INSIGHTS
-    checks = check_results(result)
-    assert checks["insights_results_present"].passed  # null is legitimate outside blocking modes
-    assert checks["insights_not_empty"].passed
-
-
-def test_force_cache_on_a_warm_cache_reads_cached_results(
-    defs: dg.Definitions, resources: dict[str, Any], db: Path, control: Any
-) -> None:
+    """A stale insight answers with its old result while PostHog recomputes it; the snapshot
+    waits for the new one (last_refresh not older than the query's start)."""
+    ids = _user_insight_ids(client)
     control.set_insight_cache(None, "fresh")
-    result = materialize_insights(defs, resources, refresh="force_cache")
+    stale = ids[::7]
+    for iid in stale:
+        control.set_insight_cache(iid, "stale")
+    control.configure(async_delay_s=0.4)
+    before = {
+        i["id"]: i["last_refresh"]
+        for page in client.iter_insight_pages(refresh="force_cache", created_by=USER_FILTER)
+        for i in page.results
+        if i["id"] in stale
+    }
+    result = materialize_insights(defs, resources, created_by=USER_FILTER)
     meta = materialization_metadata(result, "insights")
-    assert meta["cached"] == TEST_INSIGHTS and meta["null_results"] == 0
-    assert all(r["is_cached"] and r["result"] is not None for r in _partition_rows(db))
+    rows = {r["id"]: r for r in _rows(db)}
+    assert meta["pending_queries"] == len(stale) == meta["async_completed"]
+    for iid in stale:
+        assert rows[iid]["last_refresh"] > dt.datetime.fromisoformat(before[iid])
+    assert all(r["result"] is not None for r in rows.values())
 
 
-def test_async_except_on_cache_miss_is_sent_as_force_cache_and_counts_nulls(
+def test_failed_queries_are_answers_recorded_on_their_insight(
     defs: dg.Definitions, resources: dict[str, Any], db: Path, control: Any, client: Any
 ) -> None:
+    """A 400 or a 500 from GET /query/:id/ is PostHog saying the query failed: recorded, not
+    retried; only the stalled queries are asked about."""
     ids = _user_insight_ids(client)
-    control.set_insight_cache(ids[0], "fresh")
-    control.clear_requests_log()
-    with dg.DagsterInstance.ephemeral() as instance:
-        result = materialize_insights(
-            defs, resources, refresh="async_except_on_cache_miss", created_by=USER_FILTER,
-            instance=instance,
-        )
-        logs = [e for e in instance.all_logs(result.run_id) if e.level >= logging.WARNING]
-    meta = materialization_metadata(result, "insights")
-    assert meta["effective_refresh"] == "force_cache"
-    assert meta["null_results"] == len(ids) - 1
-    rows = _partition_rows(db)
-    assert {r["refresh"] for r in rows} == {"async_except_on_cache_miss"}
-    listed = [e for e in control.requests_log() if e["path"].endswith("/insights/")]
-    assert listed and all(e["query"].get("refresh") == "force_cache" for e in listed)
-    assert any("silently treat it as force_cache" in e.user_message for e in logs)
-
-
-# ---------------------------------------------------------------- async modes
-
-
-def test_async_on_a_cold_cache_follows_every_query_and_records_failures(
-    defs: dg.Definitions, resources: dict[str, Any], db: Path, control: Any, client: Any
-) -> None:
-    ids = _user_insight_ids(client)
-    failing, limited = ids[3], ids[7]
+    failing, crashing, limited = ids[3], ids[5], ids[7]
     control.configure(
         async_delay_s=0.3,
         query_fail_insights={str(failing): "Query failed: column 'x' does not exist"},
+        query_crash_insights=[crashing],
         concurrency_limit_insights=[limited],
     )
-    result = materialize_insights(defs, resources, refresh="async", created_by=USER_FILTER)
+    result = materialize_insights(defs, resources, created_by=USER_FILTER)
     meta = materialization_metadata(result, "insights")
-    rows = _partition_rows(db)
+    rows = _rows(db)
     assert [r["id"] for r in rows] == sorted(ids)
-    ok = [r for r in rows if r["id"] not in (failing, limited)]
-    assert all(r["result"] is not None and r["is_cached"] for r in ok)
-    assert all(r["query_error"] is None for r in ok)
     errors = {r["id"]: r["query_error"] for r in rows if r["query_error"]}
-    assert errors == {
-        failing: "Query failed: column 'x' does not exist",
-        limited: "concurrency_limit_exceeded",
-    }
-    assert meta["pending_queries"] == len(ids) == meta["rereads"]
-    assert meta["async_completed"] == len(ids) - 2 and meta["async_failed"] == 2
-    assert meta["query_errors"] == 2 and meta["dagster/row_count"] == len(ids)
-    assert meta["pages_fetched"] == -(-len(ids) // 100)
-    # polled together: a handful of rounds, not one wait per insight
-    assert 1 <= meta["poll_rounds"] <= 10
-    assert meta["polls"] >= len(ids)
+    assert set(errors) == {failing, crashing, limited}
+    assert "column 'x' does not exist" in errors[failing]
+    assert "HTTP 500" in errors[crashing] or "failed" in errors[crashing]
+    assert "concurrency_limit_exceeded" in errors[limited]
+    assert meta["async_failed"] == 3 and meta["query_polls"] == 3
+    statuses = [
+        r["status"] for r in control.requests_log() if "/query/" in r["path"]
+    ]
+    assert sorted(statuses) == [400, 400, 500]  # each asked once: no retry of a 500 answer
+    ok = [r for r in rows if r["id"] not in errors]
+    assert all(r["result"] is not None for r in ok)
 
 
 def test_force_async_recomputes_even_a_warm_cache(
@@ -194,7 +169,7 @@ def test_force_async_recomputes_even_a_warm_cache(
     )
     meta = materialization_metadata(result, "insights")
     assert meta["pending_queries"] == 1 == meta["async_completed"]
-    [row] = _partition_rows(db)
+    [row] = _rows(db)
     assert row["result"] is not None and row["is_cached"]
     assert row["last_refresh"] > dt.datetime.fromisoformat(before["last_refresh"])
 
@@ -206,20 +181,18 @@ def test_lazy_async_follows_only_what_is_stale_by_the_lazy_thresholds(
     # stale by the default thresholds; for daily insights not by the lazy ones (12 h vs 6 h),
     # while weekly insights have the same threshold for both and so are recomputed
     control.set_insight_cache(None, "stale_soft")
-    listed = [
-        i
-        for page in client.iter_insight_pages(basic=True, created_by=USER_FILTER, limit=500)
-        for i in page["results"]
-    ]
-    daily = [i["id"] for i in listed if i["query"]["source"]["interval"] == "day"]
-    weekly = [i["id"] for i in listed if i["query"]["source"]["interval"] == "week"]
+    listed = _user_insights(client)
+    trends = [i for i in listed if (i.get("query") or {}).get("kind") == "InsightVizNode"]
+    daily = [i["id"] for i in trends if i["query"]["source"]["interval"] == "day"]
+    listed_ids = {i["id"] for i in listed}
     control.set_insight_cache(daily[0], "stale")
     control.set_insight_cache(daily[1], "cold")
     result = materialize_insights(defs, resources, refresh="lazy_async", created_by=USER_FILTER)
     meta = materialization_metadata(result, "insights")
-    assert meta["pending_queries"] == len(weekly) + 2 == meta["async_completed"]
-    rows = _partition_rows(db)
-    assert len(rows) == len(listed) and all(r["result"] is not None for r in rows)
+    followed = meta["pending_queries"]
+    assert 2 < followed < len(listed_ids) and followed == meta["async_completed"]
+    rows = _rows(db)
+    assert {r["id"] for r in rows} == listed_ids and all(r["result"] is not None for r in rows)
 
 
 def test_poll_timeout_is_finite_and_recorded(
@@ -233,11 +206,146 @@ def test_poll_timeout_is_finite_and_recorded(
     meta = materialization_metadata(result, "insights")
     assert meta["async_timed_out"] == meta["pending_queries"] == 1
     assert meta["fetch_seconds"] < 10
-    [row] = _partition_rows(db)
-    assert row["result"] is None and "still running after 0.5s" in row["query_error"]
+    [row] = _rows(db)
+    assert row["result"] is None and "still computing after 0.5s" in row["query_error"]
 
 
-# ---------------------------------------------------------------- blocking-mode failures
+# ---------------------------------------------------------------- stable pages, no shortfall
+
+
+def test_an_unordered_listing_loses_rows_and_the_snapshot_refuses_to_store_them(
+    standin: Any, control: Any, client: Any, tmp_path: Path
+) -> None:
+    """PostHog orders the list by a column that is NULL for almost every insight: without a
+    unique ``order`` its pages overlap and skip. The snapshot sends ``order=id``; and a fetch
+    that still reads fewer distinct insights than ``count`` fails instead of storing them."""
+    unordered = {
+        i["id"]
+        for page in client.iter_insight_pages(basic=True, order="")
+        for i in page.results
+    }
+    assert len(unordered) < TEST_INSIGHTS  # what a client without order=id would store
+    ordered = {i["id"] for page in client.iter_insight_pages(basic=True) for i in page.results}
+    assert len(ordered) == TEST_INSIGHTS
+
+    options = InsightFetchOptions(refresh="force_cache", order="")  # an unordered client
+    with StagingFile(tmp_path / "stage", INSIGHTS_TABLE) as staging:
+        fetcher = InsightSnapshotFetcher(client, staging, options)
+        with pytest.raises(InsightSnapshotIncomplete, match=f"PostHog reports {TEST_INSIGHTS}"):
+            fetcher.run()
+
+
+def test_an_unknown_order_field_is_a_server_error_not_a_silent_default(client: Any) -> None:
+    from posthog_assets.errors import PostHogServerError
+
+    with pytest.raises(PostHogServerError, match="500"):
+        client.list_insights(limit=1, basic=True, order="no_such_field")
+
+
+# ---------------------------------------------------------------- snapshots by day
+
+
+def test_rerunning_the_same_day_replaces_its_rows_and_days_build_history(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path, client: Any, control: Any
+) -> None:
+    control.set_insight_cache(None, "fresh")
+    n = len(_user_insight_ids(client))
+    materialize_insights(defs, resources, refresh="force_cache", created_by=USER_FILTER)
+    first = scalar(db, "SELECT max(snapshot_at) FROM insights")
+    # an earlier day's snapshot, as if taken yesterday
+    conn = duckdb.connect(str(db))
+    try:
+        conn.execute(
+            "UPDATE posthog.posthog.insights SET snapshot_date = snapshot_date - INTERVAL 1 DAY"
+        )
+    finally:
+        conn.close()
+    materialize_insights(defs, resources, refresh="force_cache", created_by=USER_FILTER)
+    materialize_insights(defs, resources, refresh="force_cache", created_by=USER_FILTER)
+    today = dt.datetime.now(dt.UTC).date()
+    counts = dict(query(db, "SELECT snapshot_date, count(*) FROM insights GROUP BY 1"))
+    assert counts == {today - dt.timedelta(days=1): n, today: n}
+    assert scalar(db, "SELECT max(snapshot_at) FROM insights") > first
+    latest = query(db, "SELECT DISTINCT snapshot_date FROM insights_latest")
+    assert latest == [(today,)] and scalar(db, "SELECT count(*) FROM insights_latest") == n
+
+
+def test_the_snapshot_is_not_partitioned_so_no_past_day_can_be_backfilled(
+    defs: dg.Definitions,
+) -> None:
+    """A snapshot records PostHog's state now: the asset offers no partitions to backfill."""
+    [asset] = defs_assets(defs, "insights")
+    assert asset.partitions_def is None
+
+
+# ---------------------------------------------------------------- cache-only modes
+
+
+def test_force_cache_on_a_cold_cache_gives_null_results(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path
+) -> None:
+    result = materialize_insights(defs, resources, refresh="force_cache")
+    meta = materialization_metadata(result, "insights")
+    rows = _rows(db)
+    assert len(rows) == TEST_INSIGHTS and meta["requests"] == TEST_INSIGHTS // 100
+    assert all(r["result"] is None and r["last_refresh"] is None for r in rows)
+    assert meta["null_results"] == TEST_INSIGHTS
+    checks = check_results(result)
+    assert checks["insights_results_present"].passed  # null is legitimate outside blocking modes
+    assert checks["insights_not_empty"].passed
+
+
+def test_force_cache_on_a_warm_cache_reads_cached_results(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path, control: Any
+) -> None:
+    control.set_insight_cache(None, "fresh")
+    result = materialize_insights(defs, resources, refresh="force_cache")
+    meta = materialization_metadata(result, "insights")
+    assert meta["cached"] == TEST_INSIGHTS and meta["null_results"] == 0
+    assert all(r["is_cached"] and r["result"] is not None for r in _rows(db))
+
+
+def test_async_except_on_cache_miss_is_sent_as_force_cache_and_counts_nulls(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path, control: Any, client: Any
+) -> None:
+    ids = _user_insight_ids(client)
+    control.set_insight_cache(ids[0], "fresh")
+    control.clear_requests_log()
+    with dg.DagsterInstance.ephemeral() as instance:
+        result = materialize_insights(
+            defs, resources, refresh="async_except_on_cache_miss", created_by=USER_FILTER,
+            instance=instance,
+        )  # fmt: skip
+        logs = [e for e in instance.all_logs(result.run_id) if e.level >= logging.WARNING]
+    meta = materialization_metadata(result, "insights")
+    assert meta["effective_refresh"] == "force_cache"
+    assert meta["null_results"] == len(ids) - 1
+    assert {r["refresh"] for r in _rows(db)} == {"async_except_on_cache_miss"}
+    listed = _insight_list_requests(control)
+    assert listed and all(e["query"].get("refresh") == "force_cache" for e in listed)
+    assert any("silently treat it as force_cache" in e.user_message for e in logs)
+
+
+# ---------------------------------------------------------------- blocking modes
+
+
+def test_blocking_pages_are_small_so_no_request_holds_many_computations(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path, control: Any, client: Any
+) -> None:
+    ids = _user_insight_ids(client)
+    control.configure(compute_delay_s=0.01)
+    result = materialize_insights(defs, resources, refresh="blocking", created_by=USER_FILTER)
+    meta = materialization_metadata(result, "insights")
+    rows = _rows(db)
+    assert [r["id"] for r in rows] == sorted(ids)
+    assert all(r["result"] is not None and r["is_cached"] is False for r in rows)
+    assert meta["page_size"] == DEFAULT_BLOCKING_PAGE_SIZE
+    assert meta["pages"] == -(-len(ids) // DEFAULT_BLOCKING_PAGE_SIZE) == meta["requests"]
+    sizes = {
+        r["query"].get("limit") for r in _insight_list_requests(control)
+        if r["query"].get("refresh") == "blocking"
+    }
+    assert sizes == {str(DEFAULT_BLOCKING_PAGE_SIZE)}
 
 
 def test_blocking_concurrency_limit_is_retried_then_recorded_and_fails_the_check(
@@ -246,11 +354,12 @@ def test_blocking_concurrency_limit_is_retried_then_recorded_and_fails_the_check
     limited = _user_insight_ids(client)[0]
     control.configure(concurrency_limit_insights=[limited])
     result = materialize_insights(
-        defs, resources, refresh="blocking", created_by=USER_FILTER, raise_on_error=False
-    )
+        defs, resources, refresh="blocking", created_by=USER_FILTER, page_size=100,
+        raise_on_error=False,
+    )  # fmt: skip
     meta = materialization_metadata(result, "insights")
     assert meta["concurrency_retries"] == 2 and meta["concurrency_limited"] == 1
-    errors = {r["id"]: r["query_error"] for r in _partition_rows(db) if r["query_error"]}
+    errors = {r["id"]: r["query_error"] for r in _rows(db) if r["query_error"]}
     assert errors == {limited: "concurrency_limit_exceeded"}
     check = check_results(result)["insights_results_present"]
     assert not check.passed and str(limited) in check.description
@@ -261,13 +370,29 @@ def test_blocking_query_error_costs_one_row_not_the_snapshot(
 ) -> None:
     failing = 150  # on page 2: that page is refused with 400 and re-fetched one by one
     control.configure(query_fail_insights={str(failing): "HogQL error: bad breakdown"})
-    result = materialize_insights(defs, resources, refresh="blocking", raise_on_error=False)
+    result = materialize_insights(
+        defs, resources, refresh="blocking", page_size=100, raise_on_error=False
+    )
     meta = materialization_metadata(result, "insights")
-    rows = _partition_rows(db)
+    rows = _rows(db)
     assert len(rows) == TEST_INSIGHTS
     assert meta["fallback_pages"] == 1
     bad = [r for r in rows if r["result"] is None]
     assert [(r["id"], r["query_error"]) for r in bad] == [(failing, "HogQL error: bad breakdown")]
+
+
+def test_a_crashing_calculation_is_recorded_from_its_200_answer(
+    defs: dg.Definitions, resources: dict[str, Any], db: Path, control: Any
+) -> None:
+    """PostHog answers a crashed calculation with HTTP 200, result null and query_status.error."""
+    control.configure(query_crash_insights=[20])
+    result = materialize_insights(
+        defs, resources, refresh="blocking", page_size=100, raise_on_error=False
+    )
+    meta = materialization_metadata(result, "insights")
+    bad = [r for r in _rows(db) if r["result"] is None]
+    assert [r["id"] for r in bad] == [20] and bad[0]["query_error"]
+    assert meta["fallback_pages"] == 0 and meta["requests"] == TEST_INSIGHTS // 100
 
 
 # ---------------------------------------------------------------- filters and config
@@ -276,14 +401,14 @@ def test_blocking_query_error_costs_one_row_not_the_snapshot(
 def test_short_id_and_basic_filters(
     defs: dg.Definitions, resources: dict[str, Any], db: Path, client: Any
 ) -> None:
-    short_id = client.get_insight(42, refresh="force_cache")["short_id"]
+    short_id = client.get_insight(42, basic=True)["short_id"]
     materialize_insights(defs, resources, refresh="blocking", short_id=short_id)
     assert query(db, "SELECT id, short_id FROM insights") == [(42, short_id)]
 
     result = materialize_insights(defs, resources, basic=True, page_size=500)
     meta = materialization_metadata(result, "insights")
-    assert meta["pages_fetched"] == 3
-    rows = _partition_rows(db)
+    assert meta["pages"] == 3
+    rows = _rows(db)
     assert len(rows) == TEST_INSIGHTS
     assert all(r["refresh"] is None and r["result"] is None for r in rows)
 
@@ -301,9 +426,11 @@ def test_launchpad_config_offers_every_refresh_mode_with_its_meaning(
         assert f"{mode}:" in field.description
 
 
-def test_a_new_column_keeps_existing_rows(
+def test_older_tables_keep_their_rows_new_columns_and_the_renamed_date(
     defs: dg.Definitions, resources: dict[str, Any], db: Path, standin: Any
 ) -> None:
+    """A table from an earlier version (``partition`` column, fewer columns) is migrated in
+    place: ``partition`` becomes ``snapshot_date``, missing columns are added, rows stay."""
     conn = duckdb.connect(str(db))
     try:
         conn.execute("CREATE SCHEMA posthog.posthog")
@@ -317,11 +444,11 @@ def test_a_new_column_keeps_existing_rows(
         )
     finally:
         conn.close()
-    materialize_insights(defs, resources, refresh="force_cache", short_id=None, page_size=1000)
+    materialize_insights(defs, resources, refresh="force_cache")
     cols = [r[0] for r in query(db, "SELECT column_name FROM information_schema.columns "
                                     "WHERE table_name = 'insights' ORDER BY ordinal_position")]
     assert set(cols) == set(INSIGHTS_TABLE.columns)
-    old = query(db, "SELECT id, name FROM insights WHERE \"partition\" = '2026-01-02'")
+    old = query(db, "SELECT id, name FROM insights WHERE snapshot_date = '2026-01-02'")
     assert old == [(7, "old")]
     assert scalar(db, "SELECT count(*) FROM insights") == TEST_INSIGHTS + 1
 
@@ -344,20 +471,3 @@ def test_fatal_api_errors_fail_fast_without_retry(
     assert not (db.parent / ".posthog_staging").exists() or not any(
         (db.parent / ".posthog_staging").rglob("*.ndjson")
     )
-
-
-# ---------------------------------------------------------------- the follower on its own
-
-
-def test_query_follower_polls_pending_queries_together(client: Any, control: Any) -> None:
-    control.configure(async_delay_s=0.3)
-    qids = []
-    for iid in range(1, 41):
-        status = client.get_insight(iid, refresh="force_async")["query_status"]
-        qids.append(status["id"])
-    finished: list[tuple[str, str | None]] = []
-    follower = QueryFollower(client, interval_s=0.1, max_interval_s=0.2, timeout_s=10, workers=8)
-    outcome = follower.follow(qids, lambda q, e: finished.append((q, e)))
-    assert outcome.completed == set(qids) and not outcome.failed and not outcome.timed_out
-    assert outcome.rounds <= 6  # ~0.3 s of waiting, whatever the number of queries
-    assert sorted(q for q, _ in finished) == sorted(qids)

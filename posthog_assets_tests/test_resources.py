@@ -82,3 +82,38 @@ def test_ui_mask_sent_back_by_the_launchpad_means_the_env_key(
         update={"personal_api_key": "********", "api_key_env": "POSTHOG_TEST_KEY_ENV"}
     )
     assert dg.materialize([_probe_asset()], resources={"posthog": masked}).success
+
+
+def test_projects_prefix_by_default_and_the_deprecated_one_warns_once_per_run(
+    posthog_resource: PostHogResource, control: StandinControl, standin: StandinProcess
+) -> None:
+    """Two steps of one run on ``/api/environments/`` warn once between them; the default
+    prefix (``/api/projects/``) is not deprecated and does not warn."""
+
+    @dg.asset
+    def first(context, posthog: PostHogResource) -> None:  # type: ignore[no-untyped-def]
+        posthog.get_client(log=context.log).get_json("insights/", {"basic": "true", "limit": 1})
+
+    @dg.asset(deps=[first])
+    def second(context, posthog: PostHogResource) -> None:  # type: ignore[no-untyped-def]
+        posthog.get_client(log=context.log).get_json("insights/", {"basic": "true", "limit": 1})
+
+    def warnings(prefix: str) -> list[str]:
+        fields = {n: getattr(posthog_resource, n) for n in type(posthog_resource).model_fields}
+        resource = PostHogResource(**{**fields, "api_prefix": prefix})
+        with dg.instance_for_test() as instance:
+            result = dg.materialize(
+                [first, second], resources={"posthog": resource}, instance=instance
+            )
+            return [
+                e.user_message
+                for e in instance.all_logs(result.run_id)
+                if "deprecated" in e.user_message
+            ]
+
+    assert posthog_resource.api_prefix == "projects"
+    assert warnings("projects") == []
+    [warning] = warnings("environments")
+    assert "Sunset" in warning and "api_prefix='projects'" in warning
+    paths = {r["path"].split("/")[2] for r in control.requests_log() if "/api/" in r["path"]}
+    assert paths == {"projects", "environments"}

@@ -1,4 +1,4 @@
-"""Snapshot schedules and definitions: stopped by default, right partition, no HTTP at load."""
+"""Snapshot schedules and definitions: stopped by default, daily, no HTTP at load."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import dagster as dg
 import pytest
 
 from posthog_assets.resources import build_resources
-from posthog_assets.schedules import GROUPS_SCHEDULE_CRON
+from posthog_assets.schedules import GROUPS_SCHEDULE_CRON, INSIGHTS_SCHEDULE_CRON
 from posthog_assets_tests.snapshot_support import snapshot_defs, snapshot_settings
 
 MULTI_PROJECT_YAML = """
@@ -45,18 +45,18 @@ def test_both_schedules_exist_and_are_stopped_by_default(defs: dg.Definitions) -
     assert insights.execution_timezone in (None, "UTC")
 
 
-def test_insights_schedule_requests_that_days_partition(defs: dg.Definitions) -> None:
+def test_insights_schedule_takes_one_snapshot_a_day_with_no_partition_to_backfill(
+    defs: dg.Definitions,
+) -> None:
     schedule = defs.resolve_schedule_def("posthog_insights_snapshot_daily")
+    assert schedule.cron_schedule == INSIGHTS_SCHEDULE_CRON == "0 6 * * *"
     at = dt.datetime(2026, 3, 2, 6, 0, tzinfo=dt.UTC)
     with dg.DagsterInstance.ephemeral() as instance:
         context = dg.build_schedule_context(instance=instance, scheduled_execution_time=at)
         data = schedule.evaluate_tick(context)
     [request] = data.run_requests or []
-    assert request.partition_key == "2026-03-02"
-    job = defs.resolve_job_def("posthog_insights_snapshot")
-    assert job.partitions_def is not None
-    keys = job.partitions_def.get_partition_keys(current_time=at)
-    assert keys[0] == "2026-01-01" and keys[-1] == "2026-03-02"  # today's partition exists
+    assert request.partition_key is None
+    assert defs.resolve_job_def("posthog_insights_snapshot").partitions_def is None
 
 
 def test_groups_job_selects_every_group_asset_and_its_checks(defs: dg.Definitions) -> None:

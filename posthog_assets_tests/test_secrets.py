@@ -26,7 +26,6 @@ import requests
 
 from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.reliability_support import (
-    PARTITION,
     WORLD_YAML,
     all_files,
     api_requests,
@@ -55,11 +54,9 @@ from posthog_assets.definitions import ALL_ASSETS_JOB, defs
 job = defs.resolve_job_def(ALL_ASSETS_JOB)
 out = []
 with dg.DagsterInstance.get() as instance:
-    for key in sys.argv[2:]:
+    for key in sys.argv[1:]:
         os.environ["POSTHOG_PERSONAL_API_KEY"] = key  # dg.EnvVar: read when the run starts
-        result = job.execute_in_process(
-            instance=instance, partition_key=sys.argv[1], raise_on_error=False
-        )
+        result = job.execute_in_process(instance=instance, raise_on_error=False)
         errors = [str(e.event_specific_data.error) for e in result.get_step_failure_events()]
         print("\n".join(errors), file=sys.stderr)
         out.append({"run_id": result.run_id, "success": result.success, "errors": errors})
@@ -137,7 +134,7 @@ def secret_runs(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactor
     }
     env.pop("POSTHOG_PERSONAL_API_KEY", None)
     code, stdout, stderr = warm_python().run(
-        RUNNER, argv=[PARTITION, SECRET_KEY, LIMITED_KEY], env=env, cwd=root, name="runs"
+        RUNNER, argv=[SECRET_KEY, LIMITED_KEY], env=env, cwd=root, name="runs"
     )
     assert code == 0, stderr[-3000:]
     runs = json.loads(stdout.strip().splitlines()[-1])
@@ -250,7 +247,7 @@ def test_hostile_server_filename_stays_inside_the_asset_folder(
         exports_url, json={"export_format": "image/png", "insight": 1}, headers=headers, timeout=30
     ).json()
     next_id = int(probe["id"]) + 1
-    control.configure(export_delay_s=0.2)  # the POST answers "pending", so the run polls
+    control.configure(export_post_held=False, export_delay_s=0.2)  # the POST answers "pending"
     control.add_fault(
         match=rf"/exports/{next_id}/?$", method="GET", kind="status", status=200,
         body={**probe, "id": next_id, "has_content": True, "exception": None, "filename": name},

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime as dt
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +12,6 @@ import pytest
 
 from posthog_assets_tests.conftest import TEST_GROUPS_PER_TYPE
 from posthog_assets_tests.snapshot_support import (
-    TEST_PARTITION,
     check_results,
     defs_assets,
     defs_checks,
@@ -35,7 +35,6 @@ def _run_checks_only(
     resources: dict[str, Any],
     asset_name: str,
     *,
-    partition: str | None = None,
     instance: dg.DagsterInstance | None = None,
 ) -> dict[str, Any]:
     """Execute only the checks of one asset (no fetch, no write)."""
@@ -45,8 +44,6 @@ def _run_checks_only(
         [*assets, *checks],
         selection=dg.AssetSelection.checks_for_assets(*(a.key for a in assets)),
         resources=resources,
-        # a checks-only selection has no partitions definition: pass the partition as a tag
-        tags={"dagster/partition": partition} if partition else None,
         raise_on_error=False,
         instance=instance,
     )
@@ -57,34 +54,36 @@ def _run_checks_only(
 def test_checks_before_any_snapshot_fail_with_a_hint(
     defs: dg.Definitions, resources: dict[str, Any]
 ) -> None:
-    results = _run_checks_only(defs, resources, "insights", partition=TEST_PARTITION)
+    results = _run_checks_only(defs, resources, "insights")
     assert not results["insights_not_empty"].passed
     assert "materialize" in results["insights_not_empty"].description
 
 
-def test_empty_partition_fails_not_empty(
+def test_empty_snapshot_fails_not_empty(
     defs: dg.Definitions, resources: dict[str, Any]
 ) -> None:
     result = materialize_insights(
         defs, resources, refresh="force_cache", short_id="zzzzzzzz", raise_on_error=False
     )
     check = check_results(result)["insights_not_empty"]
-    assert not check.passed and TEST_PARTITION in check.description
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    assert not check.passed and today in check.description
 
 
-def test_duplicate_partition_id_rows_fail_the_duplicates_check(
+def test_duplicate_snapshot_id_rows_fail_the_duplicates_check(
     defs: dg.Definitions, resources: dict[str, Any], db: Path
 ) -> None:
     result = materialize_insights(defs, resources, refresh="force_cache", created_by=[3])
     assert check_results(result)["insights_no_duplicates"].passed
     _tamper(
         db,
-        "INSERT INTO insights (project_id, \"partition\", id) "
-        "SELECT project_id, \"partition\", id FROM insights ORDER BY id LIMIT 1",
+        "INSERT INTO insights (project_id, snapshot_date, id) "
+        "SELECT project_id, snapshot_date, id FROM insights ORDER BY id LIMIT 1",
     )
-    results = _run_checks_only(defs, resources, "insights", partition=TEST_PARTITION)
+    results = _run_checks_only(defs, resources, "insights")
     check = results["insights_no_duplicates"]
-    assert not check.passed and f"({TEST_PARTITION}, " in check.description
+    today = dt.datetime.now(dt.UTC).date().isoformat()
+    assert not check.passed and f"({today}, " in check.description
     assert results["insights_not_empty"].passed
 
 
@@ -114,7 +113,7 @@ def test_checks_release_the_file_so_the_next_writer_is_not_blocked(
 ) -> None:
     """Checks open DuckDB read-only and close it: a writer can open the file right after."""
     materialize_insights(defs, resources, refresh="force_cache", created_by=[3])
-    results = _run_checks_only(defs, resources, "insights", partition=TEST_PARTITION)
+    results = _run_checks_only(defs, resources, "insights")
     assert results["insights_not_empty"].passed
     assert results["insights_no_duplicates"].passed
     conn = duckdb.connect(str(db))  # would raise if a check had kept the file open

@@ -1,8 +1,9 @@
 """The PostHog stand-in, tested as a real subprocess over real HTTP.
 
 Most tests use the session's stand-in (conftest ``standin``) and start with ``reset()``; they read
-the seeded sizes from ``/_standin/seed`` so they hold for any start-up arguments. Expected texts
-and shapes come from ../shared/posthog-api.md (section numbers in the test docstrings).
+the seeded sizes from ``/_standin/seed`` so they hold for any start-up arguments. The stand-in's
+defaults are PostHog Cloud's harsh behaviour; tests reach the kinder variants only through the
+explicit config options, and only where a test is about something else.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import base64
 import hashlib
 import io
 import json
+import re
 import signal
 import struct
 import subprocess
@@ -19,15 +21,17 @@ import threading
 import time
 import zlib
 from collections import Counter
+from datetime import datetime
 from typing import Any
 
 import psutil
 import pytest
 import requests
 
-from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets.standin.__main__ import parse_args
+from posthog_assets.standin.server import StandinControl, StandinError, StandinProcess
 from posthog_assets_tests import openapi_contract
-from posthog_assets_tests.standin_helpers import Api, poll_until
+from posthog_assets_tests.standin_helpers import Api, export_source, poll_until
 
 XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 STUCK = (
@@ -48,6 +52,11 @@ def main(api: Api) -> dict[str, Any]:
     """Sizes and first ids of the main project's seed (Staging's under ``"staging"``)."""
     info = api.control.seed_info()["projects"]
     return {**info[0], "staging": info[1]}
+
+
+def _ts(text: str) -> float:
+    """An API timestamp (ISO-8601 with ``Z``) as epoch seconds."""
+    return datetime.fromisoformat(text.replace("Z", "+00:00")).timestamp()
 
 
 def _error(response: requests.Response) -> dict[str, Any]:
@@ -99,24 +108,40 @@ def test_cli_prints_ready_line_and_exits_cleanly_on_sigint() -> None:
 
 
 def test_both_prefixes_serve_the_same_and_environments_carries_sunset(api: Api) -> None:
-    """§1/§11.1: identical behaviour, optional trailing slash, Sunset only on the alias."""
-    projects = api.get("insights/", params={"limit": 3})
-    environments = api.get("insights", prefix="environments", params={"limit": 3})
+    """Identical behaviour, optional trailing slash; the alias is deprecated: Deprecation,
+    Sunset and a Link to the same path and query under /api/projects/."""
+    params = {"limit": 3, "order": "id", "basic": "true"}
+    projects = api.get("insights/", params=params)
+    environments = api.get("insights", prefix="environments", params=params)
     assert projects.status_code == environments.status_code == 200
     ids = [r["id"] for r in projects.json()["results"]]
     assert ids == [r["id"] for r in environments.json()["results"]] == [1, 2, 3]
-    assert "Sunset" not in projects.headers
+    for header in ("Sunset", "Deprecation", "Link"):
+        assert header not in projects.headers
     assert environments.headers["Sunset"] == "Fri, 31 Jul 2026 00:00:00 GMT"
     assert environments.headers["Deprecation"] == "true"
+    assert environments.headers["Link"] == (
+        f"</api/projects/{api.project_id}/insights?limit=3&order=id&basic=true>; "
+        'rel="successor-version"'
+    )
+    slash = api.get(
+        "groups/find/", prefix="environments", params={"group_type_index": 0, "group_key": "x"}
+    )
+    assert slash.status_code == 404  # errors carry the headers too
+    assert slash.headers["Link"] == (
+        f"</api/projects/{api.project_id}/groups/find/?group_type_index=0&group_key=x>; "
+        'rel="successor-version"'
+    )
     # groups_types exists on the projects route only (as in the Nov-2025 OpenAPI).
     assert api.get("groups_types/").status_code == 200
     assert api.get("groups_types/", prefix="environments").status_code == 404
     api.control.configure(environments_sunset=False)
-    assert "Sunset" not in api.get("insights/", prefix="environments").headers
+    plain = api.get("insights/", prefix="environments", params={"basic": "true"}).headers
+    assert not {"Sunset", "Deprecation", "Link"} & set(plain)
 
 
 def test_authentication_errors(api: Api) -> None:
-    """§2/§3/§11.3: where the key is looked for, and the 401 bodies and header."""
+    """Where the key is looked for, and the 401 bodies and header."""
     url = api.url("insights/")
     missing = requests.get(url, timeout=10)
     assert missing.status_code == 401
@@ -141,7 +166,7 @@ def test_authentication_errors(api: Api) -> None:
     )
     in_body = requests.post(
         api.url("exports/"),
-        json={"personal_api_key": api.key, "export_format": "text/csv", "insight": 1},
+        json={"personal_api_key": api.key, "export_format": "image/png", "insight": 1},
         timeout=10,
     )
     assert in_body.status_code == 201
@@ -152,7 +177,7 @@ def test_authentication_errors(api: Api) -> None:
 
 
 def test_scope_errors_and_write_implies_read(api: Api) -> None:
-    """§2: missing scope texts; ``:write`` satisfies ``:read``; exports also need target scopes."""
+    """Missing scope texts; ``:write`` satisfies ``:read``; exports also need target scopes."""
     api.control.add_key("phx_insights_only", ["insight:read"])
     limited = api.as_key("phx_insights_only")
     denied = limited.get("exports/")
@@ -174,7 +199,7 @@ def test_scope_errors_and_write_implies_read(api: Api) -> None:
 
 
 def test_project_resolution(api: Api) -> None:
-    """§1/§11.2: integers, @current, other strings 404, restricted keys 403."""
+    """Integers, @current, other strings 404, restricted keys 403."""
     main_id, staging_id = api.project_id, api.project_id + 1
     assert api.get("", project="@current").json()["id"] == main_id
     for raw in ("abc", "999999"):
@@ -205,13 +230,13 @@ def test_project_resolution(api: Api) -> None:
 
 
 def test_limit_offset_pages_and_absolute_next_urls(api: Api, main: dict[str, Any]) -> None:
-    """§5/§11.7: default 100, absolute next/previous keeping other params, sorted like DRF."""
+    """Default 100, absolute next/previous keeping other params, sorted like DRF."""
     total = main["insights"]
     limit = max(7, -(-total // 4))  # four or five pages whatever the seed size
     listing = f"{api.base}/api/projects/{api.project_id}/insights/"
     seen: list[int] = []
     previous_links: list[str | None] = []
-    url: str | None = f"{listing}?basic=true&limit={limit}"
+    url: str | None = f"{listing}?basic=true&limit={limit}&order=id"
     while url:
         body = api.session.get(url, timeout=10).json()
         assert body["count"] == total
@@ -220,10 +245,11 @@ def test_limit_offset_pages_and_absolute_next_urls(api: Api, main: dict[str, Any
         url = body["next"]
         if url:
             assert url.startswith(f"{listing}?basic=true&limit={limit}&offset=")
+            assert url.endswith("&order=id")
     assert seen == list(range(1, total + 1)) and len(previous_links) == -(-total // limit)
     assert previous_links[0] is None
-    assert previous_links[1] == f"{listing}?basic=true&limit={limit}"
-    assert previous_links[2] == f"{listing}?basic=true&limit={limit}&offset={limit}"
+    assert previous_links[1] == f"{listing}?basic=true&limit={limit}&order=id"
+    assert previous_links[2] == f"{listing}?basic=true&limit={limit}&offset={limit}&order=id"
     default = api.get("insights/", params={"basic": "true", "limit": "zero", "offset": "-3"})
     assert len(default.json()["results"]) == min(100, total)  # bad limit -> 100, bad offset -> 0
     assert default.json()["previous"] is None
@@ -246,7 +272,7 @@ def _walk(session: requests.Session, url: str) -> tuple[list[dict[str, Any]], in
 
 
 def test_groups_cursor_pagination_without_repeats_or_misses(api: Api, main: dict[str, Any]) -> None:
-    """§5/§7/§11.15: 100 per page, newest first, base64 cursor, no repeats or misses (the
+    """100 per page, newest first, base64 cursor, no repeats or misses (the
     session's seed has about a thousand groups per type)."""
     n = main["groups"]
     assert n > 300, "needs several pages of groups"
@@ -275,7 +301,7 @@ def test_groups_cursor_pagination_without_repeats_or_misses(api: Api, main: dict
 
 
 def test_groups_filters_find_and_errors(api: Api, main: dict[str, Any]) -> None:
-    """§7: required group_type_index text, invalid cursor, search, group_key, find."""
+    """Required group_type_index text, invalid cursor, search, group_key, find."""
     missing = api.get("groups/")
     assert missing.status_code == 400
     assert _error(missing) == {
@@ -299,7 +325,7 @@ def test_groups_filters_find_and_errors(api: Api, main: dict[str, Any]) -> None:
     expected = [k for k in keys if "ion-24" in k][:100]
     assert [r["group_key"] for r in substring["results"]] == expected and len(expected) >= 11
     found = api.get("groups/find/", params={"group_type_index": 2, "group_key": "project-7"})
-    assert found.json()["group_key"] == "project-7" and found.json()["notebook"] is None
+    assert found.json()["group_key"] == "project-7" and len(found.json()["notebook"]) == 8
     assert (
         api.get("groups/find/", params={"group_type_index": 2, "group_key": "x"}).status_code == 404
     )
@@ -312,16 +338,13 @@ def test_groups_filters_find_and_errors(api: Api, main: dict[str, Any]) -> None:
 
 
 def test_group_property_counts_match_the_listed_groups(api: Api, main: dict[str, Any]) -> None:
-    """§7: definitions keyed by index as a string; values top 20 by count; removals count."""
+    """Definitions keyed by index as a string; values top 20 by count; removals count."""
     rows, _ = _walk(api.session, api.url("groups/?group_type_index=0"))
     plans = Counter(r["group_properties"]["plan"] for r in rows)
     betas = sum(1 for r in rows if r["group_properties"].get("beta_tester"))
     values = api.get("groups/property_values/", params={"group_type_index": 0, "key": "plan"})
     ranked = sorted(plans.items(), key=lambda item: (-item[1], item[0]))
-    assert values.json() == {
-        "results": [{"name": p, "count": c} for p, c in ranked],
-        "refreshing": False,
-    }
+    assert values.json() == [{"name": p, "count": c} for p, c in ranked]
     definitions = api.get("groups/property_definitions/").json()
     assert set(definitions) == {str(t) for t in range(main["group_types"])}
     entries = {e["name"]: e["count"] for e in definitions["0"]}
@@ -335,16 +358,56 @@ def test_group_property_counts_match_the_listed_groups(api: Api, main: dict[str,
     api.control.remove_group(0, gone["group_key"])
     plan = gone["group_properties"]["plan"]
     after = api.get("groups/property_values/", params={"group_type_index": 0, "key": "plan"})
-    assert {v["name"]: v["count"] for v in after.json()["results"]}[plan] == plans[plan] - 1
+    assert {v["name"]: v["count"] for v in after.json()}[plan] == plans[plan] - 1
     assert api.get("groups/property_definitions/").json()["0"][0]["count"] == n - 1
     find = api.get("groups/find/", params={"group_type_index": 0, "group_key": gone["group_key"]})
     assert find.status_code == 404
     names = api.get(
         "groups/property_values/", params={"group_type_index": 0, "key": "name", "value": "labs"}
-    ).json()["results"]
+    ).json()
     assert 0 < len(names) <= 20 and all("labs" in n["name"].lower() for n in names)
-    missing = api.get("groups/property_values/", params={"group_type_index": 0})
-    assert missing.status_code == 400 and _error(missing)["attr"] == "key"
+
+
+def test_groups_find_creates_a_notebook_once(api: Api) -> None:
+    """With PostHog's CRM flag on, ``find`` creates a Notebook for the group (once) and answers
+    its short id; the list with an exact key search has no such side effect."""
+    params = {"group_type_index": 1, "group_key": "company-5"}
+    first = api.get("groups/find/", params=params).json()
+    assert re.fullmatch(r"[0-9A-Za-z]{8}", first["notebook"]), first["notebook"]
+    assert api.get("groups/find/", params=params).json()["notebook"] == first["notebook"]
+    other = api.get("groups/find/", params={"group_type_index": 1, "group_key": "company-6"})
+    assert other.json()["notebook"] not in (None, first["notebook"])
+    assert api.control.stats()["notebooks_created"] == 2
+    found = api.get("groups/", params={"group_type_index": 1, "search": "COMPANY-7"}).json()
+    assert [r["group_key"] for r in found["results"]] == ["company-7"]  # exact, any case
+    assert api.control.stats()["notebooks_created"] == 2
+
+    api.control.configure(crm_notebooks=False)
+    quiet = api.get("groups/find/", params={"group_type_index": 1, "group_key": "company-8"})
+    assert quiet.status_code == 200 and quiet.json()["notebook"] is None
+    assert api.control.stats()["notebooks_created"] == 2
+    api.control.reset()
+    assert api.control.stats()["notebooks_created"] == 0
+
+
+def test_group_property_values_is_a_bare_list_and_needs_both_params(api: Api) -> None:
+    """A bare ``[{name, count}]`` list (the envelope only on request); a missing
+    ``group_type_index`` or ``key`` is an unhandled KeyError: 500."""
+    params = {"group_type_index": 0, "key": "industry"}
+    bare = api.get("groups/property_values/", params=params).json()
+    assert isinstance(bare, list) and bare and all(set(v) == {"name", "count"} for v in bare)
+    for broken in ({"group_type_index": 0}, {"key": "plan"}, {"group_type_index": "x", "key": "a"}):
+        response = api.get("groups/property_values/", params=broken)
+        assert response.status_code == 500, broken
+        assert _error(response) == {
+            "type": "server_error",
+            "code": "error",
+            "detail": "A server error occurred.",
+            "attr": None,
+        }
+    api.control.configure(property_values_envelope=True)
+    wrapped = api.get("groups/property_values/", params=params).json()
+    assert wrapped == {"results": bare, "refreshing": False}
 
 
 # ---- exports ----------------------------------------------------------------------------------
@@ -359,10 +422,10 @@ def _png_size(data: bytes) -> tuple[int, int]:
 
 
 def test_export_formats_finish_before_the_post_returns(api: Api) -> None:
-    """§6.1/§6.3/§11.9-10/§11.13: immediate CSV/PNG/XLSX with computed fields and content."""
-    csv_export = api.export(
-        export_format="text/csv", insight=2, expires_after="2030-01-01T00:00:00Z"
-    )
+    """CSV/PNG/XLSX rendered before the POST answers, with computed fields and content (served
+    directly here: the redirect to storage has its own test)."""
+    api.control.configure(content_redirect=False)
+    csv_export = api.tabular_export("text/csv", 2, expires_after="2030-01-01T00:00:00Z")
     assert csv_export["has_content"] is True and csv_export["exception"] is None
     name = api.get("insights/2/", params={"basic": "true"}).json()["name"]
     assert csv_export["filename"].startswith(f"export-{name.lower().replace(' ', '-')}-")
@@ -396,7 +459,7 @@ def test_export_formats_finish_before_the_post_returns(api: Api) -> None:
 
     from openpyxl import load_workbook
 
-    xlsx = api.export(export_format=XLSX, insight=2)
+    xlsx = api.tabular_export(XLSX, 2)
     sheet = load_workbook(io.BytesIO(api.get(f"exports/{xlsx['id']}/content/").content)).active
     cells = list(sheet.iter_rows(values_only=True))
     assert cells[0] == ("series", "date", "count") and len(cells) == len(lines)
@@ -404,14 +467,14 @@ def test_export_formats_finish_before_the_post_returns(api: Api) -> None:
 
     board = api.export(export_format="image/png", dashboard=1)
     assert board["has_content"] and board["filename"].startswith("export-growth-")
-    empty = api.export(export_format="text/csv", insight=23)  # a seeded insight with no series
+    empty = api.tabular_export("text/csv", 23)  # a seeded insight with no series
     assert api.get(f"exports/{empty['id']}/content/").text == (
         "error\r\nNo data available or unable to format for export.\r\n"
     )
 
 
 def test_export_validation_errors(api: Api, main: dict[str, Any]) -> None:
-    """§6.3/§11.8: DRF codes and attrs, the non-field error, team ownership."""
+    """DRF codes and attrs, the non-field error, team ownership."""
     cases = [
         ({"insight": 1}, "required", "export_format", "This field is required."),
         (
@@ -457,9 +520,10 @@ def test_export_validation_errors(api: Api, main: dict[str, Any]) -> None:
 
 
 def test_export_delayed_then_polled(api: Api) -> None:
-    """§6.3/§11.9: with a render delay the POST returns pending; polling sees it finish."""
-    api.control.configure(export_delay_s=0.6)
-    created = api.export(export_format="text/csv", insight=1)
+    """With the older non-blocking POST (``export_post_held=False``) and a render time, the POST
+    returns pending and polling sees it finish; video is always like that."""
+    api.control.configure(export_delay_s=0.6, export_post_held=False)
+    created = api.tabular_export("text/csv", 1)
     assert created["has_content"] is False and created["exception"] is None
     assert api.get(f"exports/{created['id']}/content/").status_code == 404
     done = poll_until(
@@ -479,29 +543,29 @@ def test_export_delayed_then_polled(api: Api) -> None:
 
 
 def test_export_failures_pdf_and_injected(api: Api) -> None:
-    """§6.3/§11.9: failures set ``exception`` and leave ``has_content`` false, content 404s."""
+    """Failures set ``exception`` and leave ``has_content`` false, content 404s."""
     pdf = api.export(export_format="application/pdf", insight=1)
     assert pdf["has_content"] is False
     assert pdf["exception"] == "Export to format application/pdf is not supported for insights"
     assert api.get(f"exports/{pdf['id']}/content/").status_code == 404
     api.control.configure(export_fail_next={"count": 1, "exception": "Query timed out"})
-    failed = api.export(export_format="text/csv", insight=1)
+    failed = api.tabular_export("text/csv", 1)
     assert (failed["has_content"], failed["exception"]) == (False, "Query timed out")
-    assert api.export(export_format="text/csv", insight=1)["has_content"] is True
+    assert api.tabular_export("text/csv", 1)["has_content"] is True
     dashboard_csv = api.export(export_format="text/csv", dashboard=1)
     assert dashboard_csv["has_content"] is False and "dashboard" in dashboard_csv["exception"]
 
 
 def test_export_stuck_expired_others_and_list(api: Api) -> None:
-    """§6.2 stuck text, §6.5 own exports only / newest first / filters, expiry 404s."""
-    api.control.configure(export_delay_s=10_000, stuck_threshold_s=0.5)
+    """Stuck text, own exports only / newest first / filters, expiry 404s."""
+    api.control.configure(export_delay_s=10_000, stuck_threshold_s=0.5, export_post_held=False)
     stuck = api.export(export_format="image/png", insight=1)
     assert stuck["exception"] is None
     time.sleep(0.6)
     again = api.get(f"exports/{stuck['id']}/").json()
     assert (again["has_content"], again["exception"]) == (False, STUCK)
     api.control.configure(export_delay_s=0)
-    csv_ids = [api.export(export_format="text/csv", insight=i)["id"] for i in (1, 2, 3)]
+    csv_ids = [api.tabular_export("text/csv", i)["id"] for i in (1, 2, 3)]
     path_export = api.export(
         export_format="text/csv", export_context={"path": "/api/projects/1/insights/4/"}
     )
@@ -526,9 +590,9 @@ def test_export_stuck_expired_others_and_list(api: Api) -> None:
 
 
 def test_content_redirect_to_storage_refusing_authorization(api: Api) -> None:
-    """§6.6/§11.13: 302 to a separate origin that needs no auth and rejects a forwarded one."""
-    api.control.configure(content_redirect=True)
-    export = api.export(export_format="text/csv", insight=3)
+    """302 to a separate origin that needs no auth and rejects a forwarded one."""
+    assert api.control.config()["content_redirect"] is True  # PostHog Cloud's object storage
+    export = api.tabular_export("text/csv", 3)
     redirect = api.get(
         f"exports/{export['id']}/content/", params={"download": "true"}, allow_redirects=False
     )
@@ -560,12 +624,209 @@ def test_content_redirect_to_storage_refusing_authorization(api: Api) -> None:
     assert api.get(f"exports/{png['id']}/content/").status_code == 404
 
 
+def test_tabular_export_of_an_insight_needs_a_source_or_a_path(api: Api) -> None:
+    """The tabular exporter reads ``export_context.source``, else ``export_context["path"]``: an
+    insight alone ends failed with the KeyError text ``'path'``. A source (with or without the
+    insight) or a legacy path renders rows; dashboards have no tabular form; PDF never renders."""
+    for export_format, context in (("text/csv", None), (XLSX, {"filename": "rows"})):
+        body: dict[str, Any] = {"export_format": export_format, "insight": 1}
+        if context is not None:
+            body["export_context"] = context
+        failed = api.export(**body)
+        assert (failed["has_content"], failed["exception"]) == (False, "'path'"), export_format
+        assert api.get(f"exports/{failed['id']}/content/").status_code == 404
+
+    by_source = api.tabular_export("text/csv", 4)
+    assert by_source["has_content"] is True and by_source["exception"] is None
+    expected = api.get(f"exports/{by_source['id']}/content/").text
+    computed = api.get("insights/4/", params={"refresh": "blocking"}).json()["result"]
+    lines = expected.splitlines()
+    assert lines[0] == "series,date,count"
+    assert len(lines) - 1 == sum(len(s["data"]) for s in computed)
+    pid = api.project_id
+    for path in (
+        f"/api/projects/{pid}/insights/4/",
+        f"/api/environments/{pid}/insights/4",
+        f"/api/projects/{pid}/insights/4/?refresh=true&limit=100",
+    ):
+        by_path = api.export(export_format="text/csv", export_context={"path": path})
+        assert by_path["has_content"] is True, path
+        assert api.get(f"exports/{by_path['id']}/content/").text == expected, path
+    elsewhere = api.export(
+        export_format="text/csv", export_context={"path": f"/api/projects/{pid}/events/"}
+    )
+    assert elsewhere["has_content"] is False and elsewhere["exception"]
+
+    trends = api.export(
+        export_format="text/csv",
+        export_context={
+            "source": {"kind": "TrendsQuery", "series": [{"kind": "EventsNode", "event": "x"}]}
+        },
+    )
+    rows = api.get(f"exports/{trends['id']}/content/").text.splitlines()
+    assert rows[0] == "series,date,count" and rows[1].startswith("x,")
+    select = "SELECT event, toStartOfDay(timestamp) AS day, count() FROM events WHERE event = 'y'"
+    hogql = api.export(
+        export_format=XLSX, export_context={"source": {"kind": "HogQLQuery", "query": select}}
+    )
+    from openpyxl import load_workbook
+
+    content = api.get(f"exports/{hogql['id']}/content/").content
+    cells = list(load_workbook(io.BytesIO(content)).active.iter_rows(values_only=True))
+    assert cells[0] == ("event", "day", "count") and cells[1][0] == "y"
+
+    board = api.export(export_format="text/csv", dashboard=1)
+    assert board["exception"] == (
+        "Exporting a dashboard to CSV or Excel is not supported. Export its insights instead."
+    )
+    insight = api.get("insights/4/", params={"basic": "true"}).json()
+    pdf = api.export(
+        export_format="application/pdf",
+        insight=4,
+        export_context={"source": export_source(insight)},
+    )
+    assert pdf["exception"] == "Export to format application/pdf is not supported for insights"
+
+    api.control.add_key("phx_no_query", ["export:write", "insight:read"])
+    denied = api.as_key("phx_no_query").post(
+        "exports/",
+        json={
+            "export_format": "text/csv",
+            "insight": 4,
+            "export_context": {"source": export_source(insight)},
+        },
+    )
+    assert denied.status_code == 403
+    assert _error(denied)["detail"] == "API key missing required scope 'query:read'"
+
+
+def test_export_post_is_held_until_rendered(api: Api) -> None:
+    """PNG/CSV/XLSX/PDF POSTs answer when rendering ends; the row is listed (pending) from the
+    start, and a client that gave up finds it finished later. Render time per target beats
+    per format beats the default. Video formats answer at once."""
+    api.control.configure(
+        export_delay_s=0.3,
+        export_delay_by_format={"image/png": 1.5},
+        export_delay_by_target={"insight:2": 0.4},
+    )
+    with pytest.raises(requests.exceptions.ReadTimeout):
+        api.post("exports/", json={"export_format": "image/png", "insight": 1}, timeout=(5, 0.5))
+    listing = api.get("exports/").json()
+    assert listing["count"] == 1
+    pending = listing["results"][0]
+    assert (pending["has_content"], pending["exception"]) == (False, None)
+    assert api.get(f"exports/{pending['id']}/").json()["has_content"] is False
+    done = poll_until(
+        lambda: api.get(f"exports/{pending['id']}/").json(), lambda e: e["has_content"]
+    )
+    assert done["exception"] is None
+    assert _png_size(api.get(f"exports/{done['id']}/content/").content) == (320, 200)
+
+    seen: dict[str, Any] = {}
+
+    def look_meanwhile() -> None:
+        time.sleep(0.15)
+        seen["listing"] = Api(api.standin).get("exports/").json()
+
+    watcher = threading.Thread(target=look_meanwhile)
+    watcher.start()
+    started = time.monotonic()
+    held = api.export(export_format="image/png", insight=2)  # the target's 0.4 s wins
+    elapsed = time.monotonic() - started
+    watcher.join()
+    assert held["has_content"] is True and held["exception"] is None
+    assert 0.4 <= elapsed < 1.4, elapsed
+    during = {e["id"]: e for e in seen["listing"]["results"]}
+    assert during[held["id"]]["has_content"] is False
+
+    insight = api.get("insights/3/", params={"basic": "true"}).json()
+    for export_format in ("text/csv", "application/pdf"):  # the default 0.3 s
+        started = time.monotonic()
+        finished = api.export(
+            export_format=export_format,
+            insight=3,
+            export_context={"source": export_source(insight)},
+        )
+        assert time.monotonic() - started >= 0.3, export_format
+        assert finished["has_content"] is (export_format == "text/csv")
+        assert (finished["exception"] is None) is (export_format == "text/csv")
+
+    started = time.monotonic()
+    video = api.export(
+        export_format="video/mp4",
+        export_context={"session_recording_id": "0195abc", "duration": 5, "mode": "video"},
+    )
+    assert time.monotonic() - started < 1.0 and video["has_content"] is False
+
+
+def test_export_content_redirect_and_not_ready_statuses(api: Api) -> None:
+    """Content is a 302 to object storage by default; before content exists it is a 404, or,
+    in the version that says so, 425 ``export_not_ready`` (and 400 ``export_failed`` after a
+    failure)."""
+    config = api.control.config()
+    assert config["content_redirect"] is True and config["content_not_ready_status"] == 404
+    api.control.configure(
+        export_post_held=False,
+        export_delay_s=30,
+        export_delay_by_format={"application/pdf": 0},
+        export_delay_by_target={"insight:2": 0},
+    )
+    pending = api.export(export_format="image/png", insight=1)
+    failed = api.export(export_format="application/pdf", insight=1)
+    ready = api.export(export_format="image/png", insight=2)
+    assert pending["has_content"] is False and failed["exception"] and ready["has_content"]
+    for export in (pending, failed):
+        missing = api.get(f"exports/{export['id']}/content/")
+        assert missing.status_code == 404 and _error(missing)["code"] == "not_found"
+    redirect = api.get(f"exports/{ready['id']}/content/", allow_redirects=False)
+    assert redirect.status_code == 302
+    assert redirect.headers["Location"].startswith(api.standin.storage_url)
+
+    api.control.configure(content_not_ready_status=425)
+    early = api.get(f"exports/{pending['id']}/content/")
+    assert early.status_code == 425
+    assert {k: _error(early)[k] for k in ("type", "code", "attr")} == {
+        "type": "invalid_request",
+        "code": "export_not_ready",
+        "attr": None,
+    }
+    broken = api.get(f"exports/{failed['id']}/content/")
+    assert broken.status_code == 400
+    assert {k: _error(broken)[k] for k in ("type", "code", "attr")} == {
+        "type": "validation_error",
+        "code": "export_failed",
+        "attr": None,
+    }
+    assert api.get(f"exports/{ready['id']}/content/", allow_redirects=False).status_code == 302
+    with pytest.raises(StandinError):
+        api.control.configure(content_not_ready_status=409)
+
+
+def test_export_and_basic_insight_serializer_details(api: Api) -> None:
+    """Exports carry ``user_access_level``; ``basic=true`` reports the insight row's own old
+    ``last_refresh`` column, not the query cache's time."""
+    export = api.export(export_format="image/png", insight=1)
+    assert export["user_access_level"] == "editor"
+    assert api.get(f"exports/{export['id']}/").json()["user_access_level"] == "editor"
+    assert api.get("exports/").json()["results"][0]["user_access_level"] == "editor"
+
+    computed = api.get("insights/2/", params={"refresh": "blocking"}).json()
+    assert api.get("insights/2/").json()["last_refresh"] == computed["last_refresh"]
+    basic = api.get("insights/2/", params={"basic": "true"}).json()
+    assert "result" not in basic and basic["last_refresh"]
+    assert _ts(basic["last_refresh"]) < _ts(computed["last_refresh"]) - 86400
+    listed = api.get("insights/", params={"basic": "true", "order": "id", "limit": 6}).json()
+    by_id = {r["id"]: r for r in listed["results"]}
+    assert by_id[2]["last_refresh"] == basic["last_refresh"]
+    assert by_id[6]["last_refresh"] is None  # never refreshed by the old caching code
+
+
 def test_big_csv_streams_with_flat_server_memory(api: Api) -> None:
     """A 5,000,000-row CSV (~500 MB): exact Content-Length, every row arrives, and the
     stand-in's RSS stays flat while it generates and sends it."""
     rows = 5_000_000
     api.control.configure(csv_rows=rows)
-    export = api.export(export_format="text/csv", insight=1)
+    export = api.tabular_export("text/csv", 1)
     server = psutil.Process(api.standin.pid)
     baseline = server.memory_info().rss
     peak = baseline
@@ -587,7 +848,7 @@ def test_big_csv_streams_with_flat_server_memory(api: Api) -> None:
 
 
 def test_refresh_modes_on_a_cold_cache(api: Api) -> None:
-    """§8.3/§8.4/§11.17: cache-only by default, unknown values are force_cache, no 400."""
+    """Cache-only by default, unknown values are force_cache, no 400."""
     for params in ({}, {"refresh": "force_cache"}, {"refresh": "bogus"}, {"refresh": "false"},
                    {"refresh": "async_except_on_cache_miss"}):  # fmt: skip
         body = api.get("insights/5/", params=params)
@@ -607,7 +868,7 @@ def test_refresh_modes_on_a_cold_cache(api: Api) -> None:
     assert forced["is_cached"] is False and forced["last_refresh"] > computed["last_refresh"]
 
 
-#: §8.4 as (result present?, is_cached, background job attached?) per cache state.
+#: The refresh table as (result present?, is_cached, background job attached?) per cache state.
 REFRESH_TABLE: dict[str, dict[str, tuple[bool, bool, bool]]] = {
     "force_cache": {"cold": (False, False, False), "fresh": (True, True, False),
                     "stale": (True, True, False)},
@@ -626,7 +887,7 @@ REFRESH_TABLE: dict[str, dict[str, tuple[bool, bool, bool]]] = {
 
 @pytest.mark.parametrize("mode", list(REFRESH_TABLE))
 def test_refresh_mode_table(api: Api, mode: str) -> None:
-    """§8.4: each mode on a cold, a fresh and a stale cache (one insight per cache state)."""
+    """Each mode on a cold, a fresh and a stale cache (one insight per cache state)."""
     for insight_id, state in ((2, "cold"), (3, "fresh"), (4, "stale")):
         api.control.set_insight_cache(insight_id, state)
         body = api.get(f"insights/{insight_id}/", params={"refresh": mode}).json()
@@ -641,7 +902,7 @@ def test_refresh_mode_table(api: Api, mode: str) -> None:
 
 
 def test_async_refresh_and_query_polling(api: Api) -> None:
-    """§8.4/§8.6/§11.18: async job, 202 → 200 on /query/:id/, then a warm cache."""
+    """Async job, 202 → 200 on /query/:id/, then a warm cache."""
     # long enough that a loaded CI machine still sees the 202 before the job completes
     api.control.configure(async_delay_s=3.0)
     started = api.get("insights/6/", params={"refresh": "async"}).json()
@@ -669,7 +930,7 @@ def test_async_refresh_and_query_polling(api: Api) -> None:
 
 
 def test_stale_and_lazy_cache_states(api: Api) -> None:
-    """§8.4: stale results are served by force_cache, refreshed by blocking, async and lazy."""
+    """Stale results are served by force_cache, refreshed by blocking, async and lazy."""
     api.control.set_insight_cache(7, "stale")
     stale = api.get("insights/7/").json()
     assert stale["is_cached"] is True and stale["result"] and stale["query_status"] is None
@@ -695,7 +956,9 @@ def test_stale_and_lazy_cache_states(api: Api) -> None:
 
 
 def test_failing_and_limited_queries(api: Api) -> None:
-    """§8.5/§8.6/§11.21: /query 400 with a message, 500 without, concurrency limit as HTTP 200."""
+    """/query/:id/ is 400 for an exposed error, 500 for a hidden one (a final answer); a blocking
+    calculation that crashes or hits the concurrency limit is an HTTP 200 with ``result: null``
+    and an error status, while a HogQL user error stays a 400."""
     api.control.configure(
         async_delay_s=0.1,
         query_fail_insights={"10": "Unknown table events_v2"},
@@ -706,25 +969,52 @@ def test_failing_and_limited_queries(api: Api) -> None:
     failed = poll_until(lambda: api.get(f"query/{job['id']}/"), lambda r: r.status_code != 202)
     assert failed.status_code == 400
     assert failed.json()["query_status"]["error_message"] == "Unknown table events_v2"
-    miss = api.get("insights/10/").json()
-    assert miss["result"] is None and miss["query_status"]["error"] is True
+    miss = api.get("insights/10/").json()  # cache-only: a bare miss, no job status
+    assert miss["result"] is None and miss["query_status"] is None
     blocking = api.get("insights/10/", params={"refresh": "blocking"})
     assert blocking.status_code == 400 and _error(blocking)["detail"] == "Unknown table events_v2"
 
     crash = api.get("insights/11/", params={"refresh": "async"}).json()["query_status"]
     crashed = poll_until(lambda: api.get(f"query/{crash['id']}/"), lambda r: r.status_code != 202)
     assert crashed.status_code == 500 and crashed.json()["query_status"]["error_message"] is None
+    assert api.get(f"query/{crash['id']}/").status_code == 500  # and it stays so
 
+    crash_blocking = api.get("insights/11/", params={"refresh": "blocking"})
+    assert crash_blocking.status_code == 200
+    body = crash_blocking.json()
+    assert (body["result"], body["last_refresh"], body["is_cached"]) == (None, None, False)
+    status = body["query_status"]
+    assert status["error"] is True and status["error_message"]
+    assert status["id"] is None and status["insight_id"] == 11
+
+    before = time.time()
     limited = api.get("insights/12/", params={"refresh": "blocking"})
     assert limited.status_code == 200
     body = limited.json()
     assert body["result"] is None
     assert body["query_status"]["error"] is True
     assert body["query_status"]["error_message"] == "concurrency_limit_exceeded"
+    assert body["query_status"]["id"] is None
+    assert (
+        before - 1 <= _ts(body["last_refresh"]) <= time.time() + 1
+    )  # "now", although nothing was computed
+    tagged = api.get(
+        "insights/12/", params={"refresh": "force_blocking", "client_query_id": "q-123"}
+    ).json()
+    assert tagged["query_status"]["id"] == "q-123"
+    page = {"order": "id", "limit": 3, "offset": 10, "refresh": "blocking"}
+    listing = api.get("insights/", params=page)
+    assert listing.status_code == 200  # crashes and limits do not fail the page...
+    by_id = {r["id"]: r for r in listing.json()["results"]}
+    assert by_id[11]["query_status"]["error"] is True and by_id[11]["filters_hash"] is None
+    assert by_id[12]["query_status"]["error_message"] == "concurrency_limit_exceeded"
+    assert by_id[13]["result"] and by_id[13]["query_status"] is None
+    failing = api.get("insights/", params={**page, "offset": 9})
+    assert failing.status_code == 400  # ...but an exposed query error (insight 10) does
 
 
 def test_insight_lookup_filters_and_formats(api: Api, main: dict[str, Any]) -> None:
-    """§8.1/§8.2/§8.7/§11.19-20: short_id, basic, filters, DELETE 405, format=csv."""
+    """Short_id, basic, filters, DELETE 405, format=csv."""
     by_id = api.get("insights/4/").json()
     assert api.get(f"insights/{by_id['short_id']}/").json()["id"] == 4
     assert len(by_id["short_id"]) == 8
@@ -755,6 +1045,180 @@ def test_insight_lookup_filters_and_formats(api: Api, main: dict[str, Any]) -> N
     header, row, *rest = csv_text.text.splitlines()
     assert rest == [] and header.split(",") == sorted(header.split(","))
     assert "result.0.data.0" in header.split(",") and "id" in header.split(",")
+
+
+def test_seeded_insight_kinds(api: Api, main: dict[str, Any]) -> None:
+    """Besides TrendsQuery insights the seed has legacy-filters ones (no query), HogQL ones
+    (DataTableNode: row lists, columns, types) and empty ones (no query, empty filters); every
+    path that reads results copes with all of them."""
+    kinds = main["insight_ids_by_kind"]
+    assert kinds["legacy"][:2] == [8, 18] and kinds["hogql"][:2] == [10, 20]
+    assert kinds["empty"][0] == 40 and kinds["trends"][:7] == list(range(1, 8))
+    assert api.control.seed_info()["insight_kinds"]["empty"] == "i % 40 == 39"
+    listing = api.get("insights/", params={"order": "id", "limit": 40, "refresh": "blocking"})
+    assert listing.status_code == 200
+    by_id = {r["id"]: r for r in listing.json()["results"]}
+    for i in range(1, 8):
+        assert by_id[i]["query"]["kind"] == "InsightVizNode", i
+        assert by_id[i]["query"]["source"]["kind"] == "TrendsQuery" and by_id[i]["filters"] == {}
+    legacy = by_id[8]
+    assert legacy["query"] is None and legacy["filters"]["insight"] == "TRENDS"
+    assert legacy["filters"]["breakdown"] == "$current_url"
+    events = [e["id"] for e in legacy["filters"]["events"]]
+    assert events == [s["action"]["id"] for s in legacy["result"]] and legacy["result"][0]["data"]
+    hogql = by_id[10]
+    assert hogql["query"]["kind"] == "DataTableNode"
+    assert hogql["query"]["source"]["kind"] == "HogQLQuery"
+    assert hogql["hogql"] == hogql["query"]["source"]["query"]
+    assert hogql["columns"] == ["event", "day", "count"] and hogql["types"][0] == [
+        "event",
+        "String",
+    ]
+    assert hogql["result"] and all(isinstance(r, list) and len(r) == 3 for r in hogql["result"])
+    empty = by_id[40]
+    assert (empty["query"], empty["filters"], empty["result"]) == (None, {}, [])
+
+    as_csv = api.tabular_export("text/csv", 10)  # the DataTableNode itself is the source
+    lines = api.get(f"exports/{as_csv['id']}/content/").text.splitlines()
+    assert lines[0] == "event,day,count"
+    assert lines[1:] == [",".join(str(c) for c in row) for row in hogql["result"]]
+    by_path = api.export(
+        export_format="text/csv",
+        export_context={"path": f"/api/projects/{api.project_id}/insights/8/"},
+    )
+    legacy_rows = api.get(f"exports/{by_path['id']}/content/").text.splitlines()
+    assert legacy_rows[0] == "series,date,count"
+    assert len(legacy_rows) - 1 == sum(len(s["data"]) for s in legacy["result"])
+    assert api.export(export_format="text/csv", insight=40)["exception"] == "'path'"
+    nothing = api.export(
+        export_format="text/csv",
+        export_context={"path": f"/api/projects/{api.project_id}/insights/40"},
+    )
+    assert api.get(f"exports/{nothing['id']}/content/").text.startswith("error\r\n")
+    board = api.export(export_format="image/png", dashboard=1)  # has HogQL and legacy tiles
+    assert board["has_content"] and _png_size(api.get(f"exports/{board['id']}/content/").content)
+
+    api.control.configure(async_delay_s=0.1)
+    job = api.get("insights/20/", params={"refresh": "force_async"}).json()["query_status"]
+    done = poll_until(lambda: api.get(f"query/{job['id']}/"), lambda r: r.status_code == 200)
+    assert done.json()["query_status"]["results"]["columns"] == ["event", "week", "count"]
+    flat = api.get("insights/10/", params={"format": "csv"})
+    assert flat.status_code == 200 and "result.0.0" in flat.text.splitlines()[0].split(",")
+
+
+def test_insights_list_order(api: Api, main: dict[str, Any]) -> None:
+    """Without ``order`` every insight ties (the ``order`` column is NULL), and each
+    LIMIT/OFFSET query returns ties in its own order: pages overlap and skip rows while
+    ``count`` is right. ``order=<field>`` sorts (NULLs as Postgres does), ``order=id`` walks
+    everything once, an unknown field is a 500."""
+    total = main["insights"]
+
+    def walk(count: int = total, **params: str) -> list[int]:
+        ids: list[int] = []
+        body = api.get("insights/", params={"basic": "true", "limit": 100, **params}).json()
+        while True:
+            assert body["count"] == count
+            ids += [r["id"] for r in body["results"]]
+            if not body["next"]:
+                return ids
+            body = api.session.get(body["next"], timeout=10).json()
+
+    unordered = walk()
+    assert len(unordered) == total and len(set(unordered)) < total, len(set(unordered))
+    second = {"basic": "true", "limit": 100, "offset": 100}
+    page = [r["id"] for r in api.get("insights/", params=second).json()["results"]]
+    assert page == unordered[100:200]  # the same query gives the same rows
+    assert walk(order="id") == list(range(1, total + 1))
+    search = {"search": "signups", "basic": "true", "order": "id", "limit": 1000}
+    matching = api.get("insights/", params=search).json()
+    expected = [r["id"] for r in matching["results"]]
+    assert 20 < matching["count"] == len(expected) < total
+    shuffled = walk(matching["count"], search="signups", limit="10")  # filters keep ties too
+    assert len(shuffled) == len(expected) and shuffled != expected
+    newest = api.get("insights/", params={"order": "-id", "limit": 2, "basic": "true"}).json()
+    assert [r["id"] for r in newest["results"]] == [total, total - 1]
+    for bad in ("nonsense", "-nonsense", "name,id", "-"):
+        response = api.get("insights/", params={"order": bad, "basic": "true"})
+        assert response.status_code == 500, bad
+        assert _error(response) == {
+            "type": "server_error",
+            "code": "error",
+            "detail": "A server error occurred.",
+            "attr": None,
+        }
+
+    def everything(order: str) -> list[dict[str, Any]]:
+        params = {"order": order, "limit": total, "basic": "true"}
+        return api.get("insights/", params=params).json()["results"]
+
+    refreshed = [r["last_refresh"] for r in everything("last_refresh")]
+    values = [v for v in refreshed if v is not None]
+    assert 0 < len(values) < total
+    assert refreshed == sorted(values, key=_ts) + [None] * (total - len(values))  # NULLS LAST
+    descending = [r["last_refresh"] for r in everything("-last_refresh")]
+    assert descending == [None] * (total - len(values)) + sorted(values, key=_ts, reverse=True)
+    by_user = everything("created_by")
+    users = [r["created_by"]["id"] for r in by_user]
+    assert users == sorted(users)
+    ties = [r["id"] for r in by_user if r["created_by"]["id"] == 1]
+    assert ties != sorted(ties)  # equal values come back in the per-query order
+    saved = api.get("insights/", params={"saved": "true", "order": "id", "basic": "true"}).json()
+    assert all(r["saved"] for r in saved["results"]) and 0 < saved["count"] < total
+    assert [r["id"] for r in saved["results"]] == sorted(r["id"] for r in saved["results"])
+
+    api.control.configure(stable_default_order=True)
+    assert walk() == list(range(1, total + 1))
+    assert [r["id"] for r in everything("created_by") if r["created_by"]["id"] == 1] == sorted(ties)
+
+
+def test_cache_only_answers_and_blocking_compute_time(api: Api) -> None:
+    """force_cache answers carry no job status (unless asked to); a stale insight keeps its
+    old result and last_refresh until its job ends, then last_refresh is the job's end. Each
+    blocking calculation takes ``compute_delay_s``, one after another, without blocking."""
+    api.control.configure(async_delay_s=1.0)
+    api.control.set_insight_cache(3, "stale")
+    old = api.get("insights/3/").json()
+    assert old["is_cached"] is True and old["query_status"] is None
+    job = api.get("insights/3/", params={"refresh": "async"}).json()["query_status"]
+    assert job["complete"] is False
+    during = api.get("insights/3/").json()
+    assert during["query_status"] is None
+    assert (during["result"], during["last_refresh"]) == (old["result"], old["last_refresh"])
+    assert _ts(during["last_refresh"]) < _ts(job["start_time"])
+    cold_job = api.get("insights/4/", params={"refresh": "force_async"}).json()["query_status"]
+    assert api.get("insights/4/").json()["query_status"] is None
+    api.control.configure(force_cache_shows_running_job=True)
+    shown = api.get("insights/4/").json()
+    assert shown["result"] is None and shown["query_status"]["id"] == cold_job["id"]
+    assert shown["query_status"]["complete"] is False
+
+    done = poll_until(lambda: api.get(f"query/{job['id']}/"), lambda r: r.status_code == 200)
+    end_time = done.json()["query_status"]["end_time"]
+    warm = api.get("insights/3/").json()
+    assert warm["last_refresh"] == end_time and _ts(end_time) >= _ts(job["start_time"])
+    assert warm["query_status"] is None and warm["is_cached"] is True
+
+    api.control.configure(compute_delay_s=0.1)
+    params = {"order": "id", "limit": 5, "offset": 100, "refresh": "blocking"}
+    timings: dict[str, float] = {}
+
+    def slow_page() -> None:
+        started = time.monotonic()
+        assert Api(api.standin).get("insights/", params=params).status_code == 200
+        timings["page"] = time.monotonic() - started
+
+    thread = threading.Thread(target=slow_page)
+    thread.start()
+    time.sleep(0.1)
+    started = time.monotonic()
+    assert api.get("groups_types/").status_code == 200
+    timings["other"] = time.monotonic() - started
+    thread.join()
+    assert timings["page"] >= 0.5 and timings["other"] < 0.3, timings
+    started = time.monotonic()
+    again = api.get("insights/", params=params).json()  # fresh now: nothing to compute
+    assert time.monotonic() - started < 0.4
+    assert all(r["is_cached"] for r in again["results"])
 
 
 # ---- faults and throttling ----------------------------------------------------------------------
@@ -788,7 +1252,8 @@ def test_drop_faults_are_real_connection_errors(api: Api) -> None:
         )
     assert api.get("groups_types/").status_code == 200
 
-    export = api.export(export_format="text/csv", insight=2)
+    api.control.configure(content_redirect=False)  # cut the API's own body, not a 302
+    export = api.tabular_export("text/csv", 2)
     api.control.add_fault(match=r"/content", kind="drop_mid_body", times=1)
     with pytest.raises(requests.exceptions.ChunkedEncodingError):
         requests.get(
@@ -843,38 +1308,59 @@ def test_probability_faults_are_seeded(api: Api) -> None:
     assert pattern() == first
 
 
-def test_rate_limits_give_429_with_retry_after(api: Api) -> None:
-    """§4/§11.6: per key, default and ClickHouse buckets separate, off by default. Rates are
-    per minute where the test needs the bucket to stay empty, so a slow machine cannot flake."""
-    for _ in range(8):
-        assert api.get("groups_types/").status_code == 200  # off by default
-    api.control.configure(
-        rate_limits=True,
-        rate_limit_overrides={"burst": "3/minute", "clickhouse_burst": "2/minute"},
-    )
-    assert [api.get("groups_types/").status_code for _ in range(4)] == [200, 200, 200, 429]
-    throttled = api.get("groups_types/")
-    wait = int(throttled.headers["Retry-After"])
-    assert 2 <= wait <= 20  # a token every 20 s
-    assert _error(throttled) == {
+def test_throttles_are_drf_sliding_logs_on_by_default(api: Api) -> None:
+    """PostHog Cloud throttles every personal key: a sliding log per scope; every scope of the
+    route records a request it allows (even one another scope refuses); Retry-After is the
+    longest refusing scope's wait, so after the hourly budget it is close to an hour."""
+    assert api.control.config()["rate_limits"] is True
+    assert parse_args([]).rate_limits is True
+    assert parse_args(["--no-rate-limits"]).rate_limits is False
+    with pytest.raises(StandinError, match="unknown config field"):
+        api.control.configure(rate_limit_burst=3)
+
+    api.control.configure(rate_limit_overrides={"burst": "5/minute", "sustained": "3/hour"})
+    assert [api.get("groups_types/").status_code for _ in range(3)] == [200, 200, 200]
+    hourly = api.get("groups_types/")
+    wait = int(hourly.headers["Retry-After"])
+    assert 3550 <= wait <= 3600, wait
+    assert _error(hourly) == {
         "type": "throttled_error",
         "code": "throttled",
         "detail": f"Request was throttled. Expected available in {wait} seconds.",
         "attr": None,
     }
-    # Insights use the ClickHouse buckets, untouched by the exhausted default burst bucket.
-    assert [api.get("insights/1/").status_code for _ in range(3)] == [200, 200, 429]
-    api.control.add_key("phx_second", ["*"])
-    assert api.as_key("phx_second").get("groups_types/").status_code == 200  # per-key buckets
+    assert api.get("groups_types/").status_code == 429
+    # Both refused requests were still logged by the per-minute scope, which is now full too.
+    api.control.configure(rate_limit_overrides={"burst": "5/minute", "sustained": "100/hour"})
+    minute = api.get("groups_types/")
+    assert minute.status_code == 429 and 1 <= int(minute.headers["Retry-After"]) <= 60
+    # A log longer than the rate allows gives DRF no wait to report: no Retry-After.
+    api.control.configure(rate_limit_overrides={"burst": "3/minute"})
+    no_wait = api.get("groups_types/")
+    assert no_wait.status_code == 429 and "Retry-After" not in no_wait.headers
+    assert _error(no_wait)["detail"] == "Request was throttled."
 
-    api.control.configure(rate_limit_overrides={"burst": "1/second"})  # fresh buckets
-    assert api.get("groups_types/").status_code == 200
-    again = api.get("groups_types/")
-    assert again.status_code == 429 and again.headers["Retry-After"] == "1"
-    assert _error(again)["detail"] == "Request was throttled. Expected available in 1 second."
+    # Insights and /query/:id/ share the ClickHouse scopes, separate from the default ones.
+    api.control.configure(rate_limit_overrides={"clickhouse_sustained": "2/hour"})
+    assert [api.get("insights/1/").status_code for _ in range(2)] == [200, 200]
+    query = api.get("query/cache_unknown/")
+    assert query.status_code == 429 and int(query.headers["Retry-After"]) >= 3550
+    assert api.get("insights/", params={"basic": "true"}).status_code == 429
+    assert api.get("exports/").status_code == 200  # back at 480/min + 4800/h for those
+    api.control.add_key("phx_second", ["*"])
+    assert api.as_key("phx_second").get("insights/1/").status_code == 200  # per key
+
+    api.control.configure(rate_limit_overrides={"burst": "2/second"})
+    second = api.as_key("phx_second")
+    assert [second.get("groups_types/").status_code for _ in range(3)] == [200, 200, 429]
     time.sleep(1.05)
-    assert api.get("groups_types/").status_code == 200  # the bucket refilled
-    assert api.control.stats()["throttled_429"] == 4
+    assert second.get("groups_types/").status_code == 200  # the oldest entries left the window
+    assert api.control.stats()["throttled_429"] == 7
+    api.control.configure(rate_limit_overrides={"clickhouse_sustained": "2/hour"})
+    assert api.get("insights/1/").status_code == 429
+    api.control.reset()  # clears every log
+    api.control.configure(rate_limit_overrides={"clickhouse_sustained": "2/hour"})
+    assert api.get("insights/1/").status_code == 200
 
 
 # ---- lazy seed --------------------------------------------------------------------------------
@@ -886,7 +1372,9 @@ def test_lazy_seed_with_a_million_insights_and_groups() -> None:
         startup = time.monotonic() - started
         api = Api(big)
         begin = time.monotonic()
-        tail = api.get("insights/", params={"offset": 999_995, "basic": "true"}).json()
+        tail = api.get(
+            "insights/", params={"offset": 999_995, "basic": "true", "order": "id"}
+        ).json()
         assert tail["count"] == 1_000_000 and tail["next"] is None
         assert [r["id"] for r in tail["results"]] == list(range(999_996, 1_000_001))
         short = tail["results"][-1]["short_id"]
@@ -900,7 +1388,9 @@ def test_lazy_seed_with_a_million_insights_and_groups() -> None:
         end_page = api.get("groups/", params={"group_type_index": 0, "cursor": cursor}).json()
         assert end_page["results"] == [] and end_page["next"] is None
         plans = api.get("groups/property_values/", params={"group_type_index": 0, "key": "plan"})
-        assert sum(v["count"] for v in plans.json()["results"]) == 1_000_000
+        assert sum(v["count"] for v in plans.json()) == 1_000_000
+        shuffled = api.get("insights/", params={"offset": 500_000, "basic": "true"}).json()
+        assert len(shuffled["results"]) == 100  # tied rows permuted cheaply at this size
         elapsed = time.monotonic() - begin
         code = big.stop()
     assert startup < 10 and elapsed < 3, (startup, elapsed)
@@ -912,12 +1402,16 @@ def test_lazy_seed_with_a_million_insights_and_groups() -> None:
 
 def test_responses_and_requests_match_the_openapi_contract(api: Api) -> None:
     """Responses of the seeded paths, and the requests that produced them, against the schema
-    (allowing only the inaccuracies listed in shared/posthog-openapi/README.md)."""
+    (allowing only the schema's known inaccuracies, patched in ``openapi_contract``)."""
     api.control.configure(async_delay_s=0.1)
     job = api.get("insights/13/", params={"refresh": "async"}).json()["query_status"]
     poll_until(lambda: api.get(f"query/{job['id']}/"), lambda r: r.status_code == 200)
+    source = export_source(api.get("insights/2/", params={"basic": "true"}).json())
     api.control.clear_requests_log()
-    created = api.post("exports/", json={"export_format": "text/csv", "insight": 2})
+    created = api.post(
+        "exports/",
+        json={"export_format": "text/csv", "insight": 2, "export_context": {"source": source}},
+    )
     responses = [("POST", "exports/", created)]
     for tail, params in [
         ("exports/", {"limit": 5}),

@@ -25,12 +25,17 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--group-types", type=int, default=3, help="at most 5, as in PostHog")
     parser.add_argument("--groups", type=int, default=250, help="groups per group type")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--rate-limits", action="store_true", help="enable per-key throttles")
+    parser.add_argument(
+        "--rate-limits",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="PostHog Cloud's per-key throttles (on by default)",
+    )
     parser.add_argument(
         "--export-delay",
         type=float,
         default=0.0,
-        help="seconds a PNG/CSV/XLSX/PDF export takes after the POST (0: done before it returns)",
+        help="seconds a PNG/CSV/XLSX/PDF export takes to render (the POST waits for it)",
     )
     parser.add_argument("--log-level", default="warning")
     args = parser.parse_args(argv)

@@ -106,8 +106,9 @@ PROJECT_LIST = ApiRoute("projects", "", {"GET": projects.list_projects}, "projec
 
 
 def _throttle_ident(key: str) -> str:
-    """PostHog buckets by a hash of the personal API key (never the key itself)."""
-    return hashlib.sha256(key.encode()).hexdigest()[:24]
+    """PostHog's ``PersonalApiKeyRateThrottle`` keys its history by a sha256 of the personal API
+    key (never the key itself), so limits are per key, not per project."""
+    return hashlib.sha256(key.encode()).hexdigest()
 
 
 def endpoint(
@@ -125,8 +126,10 @@ def endpoint(
                 project = state.seed.main
             require_scopes(key, route.scopes(method, body))
             if state.config.rate_limits:
-                wait = state.limiter.check(_throttle_ident(key.key), route.throttles, state.now())
-                if wait is not None:
+                allowed, wait = state.limiter.check(
+                    _throttle_ident(key.key), route.throttles, state.now()
+                )
+                if not allowed:
                     raise errors.throttled(wait)
             handler = route.methods.get("GET" if method == "HEAD" else method)
             if handler is None:

@@ -1,8 +1,8 @@
 """Request context, personal-API-key authentication, project resolution and scope checks.
 
 Mirrors PostHog's ``PersonalAPIKeyAuthentication``, ``TeamAndOrgViewSetMixin`` and
-``APIScopePermission`` (posthog-api.md §1-2, §11.2-4) closely enough that a client sees the same
-status codes and error texts for the same mistakes.
+``APIScopePermission`` (``posthog/auth.py``, ``posthog/api/routing.py``, ``posthog/permissions.py``)
+closely enough that a client sees the same status codes and error texts for the same mistakes.
 """
 
 from __future__ import annotations

@@ -13,6 +13,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from .group_seed import group_index
+from .seed import INSIGHT_KIND_RULES, Insight, Project
 from .state import CACHE_STATES, KeyInfo, State
 
 Handler = Callable[[Request], Awaitable[Response]]
@@ -140,13 +141,28 @@ def control_routes(state: State) -> list[Route]:
         return JSONResponse({"state": value})
 
     async def stats(request: Request) -> Response:
-        return JSONResponse({**state.stats.to_json(), "exports": len(state.exports)})
+        counts = {"exports": len(state.exports), "notebooks": len(state.notebooks)}
+        return JSONResponse({**state.stats.to_json(), **counts})
 
     async def health(request: Request) -> Response:
         return JSONResponse({"ok": True, "storage_url": state.storage_url})
 
+    def insight_ids_by_kind(project: Project, per_kind: int = 10) -> dict[str, list[int]]:
+        """The first few insight ids of each kind (the kinds repeat every 40 indexes)."""
+        found: dict[str, list[int]] = {kind: [] for kind in INSIGHT_KIND_RULES}
+        for i in range(min(project.n_insights, 40 * per_kind)):
+            insight = Insight(project, i)
+            if len(found[insight.kind]) < per_kind:
+                found[insight.kind].append(insight.id)
+        return found
+
     async def seed_info(request: Request) -> Response:
-        """The seeded sizes and id ranges, so tests can work with any start-up arguments."""
+        """The seeded sizes and id ranges, so tests can work with any start-up arguments.
+
+        ``insight_kinds`` gives the rule on the 0-based index ``i`` (id = first id + i) that
+        makes an insight trends, legacy-filters, HogQL or empty, and ``insight_ids_by_kind``
+        the first few ids of each.
+        """
         projects = [
             {
                 "id": p.id,
@@ -157,10 +173,18 @@ def control_routes(state: State) -> list[Route]:
                 "groups": p.n_groups,
                 "first_insight_id": p.insight_base + 1,
                 "first_dashboard_id": p.dashboard_base + 1,
+                "insight_ids_by_kind": insight_ids_by_kind(p),
             }
             for p in seed.projects.values()
         ]
-        return JSONResponse({"seed": seed.seed, "key": state.default_key, "projects": projects})
+        return JSONResponse(
+            {
+                "seed": seed.seed,
+                "key": state.default_key,
+                "insight_kinds": INSIGHT_KIND_RULES,
+                "projects": projects,
+            }
+        )
 
     table: list[tuple[str, Handler, list[str]]] = [
         ("/_standin/health", health, ["GET"]),

@@ -1,4 +1,5 @@
-"""PostHog-shaped error bodies (posthog-api.md §3).
+"""PostHog-shaped error bodies (``posthog/exceptions.py`` ``exception_handler`` over
+drf-exceptions-hog's ``exceptions_hog/handler.py``).
 
 Every failure the stand-in sends has exactly the four keys ``type``, ``code``, ``detail`` and
 ``attr``, because that is what PostHog's exception handler emits and what clients parse. Handlers
@@ -123,8 +124,11 @@ def method_not_allowed(method: str) -> ApiError:
     return ApiError(405, "invalid_request", "method_not_allowed", f'Method "{method}" not allowed.')
 
 
-def throttled(wait_s: float) -> ApiError:
-    """429 with ``Retry-After`` rounded up to whole seconds, as DRF does."""
+def throttled(wait_s: float | None) -> ApiError:
+    """429 with ``Retry-After`` rounded up to whole seconds, as DRF's ``Throttled`` does; without
+    a wait, just "Request was throttled." and no header."""
+    if wait_s is None:
+        return ApiError(429, "throttled_error", "throttled", "Request was throttled.")
     wait = max(1, math.ceil(wait_s))
     return ApiError(
         429,

@@ -1,9 +1,15 @@
 """Exported assets: create/list/retrieve/content with PostHog's validation and lifecycle
-(posthog-api.md §6, §11.8-14).
+(``products/exports/backend/api/exports.py``,
+``products/exports/backend/models/exported_asset.py``).
 
 An export's progress is computed from the clock: ``ready_at`` decides when ``has_content`` (or the
 failure text) appears, and an export still pending past the stuck threshold shows PostHog's
 synthetic "Export failed without throwing…" text, without the stored record changing.
+
+The newest PostHog holds ``POST /exports/`` open while the export workflow renders
+(``execute_workflow``): the row exists (pending) from the start, the answer comes when it is done,
+and a client that gives up early leaves the export to finish anyway. Video formats are started
+and answered at once (``start_workflow``).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ STUCK_TEXT = (
 )
 NEEDS_TARGET = "Either dashboard, insight or export_context is required for an export."
 VIDEO_ONLY_RECORDINGS = "Video export supports session recordings only."
-#: Monthly limit of full video exports on the free plan (posthog-api.md §6.3).
+#: Monthly limit of full video exports on the free plan (the create serializer's quota).
 VIDEO_MONTHLY_LIMIT = 10
 _EXPIRY_DAYS = {render.CSV: 7, render.XLSX: 7, render.WEBM: 30, render.MP4: 30, render.GIF: 30}
 
@@ -91,6 +97,7 @@ def serialize(rec: ExportRecord, state: State, now: float) -> dict[str, Any]:
         "filename": rec.filename,
         "expires_after": iso_z(rec.expires_after),
         "exception": exception,
+        "user_access_level": "editor",  # only the creator can see an export: always its owner
     }
 
 
@@ -181,8 +188,12 @@ def _video_quota_exceeded(state: State, project_id: int, now: datetime) -> bool:
     return used >= VIDEO_MONTHLY_LIMIT
 
 
-def _delay(state: State, export_format: str) -> float:
+def _delay(state: State, export_format: str, dashboard: int | None, insight: int | None) -> float:
+    """Render time: per target, else per format, else the default (video has its own)."""
     cfg = state.config
+    for target in (f"insight:{insight}", f"dashboard:{dashboard}"):
+        if target in cfg.export_delay_by_target:
+            return cfg.export_delay_by_target[target]
     if export_format in cfg.export_delay_by_format:
         return cfg.export_delay_by_format[export_format]
     return cfg.video_delay_s if export_format in render.VIDEO_FORMATS else cfg.export_delay_s
@@ -195,11 +206,18 @@ def _failure(state: State, rec: ExportRecord) -> str | None:
         state.fail_next = (count - 1, text)
         return text or "Injected export failure."
     if rec.export_format in (render.PDF, render.JSON):
+        # image_exporter.py renders PNG only and raises NotImplementedError for the rest.
         return f"Export to format {rec.export_format} is not supported for insights"
     if rec.export_format in render.TABULAR_FORMATS:
-        plan = render.csv_plan(state.seed, rec.insight, rec.export_context, rec.csv_rows)
-        return render.tabular_failure(rec.dashboard, plan)
+        plan = tabular_plan(state.seed, rec)
+        return plan if isinstance(plan, str) else None
     return None
+
+
+def tabular_plan(seed: Seed, rec: ExportRecord) -> render.CsvPlan | str:
+    return render.csv_plan(
+        seed, rec.project_id, rec.insight, rec.dashboard, rec.export_context, rec.csv_rows
+    )
 
 
 # ---- handlers -------------------------------------------------------------------------------
@@ -225,7 +243,7 @@ async def create_export(ctx: Ctx) -> Response:
     seed = state.seed
     dashboard_obj = seed.dashboard_by_id(dashboard) if dashboard is not None else None
     insight = seed.insight_by_id(insight_id) if insight_id is not None else None
-    delay = _delay(state, export_format)
+    delay = _delay(state, export_format, dashboard, insight_id)
     rec = ExportRecord(
         id=state.next_export_id,
         project_id=ctx.project.id,
@@ -255,9 +273,15 @@ async def create_export(ctx: Ctx) -> Response:
         rec.ready_at = None
         raise errors.validation_error(VIDEO_ONLY_RECORDINGS)
     rec.failure = _failure(state, rec)
-    if delay == 0 and rec.failure is None and export_format != render.CSV:
-        await ensure_content(seed, rec)  # PostHog renders inline before answering the POST
-    return JSONResponse(serialize(rec, state, ctx.now), status_code=201)
+    held = not is_video and state.config.export_post_held
+    if held and delay > 0:
+        # The row is already listed (pending); answer once the render time has passed. If the
+        # client leaves meanwhile, nothing is lost: readiness is decided by ``ready_at``.
+        while rec.ready_at is not None and (remaining := rec.ready_at - state.now()) > 0:
+            await asyncio.sleep(remaining)
+    if (held or delay == 0) and rec.failure is None and export_format != render.CSV:
+        await ensure_content(seed, rec)  # rendered before the POST is answered
+    return JSONResponse(serialize(rec, state, state.now()), status_code=201)
 
 
 async def list_exports(ctx: Ctx) -> Response:
@@ -298,11 +322,34 @@ async def retrieve_export(ctx: Ctx) -> Response:
     return JSONResponse(serialize(_get_own(ctx), ctx.state, ctx.now))
 
 
+def _no_content(state: State, rec: ExportRecord, now: float) -> errors.ApiError:
+    """404 (the common version), or 425 before the render ends / 400 after it failed (the
+    version whose content view checks the asset's state first)."""
+    if state.config.content_not_ready_status != 425:
+        return errors.not_found()
+    finished = rec.ready_at is not None and now >= rec.ready_at
+    if finished and rec.failure is not None:
+        return errors.ApiError(
+            400,
+            "validation_error",
+            "export_failed",
+            f"Export failed: {rec.failure}",
+        )
+    return errors.ApiError(
+        425,
+        "invalid_request",
+        "export_not_ready",
+        "Export is not ready yet. Try again in a few seconds.",
+    )
+
+
 async def export_content(ctx: Ctx) -> Response:
     rec = _get_own(ctx)
     state = ctx.state
     has_content, _ = progress(rec, state, ctx.now)
-    if not has_content or rec.content_lost:
+    if not has_content:
+        raise _no_content(state, rec, ctx.now)
+    if rec.content_lost:
         raise errors.not_found()
     download = ctx.query.get("download", "").lower() == "true"
     direct = ctx.query.get("direct", "").lower() == "true" and rec.export_format == render.PNG
@@ -337,18 +384,17 @@ def _render_bytes(seed: Seed, rec: ExportRecord) -> bytes:
     if fmt == render.PNG:
         insight = render.source_insight(seed, rec.insight, rec.export_context)
         if insight is not None:
-            result = insight.result()
-            values = result[0]["data"] if result else []
+            values = insight.values()
         elif rec.dashboard is not None:
             board = seed.dashboard_by_id(rec.dashboard)
             indexes = board.insight_indexes() if board else []
-            values = [sum(s["count"] for s in Insight(board.project, i).result()) for i in indexes]
+            values = [Insight(board.project, i).total() for i in indexes] if board else []
         else:
             values = [100 + mix(key, k) % 900 for k in range(8)]
         return render.png_image(values, key)
     if fmt == render.XLSX:
-        plan = render.csv_plan(seed, rec.insight, rec.export_context, rec.csv_rows)
-        assert plan is not None
+        plan = tabular_plan(seed, rec)
+        assert not isinstance(plan, str), plan
         return render.xlsx_workbook(plan)
     if fmt == render.GIF:
         return render.gif_image(f"posthog stand-in export {rec.id}")
@@ -369,8 +415,8 @@ async def content_response(seed: Seed, rec: ExportRecord, download: bool) -> Res
     if download:
         headers["Content-Disposition"] = f'attachment; filename="{rec.filename}"'
     if rec.export_format == render.CSV:
-        plan = render.csv_plan(seed, rec.insight, rec.export_context, rec.csv_rows)
-        assert plan is not None
+        plan = tabular_plan(seed, rec)
+        assert not isinstance(plan, str), plan
         headers["Content-Length"] = str(plan.size)
         stream: AsyncIterator[bytes] = render.stream_bytes(plan.chunks())
         return StreamingResponse(stream, headers=headers)

@@ -1,13 +1,14 @@
-"""Fault injection rules and PostHog's per-key token-bucket throttles.
+"""Fault injection rules and PostHog's per-key throttles.
 
 Both are tiny state machines the app consults before running a handler: a matching fault rule
-replaces (or delays) the normal answer, and an empty bucket turns the request into a 429.
+replaces (or delays) the normal answer, and a full request log turns the request into a 429.
 """
 
 from __future__ import annotations
 
 import random
 import re
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -125,7 +126,9 @@ class FaultBook:
 
 # ---- throttling -----------------------------------------------------------------------------
 
-#: PostHog's throttle scopes and their default rates (posthog-api.md §4).
+#: PostHog's throttle scopes and their rates (``posthog/rate_limit.py``: ``BurstRateThrottle``,
+#: ``SustainedRateThrottle``, ``ClickHouseBurstRateThrottle``, ``ClickHouseSustainedRateThrottle``,
+#: ``HogQLQueryThrottle``).
 DEFAULT_RATES: dict[str, str] = {
     "burst": "480/minute",
     "sustained": "4800/hour",
@@ -145,40 +148,22 @@ def parse_rate(rate: str) -> tuple[int, float]:
     return count, float(_PERIODS[period[0]])
 
 
-@dataclass
-class TokenBucket:
-    """``capacity`` tokens refilled evenly over ``period_s``; one request takes one token."""
-
-    capacity: int
-    period_s: float
-    tokens: float
-    updated: float
-
-    def _refill(self, now: float) -> None:
-        rate = self.capacity / self.period_s
-        self.tokens = min(self.capacity, self.tokens + (now - self.updated) * rate)
-        self.updated = now
-
-    def wait(self, now: float) -> float:
-        """Seconds until a token is available (0 when one is available now)."""
-        self._refill(now)
-        if self.tokens >= 1:
-            return 0.0
-        return (1 - self.tokens) * self.period_s / self.capacity
-
-    def take(self) -> None:
-        self.tokens -= 1
-
-
 class RateLimiter:
-    """Per-key buckets for every throttle scope; a request passes only if all its scopes allow."""
+    """DRF's ``SimpleRateThrottle`` for every scope, per key ident: a log of request times.
+
+    ``allow_request`` drops the entries older than the window; the request fails if as many as
+    ``num_requests`` remain, else its time is recorded. ``APIView.check_throttles`` asks every
+    throttle of the view, so a request one scope refuses is still recorded by the scopes that
+    allow it, and the answer waits for the longest of the refusing scopes' ``wait()``.
+    """
 
     def __init__(self, overrides: dict[str, str] | None = None) -> None:
         self.rates: dict[str, tuple[int, float]] = {}
-        self.buckets: dict[tuple[str, str], TokenBucket] = {}
+        self.logs: dict[tuple[str, str], deque[float]] = {}
         self.configure(overrides or {})
 
     def configure(self, overrides: dict[str, str]) -> None:
+        """New rates; the logs stay (DRF keeps its history in the cache whatever the rate)."""
         unknown = set(overrides) - set(DEFAULT_RATES)
         if unknown:
             raise ValueError(
@@ -186,21 +171,23 @@ class RateLimiter:
             )
         merged = {**DEFAULT_RATES, **overrides}
         self.rates = {scope: parse_rate(rate) for scope, rate in merged.items()}
-        self.buckets.clear()
 
-    def check(self, ident: str, scopes: tuple[str, ...], now: float) -> float | None:
-        """Take a token from each scope's bucket, or return the wait (s) if any bucket is empty."""
-        buckets = []
+    def check(self, ident: str, scopes: tuple[str, ...], now: float) -> tuple[bool, float | None]:
+        """``(allowed, wait)``; ``wait`` is the longest refusing scope's wait in seconds, or
+        ``None`` when none of them can say (more requests logged than the rate now allows)."""
+        waits: list[float | None] = []
         for scope in scopes:
-            bucket = self.buckets.get((ident, scope))
-            if bucket is None:
-                capacity, period = self.rates[scope]
-                bucket = TokenBucket(capacity, period, float(capacity), now)
-                self.buckets[(ident, scope)] = bucket
-            buckets.append(bucket)
-        wait = max((b.wait(now) for b in buckets), default=0.0)
-        if wait > 0:
-            return max(wait, 1e-9)
-        for bucket in buckets:
-            bucket.take()
-        return None
+            num_requests, duration = self.rates[scope]
+            log = self.logs.setdefault((ident, scope), deque())
+            while log and log[0] <= now - duration:
+                log.popleft()
+            if len(log) >= num_requests:
+                available = num_requests - len(log) + 1
+                remaining = duration - (now - log[0])
+                waits.append(remaining / available if available > 0 else None)
+            else:
+                log.append(now)
+        if not waits:
+            return True, None
+        known = [w for w in waits if w is not None]
+        return False, max(known) if known else None

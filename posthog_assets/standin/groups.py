@@ -1,4 +1,4 @@
-"""Groups, group property definitions/values and group types (posthog-api.md §7, §11.15-16).
+"""Groups, group property definitions/values and group types (``ee/clickhouse/views/groups.py``).
 
 Group ``j`` of a type is created ``~j`` minutes before the seed epoch, so "newest first" is simply
 increasing ``j`` and a cursor position maps back to an index in O(1). Removed groups (control
@@ -29,7 +29,9 @@ from .group_seed import (
     property_value_counts,
     property_value_text,
 )
+from .hashing import mix
 from .pagination import Cursor, cursor_url, decode_cursor
+from .seed import base62_id
 
 PAGE_SIZE = 100
 PROPERTY_VALUES_LIMIT = 20
@@ -146,13 +148,26 @@ def _required(ctx: Ctx, name: str) -> str:
 
 
 async def find_group(ctx: Ctx) -> Response:
+    """One group by exact key. With PostHog's CRM feature flag on, finding a group also creates
+    a Notebook for it (once) and answers its short id: a read with a side effect."""
     type_index = _type_index(ctx)
     key = _required(ctx, "group_key")
     project = ctx.project
+    state = ctx.state
     j = group_index(project, type_index, key)
-    if j is None or j in ctx.state.removed(project.id, type_index):
+    if j is None or j in state.removed(project.id, type_index):
         raise errors.not_found()
-    return JSONResponse({**group_json(project, type_index, j), "notebook": None})
+    notebook = None
+    if state.config.crm_notebooks:
+        slot = (project.id, type_index, key)
+        notebook = state.notebooks.get(slot)
+        if notebook is None:
+            state.stats.notebooks_created += 1
+            notebook = base62_id(
+                mix(state.seed.seed, project.id, 41, type_index, j, state.stats.notebooks_created)
+            )
+            state.notebooks[slot] = notebook
+    return JSONResponse({**group_json(project, type_index, j), "notebook": notebook})
 
 
 def _removed_counts(ctx: Ctx, type_index: int, key: str) -> dict[str, int]:
@@ -189,9 +204,21 @@ async def property_definitions(ctx: Ctx) -> Response:
 
 
 async def property_values(ctx: Ctx) -> Response:
-    """Top 20 values of one property by count, optionally filtered by a substring."""
-    type_index = _type_index(ctx)
-    key = _required(ctx, "key")
+    """Top 20 values of one property by count, optionally filtered by a substring.
+
+    PostHog reads ``request.GET["group_type_index"]`` and ``request.GET["key"]`` directly, so a
+    missing one is an unhandled ``KeyError`` (500), and a non-integer index fails in ClickHouse
+    (500 too). The answer is a bare list, or ``{"results", "refreshing"}`` in the versions that
+    wrap it (``property_values_envelope``).
+    """
+    raw_index = ctx.query.get("group_type_index")
+    key = ctx.query.get("key")
+    if raw_index is None or key is None:
+        raise errors.server_error()
+    try:
+        type_index = int(raw_index)
+    except ValueError:
+        raise errors.server_error() from None
     needle = (ctx.query.get("value") or "").lower()
     project = ctx.project
     results: list[dict[str, Any]] = []
@@ -210,7 +237,10 @@ async def property_values(ctx: Ctx) -> Response:
                     if needle in name.lower():
                         results.append({"name": name, "count": 1})
                 j += 1
-    return JSONResponse({"results": results[:PROPERTY_VALUES_LIMIT], "refreshing": False})
+    results = results[:PROPERTY_VALUES_LIMIT]
+    if ctx.state.config.property_values_envelope:
+        return JSONResponse({"results": results, "refreshing": False})
+    return JSONResponse(results)
 
 
 async def list_group_types(ctx: Ctx) -> Response:

@@ -1,5 +1,6 @@
 """Insights list/retrieve with PostHog's refresh modes, per-insight cache and async query jobs
-(posthog-api.md §8, §11.17-20), plus ``GET /query/:id/`` polling.
+(``products/product_analytics/backend/api/insight.py``, ``posthog/hogql_queries/query_runner.py``),
+plus ``GET /query/:id/`` polling (``posthog/api/query.py``).
 
 Async jobs complete lazily: a job records when it will end, and whoever looks at it after that
 moment (a poll, a list, a retrieve) settles it and warms the cache. No background tasks needed.
@@ -7,9 +8,13 @@ moment (a poll, a list, a retrieve) settles it and warms the cache. No backgroun
 
 from __future__ import annotations
 
+import asyncio
 import csv
+import heapq
 import io
 import json
+import math
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
@@ -18,12 +23,14 @@ from starlette.responses import JSONResponse, Response
 from . import errors
 from .auth import Ctx
 from .hashing import mix
-from .pagination import limit_offset_page
+from .pagination import limit_offset, limit_offset_page
 from .seed import Insight, iso_z
 from .state import CLIENT_REFRESH_S, QueryJob, State, thresholds
 
 REFRESH_MODES = ("async", "blocking", "force_async", "force_blocking", "force_cache", "lazy_async")
 CONCURRENCY_LIMIT_MESSAGE = "concurrency_limit_exceeded"
+#: ``str(e)`` of the unexpected exception an injected calculation crash stands for.
+CRASH_MESSAGE = "Unexpected error while calculating the insight (injected crash)"
 
 
 def parse_refresh(ctx: Ctx) -> str:
@@ -60,14 +67,21 @@ def _query_response(insight: Insight, last_refresh: float, is_cached: bool) -> d
         "cache_key": insight.cache_key,
         "timezone": "UTC",
         "hogql": _hogql(insight),
-        "columns": None,
-        "types": None,
+        "columns": insight.result_columns(),
+        "types": insight.result_types(),
+        "hasMore": False if insight.kind == "hogql" else None,
         "query_status": None,
         "timings": [],
     }
 
 
-def _hogql(insight: Insight) -> str:
+def _hogql(insight: Insight) -> str | None:
+    """The HogQL the runner executed: the saved select of a HogQL insight, the trends query's
+    translation otherwise (none for an insight with nothing to query)."""
+    if insight.kind == "hogql":
+        return insight.hogql_text()
+    if insight.kind == "empty":
+        return None
     events = ", ".join(repr(e) for e in insight.events) or "'$pageview'"
     return (
         f"SELECT arrayMap(number -> plus(toStartOf{insight.interval.title()}(now()), number), "
@@ -148,8 +162,49 @@ def _start_job(state: State, insight: Insight, now: float) -> QueryJob:
     return job
 
 
-def evaluate(state: State, insight: Insight, mode: str, now: float) -> dict[str, Any]:
-    """The result fields of one insight under ``mode`` (the table of posthog-api.md §8.4)."""
+def _failed_result(
+    insight: Insight, message: str, last_refresh: float | None, client_query_id: str | None
+) -> dict[str, Any]:
+    """What ``InsightSerializer.insight_result`` returns when the calculation raised: HTTP 200,
+    no result, no cache key, and ``dict(QueryStatus(...))`` with only the error set (so
+    ``complete`` keeps its default, false; ``id`` is the request's ``client_query_id``)."""
+    return {
+        "result": None,
+        "last_refresh": _iso(last_refresh),
+        "cache_target_age": None,
+        "next_allowed_client_refresh": None,
+        "is_cached": False,
+        "query_status": {
+            "id": client_query_id,
+            "team_id": insight.project.id,
+            "insight_id": insight.id,
+            "dashboard_id": None,
+            "complete": False,
+            "error": True,
+            "error_message": message,
+            "results": None,
+            "query_async": True,
+            "start_time": None,
+            "pickup_time": None,
+            "end_time": None,
+            "expiration_time": None,
+            "task_id": None,
+            "labels": None,
+            "query_progress": None,
+        },
+        "hogql": None,
+        "columns": None,
+        "types": None,
+        "hasMore": None,
+        "filters_hash": None,
+    }
+
+
+async def evaluate(
+    state: State, insight: Insight, mode: str, now: float, client_query_id: str | None = None
+) -> dict[str, Any]:
+    """The result fields of one insight under ``mode`` (``QueryRunner.run`` and
+    ``handle_cache_and_async_logic`` in ``posthog/hogql_queries/query_runner.py``)."""
     job = settle(state, insight, now)
     running = job if job is not None and not job.complete(now) else None
     last = state.cache.get(insight)
@@ -157,17 +212,27 @@ def evaluate(state: State, insight: Insight, mode: str, now: float) -> dict[str,
     fresh = last is not None and now <= last + default_s
     lazily_fresh = last is not None and now <= last + lazy_s
 
+    def result_fields(at: float, is_cached: bool) -> dict[str, Any]:
+        response = _query_response(insight, at, is_cached)
+        return {
+            "result": response["results"],
+            "last_refresh": response["last_refresh"],
+            "cache_target_age": response["cache_target_age"],
+            "next_allowed_client_refresh": response["next_allowed_client_refresh"],
+            "is_cached": is_cached,
+            "query_status": None,
+            "hogql": response["hogql"],
+            "columns": response["columns"],
+            "types": response["types"],
+            "hasMore": response["hasMore"],
+            "filters_hash": insight.cache_key,
+        }
+
     def cached(status_job: QueryJob | None) -> dict[str, Any]:
         assert last is not None
-        return {
-            "result": insight.result(),
-            "last_refresh": _iso(last),
-            "cache_target_age": _iso(last + default_s),
-            "next_allowed_client_refresh": _iso(last + CLIENT_REFRESH_S),
-            "is_cached": True,
-            "query_status": job_status(state, status_job, now) if status_job else None,
-            "hogql": _hogql(insight),
-        }
+        body = result_fields(last, True)
+        body["query_status"] = job_status(state, status_job, now) if status_job else None
+        return body
 
     def miss(status_job: QueryJob | None) -> dict[str, Any]:
         return {
@@ -178,47 +243,32 @@ def evaluate(state: State, insight: Insight, mode: str, now: float) -> dict[str,
             "is_cached": False,
             "query_status": job_status(state, status_job, now) if status_job else None,
             "hogql": None,
+            "columns": None,
+            "types": None,
+            "hasMore": None,
+            "filters_hash": insight.cache_key,
         }
 
-    def compute() -> dict[str, Any]:
+    async def compute() -> dict[str, Any]:
+        delay = state.config.compute_delay_s
+        if delay > 0:
+            await asyncio.sleep(delay)  # the query runs; other requests carry on meanwhile
+        at = state.now()
         failure = _failure(state, insight)
         if failure is not None:
             kind, message = failure
-            if kind == "error":
+            if kind == "error":  # ExposedHogQLError and friends become a ValidationError
                 raise errors.validation_error(message or "Query failed.")
-            if kind == "crash":
-                raise errors.server_error()
-            body = miss(None)
-            body["query_status"] = {
-                "id": insight.cache_key,
-                "team_id": insight.project.id,
-                "insight_id": insight.id,
-                "dashboard_id": None,
-                "complete": True,
-                "error": True,
-                "error_message": message,
-                "results": None,
-                "query_async": False,
-                "start_time": _iso(now),
-                "end_time": _iso(now),
-            }
-            return body
-        state.cache.put(insight, now)
-        response = _query_response(insight, now, False)
-        return {
-            "result": response["results"],
-            "last_refresh": response["last_refresh"],
-            "cache_target_age": response["cache_target_age"],
-            "next_allowed_client_refresh": response["next_allowed_client_refresh"],
-            "is_cached": False,
-            "query_status": None,
-            "hogql": response["hogql"],
-        }
+            if kind == "concurrency":
+                return _failed_result(insight, CONCURRENCY_LIMIT_MESSAGE, at, client_query_id)
+            return _failed_result(insight, CRASH_MESSAGE, None, client_query_id)
+        state.cache.put(insight, at)
+        return result_fields(at, False)
 
     if mode == "force_blocking":
-        return compute()
+        return await compute()
     if mode == "blocking":
-        return cached(running) if fresh else compute()
+        return cached(running) if fresh else await compute()
     if mode == "force_async":
         return miss(_start_job(state, insight, now))
     if mode == "async":
@@ -230,7 +280,10 @@ def evaluate(state: State, insight: Insight, mode: str, now: float) -> dict[str,
         if last is None:
             return miss(_start_job(state, insight, now))
         return cached(running if lazily_fresh else _start_job(state, insight, now))
-    # force_cache: never calculates; a miss shows a running or failed job's status.
+    # force_cache never calculates. The older handle_cache_and_async_logic answers a bare
+    # CacheMissResponse (no status); newer versions attach a running or failed job's status.
+    if not state.config.force_cache_shows_running_job:
+        return cached(None) if last is not None else miss(None)
     if last is not None:
         return cached(running)
     failed = job if job is not None and job.complete(now) and job.outcome != "ok" else None
@@ -244,15 +297,14 @@ def _tiles(insight: Insight) -> list[dict[str, Any]]:
     ]
 
 
-def insight_json(state: State, insight: Insight, mode: str | None, now: float) -> dict[str, Any]:
-    """The InsightSerializer shape; ``mode=None`` is ``basic=true`` (metadata only)."""
+def _base_json(insight: Insight) -> dict[str, Any]:
     user = insight.created_by
-    body: dict[str, Any] = {
+    return {
         "id": insight.id,
         "short_id": insight.short_id,
         "name": insight.name,
         "derived_name": insight.derived_name,
-        "filters": {},
+        "filters": insight.filters(),
         "query": insight.query(),
         "order": None,
         "deleted": False,
@@ -269,27 +321,36 @@ def insight_json(state: State, insight: Insight, mode: str | None, now: float) -
         "last_modified_by": user,
         "last_viewed_at": None,
         "user_access_level": "editor",
-        "filters_hash": insight.cache_key,
     }
-    if mode is None:
-        settle(state, insight, now)
-        last = state.cache.get(insight)
-        body["last_refresh"] = _iso(last)
-        return body
-    body.update(evaluate(state, insight, mode, now))
+
+
+def basic_json(insight: Insight) -> dict[str, Any]:
+    """``InsightBasicSerializer``: metadata only; ``last_refresh`` is the model's own column,
+    which the query cache never writes (so it says nothing about the cached result)."""
+    body = _base_json(insight)
+    body["filters_hash"] = insight.cache_key
+    moment = insight.model_last_refresh
+    body["last_refresh"] = iso_z(moment) if moment is not None else None
+    return body
+
+
+async def insight_json(
+    state: State, insight: Insight, mode: str, now: float, client_query_id: str | None = None
+) -> dict[str, Any]:
+    """The InsightSerializer shape, with the result fields computed under ``mode``."""
+    body = _base_json(insight)
+    body.update(await evaluate(state, insight, mode, now, client_query_id))
+    table = insight.table()
     body.update(
         {
-            "hasMore": None,
-            "columns": None,
-            "types": None,
             "timezone": "UTC",
             "is_sample": False,
             "effective_restriction_level": 21,
             "effective_privilege_level": 37,
             "alerts": [],
             "resolved_date_range": {
-                "date_from": f"{insight.table().date(0)}T00:00:00Z",
-                "date_to": f"{insight.table().date(insight.points - 1)}T23:59:59Z",
+                "date_from": f"{table.date(0)}T00:00:00Z",
+                "date_to": f"{table.date(insight.points - 1)}T23:59:59Z",
             },
         }
     )
@@ -348,6 +409,96 @@ def _matching(ctx: Ctx) -> list[int] | range:
     return [i for i in candidates if all(check(i) for check in checks)]
 
 
+# ---- ordering -------------------------------------------------------------------------------
+
+#: Model fields ``?order=`` may name (Django ``order_by``), with each one's value per insight.
+ORDER_FIELDS: dict[str, Callable[[Insight], Any]] = {
+    "id": lambda i: i.id,
+    "pk": lambda i: i.id,
+    "short_id": lambda i: i.short_id,
+    "name": lambda i: i.name,
+    "derived_name": lambda i: i.derived_name,
+    "description": lambda i: i.description,
+    "created_at": lambda i: i.created_at,
+    "updated_at": lambda i: i.updated_at,
+    "last_modified_at": lambda i: i.updated_at,
+    "last_refresh": lambda i: i.model_last_refresh,
+    "order": lambda i: None,
+    "deleted": lambda i: False,
+    "saved": lambda i: i.saved,
+    "favorited": lambda i: i.favorited,
+    "created_by": lambda i: i.created_by["id"],
+}
+#: Fields whose value is the same for every seeded insight: ordering by them orders nothing.
+_CONSTANT_FIELDS = ("order", "deleted", "?")
+#: Above this many tied rows, a page's permutation is an affine map instead of a hash sort.
+_HASH_SORT_MAX = 200_000
+
+
+def _order_spec(ctx: Ctx) -> tuple[str, bool]:
+    """``(field, descending)`` from ``?order=``; the default is the ``order`` column, as in
+    ``order_queryset``. A name Django cannot resolve is a FieldError, i.e. a 500."""
+    raw = ctx.query.get("order") or ""
+    if not raw:
+        return "order", False
+    if raw == "?":
+        return "?", False  # Django's random ordering
+    descending = raw.startswith("-")
+    name = raw[1:] if descending else raw
+    if name not in ORDER_FIELDS:
+        raise errors.server_error()
+    return name, descending
+
+
+def _ordered_page(
+    ctx: Ctx, indexes: Sequence[int], order: tuple[str, bool], limit: int, offset: int
+) -> list[int]:
+    """The indexes of one page. Rows the ordering leaves tied come back in a per-query order
+    (a hash of the id, limit, offset and seed), as a database plan for that LIMIT/OFFSET may
+    return them: pages of one walk can overlap and skip rows. ``stable_default_order`` breaks
+    ties by id instead."""
+    field, descending = order
+    n = len(indexes)
+    if offset >= n:
+        return []
+    if field in ("id", "pk"):  # unique: no ties
+        ordered = indexes[::-1] if descending else indexes
+        return list(ordered[offset : offset + limit])
+    project = ctx.project
+    stable = ctx.state.config.stable_default_order and field != "?"
+    seed = ctx.state.seed.seed
+
+    def tie(i: int) -> int:
+        return i if stable else mix(project.insight_base + i + 1, limit, offset, seed)
+
+    if field in _CONSTANT_FIELDS:
+        if stable:
+            return list(indexes[offset : offset + limit])
+        if n > _HASH_SORT_MAX:
+            return _affine_page(indexes, limit, offset, seed)
+        return heapq.nsmallest(offset + limit, indexes, key=tie)[offset:]
+    value = ORDER_FIELDS[field]
+
+    def primary(i: int) -> tuple[int, Any]:
+        v = value(Insight(project, i))
+        return (1, 0) if v is None else (0, v)  # NULLS LAST ascending, NULLS FIRST descending
+
+    ordered = sorted(indexes, key=tie)
+    ordered.sort(key=primary, reverse=descending)  # stable: ties keep the hash order
+    return ordered[offset : offset + limit]
+
+
+def _affine_page(indexes: Sequence[int], limit: int, offset: int, seed: int) -> list[int]:
+    """Positions ``[offset, offset + limit)`` of a per-query permutation ``p -> a*p + b mod n``
+    (cheap for millions of rows, where hashing every row per request would not be)."""
+    n = len(indexes)
+    a = mix(limit, offset, seed, 1) % n or 1
+    while math.gcd(a, n) != 1:
+        a = a % n + 1
+    b = mix(limit, offset, seed, 2) % n
+    return [indexes[(a * p + b) % n] for p in range(offset, min(n, offset + limit))]
+
+
 # ---- CSV renderer ---------------------------------------------------------------------------
 
 
@@ -385,15 +536,23 @@ def _render(ctx: Ctx, data: dict[str, Any]) -> Response:
 
 async def list_insights(ctx: Ctx) -> Response:
     basic = _truthy(ctx.query.get("basic", "false"))
-    mode = None if basic else parse_refresh(ctx)
+    order = _order_spec(ctx)  # an unknown field fails before anything is read, like Django
     indexes = _matching(ctx)
-    now = ctx.now
-
-    def fetch(offset: int, limit: int) -> list[dict[str, Any]]:
-        page = indexes[offset : offset + limit]
-        return [insight_json(ctx.state, Insight(ctx.project, i), mode, now) for i in page]
-
-    return _render(ctx, limit_offset_page(ctx.request, len(indexes), fetch))
+    limit, offset = limit_offset(ctx.request)
+    page = _ordered_page(ctx, indexes, order, limit, offset)
+    project = ctx.project
+    if basic:
+        results = [basic_json(Insight(project, i)) for i in page]
+    else:
+        mode = parse_refresh(ctx)
+        client_query_id = ctx.query.get("client_query_id")
+        results = []
+        for i in page:  # one after another, as the serializer computes them
+            results.append(
+                await insight_json(ctx.state, Insight(project, i), mode, ctx.now, client_query_id)
+            )
+    body = limit_offset_page(ctx.request, len(indexes), lambda _offset, _limit: results)
+    return _render(ctx, body)
 
 
 def find_insight(ctx: Ctx, raw: str) -> Insight:
@@ -409,10 +568,11 @@ def find_insight(ctx: Ctx, raw: str) -> Insight:
 
 async def retrieve_insight(ctx: Ctx) -> Response:
     insight = find_insight(ctx, ctx.request.path_params["insight_id"])
-    basic = _truthy(ctx.query.get("basic", "false"))
-    return _render(
-        ctx, insight_json(ctx.state, insight, None if basic else parse_refresh(ctx), ctx.now)
-    )
+    if _truthy(ctx.query.get("basic", "false")):
+        return _render(ctx, basic_json(insight))
+    client_query_id = ctx.query.get("client_query_id")
+    body = await insight_json(ctx.state, insight, parse_refresh(ctx), ctx.now, client_query_id)
+    return _render(ctx, body)
 
 
 async def query_status(ctx: Ctx) -> Response:

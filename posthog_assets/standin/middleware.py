@@ -1,5 +1,5 @@
 """The ASGI layer in front of the routes: optional trailing slash, request log, in-flight
-counting, the environments ``Sunset`` header, and fault injection.
+counting, the environments deprecation headers, and fault injection.
 
 Dropped connections are real: uvicorn's ``receive`` is a bound method of its request cycle, whose
 ``transport`` we abort (no response bytes at all) or close after part of the body (the client
@@ -207,14 +207,25 @@ class ApiMiddleware:
     ) -> None:
         state = self.state
         path = entry["path"]
-        sunset = path.startswith("/api/environments/") and state.config.environments_sunset
+        extra: list[tuple[bytes, bytes]] = []
+        if path.startswith("/api/environments/") and state.config.environments_sunset:
+            # posthog/middleware.py rewrites the alias to /api/projects/ and marks it deprecated,
+            # pointing at the same resource under the canonical prefix.
+            successor = "/api/projects/" + path[len("/api/environments/") :]
+            query = scope.get("query_string", b"").decode("latin-1")
+            if query:
+                successor += f"?{query}"
+            extra = [
+                (b"deprecation", b"true"),
+                (b"sunset", SUNSET.encode()),
+                (b"link", f'<{successor}>; rel="successor-version"'.encode("latin-1")),
+            ]
 
         async def send_logged(message: Message) -> None:
             if message["type"] == "http.response.start":
                 entry["status"] = message["status"]
                 record()
-                if sunset:
-                    extra = [(b"sunset", SUNSET.encode()), (b"deprecation", b"true")]
+                if extra:
                     message = {**message, "headers": [*message.get("headers", []), *extra]}
             await send(message)
 

@@ -1,4 +1,5 @@
-"""DRF's two paginators as PostHog configures them (posthog-api.md §5).
+"""DRF's two paginators as PostHog configures them (``REST_FRAMEWORK`` in
+``posthog/settings/web.py``; ``GroupCursorPagination`` in ``ee/clickhouse/views/groups.py``).
 
 Limit/offset for exports, insights, dashboards and projects (default 100, no maximum); cursor
 pagination for groups (base64 of ``o``/``r``/``p`` tokens). ``next``/``previous`` are absolute URLs

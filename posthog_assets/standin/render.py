@@ -44,7 +44,6 @@ EXTENSIONS: dict[str, str] = {
 VIDEO_FORMATS = (WEBM, MP4, GIF)
 TABULAR_FORMATS = (CSV, XLSX)
 
-CSV_HEADER = ",".join(CSV_COLUMNS) + "\r\n"
 NO_DATA_CSV = "error\r\nNo data available or unable to format for export.\r\n"
 NO_DATA_TEXT = "No data available or unable to format for export."
 #: Rows per generated CSV chunk (about 0.3-1 MB of text).
@@ -53,7 +52,17 @@ CSV_CHUNK_ROWS = 20_000
 #: capped; CSV has no cap.
 XLSX_MAX_ROWS = 20_000
 
-_INSIGHT_PATH = re.compile(r"/api/(?:projects|environments)/[^/]+/insights/(\d+)")
+#: A legacy ``export_context.path`` naming one insight (either prefix, optional trailing slash,
+#: optional query string).
+_INSIGHT_PATH = re.compile(r"/api/(?:projects|environments)/([^/?]+)/insights/(\d+)/?(?:\?.*)?")
+#: ``str(KeyError("path"))``: what PostHog's tabular exporter records when the export has
+#: neither ``source`` nor ``path`` (``get_from_insights_api`` reads ``export_context["path"]``).
+MISSING_PATH = "'path'"
+DASHBOARD_TABULAR = (
+    "Exporting a dashboard to CSV or Excel is not supported. Export its insights instead."
+)
+#: Events named in a HogQL select, e.g. ``event IN ('$pageview', 'signed_up')`` or ``event = 'x'``.
+_HOGQL_EVENTS = re.compile(r"event\s*(?:=|IN\s*\()\s*((?:'[^']*'\s*,?\s*)+)", re.IGNORECASE)
 
 
 def slugify(value: str) -> str:
@@ -70,7 +79,8 @@ def filename_for(
     dashboard_name: str | None,
     insight: Insight | None,
 ) -> str:
-    """``<base>-<YYYY-mm-dd-HHMMSS>.<ext>`` with PostHog's choice of base (posthog-api.md §6.1)."""
+    """``<base>-<YYYY-mm-dd-HHMMSS>.<ext>`` with PostHog's choice of base (``filename`` of
+    ``ExportedAsset`` in ``products/exports/backend/models/exported_asset.py``)."""
     context_name = export_context.get("filename") if isinstance(export_context, dict) else None
     if context_name:
         base = slugify(context_name)
@@ -88,65 +98,116 @@ def filename_for(
 
 @dataclass(frozen=True)
 class CsvPlan:
-    """The rows a CSV/XLSX export renders: a trends table cut to ``rows`` rows."""
+    """The rows a CSV/XLSX export renders: a table cut to ``rows`` rows under ``header``."""
 
     table: TrendTable
     rows: int
+    header: tuple[str, ...] = CSV_COLUMNS
+
+    @property
+    def header_line(self) -> str:
+        return ",".join(self.header) + "\r\n"
 
     @property
     def size(self) -> int:
         if self.rows == 0:
             return len(NO_DATA_CSV)
-        return len(CSV_HEADER) + self.table.rows_bytes(self.rows)
+        return len(self.header_line) + self.table.rows_bytes(self.rows)
 
     def chunks(self) -> Iterator[bytes]:
         if self.rows == 0:
             yield NO_DATA_CSV.encode()
             return
-        yield CSV_HEADER.encode()
+        yield self.header_line.encode()
         for start in range(0, self.rows, CSV_CHUNK_ROWS):
             yield self.table.csv_lines(start, min(self.rows, start + CSV_CHUNK_ROWS)).encode()
 
 
 def source_insight(seed: Seed, insight_id: int | None, export_context: Any) -> Insight | None:
-    """The insight whose rows an export shows: its ``insight`` or a legacy ``path`` to one."""
+    """The insight whose picture an image export shows: its ``insight`` or a ``path`` to one."""
     if insight_id is not None:
         return seed.insight_by_id(insight_id)
     path = export_context.get("path") if isinstance(export_context, dict) else None
-    match = _INSIGHT_PATH.search(path) if isinstance(path, str) else None
-    return seed.insight_by_id(int(match.group(1))) if match else None
+    match = _INSIGHT_PATH.fullmatch(path) if isinstance(path, str) else None
+    return seed.insight_by_id(int(match.group(2))) if match else None
+
+
+def _insight_plan(insight: Insight, csv_rows: int | None) -> CsvPlan:
+    rows = insight.row_count if csv_rows is None else csv_rows
+    labels = insight.table().labels or ("$pageview",)  # forced rows of an empty insight
+    return CsvPlan(insight.table(labels), rows, insight.table_header)
+
+
+def _clean(label: str) -> str:
+    return re.sub(r"[,\"\r\n]", "_", label)
+
+
+def _source_plan(seed: Seed, source: dict[str, Any], csv_rows: int | None) -> CsvPlan:
+    """A generic table for a query node: trends rows for a TrendsQuery (or an InsightVizNode
+    around one), ``event,day,count`` rows for HogQL (a DataTableNode around one, too)."""
+    node = source
+    if node.get("kind") in ("InsightVizNode", "DataTableNode", "DataVisualizationNode"):
+        inner = node.get("source")
+        node = inner if isinstance(inner, dict) else {}
+    header: tuple[str, ...] = CSV_COLUMNS
+    events: tuple[str, ...] = ()
+    if node.get("kind") == "HogQLQuery":
+        header = ("event", "day", "count")
+        match = _HOGQL_EVENTS.search(str(node.get("query") or ""))
+        if match:
+            events = tuple(re.findall(r"'([^']*)'", match.group(1)))
+    else:
+        series = node.get("series")
+        events = tuple(
+            str(s.get("event"))
+            for s in (series if isinstance(series, list) else [])
+            if isinstance(s, dict) and s.get("event")
+        )
+    labels = tuple(_clean(e) for e in events) or ("$pageview",)
+    table = TrendTable(labels, start_offset=9000, step_days=1, key=mix(seed.seed, 77))
+    return CsvPlan(table, len(labels) * 8 if csv_rows is None else csv_rows, header)
 
 
 def csv_plan(
-    seed: Seed, insight_id: int | None, export_context: Any, csv_rows: int | None
-) -> CsvPlan | None:
-    """``None`` when there is nothing to read rows from (the export then fails)."""
-    insight = source_insight(seed, insight_id, export_context)
-    if insight is not None:
-        rows = insight.row_count if csv_rows is None else csv_rows
-        return CsvPlan(insight.table(insight.labels or ("$pageview",)), rows)
-    source = export_context.get("source") if isinstance(export_context, dict) else None
-    if isinstance(source, dict):
-        # A query export: series events from a TrendsQuery-like source, else one generic series.
-        events = tuple(
-            str(s.get("event"))
-            for s in source.get("series", [])
-            if isinstance(s, dict) and s.get("event")
-        ) or ("$pageview",)
-        labels = tuple(re.sub(r"[,\"\r\n]", "_", e) for e in events)
-        table = TrendTable(labels, start_offset=9000, step_days=1, key=mix(seed.seed, 77))
-        return CsvPlan(table, len(labels) * 8 if csv_rows is None else csv_rows)
-    return None
+    seed: Seed,
+    project_id: int,
+    insight_id: int | None,
+    dashboard_id: int | None,
+    export_context: Any,
+    csv_rows: int | None,
+) -> CsvPlan | str:
+    """The rows of a CSV/XLSX export, or the ``exception`` text it ends with.
 
-
-def tabular_failure(dashboard: int | None, plan: CsvPlan | None) -> str | None:
-    if plan is not None:
-        return None
-    if dashboard is not None:
-        return (
-            "Exporting a dashboard to CSV or Excel is not supported. Export its insights instead."
-        )
-    return "This export has no insight, query source or path to read rows from."
+    Follows ``_export_to_dict`` in PostHog's ``products/exports/backend/tasks/csv_exporter.py``:
+    a ``source`` query is run (here: the linked insight's table if there is one, else a generic
+    table for the node); without one, ``get_from_insights_api`` reads ``export_context["path"]``,
+    so an export that has neither fails with the ``KeyError`` text ``'path'``, even when it names
+    an insight.
+    """
+    if dashboard_id is not None and insight_id is None:
+        return DASHBOARD_TABULAR
+    context = export_context if isinstance(export_context, dict) else {}
+    source = context.get("source")
+    if source:
+        insight = seed.insight_by_id(insight_id) if insight_id is not None else None
+        if insight is not None:
+            return _insight_plan(insight, csv_rows)
+        if not isinstance(source, dict):
+            return f"Invalid query source: expected an object, got {type(source).__name__}"
+        return _source_plan(seed, source, csv_rows)
+    if "path" not in context:
+        return MISSING_PATH
+    path = context["path"]
+    match = _INSIGHT_PATH.fullmatch(path) if isinstance(path, str) else None
+    insight = seed.insight_by_id(int(match.group(2))) if match else None
+    if (
+        match is None
+        or insight is None
+        or insight.project.id != project_id
+        or match.group(1) not in (str(project_id), "@current")
+    ):
+        return f"404 Client Error: Not Found for url: {path}"
+    return _insight_plan(insight, csv_rows)
 
 
 async def stream_bytes(chunks: Iterator[bytes]) -> AsyncIterator[bytes]:
@@ -227,7 +288,7 @@ def xlsx_workbook(plan: CsvPlan) -> bytes:
         sheet.append(["error"])
         sheet.append([NO_DATA_TEXT])
     else:
-        sheet.append(list(CSV_COLUMNS))
+        sheet.append(list(plan.header))
         for row in plan.table.iter_rows(min(plan.rows, XLSX_MAX_ROWS)):
             sheet.append(list(row))
     fixed = datetime(2026, 1, 1)

@@ -35,7 +35,7 @@ class Options:
     group_types: int = 3
     groups: int = 250
     seed: int = 0
-    rate_limits: bool = False
+    rate_limits: bool = True
     export_delay: float = 0.0
     log_level: str = "warning"
 

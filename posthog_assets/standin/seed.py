@@ -13,7 +13,7 @@ from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from .hashing import mix
-from .trends import DATE_ORIGIN, TrendTable
+from .trends import CSV_COLUMNS, DATE_ORIGIN, TrendTable
 
 #: Anchor of every seeded timestamp, so data does not drift with the wall clock.
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
@@ -58,6 +58,21 @@ _BREAKDOWN_URLS = (
     "https://app.example.com/onboarding/invite-your-team?step=3",
 )
 _DASHBOARD_NAMES = ("Growth", "Product health", "Revenue", "Onboarding", "Retention")
+
+#: What an insight is saved as, by index ``i`` (the first rule that matches wins):
+#: ``i % 40 == 39`` "empty" (no query, empty legacy filters: nothing a tabular export can use),
+#: ``i % 10 == 9`` "hogql" (a DataTableNode over a HogQLQuery; the result is rows and columns),
+#: ``i % 10 == 7`` "legacy" (only legacy ``filters``, no query; the result is trends-shaped),
+#: else "trends" (an InsightVizNode over a TrendsQuery).
+INSIGHT_KINDS = ("trends", "legacy", "hogql", "empty")
+INSIGHT_KIND_RULES = {
+    "empty": "i % 40 == 39",
+    "hogql": "i % 10 == 9",
+    "legacy": "i % 10 == 7",
+    "trends": "otherwise",
+}
+#: ``types`` of a HogQL result: ``[name, ClickHouse type]`` per column.
+_HOGQL_TYPES = ("String", "Date", "UInt64")
 
 #: Base-62 alphabet and space of 8-character short ids.
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -153,9 +168,22 @@ class Insight:
         return 5 if self.interval == "week" else 8
 
     @property
+    def kind(self) -> str:
+        """How the insight is saved; see :data:`INSIGHT_KINDS`."""
+        i = self.index
+        if i % 40 == 39:
+            return "empty"
+        if i % 10 == 9:
+            return "hogql"
+        if i % 10 == 7:
+            return "legacy"
+        return "trends"
+
+    @property
     def events(self) -> tuple[str, ...]:
-        """Series events; every 23rd insight has none, so its CSV is the "No data" table."""
-        if self.index % 23 == 22:
+        """Series events; every 23rd insight (and every "empty" one) has none, so its CSV is the
+        "No data" table."""
+        if self.index % 23 == 22 or self.kind == "empty":
             return ()
         first = self._h % len(_EVENTS)
         return tuple(_EVENTS[(first + k) % len(_EVENTS)] for k in range(1 + self.index % 3))
@@ -210,28 +238,62 @@ class Insight:
         return self.created_at + timedelta(hours=6)
 
     @property
+    def model_last_refresh(self) -> datetime | None:
+        """The insight row's own ``last_refresh`` column (what ``basic=true`` reports): written
+        by the old caching code long ago, never by the query cache; null for every sixth."""
+        if self.index % 6 == 5:
+            return None
+        return self.updated_at + timedelta(minutes=30 + self.index % 60)
+
+    @property
     def cache_key(self) -> str:
         """PostHog's ``filters_hash``; also the id of async query jobs for this insight."""
         return f"cache_{mix(self.project.seed, self.id, 99):016x}{mix(self.id, 98):016x}"
 
     def table(self, labels: tuple[str, ...] | None = None) -> TrendTable:
-        """This insight's rows; ``labels`` overrides the series (used for forced CSV row counts)."""
+        """This insight's rows; ``labels`` overrides the series (used for forced CSV row counts).
+
+        Trends-shaped insights label a series ``<event> - <breakdown value>``; a HogQL insight's
+        rows are ``(event, day, count)``, so its labels are the bare events.
+        """
         step = 7 if self.interval == "week" else 1
         end = EPOCH.date() - timedelta(days=self.index % 10)
         start = end - timedelta(days=step * (self.points - 1))
+        if labels is None:
+            labels = self.events if self.kind == "hogql" else self.labels
         return TrendTable(
-            labels=self.labels if labels is None else labels,
+            labels=labels,
             start_offset=(start - DATE_ORIGIN).days,
             step_days=step,
             key=self._h,
         )
 
     @property
+    def table_header(self) -> tuple[str, ...]:
+        """Column names of a tabular export of this insight."""
+        return self.columns if self.kind == "hogql" else CSV_COLUMNS
+
+    @property
     def row_count(self) -> int:
         return len(self.events) * self.points
 
-    def result(self) -> list[dict[str, Any]]:
-        """The trends result: one series dict per event, like PostHog's TrendsQuery response."""
+    def values(self) -> list[int]:
+        """The first series' counts (what a chart of the insight shows most prominently)."""
+        if not self.events:
+            return []
+        table = self.table()
+        return [table.value(0, d) for d in range(self.points)]
+
+    def total(self) -> int:
+        """Sum of every count in the result."""
+        table = self.table()
+        return sum(table.value(s, d) for s in range(len(self.events)) for d in range(self.points))
+
+    def result(self) -> list[Any]:
+        """The computed result: trends series dicts (like a TrendsQuery response) for "trends" and
+        "legacy" insights, row lists for "hogql" ones, an empty list for "empty" ones."""
+        if self.kind == "hogql":
+            return [list(row) for row in self.table().iter_rows(self.row_count)]
         table = self.table()
         days = [table.date(d) for d in range(self.points)]
         labels = [_day_label(date.fromisoformat(d)) for d in days]
@@ -257,7 +319,44 @@ class Insight:
             )
         return series
 
-    def query(self) -> dict[str, Any]:
+    @property
+    def columns(self) -> tuple[str, ...]:
+        """HogQL result columns (only meaningful for "hogql" insights)."""
+        return ("event", self.interval, "count")
+
+    def result_columns(self) -> list[str] | None:
+        """``columns`` of a computed result: set for HogQL results only."""
+        return list(self.columns) if self.kind == "hogql" else None
+
+    def result_types(self) -> list[list[str]] | None:
+        """``types`` of a computed result: ``[name, type]`` pairs for HogQL results only."""
+        if self.kind != "hogql":
+            return None
+        return [[name, kind] for name, kind in zip(self.columns, _HOGQL_TYPES, strict=True)]
+
+    def hogql_text(self) -> str:
+        """The HogQL select of a "hogql" insight."""
+        step = "Week" if self.interval == "week" else "Day"
+        if self.events:
+            where = "event IN (" + ", ".join(f"'{e}'" for e in self.events) + ")"
+        else:
+            where = "false"
+        return (
+            f"SELECT event, toStartOf{step}(timestamp) AS {self.interval}, count() AS count "
+            f"FROM events WHERE {where} AND timestamp >= now() - INTERVAL {self.points} "
+            f"{self.interval.upper()} GROUP BY event, {self.interval} ORDER BY {self.interval} ASC"
+        )
+
+    def query(self) -> dict[str, Any] | None:
+        """The saved query: null for "legacy" and "empty" insights."""
+        kind = self.kind
+        if kind in ("legacy", "empty"):
+            return None
+        if kind == "hogql":
+            return {
+                "kind": "DataTableNode",
+                "source": {"kind": "HogQLQuery", "query": self.hogql_text()},
+            }
         return {
             "kind": "InsightVizNode",
             "source": {
@@ -270,6 +369,23 @@ class Insight:
                 "dateRange": {"date_from": f"-{self.points - 1}{self.interval[0]}"},
                 "breakdownFilter": {"breakdown": "$current_url", "breakdown_type": "event"},
             },
+        }
+
+    def filters(self) -> dict[str, Any]:
+        """The legacy ``filters``: set for "legacy" insights only (query-based ones answer {})."""
+        if self.kind != "legacy":
+            return {}
+        return {
+            "insight": "TRENDS",
+            "events": [
+                {"id": e, "type": "events", "order": k, "name": e, "math": "total"}
+                for k, e in enumerate(self.events)
+            ],
+            "interval": self.interval,
+            "date_from": f"-{self.points - 1}{self.interval[0]}",
+            "breakdown": "$current_url",
+            "breakdown_type": "event",
+            "display": "ActionsLineGraph",
         }
 
 
@@ -360,6 +476,16 @@ class Seed:
 def encode_short_id(insight_id: int, seed: int) -> str:
     """8 base-62 characters, a bijection of the id (so lookups need no table)."""
     x = (insight_id * _SHORT_MULT + mix(seed, 5)) % _SHORT_SPACE
+    chars = []
+    for _ in range(8):
+        x, rem = divmod(x, 62)
+        chars.append(_B62[rem])
+    return "".join(reversed(chars))
+
+
+def base62_id(value: int) -> str:
+    """8 base-62 characters of ``value`` (e.g. a notebook's short id)."""
+    x = value % _SHORT_SPACE
     chars = []
     for _ in range(8):
         x, rem = divmod(x, 62)

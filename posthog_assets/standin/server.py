@@ -44,7 +44,7 @@ class StandinProcess:
         dashboards: int = 3,
         key: str = DEFAULT_KEY,
         project_id: int = 1,
-        rate_limits: bool = False,
+        rate_limits: bool = True,
         export_delay: float = 0.0,
         seed: int = 0,
         host: str = "127.0.0.1",
@@ -59,7 +59,7 @@ class StandinProcess:
             "--insights", str(insights), "--groups", str(groups),
             "--group-types", str(group_types), "--dashboards", str(dashboards),
             "--seed", str(seed), "--export-delay", str(export_delay),
-            *(["--rate-limits"] if rate_limits else []),
+            "--rate-limits" if rate_limits else "--no-rate-limits",
             *extra_args,
         ]  # fmt: skip
         self.startup_timeout = startup_timeout

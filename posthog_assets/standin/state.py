@@ -19,7 +19,8 @@ from typing import Any
 from .faults import FaultBook, RateLimiter
 from .seed import Insight, Seed
 
-#: Freshness thresholds per interval: (default, lazy) seconds (posthog-api.md §8.4).
+#: Freshness thresholds per interval: (default, lazy) seconds (``posthog/caching/utils.py``,
+#: ``staleness_threshold_map`` and its lazy twin).
 _THRESHOLDS: dict[str, tuple[float, float]] = {
     "minute": (300, 900),
     "hour": (3600, 7200),
@@ -39,23 +40,34 @@ def thresholds(interval: str) -> tuple[float, float]:
 
 @dataclass
 class Config:
-    """Behaviour switches: ``POST /_standin/config`` overrides them, reset restores these."""
+    """Behaviour switches: ``POST /_standin/config`` overrides them, reset restores these.
+
+    The defaults are PostHog Cloud's behaviour; the kinder variants are opt-in.
+    """
 
     export_delay_s: float = 0.0
     export_delay_by_format: dict[str, float] = field(default_factory=dict)
+    export_delay_by_target: dict[str, float] = field(default_factory=dict)
+    export_post_held: bool = True
     video_delay_s: float = 2.0
-    content_redirect: bool = False
+    content_redirect: bool = True
+    content_not_ready_status: int = 404
     presign_ttl_s: float = 3600.0
     stuck_threshold_s: float = 630.0
     stuck_threshold_video_s: float = 4530.0
     csv_rows: int | None = None
     async_delay_s: float = 0.5
+    compute_delay_s: float = 0.0
     query_fail_insights: dict[int, str | None] = field(default_factory=dict)
     query_crash_insights: list[int] = field(default_factory=list)
     concurrency_limit_insights: list[int] = field(default_factory=list)
-    rate_limits: bool = False
+    force_cache_shows_running_job: bool = False
+    stable_default_order: bool = False
+    rate_limits: bool = True
     rate_limit_overrides: dict[str, str] = field(default_factory=dict)
     environments_sunset: bool = True
+    crm_notebooks: bool = True
+    property_values_envelope: bool = False
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -65,8 +77,10 @@ class Config:
     def apply(self, data: dict[str, Any]) -> None:
         """Validate and apply overrides; raises ``ValueError`` naming the bad field."""
         floats = ("export_delay_s", "video_delay_s", "presign_ttl_s", "stuck_threshold_s",
-                  "stuck_threshold_video_s", "async_delay_s")  # fmt: skip
-        bools = ("content_redirect", "rate_limits", "environments_sunset")
+                  "stuck_threshold_video_s", "async_delay_s", "compute_delay_s")  # fmt: skip
+        bools = ("content_redirect", "rate_limits", "environments_sunset", "export_post_held",
+                 "force_cache_shows_running_job", "stable_default_order", "crm_notebooks",
+                 "property_values_envelope")  # fmt: skip
         id_lists = ("query_crash_insights", "concurrency_limit_insights")
         for name, value in data.items():
             if name in floats:
@@ -79,6 +93,20 @@ class Config:
                 setattr(self, name, [int(v) for v in value])
             elif name == "export_delay_by_format":
                 self.export_delay_by_format = {str(k): _number(name, v) for k, v in value.items()}
+            elif name == "export_delay_by_target":
+                targets = {str(k): _number(name, v) for k, v in value.items()}
+                for target in targets:
+                    kind, _, ident = target.partition(":")
+                    if kind not in ("insight", "dashboard") or not ident.isdigit():
+                        raise ValueError(
+                            f"export_delay_by_target keys look like 'insight:<id>' or "
+                            f"'dashboard:<id>', not {target!r}"
+                        )
+                self.export_delay_by_target = targets
+            elif name == "content_not_ready_status":
+                if value not in (404, 425) or isinstance(value, bool):
+                    raise ValueError("content_not_ready_status must be 404 or 425")
+                self.content_not_ready_status = value
             elif name == "csv_rows":
                 if value is not None and (not isinstance(value, int) or value < 0):
                     raise ValueError("csv_rows must be a non-negative integer or null")
@@ -205,6 +233,7 @@ class InsightCache:
 @dataclass
 class Stats:
     exports_created: int = 0
+    notebooks_created: int = 0
     faults_fired: int = 0
     throttled_429: int = 0
     in_flight: int = 0
@@ -239,6 +268,8 @@ class State:
         self.cache = InsightCache()
         self.jobs: dict[str, QueryJob] = {}
         self.removed_groups: dict[tuple[int, int], set[int]] = {}
+        #: Notebooks ``groups/find`` created: (project, type index, group key) -> short id.
+        self.notebooks: dict[tuple[int, int, str], str] = {}
         self.faults = FaultBook()
         self.limiter = RateLimiter(self.config.rate_limit_overrides)
         self.log: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_MAX)
