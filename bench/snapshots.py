@@ -444,8 +444,7 @@ def request_economy(insights: int, workdir: Path) -> dict[str, Any]:
             "POSTHOG_ASSETS_DUCKDB": str(folder / "economy.duckdb"),
             "POSTHOG_ASSETS_RATE_LIMIT_DIR": str(folder / "gates"),
         }
-        os.environ.update({k: env[k] for k in ("POSTHOG_PERSONAL_API_KEY",
-                                               "POSTHOG_ASSETS_RATE_LIMIT_DIR")})
+        os.environ.update({k: v for k, v in env.items() if k.startswith("POSTHOG")})
         settings = load_settings(config, env=env)
         defs = build_posthog_snapshot_definitions(settings)
         control.clear_requests_log()

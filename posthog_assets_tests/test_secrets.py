@@ -124,7 +124,7 @@ def secret_runs(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactor
     control.reset()
     control.add_key(SECRET_KEY, scopes=["*"])
     control.add_key(LIMITED_KEY, scopes=["insight:read"])  # exports and groups: 403
-    control.configure(content_redirect=True)  # downloads hop to "object storage"
+    control.configure(content_redirect=True)  # as on PostHog Cloud: downloads hop to storage
     env = {
         **os.environ,
         **standin_env(standin, root),
