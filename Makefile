@@ -12,7 +12,7 @@ export DAGSTER_HOME ?= $(CURDIR)/.dagster_home
 # dg wants the project's venv to be the active one.
 DG := VIRTUAL_ENV=$(CURDIR)/$(VENV) PATH=$(CURDIR)/$(VENV)/bin:$$PATH $(VENV)/bin/dg
 
-.PHONY: install demo test lint ui bench check-defs clean system-deps
+.PHONY: install demo test test-quick lint ui bench check-defs clean system-deps
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -30,25 +30,34 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	cp dagster.yaml $@
 
 demo: install
-	$(VENV)/bin/python -m posthog_assets.demo
+	$(VENV)/bin/python -m posthog_assets.local.demo
+
+# Two workers: most of the suite waits on the stand-in, PostHog-style renders and Dagster runs.
+# The UI and daemon tests share one `dg dev` and stay on one worker (xdist group).
+PYTEST := $(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup
 
 test: install system-deps
 	$(VENV)/bin/ruff check posthog_assets posthog_assets_tests bench
-	$(VENV)/bin/python -m pytest -q posthog_assets_tests
+	$(PYTEST) posthog_assets_tests
 	$(DG) check defs
 	$(VENV)/bin/dagster definitions validate -w workspace.yaml
+
+# The first two tiers only (unit, integration against the stand-in): about a minute.
+test-quick: install
+	$(PYTEST) -m "unit or integration" posthog_assets_tests
 
 # The Dagster UI with the daemon (schedules, sensors, queued runs) on http://127.0.0.1:3000, against
 # the local stand-in unless POSTHOG_HOST is set. Ctrl-C stops everything it started.
 ui: install
-	$(VENV)/bin/python -m posthog_assets.ui
+	$(VENV)/bin/python -m posthog_assets.local.ui
 
-# Debian's chromium (browser test) and postgresql (deploy/ Postgres test), installed only when
-# missing. Without root or sudo they are left out, and those tests skip saying why.
+# Debian's chromium (browser test; Playwright's driver also needs libatomic1) and postgresql
+# (deploy/ Postgres test), installed only when missing. Without root or sudo they are left out, and those tests skip saying why.
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	dpkg -s postgresql >/dev/null 2>&1 || missing="$$missing postgresql"; \
+	dpkg -s libatomic1 >/dev/null 2>&1 || missing="$$missing libatomic1"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
 	  echo "system-deps: no apt-get here; install$$missing yourself, or those tests skip"; exit 0; fi; \

@@ -34,7 +34,7 @@ import requests
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' helpers
 
 from posthog_assets.standin.server import StandinControl, StandinProcess  # noqa: E402
-from posthog_assets_tests.reliability_support import (  # noqa: E402
+from posthog_assets_tests.support.reliability import (  # noqa: E402
     ALL_FAMILIES,
     CHAOS_KINDS,
     World,
@@ -108,9 +108,7 @@ def file_findings(
         md = metadata.get(name)
         if md is None:
             continue
-        url = (
-            f"{standin.url}/api/projects/{standin.project_id}/exports/{md['export_id']}/content/"
-        )
+        url = f"{standin.url}/api/projects/{standin.project_id}/exports/{md['export_id']}/content/"
         server = requests.get(url, headers=headers, timeout=120).content
         corrupt += int(Path(md["path"]).read_bytes() != server)
     return {
@@ -132,9 +130,10 @@ def main() -> int:
     yaml_text = QUICK_YAML if args.quick else BENCH_YAML
 
     rows: list[dict[str, Any]] = []
-    with tempfile.TemporaryDirectory(prefix="posthog-chaos-") as tmp, StandinProcess(
-        key=KEY, insights=1200, groups=1200, group_types=3
-    ) as standin:
+    with (
+        tempfile.TemporaryDirectory(prefix="posthog-chaos-") as tmp,
+        StandinProcess(key=KEY, insights=1200, groups=1200, group_types=3) as standin,
+    ):
         control = StandinControl(standin.url)
         control.reset()
         progress("fault-free reference run")

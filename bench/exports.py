@@ -26,9 +26,10 @@ import dagster as dg
 import psutil
 import requests
 
-from posthog_assets.client import PostHogClient
-from posthog_assets.config import ExportConfig, GroupsConfig, InsightsConfig, ResolvedProject
-from posthog_assets.exports import build_posthog_export_assets
+from posthog_assets.api.client import PostHogClient
+from posthog_assets.config import ExportConfig, ProjectConfig
+from posthog_assets.exports.assets import build_posthog_export_assets
+from posthog_assets.exports.runner import tabular_context
 from posthog_assets.resources import PostHogResource
 from posthog_assets.standin.server import StandinProcess
 
@@ -40,21 +41,14 @@ def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def _project(n: int) -> ResolvedProject:
+def _project(n: int) -> ProjectConfig:
     exports = tuple(
         ExportConfig(name=f"chart_{i:02d}", insight=1 + i, export_format="image/png")
         for i in range(n)
     )
-    return ResolvedProject(
-        name="default",
-        host=None,
-        project_id=None,
-        api_key_env="POSTHOG_PERSONAL_API_KEY",
-        exports=exports,
-        insights=InsightsConfig(),
-        groups=GroupsConfig(),
-        is_default=True,
-    )
+    project = ProjectConfig(name="default", exports=list(exports))
+    project._is_default = True  # the default project: resource key "posthog"
+    return project
 
 
 def run_exports(standin: StandinProcess, n: int, export_dir: Path) -> float:
@@ -119,7 +113,8 @@ def big_csv_export(standin: StandinProcess, client: PostHogClient, target_mb: in
     """Create a CSV export of about ``target_mb`` MB; return its id."""
     ctl = standin.control
     ctl.configure(csv_rows=10_000)
-    probe = client.create_export("text/csv", insight=2)
+    source = tabular_context(client.get_insight(2, basic=True), client.project_id)
+    probe = client.create_export("text/csv", insight=2, export_context=source)
     head = requests.head(
         client.url(f"exports/{probe['id']}/content/"),
         headers={"Authorization": f"Bearer {standin.key}"},
@@ -134,7 +129,7 @@ def big_csv_export(standin: StandinProcess, client: PostHogClient, target_mb: in
         )
     rows = int(10_000 * target_mb * MB / max(size, 1))
     ctl.configure(csv_rows=rows)
-    export = client.create_export("text/csv", insight=2)
+    export = client.create_export("text/csv", insight=2, export_context=source)
     ctl.configure(csv_rows=None)
     return int(export["id"])
 
@@ -154,7 +149,7 @@ def main() -> None:
     try:
         ctl = standin.control
         ctl.reset()
-        ctl.configure(export_post_held=False, export_delay_s=args.render_s)
+        ctl.configure(export_delay_s=args.render_s)  # PostHog holds each POST until rendered
         run_exports(standin, 1, tmp / "warmup")  # imports, first-run costs
         wall_1 = run_exports(standin, 1, tmp / "one")
         progress(f"1 export: {wall_1:.2f}s")

@@ -131,7 +131,7 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
 
     from posthog_assets.config import load_settings
     from posthog_assets.resources import PostHogResource, build_resources
-    from posthog_assets.snapshots import build_posthog_snapshot_definitions
+    from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
 
     work = Path(args.workdir)
     config = work / "posthog_assets.yaml"
@@ -219,7 +219,9 @@ def child_plain(args: argparse.Namespace) -> dict[str, Any]:
 
     def group_row(g: dict[str, Any]) -> tuple[Any, ...]:
         return (
-            g["group_type_index"], g["group_key"], json.dumps(g.get("group_properties")),
+            g["group_type_index"],
+            g["group_key"],
+            json.dumps(g.get("group_properties")),
             g.get("created_at"),
         )
 
@@ -258,11 +260,13 @@ def child_plain(args: argparse.Namespace) -> dict[str, Any]:
     conn.execute("CREATE SCHEMA IF NOT EXISTS plain")
     conn.execute(
         "CREATE OR REPLACE TABLE plain.insights ("
-        + ", ".join(f"{c} {t}" for c, t in INSIGHT_COLUMNS.items()) + ")"
+        + ", ".join(f"{c} {t}" for c, t in INSIGHT_COLUMNS.items())
+        + ")"
     )
     conn.execute(
         "CREATE OR REPLACE TABLE plain.groups ("
-        + ", ".join(f"{c} {t}" for c, t in GROUP_COLUMNS.items()) + ")"
+        + ", ".join(f"{c} {t}" for c, t in GROUP_COLUMNS.items())
+        + ")"
     )
     n_insights = _plain_insert(conn, "plain.insights", INSIGHT_COLUMNS, insights)
     n_groups = _plain_insert(conn, "plain.groups", GROUP_COLUMNS, groups)
@@ -295,7 +299,9 @@ def _dlt_config(args: argparse.Namespace, *, warmup: bool = False) -> dict[str, 
             {
                 "name": "group_types",
                 "endpoint": {
-                    "path": "groups_types/", "data_selector": "$", "paginator": "single_page"
+                    "path": "groups_types/",
+                    "data_selector": "$",
+                    "paginator": "single_page",
                 },
             },
             {
@@ -422,7 +428,7 @@ def request_economy(insights: int, workdir: Path) -> dict[str, Any]:
 
     from posthog_assets.config import load_settings
     from posthog_assets.resources import build_resources
-    from posthog_assets.snapshots import build_posthog_snapshot_definitions
+    from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
     from posthog_assets.standin.server import StandinControl, StandinProcess
 
     folder = workdir / f"economy_{insights}"
@@ -483,7 +489,9 @@ def main() -> int:
         "--economy-only", action="store_true", help="only the request-economy figures"
     )
     parser.add_argument(
-        "--repeat", type=int, default=3,
+        "--repeat",
+        type=int,
+        default=3,
         help="runs of ours and plain, interleaved; the median is reported (dlt runs once)",
     )
     parser.add_argument("--child", choices=sorted(CHILDREN))
@@ -506,15 +514,20 @@ def main() -> int:
         print("Request economy: async snapshots under PostHog's throttles, 45% stale or cold")
         economy = {n: request_economy(n, workdir) for n in (1_000, 2_000)}
         for n, e in economy.items():
-            print(f"  {n:>5} insights: {e['requests']} requests, {e['throttled_429']} x 429, "
-                  f"{e['seconds']:.1f}s, {e['with_result']}/{e['rows']} rows with a result")
+            print(
+                f"  {n:>5} insights: {e['requests']} requests, {e['throttled_429']} x 429, "
+                f"{e['seconds']:.1f}s, {e['with_result']}/{e['rows']} rows with a result"
+            )
         if args.economy_only:
             _print_economy(economy)
             return 0
         print(f"Stand-in: {insights:,} insights + {groups:,} groups ({GROUP_TYPES} types)")
         with StandinProcess(
-            key=BENCH_KEY, insights=insights, groups=groups // GROUP_TYPES,
-            group_types=GROUP_TYPES, rate_limits=False,
+            key=BENCH_KEY,
+            insights=insights,
+            groups=groups // GROUP_TYPES,
+            group_types=GROUP_TYPES,
+            rate_limits=False,
         ) as standin:
             control = StandinControl(standin.url)
             runs: dict[str, list[dict[str, Any]]] = {"ours": [], "plain": []}

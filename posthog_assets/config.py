@@ -16,7 +16,15 @@ from typing import Any, Literal
 from urllib.parse import urlsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 ENV_HOST = "POSTHOG_HOST"
 ENV_PROJECT_ID = "POSTHOG_PROJECT_ID"
@@ -207,25 +215,44 @@ class GroupsConfig(_Model):
 
 
 class ProjectConfig(_Model):
-    """One PostHog project (e.g. production, staging): one resource and one asset-key prefix."""
+    """One PostHog project (e.g. production, staging): one resource and one asset-key prefix.
+
+    The top-level ``exports:``/``insights:``/``groups:`` of a file without ``projects:`` make the
+    default project, whose host and id come from ``POSTHOG_HOST``/``POSTHOG_PROJECT_ID`` when the
+    run starts (``host``/``project_id`` None).
+    """
 
     name: str = Field(pattern=_NAME_RE)
-    host: str
-    project_id: int | str
+    host: str | None = None
+    project_id: int | str | None = None
     api_key_env: str = Field(default=ENV_API_KEY, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
     exports: list[ExportConfig] = Field(default_factory=list)
-    insights: InsightsConfig | None = None
-    groups: GroupsConfig | None = None
+    #: When a project of ``projects:`` leaves these out, the file's top-level sections apply.
+    insights: InsightsConfig = Field(default_factory=InsightsConfig)
+    groups: GroupsConfig = Field(default_factory=GroupsConfig)
+    _is_default: bool = PrivateAttr(default=False)
 
     @field_validator("host")
     @classmethod
-    def _check_host(cls, value: str) -> str:
-        return validate_host(value)
+    def _check_host(cls, value: str | None) -> str | None:
+        return None if value is None else validate_host(value)
 
     @field_validator("project_id", mode="before")
     @classmethod
-    def _check_project_id(cls, value: Any) -> int | str:
-        return parse_project_id(value)
+    def _check_project_id(cls, value: Any) -> int | str | None:
+        return None if value is None else parse_project_id(value)
+
+    @property
+    def is_default(self) -> bool:
+        return self._is_default
+
+    @property
+    def resource_key(self) -> str:
+        return "posthog" if self.is_default else f"posthog_{self.name}"
+
+    @property
+    def key_prefix(self) -> tuple[str, ...]:
+        return ("posthog",) if self.is_default else ("posthog", self.name)
 
 
 class PostHogAssetsConfig(_Model):
@@ -246,6 +273,9 @@ class PostHogAssetsConfig(_Model):
             _require_unique([p.name for p in self.projects], "projects")
             for p in self.projects:
                 _require_unique([e.name for e in p.exports], f"projects '{p.name}' exports")
+                missing = [f for f in ("host", "project_id") if getattr(p, f) is None]
+                if missing:
+                    raise ValueError(f"project '{p.name}' needs {' and '.join(missing)}")
         _require_unique([e.name for e in self.exports], "exports")
         return self
 
@@ -257,33 +287,11 @@ def _require_unique(names: list[str], where: str) -> None:
 
 
 @dataclass(frozen=True)
-class ResolvedProject:
-    """A project with everything the definitions need; host/id may still come from env at run."""
-
-    name: str
-    host: str | None  # None: read POSTHOG_HOST when the run starts
-    project_id: int | str | None  # None: read POSTHOG_PROJECT_ID when the run starts
-    api_key_env: str
-    exports: tuple[ExportConfig, ...]
-    insights: InsightsConfig
-    groups: GroupsConfig
-    is_default: bool
-
-    @property
-    def resource_key(self) -> str:
-        return "posthog" if self.is_default else f"posthog_{self.name}"
-
-    @property
-    def key_prefix(self) -> tuple[str, ...]:
-        return ("posthog",) if self.is_default else ("posthog", self.name)
-
-
-@dataclass(frozen=True)
 class Settings:
     """The resolved configuration: projects plus where data lands."""
 
     config_path: Path
-    projects: tuple[ResolvedProject, ...]
+    projects: tuple[ProjectConfig, ...]
     duckdb_path: Path
     export_dir: Path
     raw: PostHogAssetsConfig = field(repr=False)
@@ -354,29 +362,24 @@ def load_settings(
         raise ConfigError(f"environment: {exc}") from None
 
     if raw.projects is None:
-        projects: tuple[ResolvedProject, ...] = (
-            ResolvedProject(
-                name=DEFAULT_PROJECT_NAME,
-                host=host,
-                project_id=pid,
-                api_key_env=ENV_API_KEY,
-                exports=tuple(raw.exports),
-                insights=raw.insights,
-                groups=raw.groups,
-                is_default=True,
-            ),
+        default = ProjectConfig(
+            name=DEFAULT_PROJECT_NAME,
+            host=host,
+            project_id=pid,
+            exports=raw.exports,
+            insights=raw.insights,
+            groups=raw.groups,
         )
+        default._is_default = True
+        projects: tuple[ProjectConfig, ...] = (default,)
     else:
         projects = tuple(
-            ResolvedProject(
-                name=p.name,
-                host=p.host,
-                project_id=p.project_id,
-                api_key_env=p.api_key_env,
-                exports=tuple(p.exports),
-                insights=p.insights or raw.insights,
-                groups=p.groups or raw.groups,
-                is_default=False,
+            p.model_copy(
+                update={
+                    name: getattr(raw, name)
+                    for name in ("insights", "groups")
+                    if name not in p.model_fields_set
+                }
             )
             for p in raw.projects
         )

@@ -18,18 +18,14 @@ from dagster._utils.cached_method import cached_method
 from dagster_duckdb import DuckDBResource
 from pydantic import Field, PrivateAttr
 
-from posthog_assets.client import PostHogClient, RetrySettings
-from posthog_assets.config import (
-    DEFAULT_EXPORT_DIR,
-    ENV_API_KEY,
-    ENV_HOST,
-    ENV_PROJECT_ID,
-    ResolvedProject,
-    Settings,
-    parse_project_id,
-    validate_host,
+from posthog_assets.api.client import PostHogClient, RetrySettings
+from posthog_assets.api.polling import (
+    DEFAULT_POLL_INTERVAL_S,
+    DEFAULT_POLL_MAX_INTERVAL_S,
+    DEFAULT_POLL_TIMEOUT_S,
+    PollPolicy,
 )
-from posthog_assets.ratelimit import (
+from posthog_assets.api.ratelimit import (
     DEFAULT,
     INSIGHTS,
     POSTHOG_CLOUD_LIMITS,
@@ -37,15 +33,22 @@ from posthog_assets.ratelimit import (
     parse_rate,
     shared_state_path,
 )
+from posthog_assets.config import (
+    DEFAULT_EXPORT_DIR,
+    ENV_API_KEY,
+    ENV_HOST,
+    ENV_PROJECT_ID,
+    ProjectConfig,
+    Settings,
+    parse_project_id,
+    validate_host,
+)
 
 #: The Dagster config-schema flag that masks a field in the UI (no public API for it yet).
 SECRET_FIELD = {"dagster__is_secret": True}
 #: What the UI shows (and the launchpad sends back) in place of a secret field's value.
 UI_SECRET_MASK = "********"
 
-DEFAULT_POLL_INTERVAL_S = 1.0
-DEFAULT_POLL_MAX_INTERVAL_S = 15.0
-DEFAULT_POLL_TIMEOUT_S = 600.0
 
 
 class PostHogResource(dg.ConfigurableResource):
@@ -212,11 +215,24 @@ class PostHogResource(dg.ConfigurableResource):
         )
 
     @property
+    def stored_project_id(self) -> str:
+        """The project id as every DuckDB table stores it: text, normalised."""
+        return str(parse_project_id(self.project_id))
+
+    def poll_policy(self, timeout_s: float | None = None) -> PollPolicy:
+        """How to poll PostHog (exports, async calculations); ``timeout_s`` overrides the total."""
+        return PollPolicy(
+            interval_s=self.poll_interval_s,
+            max_interval_s=self.poll_max_interval_s,
+            timeout_s=timeout_s or self.poll_timeout_s,
+        )
+
+    @property
     def export_path(self) -> Path:
         return Path(self.export_dir)
 
 
-def build_posthog_resource(project: ResolvedProject, export_dir: Path) -> PostHogResource:
+def build_posthog_resource(project: ProjectConfig, export_dir: Path) -> PostHogResource:
     """The resource for one configured project; host/id/key come from env vars when not in YAML."""
     if project.is_default:  # read at run time, so the env of the process that runs decides
         host: str = dg.EnvVar(ENV_HOST)

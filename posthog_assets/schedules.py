@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import dagster as dg
 
+from posthog_assets.config import Settings
+from posthog_assets.snapshots.definitions import groups_job_name, insights_job_name
+
 #: 06:00 UTC: after PostHog's nightly cache warming, before most people look at dashboards.
 INSIGHTS_SCHEDULE_CRON = "0 6 * * *"
 #: Groups change slowly; once a day, an hour after the insights.
@@ -15,7 +18,7 @@ GROUPS_SCHEDULE_CRON = "0 7 * * *"
 
 
 def build_insights_snapshot_schedule(
-    job: dg.UnresolvedAssetJobDefinition,
+    job_name: str,
     *,
     name: str,
     cron_schedule: str = INSIGHTS_SCHEDULE_CRON,
@@ -23,7 +26,7 @@ def build_insights_snapshot_schedule(
     """Daily at 06:00 UTC: that day's insights snapshot."""
     return dg.ScheduleDefinition(
         name=name,
-        job=job,
+        job_name=job_name,
         cron_schedule=cron_schedule,
         execution_timezone="UTC",
         description="Daily insights snapshot (stored under the UTC date it is taken).",
@@ -32,14 +35,27 @@ def build_insights_snapshot_schedule(
 
 
 def build_groups_snapshot_schedule(
-    job: dg.UnresolvedAssetJobDefinition, *, name: str, cron_schedule: str = GROUPS_SCHEDULE_CRON
+    job_name: str, *, name: str, cron_schedule: str = GROUPS_SCHEDULE_CRON
 ) -> dg.ScheduleDefinition:
     """Daily groups snapshot (replaces the project's previous snapshot)."""
     return dg.ScheduleDefinition(
         name=name,
-        job=job,
+        job_name=job_name,
         cron_schedule=cron_schedule,
         execution_timezone="UTC",
         description="Daily snapshot of group types, groups, properties and tracked groups.",
         default_status=dg.DefaultScheduleStatus.STOPPED,
     )
+
+
+def build_posthog_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
+    """The daily schedules of every project's snapshot jobs (see ``snapshots.definitions``)."""
+    schedules = []
+    for project in settings.projects:
+        if project.insights.enabled:
+            job = insights_job_name(project)
+            schedules.append(build_insights_snapshot_schedule(job, name=f"{job}_daily"))
+        if project.groups.enabled:
+            job = groups_job_name(project)
+            schedules.append(build_groups_snapshot_schedule(job, name=f"{job}_daily"))
+    return schedules

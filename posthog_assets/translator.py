@@ -15,13 +15,14 @@ import dagster as dg
 # Not re-exported by ``dagster`` in 1.13.27 (dagster-fivetran imports it from here too).
 from dagster._core.definitions.metadata.metadata_set import NamespacedMetadataSet
 
-from posthog_assets.config import EXPORT_FORMATS, ExportConfig, ResolvedProject
+from posthog_assets.config import EXPORT_FORMATS, ExportConfig, ProjectConfig
 
 EXPORTS_GROUP = "posthog_exports"
 INSIGHTS_GROUP = "posthog_insights"
 GROUPS_GROUP = "posthog_groups"
 
-SnapshotKind = Literal[
+#: The snapshot tables a project can have (each one asset, ``posthog/<name>``).
+SnapshotName = Literal[
     "insights",
     "group_types",
     "groups",
@@ -61,7 +62,7 @@ class PostHogMetadataSet(NamespacedMetadataSet):
 class PostHogExportProps:
     """One configured export, as the translator sees it."""
 
-    project: ResolvedProject
+    project: ProjectConfig
     export: ExportConfig
 
 
@@ -69,12 +70,12 @@ class PostHogExportProps:
 class PostHogSnapshotProps:
     """One DuckDB snapshot table of a project."""
 
-    project: ResolvedProject
-    kind: SnapshotKind
+    project: ProjectConfig
+    name: SnapshotName
 
     @property
     def table(self) -> str:
-        return f"posthog.{self.kind}"
+        return f"posthog.{self.name}"
 
 
 class DagsterPostHogTranslator:
@@ -118,7 +119,7 @@ class DagsterPostHogTranslator:
 
     def _snapshot_spec(self, props: PostHogSnapshotProps) -> dg.AssetSpec:
         project = props.project
-        group = INSIGHTS_GROUP if props.kind == "insights" else GROUPS_GROUP
+        group = INSIGHTS_GROUP if props.name == "insights" else GROUPS_GROUP
         metadata: dict[str, Any] = {
             **PostHogMetadataSet(
                 project_name=project.name,
@@ -128,8 +129,8 @@ class DagsterPostHogTranslator:
             )
         }
         return dg.AssetSpec(
-            key=dg.AssetKey([*project.key_prefix, props.kind]),
-            description=_SNAPSHOT_DESCRIPTIONS[props.kind],
+            key=dg.AssetKey([*project.key_prefix, props.name]),
+            description=_SNAPSHOT_DESCRIPTIONS[props.name],
             group_name=group,
             kinds={"posthog", "duckdb"},
             metadata=metadata,

@@ -12,32 +12,32 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from posthog_assets.client import PostHogClient, RetrySettings
-from posthog_assets.ratelimit import ENV_RATE_LIMIT_DIR
+from posthog_assets.api.client import PostHogClient
+from posthog_assets.api.ratelimit import ENV_RATE_LIMIT_DIR
 from posthog_assets.resources import PostHogResource
 from posthog_assets.standin.server import StandinControl, StandinProcess
-from posthog_assets_tests.snapshot_support import resources_for, snapshot_defs, snapshot_settings
+from posthog_assets_tests.support.resources import make_resource
+from posthog_assets_tests.support.session import TEST_RETRY, standin_env, start_session_standin
+from posthog_assets_tests.support.snapshots import resources_for, snapshot_defs, snapshot_settings
 
-#: Seed sizes for the session's stand-in: several pages of everything, still fast to serve.
-TEST_INSIGHTS = 1200
-TEST_GROUPS_PER_TYPE = 1200
-TEST_GROUP_TYPES = 3
-TEST_KEY = "phx_test_key_0123456789abcdef"
-#: Fast retry/poll settings so fault tests take fractions of a second.
-TEST_RETRY = RetrySettings(
-    max_attempts=4, backoff_initial_s=0.05, backoff_max_s=0.3, jitter_s=0.05, total_budget_s=20
-)
+#: The shared ``dg dev`` of the UI and daemon tests (its fixtures start it only when asked for).
+pytest_plugins = ("posthog_assets_tests.support.dagster_dev",)
+
+TIERS = ("unit", "integration", "system")
 
 
-def standin_env(standin: StandinProcess, root: Path) -> dict[str, str]:
-    """The env contract pointed at the stand-in, DuckDB and exports under ``root``; no key
-    (callers that need one add it, so tests of the key choose theirs)."""
-    return {
-        "POSTHOG_HOST": standin.url,
-        "POSTHOG_PROJECT_ID": str(standin.project_id),
-        "POSTHOG_ASSETS_DUCKDB": str(root / "posthog.duckdb"),
-        "POSTHOG_ASSETS_EXPORT_DIR": str(root / "exports"),
-    }
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Every test belongs to exactly one tier (its closest tier marker), so that the quick
+    target (``-m "unit or integration"``) and the full run together cover every test."""
+    untiered = [item.nodeid for item in items if not _tier(item)]
+    if untiered:
+        raise pytest.UsageError(
+            "tests without a tier marker (" + ", ".join(TIERS) + "): " + ", ".join(untiered[:10])
+        )
+
+
+def _tier(item: pytest.Item) -> str | None:
+    return next((m.name for m in item.iter_markers() if m.name in TIERS), None)
 
 
 @pytest.fixture(autouse=True)
@@ -51,13 +51,7 @@ def private_rate_limit_dir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> P
 
 @pytest.fixture(scope="session")
 def standin() -> Iterator[StandinProcess]:
-    proc = StandinProcess(
-        key=TEST_KEY,
-        insights=TEST_INSIGHTS,
-        groups=TEST_GROUPS_PER_TYPE,
-        group_types=TEST_GROUP_TYPES,
-    )
-    proc.start()
+    proc = start_session_standin()
     try:
         yield proc
     finally:
@@ -99,19 +93,7 @@ def client(standin: StandinProcess, control: StandinControl) -> Iterator[PostHog
 def posthog_resource(
     standin: StandinProcess, control: StandinControl, tmp_path: Path
 ) -> PostHogResource:
-    return PostHogResource(
-        host=standin.url,
-        project_id=str(standin.project_id),
-        personal_api_key=standin.key,
-        export_dir=str(tmp_path / "exports"),
-        max_attempts=TEST_RETRY.max_attempts,
-        backoff_initial_s=TEST_RETRY.backoff_initial_s,
-        backoff_max_s=TEST_RETRY.backoff_max_s,
-        retry_budget_s=TEST_RETRY.total_budget_s,
-        poll_interval_s=0.05,
-        poll_max_interval_s=0.3,
-        poll_timeout_s=20,
-    )
+    return make_resource(standin, tmp_path / "exports")
 
 
 # -- the snapshot tests' defaults (a module may override any of them)

@@ -22,8 +22,10 @@ from typing import Any
 import pytest
 
 from posthog_assets.standin.server import StandinControl, StandinProcess
-from posthog_assets_tests.conftest import standin_env
-from posthog_assets_tests.reliability_support import api_requests, warm_python
+from posthog_assets_tests.support.reliability import api_requests, warm_python
+from posthog_assets_tests.support.session import standin_env
+
+pytestmark = pytest.mark.system
 
 CHILD = """
 import sys

@@ -17,7 +17,7 @@ import pytest
 import requests
 
 from posthog_assets.standin.server import StandinControl, StandinProcess
-from posthog_assets_tests.reliability_support import (
+from posthog_assets_tests.support.reliability import (
     ALL_FAMILIES,
     WORLD_EXPORTS,
     Reference,
@@ -33,6 +33,8 @@ from posthog_assets_tests.reliability_support import (
     shared_reference,
     standin_env,
 )
+
+pytestmark = pytest.mark.system
 
 FAULT_RATE = 0.2
 SEED = 20260105

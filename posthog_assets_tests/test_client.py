@@ -12,8 +12,8 @@ import psutil
 import pytest
 import requests
 
-from posthog_assets.client import PostHogClient, RetrySettings
-from posthog_assets.errors import (
+from posthog_assets.api.client import PostHogClient, RetrySettings
+from posthog_assets.api.errors import (
     PostHogAuthError,
     PostHogConnectionError,
     PostHogExportFailed,
@@ -23,9 +23,11 @@ from posthog_assets.errors import (
     PostHogServerError,
     PostHogValidationError,
 )
-from posthog_assets.export_runner import tabular_context
+from posthog_assets.exports.runner import tabular_context
 from posthog_assets.standin.server import StandinControl, StandinProcess
-from posthog_assets_tests.conftest import TEST_GROUPS_PER_TYPE, TEST_INSIGHTS, TEST_RETRY
+from posthog_assets_tests.support.session import TEST_GROUPS_PER_TYPE, TEST_INSIGHTS, TEST_RETRY
+
+pytestmark = pytest.mark.integration
 
 
 def _api_requests(control: StandinControl, method: str, fragment: str) -> list[dict]:

@@ -8,6 +8,8 @@ import pytest
 
 from posthog_assets.config import ConfigError, load_settings
 
+pytestmark = pytest.mark.unit
+
 GOOD = """
 exports:
   - {name: weekly_png, insight: 1, export_format: image/png}

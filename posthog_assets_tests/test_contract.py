@@ -16,13 +16,15 @@ import dagster as dg
 import pytest
 
 from posthog_assets.config import load_settings
-from posthog_assets.export_sensors import build_posthog_export_expiry_sensor
-from posthog_assets.exports import build_posthog_export_definitions
+from posthog_assets.exports.definitions import build_posthog_export_definitions
+from posthog_assets.exports.sensors import build_posthog_export_expiry_sensor
 from posthog_assets.resources import PostHogResource
-from posthog_assets.snapshots import build_posthog_snapshot_definitions
+from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
 from posthog_assets.standin.server import StandinControl, StandinProcess
-from posthog_assets_tests.openapi_contract import ContractError, validate_request
-from posthog_assets_tests.snapshot_support import resources_for
+from posthog_assets_tests.support.openapi import ContractError, validate_request
+from posthog_assets_tests.support.snapshots import resources_for
+
+pytestmark = pytest.mark.integration
 
 EVERYTHING_YAML = """
 exports:

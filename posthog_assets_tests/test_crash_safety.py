@@ -26,7 +26,7 @@ import requests
 from dagster._core.instance.ref import InstanceRef
 
 from posthog_assets.standin.server import StandinControl, StandinProcess
-from posthog_assets_tests.reliability_support import (
+from posthog_assets_tests.support.reliability import (
     Child,
     all_files,
     assert_export_folder,
@@ -39,6 +39,8 @@ from posthog_assets_tests.reliability_support import (
     standin_env,
     warm_python,
 )
+
+pytestmark = pytest.mark.system
 
 CRASH_YAML = """
 exports:
@@ -60,9 +62,9 @@ family, hook = sys.argv[1], sys.argv[2]
 if hook == "pause_in_write":
     # Stop between the INSERT and the COMMIT of the snapshot write, and say so: the test kills
     # the process there, inside an open DuckDB transaction.
-    from posthog_assets import snapshot_store
+    from posthog_assets.snapshots import factory
 
-    real = snapshot_store.replace_snapshot
+    real = factory.replace_snapshot
 
     class Paused:
         def __init__(self, conn):
@@ -78,7 +80,7 @@ if hook == "pause_in_write":
                 time.sleep(120)
             return out
 
-    snapshot_store.replace_snapshot = lambda conn, *a, **k: real(Paused(conn), *a, **k)
+    factory.replace_snapshot = lambda conn, *a, **k: real(Paused(conn), *a, **k)
 
 from posthog_assets.definitions import defs
 

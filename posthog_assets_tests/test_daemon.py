@@ -24,9 +24,11 @@ from dagster._core.scheduler.instigation import InstigatorType, ScheduleInstigat
 
 from posthog_assets.standin.server import StandinControl
 
+pytestmark = [pytest.mark.system, pytest.mark.xdist_group("dagster_dev")]
+
 # Rewrite asserts in the fixture module too (it is also registered as a plugin below).
-pytest.register_assert_rewrite("posthog_assets_tests.dagster_dev")
-from posthog_assets_tests.dagster_dev import (  # noqa: E402
+pytest.register_assert_rewrite("posthog_assets_tests.support.dagster_dev")
+from posthog_assets_tests.support.dagster_dev import (  # noqa: E402
     LOCATION_NAME,
     REPOSITORY_NAME,
     DagsterDevUI,
@@ -35,9 +37,6 @@ from posthog_assets_tests.dagster_dev import (  # noqa: E402
     load_defs,
     metadata_dict,
 )
-
-#: The shared ``dg dev`` fixture, registered once as a plugin so both UI test modules share it.
-pytest_plugins = ("posthog_assets_tests.dagster_dev",)
 
 #: The sensor daemon loops every 5 s; a first tick comes right after the start.
 SENSOR_RUN_TIMEOUT_S = 90.0

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import dagster as dg
+import pytest
 
 from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets.translator import (
@@ -14,6 +15,8 @@ from posthog_assets.translator import (
     PostHogExportProps,
     PostHogMetadataSet,
 )
+
+pytestmark = pytest.mark.integration
 
 
 def test_definitions_load_without_any_http_call(

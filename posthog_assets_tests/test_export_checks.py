@@ -7,15 +7,15 @@ from pathlib import Path
 import dagster as dg
 import pytest
 
-from posthog_assets.export_checks import (
+from posthog_assets.exports.assets import build_posthog_export_assets
+from posthog_assets.exports.checks import (
     CHECK_FILE_PRESENT,
     CHECK_FORMAT,
     CHECK_SHA256,
     build_posthog_export_checks,
     validate_format,
 )
-from posthog_assets.exports import build_posthog_export_assets
-from posthog_assets_tests._export_helpers import (
+from posthog_assets_tests.support.exports import (
     CSV,
     PNG,
     XLSX,
@@ -23,6 +23,8 @@ from posthog_assets_tests._export_helpers import (
     materialization_metadata,
     resources,
 )
+
+pytestmark = pytest.mark.integration
 
 
 def _evaluations(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str], bool]:

@@ -10,21 +10,21 @@ from pathlib import Path
 
 import pytest
 
-from posthog_assets.client import PostHogClient
-from posthog_assets.errors import (
+from posthog_assets.api.client import PostHogClient
+from posthog_assets.api.errors import (
     PostHogDownloadError,
     PostHogExportFailed,
     PostHogNotFoundError,
     PostHogPollTimeout,
 )
-from posthog_assets.export_runner import (
+from posthog_assets.api.polling import PollPolicy
+from posthog_assets.exports.runner import (
     ExportRequest,
     ExportRunner,
-    PollSettings,
     exception_is_retryable,
     safe_filename,
 )
-from posthog_assets_tests._export_helpers import (
+from posthog_assets_tests.support.exports import (
     CSV,
     PNG,
     XLSX,
@@ -33,8 +33,10 @@ from posthog_assets_tests._export_helpers import (
     server_content,
 )
 
+pytestmark = pytest.mark.integration
+
 PDF_MIME = "application/pdf"
-FAST_POLL = PollSettings(interval_s=0.05, max_interval_s=0.2, timeout_s=10)
+FAST_POLL = PollPolicy(interval_s=0.05, max_interval_s=0.2, timeout_s=10)
 
 
 class Crash(BaseException):
@@ -117,7 +119,7 @@ def test_exception_text_is_surfaced_and_classified(client, control, tmp_path, te
 
 def test_poll_timeout_names_export_id_elapsed_and_last_state(client, control, tmp_path):
     control.configure(export_post_held=False, export_delay_s=60)
-    poll = PollSettings(interval_s=0.05, max_interval_s=0.1, timeout_s=0.4)
+    poll = PollPolicy(interval_s=0.05, max_interval_s=0.1, timeout_s=0.4)
 
     with pytest.raises(PostHogPollTimeout) as err:
         _runner(client, tmp_path, poll=poll).run(_request())
@@ -195,7 +197,7 @@ def test_lost_content_of_a_resumed_export_is_recreated_once(client, control, tmp
 
 def test_expired_pending_export_is_replaced_by_a_fresh_one(client, control, tmp_path):
     control.configure(export_post_held=False, export_delay_s=60)
-    poll = PollSettings(interval_s=0.05, max_interval_s=0.1, timeout_s=0.2)
+    poll = PollPolicy(interval_s=0.05, max_interval_s=0.1, timeout_s=0.2)
     with pytest.raises(PostHogPollTimeout) as err:
         _runner(client, tmp_path, poll=poll).run(_request(key="run-9"))
     expired_id = err.value.export_id  # type: ignore[attr-defined]
@@ -272,7 +274,7 @@ def test_safe_filename(name, expected):
 
 def test_export_runner_imports_no_dagster():
     code = (
-        "import sys, posthog_assets.export_runner; "
+        "import sys, posthog_assets.exports.runner; "
         "print(sorted(m for m in sys.modules if m == 'dagster' or m.startswith('dagster.')))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)

@@ -10,20 +10,14 @@ import dagster as dg
 import pytest
 from dagster._core.definitions.sensor_definition import SensorExecutionData
 
-from posthog_assets.export_sensors import (
-    TAG_REFRESH_OF,
-    TAG_RETRY_ATTEMPT,
-    TAG_RETRY_OF,
+from posthog_assets.common import TAG_DEDUP_ROOT, TAG_REFRESH_OF, TAG_RETRY_ATTEMPT, TAG_RETRY_OF
+from posthog_assets.exports.assets import build_posthog_export_assets
+from posthog_assets.exports.log import build_posthog_exports_log_asset, exports_log_key
+from posthog_assets.exports.sensors import (
     build_posthog_export_expiry_sensor,
     build_posthog_export_retry_sensor,
 )
-from posthog_assets.exports import (
-    TAG_DEDUP_ROOT,
-    build_posthog_export_assets,
-    build_posthog_exports_log_asset,
-    exports_log_key,
-)
-from posthog_assets_tests._export_helpers import (
+from posthog_assets_tests.support.exports import (
     CSV,
     PNG,
     export_posts,
@@ -31,6 +25,8 @@ from posthog_assets_tests._export_helpers import (
     materialization_metadata,
     resources,
 )
+
+pytestmark = pytest.mark.integration
 
 DAY = 86400.0
 

@@ -10,19 +10,16 @@ import dagster as dg
 import duckdb
 import pytest
 
+from posthog_assets.common import FAILURES_METADATA_KEY
 from posthog_assets.config import load_settings
-from posthog_assets.duckdb_store import table_ref
-from posthog_assets.export_checks import build_posthog_export_checks
-from posthog_assets.exports import (
-    FAILURES_METADATA_KEY,
-    build_posthog_export_assets,
-    build_posthog_export_definitions,
-    build_posthog_exports_log_asset,
-    exports_log_key,
-)
+from posthog_assets.exports.assets import build_posthog_export_assets
+from posthog_assets.exports.checks import build_posthog_export_checks
+from posthog_assets.exports.definitions import build_posthog_export_definitions
+from posthog_assets.exports.log import build_posthog_exports_log_asset, exports_log_key
 from posthog_assets.resources import build_resources
+from posthog_assets.tables import table_ref
 from posthog_assets.translator import DagsterPostHogTranslator, PostHogExportProps
-from posthog_assets_tests._export_helpers import (
+from posthog_assets_tests.support.exports import (
     CSV,
     FAST_RETRY,
     PNG,
@@ -34,6 +31,8 @@ from posthog_assets_tests._export_helpers import (
     resources,
     server_content,
 )
+
+pytestmark = pytest.mark.integration
 
 KEY = dg.AssetKey
 

@@ -20,7 +20,7 @@ import pytest
 import requests
 
 from posthog_assets.standin.server import StandinControl, StandinProcess
-from posthog_assets_tests.reliability_support import (
+from posthog_assets_tests.support.reliability import (
     EXPORTS,
     FAST_STEP_RETRY,
     WORLD_EXPORTS,
@@ -43,6 +43,8 @@ from posthog_assets_tests.reliability_support import (
     table_rows,
     wait_violations,
 )
+
+pytestmark = pytest.mark.integration
 
 POST_EXPORTS = r"/exports/?$"
 EXPORT_GET = r"/exports/\d+/?$"

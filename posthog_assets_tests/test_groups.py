@@ -15,9 +15,9 @@ import dagster as dg
 import pytest
 
 from posthog_assets.resources import PostHogResource
-from posthog_assets.snapshot_store import STAGED_MARKER, STAGING_DIRNAME
-from posthog_assets_tests.conftest import TEST_GROUP_TYPES, TEST_GROUPS_PER_TYPE
-from posthog_assets_tests.snapshot_support import (
+from posthog_assets.snapshots.staging import STAGED_MARKER, STAGING_DIRNAME
+from posthog_assets_tests.support.session import TEST_GROUP_TYPES, TEST_GROUPS_PER_TYPE
+from posthog_assets_tests.support.snapshots import (
     check_results,
     defs_assets,
     materialization_metadata,
@@ -28,6 +28,8 @@ from posthog_assets_tests.snapshot_support import (
     snapshot_defs,
     snapshot_settings,
 )
+
+pytestmark = pytest.mark.integration
 
 TRACKED_YAML = """
 groups:

@@ -17,7 +17,8 @@ import duckdb
 import pytest
 
 from posthog_assets.config import REFRESH_MODES
-from posthog_assets.insights import (
+from posthog_assets.resources import PostHogResource
+from posthog_assets.snapshots.insights import (
     DEFAULT_BLOCKING_PAGE_SIZE,
     INSIGHTS_TABLE,
     InsightFetchOptions,
@@ -25,10 +26,9 @@ from posthog_assets.insights import (
     InsightSnapshotIncomplete,
     insights_config_class,
 )
-from posthog_assets.resources import PostHogResource
-from posthog_assets.snapshot_store import StagingFile
-from posthog_assets_tests.conftest import TEST_INSIGHTS
-from posthog_assets_tests.snapshot_support import (
+from posthog_assets.snapshots.staging import StagedRows
+from posthog_assets_tests.support.session import TEST_INSIGHTS
+from posthog_assets_tests.support.snapshots import (
     check_results,
     defs_assets,
     materialization_metadata,
@@ -38,6 +38,8 @@ from posthog_assets_tests.snapshot_support import (
     scalar,
     snapshot_settings,
 )
+
+pytestmark = pytest.mark.integration
 
 #: created_by=[2] keeps about a third of the insights: enough for several pages of follow-up.
 USER_FILTER = [2]
@@ -229,14 +231,14 @@ def test_an_unordered_listing_loses_rows_and_the_snapshot_refuses_to_store_them(
     assert len(ordered) == TEST_INSIGHTS
 
     options = InsightFetchOptions(refresh="force_cache", order="")  # an unordered client
-    with StagingFile(tmp_path / "stage", INSIGHTS_TABLE) as staging:
+    with StagedRows(tmp_path / "stage", INSIGHTS_TABLE.staged_columns) as staging:
         fetcher = InsightSnapshotFetcher(client, staging, options)
         with pytest.raises(InsightSnapshotIncomplete, match=f"PostHog reports {TEST_INSIGHTS}"):
             fetcher.run()
 
 
 def test_an_unknown_order_field_is_a_server_error_not_a_silent_default(client: Any) -> None:
-    from posthog_assets.errors import PostHogServerError
+    from posthog_assets.api.errors import PostHogServerError
 
     with pytest.raises(PostHogServerError, match="500"):
         client.list_insights(limit=1, basic=True, order="no_such_field")

@@ -27,9 +27,11 @@ import pytest
 
 from posthog_assets.pools import POOL_LIMITS, apply_pool_limits
 
+pytestmark = pytest.mark.system
+
 # The UI tests register this module as a plugin; rewriting its asserts whoever imports it first.
-pytest.register_assert_rewrite("posthog_assets_tests.dagster_dev")
-from posthog_assets_tests.dagster_dev import (  # noqa: E402
+pytest.register_assert_rewrite("posthog_assets_tests.support.dagster_dev")
+from posthog_assets_tests.support.dagster_dev import (  # noqa: E402
     ROOT,
     free_port,
     posthog_all_job,
@@ -45,7 +47,7 @@ PG_DB = "dagster"
 #: cores (dagster_postgres alone pulls in 450 modules).
 PRELOAD_MODULES = [
     "posthog_assets.definitions",
-    "posthog_assets_tests.dagster_dev",
+    "posthog_assets_tests.support.dagster_dev",
     "dagster_postgres",
     "psycopg2",
     "openpyxl",

@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from posthog_assets.client import PostHogClient, RetrySettings
-from posthog_assets.errors import PostHogRateLimitError
-from posthog_assets.ratelimit import (
+from posthog_assets.api.client import PostHogClient, RetrySettings
+from posthog_assets.api.errors import PostHogRateLimitError
+from posthog_assets.api.ratelimit import (
     DEFAULT,
     INSIGHTS,
     MAX_BLOCK_S,
@@ -37,7 +37,7 @@ from posthog_assets.ratelimit import (
     throttle_class,
 )
 from posthog_assets.standin.server import StandinControl, StandinProcess
-from posthog_assets_tests.reliability_support import (
+from posthog_assets_tests.support.reliability import (
     SNAPSHOT_NAMES,
     Reference,
     api_requests,
@@ -49,6 +49,8 @@ from posthog_assets_tests.reliability_support import (
     table_rows,
     wait_violations,
 )
+
+pytestmark = pytest.mark.integration
 
 #: Small windows so throttling happens within a second (PostHog's are per minute and hour).
 SNAPSHOT_LIMITS = {"burst": "20/second", "clickhouse_burst": "10/second"}
@@ -175,8 +177,8 @@ def test_a_wait_beyond_the_retry_budget_fails_at_once_saying_when(
 
 HAMMER = """
 import json, sys, time
-from posthog_assets.client import PostHogClient, RetrySettings
-from posthog_assets.ratelimit import DEFAULT, parse_rate
+from posthog_assets.api.client import PostHogClient, RetrySettings
+from posthog_assets.api.ratelimit import DEFAULT, parse_rate
 url, pid, key, state, rate, n, start = sys.argv[1:8]
 client = PostHogClient(
     url, int(pid), key, rate_limits={DEFAULT: (parse_rate(rate),)} if rate else None,
@@ -279,6 +281,7 @@ class FakeTime:
         self.now += seconds
 
 
+@pytest.mark.unit
 def test_the_gate_keeps_posthogs_sliding_windows(tmp_path: Path) -> None:
     t = FakeTime()
     limits = {INSIGHTS: (Window(3, 60.0), Window(5, 3600.0))}
@@ -294,6 +297,7 @@ def test_the_gate_keeps_posthogs_sliding_windows(tmp_path: Path) -> None:
     assert "1200" not in err.value.reason and "insights limit 5/hour" in err.value.reason
 
 
+@pytest.mark.unit
 def test_a_429_pauses_the_class_and_resumes_one_slot_at_a_time(tmp_path: Path) -> None:
     t = FakeTime()
     path = shared_state_path("https://us.posthog.com", "phx_secret_key", tmp_path)
@@ -309,6 +313,7 @@ def test_a_429_pauses_the_class_and_resumes_one_slot_at_a_time(tmp_path: Path) -
     assert b.acquire(DEFAULT) == pytest.approx(5.0)
 
 
+@pytest.mark.unit
 def test_a_corrupt_or_absurd_state_file_never_blocks_a_run(tmp_path: Path) -> None:
     t = FakeTime()
     path = tmp_path / "gate.json"
@@ -325,6 +330,7 @@ def test_a_corrupt_or_absurd_state_file_never_blocks_a_run(tmp_path: Path) -> No
     assert oct(fresh.path.parent.stat().st_mode & 0o777) == oct(0o700)
 
 
+@pytest.mark.unit
 def test_routes_count_against_posthogs_throttle_classes() -> None:
     assert throttle_class("/api/projects/1/insights/") == INSIGHTS
     assert throttle_class("/api/environments/1/insights/42/") == INSIGHTS

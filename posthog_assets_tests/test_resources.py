@@ -8,6 +8,8 @@ import pytest
 from posthog_assets.resources import PostHogResource
 from posthog_assets.standin.server import StandinControl, StandinProcess
 
+pytestmark = pytest.mark.integration
+
 
 def _probe_asset() -> dg.AssetsDefinition:
     @dg.asset

@@ -25,7 +25,7 @@ import pytest
 import requests
 
 from posthog_assets.standin.server import StandinControl, StandinProcess
-from posthog_assets_tests.reliability_support import (
+from posthog_assets_tests.support.reliability import (
     WORLD_YAML,
     all_files,
     api_requests,
@@ -37,6 +37,8 @@ from posthog_assets_tests.reliability_support import (
     standin_env,
     warm_python,
 )
+
+pytestmark = pytest.mark.system
 
 SECRET_KEY = f"phx_SeCrEtKeY_{secrets.token_hex(12)}"
 LIMITED_KEY = f"phx_LiMiTeDkEy_{secrets.token_hex(12)}"

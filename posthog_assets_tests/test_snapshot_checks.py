@@ -10,14 +10,16 @@ import dagster as dg
 import duckdb
 import pytest
 
-from posthog_assets_tests.conftest import TEST_GROUPS_PER_TYPE
-from posthog_assets_tests.snapshot_support import (
+from posthog_assets_tests.support.session import TEST_GROUPS_PER_TYPE
+from posthog_assets_tests.support.snapshots import (
     check_results,
     defs_assets,
     defs_checks,
     materialize_groups,
     materialize_insights,
 )
+
+pytestmark = pytest.mark.integration
 
 
 def _tamper(db: Path, sql: str) -> None:
@@ -122,11 +124,13 @@ def test_checks_release_the_file_so_the_next_writer_is_not_blocked(
 
 def test_a_write_never_replaces_a_snapshot_with_a_partial_one(tmp_path: Path) -> None:
     """Missing staging files or a row-count mismatch roll back: the old rows stay."""
-    from posthog_assets.groups import GROUPS_TABLE
-    from posthog_assets.snapshot_store import StagedSnapshot, StagingFile, replace_snapshot
+    from posthog_assets.snapshots.groups import GROUPS_TABLE
+    from posthog_assets.snapshots.staging import StagedRows, StagedSnapshot
+    from posthog_assets.snapshots.writer import replace_snapshot
 
     def staged(stem: str, n: int, *, rotate: int = 1 << 20) -> StagedSnapshot:
-        with StagingFile(tmp_path / stem, GROUPS_TABLE, rotate_bytes=rotate) as staging:
+        columns = GROUPS_TABLE.staged_columns
+        with StagedRows(tmp_path / stem, columns, rotate_bytes=rotate) as staging:
             for start in range(0, n, 10):
                 staging.write(
                     {"group_type_index": 0, "group_key": f"k{i}", "group_properties": {"i": i}}

@@ -30,8 +30,10 @@ import requests
 
 from posthog_assets.standin.__main__ import parse_args
 from posthog_assets.standin.server import StandinControl, StandinError, StandinProcess
-from posthog_assets_tests import openapi_contract
-from posthog_assets_tests.standin_helpers import Api, export_source, poll_until
+from posthog_assets_tests.support import openapi as openapi_contract
+from posthog_assets_tests.support.standin import Api, export_source, poll_until
+
+pytestmark = pytest.mark.integration
 
 XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 STUCK = (

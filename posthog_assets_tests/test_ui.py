@@ -23,9 +23,11 @@ from posthog_assets.config import REFRESH_MODES
 from posthog_assets.standin.server import StandinControl
 from posthog_assets.translator import EXPORTS_GROUP, GROUPS_GROUP, INSIGHTS_GROUP
 
+pytestmark = [pytest.mark.system, pytest.mark.xdist_group("dagster_dev")]
+
 # Rewrite asserts in the fixture module too (it is also registered as a plugin below).
-pytest.register_assert_rewrite("posthog_assets_tests.dagster_dev")
-from posthog_assets_tests.dagster_dev import (  # noqa: E402
+pytest.register_assert_rewrite("posthog_assets_tests.support.dagster_dev")
+from posthog_assets_tests.support.dagster_dev import (  # noqa: E402
     ARTIFACTS,
     LOCATION_NAME,
     DagsterDevUI,
@@ -39,10 +41,6 @@ from posthog_assets_tests.dagster_dev import (  # noqa: E402
     sensor_names,
     skip_or_fail,
 )
-
-#: The shared ``dg dev`` fixture, registered once as a plugin so both UI test modules share it.
-pytest_plugins = ("posthog_assets_tests.dagster_dev",)
-
 
 #: Flags verified with Debian 12's Chromium 156 in a container without a display or D-Bus.
 CHROMIUM_ARGS = [

@@ -9,8 +9,9 @@ import dagster as dg
 import requests
 from dagster_duckdb import DuckDBResource
 
-from posthog_assets.config import ExportConfig, GroupsConfig, InsightsConfig, ResolvedProject
+from posthog_assets.config import ExportConfig, ProjectConfig
 from posthog_assets.resources import PostHogResource
+from posthog_assets_tests.support.resources import with_fields
 
 PNG = "image/png"
 CSV = "text/csv"
@@ -19,25 +20,17 @@ XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 FAST_RETRY = dg.RetryPolicy(max_retries=2, delay=0.05)
 
 
-def make_project(*exports: ExportConfig | dict[str, Any], name: str = "default") -> ResolvedProject:
-    """A default project (host/id from the resource) holding the given exports."""
-    configs = tuple(e if isinstance(e, ExportConfig) else ExportConfig(**e) for e in exports)
-    return ResolvedProject(
-        name=name,
-        host=None,
-        project_id=None,
-        api_key_env="POSTHOG_PERSONAL_API_KEY",
-        exports=configs,
-        insights=InsightsConfig(),
-        groups=GroupsConfig(),
-        is_default=name == "default",
-    )
+def make_project(*exports: ExportConfig | dict[str, Any], name: str = "default") -> ProjectConfig:
+    """A project holding the given exports; "default" is the default project (host and id from
+    the resource, resource key ``posthog``)."""
+    configs = [e if isinstance(e, ExportConfig) else ExportConfig(**e) for e in exports]
+    project = ProjectConfig(name=name, exports=configs)
+    project._is_default = name == "default"
+    return project
 
 
 def resources(posthog: PostHogResource, tmp_path: Path, **kw: Any) -> dict[str, Any]:
-    # A new resource (model_copy would keep Dagster's stored config of the original).
-    fields = {name: getattr(posthog, name) for name in type(posthog).model_fields}
-    res = type(posthog)(**{**fields, **kw}) if kw else posthog
+    res = with_fields(posthog, **kw) if kw else posthog
     return {"posthog": res, "duckdb": DuckDBResource(database=str(tmp_path / "posthog.duckdb"))}
 
 

@@ -12,7 +12,7 @@ from dagster_duckdb import DuckDBResource
 
 from posthog_assets.config import Settings, load_settings
 from posthog_assets.resources import PostHogResource
-from posthog_assets.snapshots import build_posthog_snapshot_definitions
+from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
 
 INSIGHTS_NODE = "posthog__insights"
 
@@ -112,9 +112,7 @@ def scalar(db: str | Path, sql: str, params: Sequence[Any] = ()) -> Any:
     return query(db, sql, params)[0][0]
 
 
-def materialization_metadata(
-    result: dg.ExecuteInProcessResult, name: str
-) -> dict[str, Any]:
+def materialization_metadata(result: dg.ExecuteInProcessResult, name: str) -> dict[str, Any]:
     for event in result.get_asset_materialization_events():
         mat = event.materialization
         if mat.asset_key.path[-1] == name:

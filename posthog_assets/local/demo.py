@@ -1,4 +1,4 @@
-"""The main job, end to end: ``python -m posthog_assets.demo`` (what ``make demo`` runs).
+"""The main job, end to end: ``python -m posthog_assets.local.demo`` (what ``make demo`` runs).
 
 Without ``POSTHOG_HOST`` it starts the local PostHog stand-in and points the package at it, so the
 whole pipeline runs with no PostHog account. It then materializes every asset once (today's

@@ -17,36 +17,36 @@ next tick), return ``SkipReason`` when there is nothing to do, and default to ST
 import json
 import logging
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from concurrent.futures import TimeoutError as FuturesTimeout
+from dataclasses import asdict, dataclass, field
 from datetime import UTC
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
-from posthog_assets.config import ResolvedProject
-from posthog_assets.errors import (
+from posthog_assets.api.errors import (
     PostHogAuthError,
     PostHogError,
     PostHogNotFoundError,
     PostHogPermissionError,
 )
-from posthog_assets.export_checks import file_sha256
-from posthog_assets.export_runner import parse_time
-from posthog_assets.exports import (
+from posthog_assets.common import (
     FAILURES_METADATA_KEY,
     TAG_DEDUP_ROOT,
+    TAG_EXPIRY_REASON,
+    TAG_REFRESH_OF,
+    TAG_RETRY_ATTEMPT,
+    TAG_RETRY_OF,
     dedup_root_from_tags,
+    file_sha256,
     materialization_values,
+    parse_time,
 )
+from posthog_assets.config import ProjectConfig
 from posthog_assets.resources import PostHogResource
-
-TAG_REFRESH_OF = "posthog/refresh_of"
-TAG_EXPIRY_REASON = "posthog/expiry_reason"
-TAG_RETRY_ATTEMPT = "posthog/retry_attempt"
-TAG_RETRY_OF = "posthog/retry_of"
 
 DEFAULT_EXPIRY_MARGIN_S = 24 * 3600.0
 DEFAULT_REREQUEST_AFTER_S = 6 * 3600.0
@@ -69,7 +69,7 @@ _ACTIVE_STATUSES = {
 }
 
 
-def _load_cursor(raw: str | None) -> dict[str, Any]:
+def _load_json(raw: str | None) -> dict[str, Any]:
     if not raw:
         return {}
     try:
@@ -79,7 +79,97 @@ def _load_cursor(raw: str | None) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def _sensor_name(project: ResolvedProject, what: str) -> str:
+# ---------------------------------------------------------------------- cursors
+
+
+@dataclass
+class HashedFile:
+    """A downloaded file's identity when it was last hashed, and whether it matched."""
+
+    export_id: int
+    size: int
+    mtime_ns: int
+    matches: bool
+
+
+@dataclass
+class RefreshRequested:
+    """A refresh run requested for an export: which attempt, and when (epoch seconds)."""
+
+    export_id: int
+    attempt: int
+    at: float
+
+
+@dataclass
+class ExpiryCursor:
+    """Where the expiry sensor stopped, which files it already hashed, what it requested."""
+
+    offset: int = 0
+    hashed: dict[str, HashedFile] = field(default_factory=dict)
+    requested: dict[str, RefreshRequested] = field(default_factory=dict)
+
+    @classmethod
+    def load(cls, raw: str | None, keep: Collection[str]) -> "ExpiryCursor":
+        """The cursor, forgiving anything malformed (a broken cursor must not stop the sensor)."""
+        data = _load_json(raw)
+
+        def records(name: str, record: type[Any]) -> dict[str, Any]:
+            out = {}
+            for key, value in dict(data.get(name) or {}).items():
+                if key not in keep or not isinstance(value, dict):
+                    continue
+                try:
+                    out[key] = record(**value)
+                except TypeError:
+                    continue
+            return out
+
+        offset = data.get("offset")
+        return cls(
+            offset=offset if isinstance(offset, int) else 0,
+            hashed=records("hashed", HashedFile),
+            requested=records("requested", RefreshRequested),
+        )
+
+    def dump(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+@dataclass
+class PendingRetry:
+    """A retry run the retry sensor will request once ``due`` (epoch seconds) has passed."""
+
+    due: float
+    run_key: str
+    assets: list[str]
+    tags: dict[str, str]
+
+
+@dataclass
+class RetryCursor:
+    """The last failure event read, and the retries waiting for their time."""
+
+    after: int | None = None
+    pending: list[PendingRetry] = field(default_factory=list)
+
+    @classmethod
+    def load(cls, raw: str | None) -> "RetryCursor":
+        data = _load_json(raw)
+        pending = []
+        for item in data.get("pending") or []:
+            try:
+                pending.append(PendingRetry(**item))
+            except TypeError:
+                continue
+        after = data.get("after")
+        return cls(after=after if isinstance(after, int) else None, pending=pending)
+
+    def dump(self) -> str:
+        return json.dumps(asdict(self), sort_keys=True)
+
+
+def _sensor_name(project: ProjectConfig, what: str) -> str:
     return "_".join([*project.key_prefix, what])
 
 
@@ -88,7 +178,7 @@ def _sensor_name(project: ResolvedProject, what: str) -> str:
 
 def build_posthog_export_expiry_sensor(
     *,
-    project: ResolvedProject,
+    project: ProjectConfig,
     export_keys: Sequence[dg.AssetKey],
     log_key: dg.AssetKey | None = None,
     name: str | None = None,
@@ -133,14 +223,9 @@ def build_posthog_export_expiry_sensor(
     )
     def _expiry_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         started = clock()
-        cursor = _load_cursor(context.cursor)
-        hashed: dict[str, list[Any]] = {
-            k: v for k, v in dict(cursor.get("hashed") or {}).items() if k in by_name
-        }
-        requested: dict[str, list[Any]] = {
-            k: v for k, v in dict(cursor.get("requested") or {}).items() if k in by_name
-        }
-        offset = int(cursor.get("offset") or 0) % max(1, len(keys))
+        cursor = ExpiryCursor.load(context.cursor, keep=by_name)
+        hashed, requested = cursor.hashed, cursor.requested
+        offset = cursor.offset % max(1, len(keys))
         order = keys[offset:] + keys[:offset]
         latest = context.instance.get_latest_materialization_events(keys)
 
@@ -177,12 +262,12 @@ def build_posthog_export_expiry_sensor(
         for key, export_id, reason in seen:
             name_ = key.to_user_string()
             prev = requested.get(name_)
-            if prev and prev[0] != export_id:
+            if prev and prev.export_id != export_id:
                 requested.pop(name_, None)  # re-exported since: forget the old request
                 prev = None
             if reason is None or len(requests) >= max_requests_per_tick:
                 continue
-            if prev and clock() - float(prev[2]) < rerequest_after_s:
+            if prev and clock() - prev.at < rerequest_after_s:
                 continue  # already asked for this export
             refresh_of = f"{name_}:{export_id}"
             runs = context.instance.get_run_records(
@@ -195,7 +280,7 @@ def build_posthog_export_expiry_sensor(
             launched = context.instance.get_runs_count(
                 dg.RunsFilter(tags={TAG_REFRESH_OF: refresh_of})
             )
-            attempt = max(launched, int(prev[1]) if prev else 0) + 1
+            attempt = max(launched, prev.attempt if prev else 0) + 1
             context.log.info("Requesting %s: %s (attempt %d)", name_, reason, attempt)
             requests.append(
                 dg.RunRequest(
@@ -204,12 +289,9 @@ def build_posthog_export_expiry_sensor(
                     tags={TAG_REFRESH_OF: refresh_of, TAG_EXPIRY_REASON: reason[:200]},
                 )
             )
-            requested[name_] = [export_id, attempt, clock()]
+            requested[name_] = RefreshRequested(int(export_id), attempt, clock())
 
-        new_cursor = json.dumps(
-            {"offset": next_offset, "hashed": hashed, "requested": requested},
-            sort_keys=True,
-        )
+        new_cursor = ExpiryCursor(next_offset, hashed, requested).dump()
         if not requests:
             return dg.SensorResult(
                 skip_reason=dg.SkipReason(
@@ -236,7 +318,7 @@ def _expiry_reason(
     md: Mapping[str, Any],
     now: float,
     margin_s: float,
-    hashed: dict[str, list[Any]],
+    hashed: dict[str, HashedFile],
     name: str,
 ) -> str | None:
     """Why this export needs a new materialization, or None. Hashes only changed files."""
@@ -250,13 +332,16 @@ def _expiry_reason(
     stat = path.stat()
     if isinstance(md.get("bytes"), int) and stat.st_size != md["bytes"]:
         return f"file size {stat.st_size} differs from recorded {md['bytes']}"
-    key = [md.get("export_id"), stat.st_size, stat.st_mtime_ns]
     cached = hashed.get(name)
-    if cached and cached[:3] == key:
-        ok = bool(cached[3])
+    if (
+        cached is not None
+        and (cached.export_id, cached.size, cached.mtime_ns)
+        == (md.get("export_id"), stat.st_size, stat.st_mtime_ns)
+    ):
+        ok = cached.matches
     else:
         ok = file_sha256(path) == md.get("sha256")
-        hashed[name] = [*key, ok]
+        hashed[name] = HashedFile(int(md["export_id"]), stat.st_size, stat.st_mtime_ns, ok)
     return None if ok else "file sha256 differs from the recorded download"
 
 
@@ -310,7 +395,7 @@ def _posthog_reasons(
 
 def build_posthog_export_retry_sensor(
     *,
-    project: ResolvedProject,
+    project: ProjectConfig,
     export_assets: Sequence[dg.AssetsDefinition],
     log_key: dg.AssetKey | None = None,
     name: str | None = None,
@@ -354,9 +439,8 @@ def build_posthog_export_retry_sensor(
     )
     def _retry_sensor(context: dg.SensorEvaluationContext) -> dg.SensorResult:
         started = clock()
-        cursor = _load_cursor(context.cursor)
-        after = cursor.get("after")
-        pending: list[dict[str, Any]] = list(cursor.get("pending") or [])
+        cursor = RetryCursor.load(context.cursor)
+        after, pending = cursor.after, cursor.pending
 
         if after is None:
             records_filter = dg.RunStatusChangeRecordsFilter(
@@ -384,12 +468,7 @@ def build_posthog_export_retry_sensor(
             due = max(record.timestamp + delay, retry_at or 0.0)
             delay = due - record.timestamp
             pending.append(
-                {
-                    "due": due,
-                    "run_key": f"posthog-retry:{record.run_id}:{attempt}",
-                    "assets": assets,
-                    "tags": tags,
-                }
+                PendingRetry(due, f"posthog-retry:{record.run_id}:{attempt}", assets, tags)
             )
             context.log.info(
                 "Will retry %s from failed run %s in %.0fs (attempt %d of %d)",
@@ -401,21 +480,21 @@ def build_posthog_export_retry_sensor(
             )
 
         now = clock()
-        due = [p for p in pending if float(p["due"]) <= now]
-        waiting = [p for p in pending if float(p["due"]) > now]
+        ready = [p for p in pending if p.due <= now]
+        waiting = [p for p in pending if p.due > now]
         requests = [
             dg.RunRequest(
-                run_key=p["run_key"],
-                asset_selection=[dg.AssetKey.from_user_string(a) for a in p["assets"]],
-                tags=p["tags"],
+                run_key=p.run_key,
+                asset_selection=[dg.AssetKey.from_user_string(a) for a in p.assets],
+                tags=p.tags,
             )
-            for p in due
+            for p in ready
         ]
-        new_cursor = json.dumps({"after": after, "pending": waiting}, sort_keys=True)
+        new_cursor = RetryCursor(after, waiting).dump()
         if requests:
             return dg.SensorResult(run_requests=requests, cursor=new_cursor)
         if waiting:
-            soonest = min(float(p["due"]) for p in waiting)
+            soonest = min(p.due for p in waiting)
             message = f"{len(waiting)} retry(ies) waiting for backoff; next in {soonest - now:.0f}s"
         else:
             message = "No retryable PostHog export failures."

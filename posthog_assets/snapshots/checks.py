@@ -1,4 +1,5 @@
-"""Asset checks on the snapshot tables. Every check opens DuckDB read-only (STYLE §4).
+"""Asset checks on the snapshot tables. Every check opens DuckDB read-only (a read-write open
+would wait for, or block, the single writer), in the ``duckdb`` pool.
 
 - insights: the newest snapshot is non-empty; in blocking modes no insight came back without a
   result; no duplicate ``(snapshot_date, id)`` rows.
@@ -15,10 +16,10 @@ from typing import Any
 import dagster as dg
 import duckdb
 
-from posthog_assets.config import BLOCKING_REFRESH_MODES, ResolvedProject
-from posthog_assets.duckdb_store import open_read_only, quote, table_exists, table_ref
+from posthog_assets.common import DUCKDB_RESOURCE_KEY
+from posthog_assets.config import BLOCKING_REFRESH_MODES, ProjectConfig
 from posthog_assets.pools import DUCKDB_POOL
-from posthog_assets.snapshot_store import DUCKDB_RESOURCE_KEY, project_id_of
+from posthog_assets.tables import open_read_only, quote, table_exists, table_ref
 
 #: How many offending ids/keys a failed check lists in its description.
 MAX_LISTED = 10
@@ -119,7 +120,7 @@ def _missing_table(table: str) -> dg.AssetCheckResult:
 
 
 def _project_id(context: dg.AssetCheckExecutionContext, resource_key: str) -> str:
-    return project_id_of(getattr(context.resources, resource_key))
+    return str(getattr(context.resources, resource_key).stored_project_id)
 
 
 def _newest_snapshot(
@@ -140,7 +141,7 @@ def _newest_snapshot(
 
 
 def build_insights_checks(
-    project: ResolvedProject,
+    project: ProjectConfig,
     *,
     asset_key: dg.AssetKey,
 ) -> list[dg.AssetChecksDefinition]:
@@ -232,7 +233,7 @@ def _latest_metadata(context: dg.AssetCheckExecutionContext, key: dg.AssetKey) -
 
 
 def build_group_checks(
-    project: ResolvedProject,
+    project: ProjectConfig,
     *,
     groups_key: dg.AssetKey | None,
     tracked_key: dg.AssetKey | None,

@@ -33,7 +33,6 @@ from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import datetime
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
@@ -41,36 +40,27 @@ import duckdb
 import pydantic
 from pydantic import Field
 
-from posthog_assets.client import PostHogClient, QueryStatus
-from posthog_assets.config import (
-    ASYNC_REFRESH_MODES,
-    BLOCKING_REFRESH_MODES,
-    REFRESH_MODES,
-    RefreshMode,
-    ResolvedProject,
-)
-from posthog_assets.duckdb_store import quote, table_ref
-from posthog_assets.errors import (
+from posthog_assets.api.client import PostHogClient, QueryStatus
+from posthog_assets.api.errors import (
     PostHogAuthError,
     PostHogError,
     PostHogNotFoundError,
     PostHogPermissionError,
 )
-from posthog_assets.export_runner import parse_time
+from posthog_assets.api.polling import PollPolicy
+from posthog_assets.common import parse_time
+from posthog_assets.config import (
+    ASYNC_REFRESH_MODES,
+    BLOCKING_REFRESH_MODES,
+    REFRESH_MODES,
+    ProjectConfig,
+    RefreshMode,
+)
 from posthog_assets.resources import PostHogResource
-from posthog_assets.snapshot_store import (
-    SnapshotTable,
-    StagedSnapshot,
-    StagingFile,
-    build_snapshot_asset,
-    project_id_of,
-    utc_now_iso,
-)
-from posthog_assets.translator import (
-    DagsterPostHogTranslator,
-    PostHogMetadataSet,
-    PostHogSnapshotProps,
-)
+from posthog_assets.snapshots.source import SnapshotSource, StageRequest
+from posthog_assets.snapshots.staging import StagedRows, StagedSnapshot
+from posthog_assets.snapshots.writer import SnapshotTable
+from posthog_assets.tables import quote, table_ref
 
 #: PostHog's insights endpoints silently treat this mode as ``force_cache`` (``posthog/utils.py``,
 #: ``refresh_requested_by_client``); only ``POST /query/`` honours it.
@@ -87,8 +77,8 @@ DEFAULT_BLOCKING_PAGE_SIZE = 5
 #: Rounds in a row in which no pending insight finished before the remaining queries are asked
 #: about directly (a failed query never reaches the cache, so only ``/query/:id/`` tells).
 STALL_ROUNDS = 2
-#: ... but only once some insight has finished, or after this long: a batch of slow queries
-#: would otherwise cost one request per insight.
+#: ... but only once some insight has finished, when few are left, or after this long: a big
+#: batch of merely slow queries would otherwise cost one request per insight.
 STALL_AFTER_S = 30.0
 #: Queries asked about in one round at most; each is asked again after 2, 4, 8 ... rounds.
 MAX_ASKS_PER_ROUND = 10
@@ -185,7 +175,7 @@ class InsightsSnapshotConfig(dg.Config):
     )
 
 
-def insights_config_class(project: ResolvedProject) -> type[InsightsSnapshotConfig]:
+def insights_config_class(project: ProjectConfig) -> type[InsightsSnapshotConfig]:
     """The run config of one project: the launchpad's default ``refresh`` is its YAML mode."""
     return pydantic.create_model(  # type: ignore[call-overload, no-any-return]
         f"InsightsSnapshotConfig_{project.name}",
@@ -207,9 +197,7 @@ class InsightFetchOptions:
     created_by: list[int] | None = None
     basic: bool = False
     page_size: int | None = None
-    poll_interval_s: float = 1.0
-    poll_max_interval_s: float = 15.0
-    poll_timeout_s: float = 300.0
+    poll: PollPolicy = PollPolicy(interval_s=1.0, max_interval_s=15.0, timeout_s=300.0)
     poll_workers: int = DEFAULT_POLL_WORKERS
     concurrency_limit_retries: int = DEFAULT_CONCURRENCY_RETRIES
     prefetch_pages: int = DEFAULT_PREFETCH_PAGES
@@ -357,7 +345,7 @@ class InsightSnapshotFetcher:
     def __init__(
         self,
         client: PostHogClient,
-        staging: StagingFile,
+        staging: StagedRows,
         options: InsightFetchOptions,
         *,
         log: logging.Logger | Any = None,
@@ -469,12 +457,12 @@ class InsightSnapshotFetcher:
     ) -> None:
         """ClickHouse refused these for load: wait a little, ask again, keep the last answer."""
         opts = self.options
-        wait_s = opts.poll_interval_s
+        wait_s = opts.poll.interval_s
         for _attempt in range(opts.concurrency_limit_retries):
             if not limited:
                 break
             self._sleep(wait_s)
-            wait_s = min(wait_s * 2, opts.poll_max_interval_s)
+            wait_s = min(wait_s * 2, opts.poll.max_interval_s)
             self.log.info(
                 "Retrying %d insight(s) refused with %s", len(limited), CONCURRENCY_LIMIT_MESSAGE
             )
@@ -514,20 +502,19 @@ class InsightSnapshotFetcher:
     def _follow(self, pending: dict[int, PendingInsight]) -> None:
         opts = self.options
         started = self._clock()
-        deadline = started + opts.poll_timeout_s
-        interval = max(0.01, opts.poll_interval_s)
+        deadline = started + opts.poll.timeout_s
+        waits = opts.poll.waits()
         quiet, finished_any = 0, False
         self.stats.pending_queries = len({p.query_id for p in pending.values()})
         self.log.info(
             "Following %d insight(s) whose results PostHog is computing (timeout %gs)",
-            len(pending), opts.poll_timeout_s,
+            len(pending), opts.poll.timeout_s,
         )  # fmt: skip
         while pending:
             now = self._clock()
             if now >= deadline:
                 break
-            self._sleep(min(interval, deadline - now))
-            interval = min(interval * 1.5, max(interval, opts.poll_max_interval_s))
+            self._sleep(min(next(waits), deadline - now))
             self.stats.follow_rounds += 1
             before = len(pending)
             self._reread_pages(pending)
@@ -535,7 +522,9 @@ class InsightSnapshotFetcher:
             quiet = quiet + 1 if len(pending) == before else 0
             finished_any = finished_any or len(pending) < before
             if pending and quiet >= STALL_ROUNDS and (
-                finished_any or self._clock() - started >= STALL_AFTER_S
+                finished_any
+                or len(pending) <= MAX_ASKS_PER_ROUND
+                or self._clock() - started >= STALL_AFTER_S
             ):
                 self._ask_about_stalled(pending)
             self.log.info(
@@ -545,7 +534,7 @@ class InsightSnapshotFetcher:
             )  # fmt: skip
         if pending:
             message = (
-                f"still computing after {opts.poll_timeout_s:g}s "
+                f"still computing after {opts.poll.timeout_s:g}s "
                 "(raise insights.query_poll_timeout_s to wait longer)"
             )
             self.stats.async_timed_out += len(pending)
@@ -661,11 +650,11 @@ class InsightSnapshotFetcher:
 
 
 # ------------------------------------------------------------------------------------------------
-# Dagster
+# The source
 
 
 def resolve_fetch_options(
-    project: ResolvedProject, resource: PostHogResource, config: InsightsSnapshotConfig | None
+    project: ProjectConfig, resource: PostHogResource, config: InsightsSnapshotConfig | None
 ) -> InsightFetchOptions:
     """YAML defaults, overridden per run from the launchpad."""
     yaml_cfg = project.insights
@@ -676,81 +665,57 @@ def resolve_fetch_options(
         created_by=cfg.created_by if cfg.created_by is not None else yaml_cfg.created_by,
         basic=cfg.basic if cfg.basic is not None else yaml_cfg.basic,
         page_size=cfg.page_size or yaml_cfg.page_size,
-        poll_interval_s=resource.poll_interval_s,
-        poll_max_interval_s=resource.poll_max_interval_s,
-        poll_timeout_s=cfg.query_poll_timeout_s or yaml_cfg.query_poll_timeout_s,
+        poll=resource.poll_policy(cfg.query_poll_timeout_s or yaml_cfg.query_poll_timeout_s),
         poll_workers=cfg.poll_workers,
         concurrency_limit_retries=cfg.concurrency_limit_retries,
         prefetch_pages=cfg.prefetch_pages,
     )
 
 
-def describe_insights(conn: duckdb.DuckDBPyConnection, staged: StagedSnapshot) -> dict[str, Any]:
-    """Counts over the rows just written (the day's snapshot), for the materialization metadata."""
-    rows = conn.execute(
-        "SELECT count(*), count(*) FILTER (WHERE result IS NULL), "
-        "count(*) FILTER (WHERE is_cached), "
-        "count(*) FILTER (WHERE NOT coalesce(is_cached, false) AND result IS NOT NULL), "
-        "count(*) FILTER (WHERE query_error IS NOT NULL) "
-        f"FROM {INSIGHTS_TABLE.ref(conn)} WHERE project_id = ? AND snapshot_date = ?",
-        [staged.scope["project_id"], staged.scope["snapshot_date"]],
-    ).fetchall()
-    total, null_results, cached, fresh, errors = (int(v) for v in rows[0])
-    return {
-        "rows": total,
-        "null_results": null_results,
-        "cached": cached,
-        "fresh": fresh,
-        "query_errors": errors,
-    }
+class InsightsSource(SnapshotSource):
+    """``posthog.insights``: one snapshot a day per project, every insight with its result."""
 
+    name = "insights"
+    table = INSIGHTS_TABLE
+    views = (latest_view_sql,)
 
-def build_posthog_insights_snapshot(
-    project: ResolvedProject, *, translator: DagsterPostHogTranslator | None = None
-) -> dg.AssetsDefinition:
-    """The ``posthog.insights`` snapshot asset of one project (one snapshot per UTC day)."""
-    translator = translator or DagsterPostHogTranslator()
-    spec = translator.get_asset_spec(PostHogSnapshotProps(project, "insights"))
-    meta = PostHogMetadataSet.extract(spec.metadata)
-    resource_key = meta.resource_key or project.resource_key
+    def __init__(self, project: ProjectConfig) -> None:
+        self.project = project
+        self.config_cls = insights_config_class(project)
 
-    def fetch(
-        context: dg.OpExecutionContext, config: InsightsSnapshotConfig, folder: Path
-    ) -> StagedSnapshot:
-        resource: PostHogResource = getattr(context.resources, resource_key)
-        client = resource.get_client(log=context.log)
-        options = resolve_fetch_options(project, resource, config)
-        snapshot_at = utc_now_iso()
-        snapshot_date = snapshot_at[:10]
-        requests_before = client.request_count
-        context.log.info(
+    def scope(self, snapshot_at: str) -> dict[str, Any]:
+        return {"snapshot_date": snapshot_at[:10]}
+
+    def stage(self, request: StageRequest) -> dict[str, Any]:
+        options = resolve_fetch_options(self.project, request.resource, request.config)
+        request.log.info(
             "Snapshotting insights of project %s with refresh=%s (snapshot of %s)",
-            resource.project_id, options.refresh, snapshot_date,
+            request.resource.project_id, options.refresh, request.snapshot_at[:10],
         )  # fmt: skip
-        with StagingFile(folder / "insights", INSIGHTS_TABLE) as staging:
-            stats = InsightSnapshotFetcher(client, staging, options, log=context.log).run()
-        return StagedSnapshot(
-            files=staging.files,
-            rows=staging.rows,
-            scope={"project_id": project_id_of(resource), "snapshot_date": snapshot_date},
-            snapshot_at=snapshot_at,
-            stats={
-                "refresh": options.refresh,
-                "effective_refresh": options.effective_refresh,
-                "page_size": options.effective_page_size,
-                "snapshot_date": snapshot_date,
-                "requests": client.request_count - requests_before,
-                **stats.as_metadata(),
-            },
-        )
+        fetcher = InsightSnapshotFetcher(request.client, request.staging, options, log=request.log)
+        stats = fetcher.run()
+        return {
+            "refresh": options.refresh,
+            "effective_refresh": options.effective_refresh,
+            "page_size": options.effective_page_size,
+            **stats.as_metadata(),
+        }
 
-    return build_snapshot_asset(
-        spec=spec,
-        table=INSIGHTS_TABLE,
-        resource_key=resource_key,
-        fetch=fetch,
-        config_cls=insights_config_class(project),
-        views=[latest_view_sql],
-        describe=describe_insights,
-    )
-
+    def describe(self, conn: duckdb.DuckDBPyConnection, staged: StagedSnapshot) -> dict[str, Any]:
+        """Counts over the rows just written (the day's snapshot)."""
+        rows = conn.execute(
+            "SELECT count(*), count(*) FILTER (WHERE result IS NULL), "
+            "count(*) FILTER (WHERE is_cached), "
+            "count(*) FILTER (WHERE NOT coalesce(is_cached, false) AND result IS NOT NULL), "
+            "count(*) FILTER (WHERE query_error IS NOT NULL) "
+            f"FROM {INSIGHTS_TABLE.ref(conn)} WHERE project_id = ? AND snapshot_date = ?",
+            [staged.scope["project_id"], staged.scope["snapshot_date"]],
+        ).fetchall()
+        total, null_results, cached, fresh, errors = (int(v) for v in rows[0])
+        return {
+            "rows": total,
+            "null_results": null_results,
+            "cached": cached,
+            "fresh": fresh,
+            "query_errors": errors,
+        }

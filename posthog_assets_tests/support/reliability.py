@@ -37,13 +37,15 @@ import pytest
 from dagster_duckdb import DuckDBResource
 
 from posthog_assets.config import Settings, load_settings
-from posthog_assets.duckdb_store import open_read_only, table_columns, table_exists
-from posthog_assets.export_checks import build_posthog_export_checks
-from posthog_assets.exports import build_posthog_export_assets, build_posthog_exports_log_asset
+from posthog_assets.exports.assets import build_posthog_export_assets
+from posthog_assets.exports.checks import build_posthog_export_checks
+from posthog_assets.exports.log import build_posthog_exports_log_asset
 from posthog_assets.resources import PostHogResource
-from posthog_assets.snapshots import build_posthog_snapshot_definitions
+from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
 from posthog_assets.standin.server import StandinControl, StandinProcess
-from posthog_assets_tests.conftest import standin_env
+from posthog_assets.tables import open_read_only, table_columns, table_exists
+from posthog_assets_tests.support.resources import make_resource
+from posthog_assets_tests.support.session import standin_env
 
 #: Two exports (PNG, CSV), a filtered blocking insights snapshot (4 pages), every group asset.
 WORLD_YAML = """
@@ -131,9 +133,7 @@ class World:
             assets = self.export_assets()
             out += assets
             if checks:
-                out += build_posthog_export_checks(
-                    project=self.project, export_assets=assets[:-1]
-                )
+                out += build_posthog_export_checks(project=self.project, export_assets=assets[:-1])
         names = [f for f in families if f != EXPORTS]
         for asset in self.snapshot.assets or []:
             if asset.key.path[-1] in names:  # type: ignore[union-attr]
@@ -186,23 +186,8 @@ def build_world(
 
 
 def fast_resource(standin: StandinProcess, export_dir: Path, **overrides: Any) -> PostHogResource:
-    """A resource with fast retries and polls (fractions of a second) for the stand-in."""
-    fields: dict[str, Any] = {
-        "host": standin.url,
-        "project_id": str(standin.project_id),
-        "personal_api_key": standin.key,
-        "export_dir": str(export_dir),
-        "max_attempts": 4,
-        "backoff_initial_s": 0.05,
-        "backoff_max_s": 0.3,
-        "retry_budget_s": 20.0,
-        "poll_interval_s": 0.05,
-        "poll_max_interval_s": 0.3,
-        "poll_timeout_s": 20.0,
-        "read_timeout_s": 10.0,
-        **overrides,
-    }
-    return PostHogResource(**fields)
+    """The tests' resource (fast retries and polls) for the reliability world."""
+    return make_resource(standin, export_dir, **overrides)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -496,7 +481,9 @@ import json, os, sys, traceback
 # The slow part of starting a code location: Dagster, pandas, DuckDB and the package's modules.
 # posthog_assets.definitions itself is NOT imported here: it reads the environment of each child.
 import dagster  # noqa: F401
-import posthog_assets.exports, posthog_assets.snapshots, posthog_assets.resources  # noqa: F401
+import posthog_assets.exports.definitions  # noqa: F401
+import posthog_assets.resources  # noqa: F401
+import posthog_assets.snapshots.definitions  # noqa: F401
 
 for line in sys.stdin:
     job = json.loads(line)

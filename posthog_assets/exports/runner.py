@@ -1,7 +1,7 @@
 """Create (or resume) one PostHog export, poll it until it has content, stream it to disk.
 
-No Dagster here: the asset layer (:mod:`posthog_assets.exports`) runs many of these in threads and
-turns the outcome into metadata, and the benchmark drives it directly.
+No Dagster here: the asset layer (:mod:`posthog_assets.exports.assets`) runs many of these in
+threads and turns the outcome into metadata, and the benchmark drives it directly.
 
 Why the extra care:
 
@@ -33,9 +33,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from posthog_assets.client import PostHogClient
-from posthog_assets.config import EXPORT_FORMATS, TABULAR_FORMATS
-from posthog_assets.errors import (
+from posthog_assets.api.client import PostHogClient
+from posthog_assets.api.errors import (
     PostHogConnectionError,
     PostHogError,
     PostHogExportFailed,
@@ -43,6 +42,9 @@ from posthog_assets.errors import (
     PostHogPollTimeout,
     PostHogServerError,
 )
+from posthog_assets.api.polling import PollPolicy
+from posthog_assets.common import parse_time
+from posthog_assets.config import EXPORT_FORMATS, TABULAR_FORMATS
 
 logger = logging.getLogger(__name__)
 
@@ -98,17 +100,6 @@ def exception_is_retryable(text: str | None) -> bool:
     if any(m in lowered for m in NON_RETRYABLE_EXCEPTION_MARKERS):
         return False
     return any(m in lowered for m in RETRYABLE_EXCEPTION_MARKERS)
-
-
-@dataclass(frozen=True)
-class PollSettings:
-    """Backoff between polls: ``interval_s`` growing by ``factor`` up to ``max_interval_s``."""
-
-    interval_s: float = 1.0
-    max_interval_s: float = 15.0
-    timeout_s: float = 600.0
-    factor: float = 1.6
-    jitter: float = 0.2  # +/- fraction of each wait
 
 
 @dataclass(frozen=True)
@@ -244,17 +235,6 @@ def _describe(export: Mapping[str, Any]) -> str:
     return "ready" if export.get("has_content") else "pending"
 
 
-def parse_time(value: Any) -> datetime | None:
-    """PostHog's ISO timestamps (``...Z``) as aware datetimes; None when absent or malformed."""
-    if not isinstance(value, str) or not value:
-        return None
-    try:
-        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
-    except ValueError:
-        return None
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
-
-
 class ExportRunner:
     """Runs :class:`ExportRequest`s against one :class:`PostHogClient`; safe to share by threads.
 
@@ -270,7 +250,7 @@ class ExportRunner:
         client: PostHogClient,
         export_dir: str | os.PathLike[str],
         *,
-        poll: PollSettings | None = None,
+        poll: PollPolicy | None = None,
         log: logging.Logger | None = None,
         lookup_limit: int = DEFAULT_LOOKUP_LIMIT,
         lookup_max_age_s: float = DEFAULT_LOOKUP_MAX_AGE_S,
@@ -282,7 +262,7 @@ class ExportRunner:
     ) -> None:
         self.client = client
         self.export_dir = Path(export_dir).absolute()  # recorded paths must not depend on cwd
-        self.poll = poll or PollSettings()
+        self.poll = poll or PollPolicy()
         self.log = log or logger
         self.lookup_limit = lookup_limit
         self.lookup_max_age_s = lookup_max_age_s
@@ -496,7 +476,7 @@ class ExportRunner:
     ) -> tuple[dict[str, Any], int, list[str]]:
         """Poll until ``has_content`` or ``exception``; return (export, polls, states seen)."""
         start = self._clock()
-        interval = self.poll.interval_s
+        waits = self.poll.waits(self._rng)
         polls = 0
         states = [_describe(export)]
         export_id = int(export["id"])
@@ -516,8 +496,7 @@ class ExportRunner:
                     f"{export.get('exception')!r}. A re-run resumes export {export_id} "
                     "instead of creating another."
                 )
-            jitter = 1.0 + self._rng.uniform(-self.poll.jitter, self.poll.jitter)
-            self._sleep(max(0.0, min(interval * jitter, remaining)))
+            self._sleep(max(0.0, min(next(waits), remaining)))
             export = self.client.get_export(export_id)
             polls += 1
             states.append(_describe(export))
@@ -529,7 +508,6 @@ class ExportRunner:
                 self._clock() - start,
                 _describe(export),
             )
-            interval = min(interval * self.poll.factor, self.poll.max_interval_s)
 
     def _failed(self, request: ExportRequest, export: Mapping[str, Any]) -> PostHogExportFailed:
         text = str(export.get("exception"))

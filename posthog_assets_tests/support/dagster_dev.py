@@ -2,7 +2,7 @@
 
 Why one: a ``dg dev`` start-up costs 20-40 s on two cores, so ``test_ui.py`` and
 ``test_daemon.py`` share a session-scoped instance. It is started exactly as ``make ui`` starts it
-(``python -m posthog_assets.ui``), pointed at the session's stand-in and at temporary
+(``python -m posthog_assets.local.ui``), pointed at the session's stand-in and at temporary
 ``DAGSTER_HOME``/DuckDB/export paths, and stopped with Ctrl-C (SIGINT to its process group) at the
 end of the session, when the fixture also checks that no process of it is left behind.
 
@@ -28,12 +28,12 @@ import dagster as dg
 import psutil
 import pytest
 
+from posthog_assets.local.ui import graphql
 from posthog_assets.standin.server import StandinProcess
 from posthog_assets.translator import EXPORTS_GROUP
-from posthog_assets.ui import graphql
-from posthog_assets_tests.conftest import standin_env
+from posthog_assets_tests.support.session import standin_env
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
 #: What the webserver calls a code location loaded from a python module.
 REPOSITORY_NAME = "__repository__"
@@ -130,7 +130,7 @@ def schedule_names() -> list[str]:
 
 @dataclass
 class DagsterDevUI:
-    """A running ``python -m posthog_assets.ui`` and what the tests need to drive it."""
+    """A running ``python -m posthog_assets.local.ui`` and what the tests need to drive it."""
 
     url: str
     home: Path
@@ -216,8 +216,16 @@ def metadata_dict(materialization: Mapping[str, Any]) -> dict[str, Any]:
     """GraphQL metadata entries as {label: value} (path, text, int, float, url, md, json)."""
     out: dict[str, Any] = {}
     for e in materialization.get("metadataEntries", []):
-        for field in ("path", "text", "intValue", "floatValue", "url", "mdStr", "jsonString",
-                      "timestamp"):
+        for field in (
+            "path",
+            "text",
+            "intValue",
+            "floatValue",
+            "url",
+            "mdStr",
+            "jsonString",
+            "timestamp",
+        ):
             if field in e and e[field] is not None:
                 out[e["label"]] = e[field]
                 break
@@ -304,7 +312,7 @@ SET_NUX_SEEN_MUTATION = "mutation { setNuxSeen }"
 def dagster_ui(
     standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[DagsterDevUI]:
-    """``python -m posthog_assets.ui`` on a free port, against the session stand-in.
+    """``python -m posthog_assets.local.ui`` on a free port, against the session stand-in.
 
     Its own ``DAGSTER_HOME`` (seeded by the module from the root ``dagster.yaml``, pool limits
     applied), DuckDB file and export folder live in a temp folder. The first-run pop-up is
@@ -325,7 +333,7 @@ def dagster_ui(
     }
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "posthog_assets.ui", "--port", str(port)],
+            [sys.executable, "-m", "posthog_assets.local.ui", "--port", str(port)],
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -372,14 +380,16 @@ def _describe(pids: list[int]) -> str:
 
 
 def _wait_until_ready(proc: subprocess.Popen[bytes], log_path: Path, url: str) -> None:
-    """``posthog_assets.ui`` prints "Dagster UI: <url>" once the code location has loaded."""
+    """``posthog_assets.local.ui`` prints "Dagster UI: <url>" once the code location has loaded."""
     deadline = time.monotonic() + UI_STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         text = log_path.read_text(errors="replace")
         if f"Dagster UI: {url}" in text:
             return
         if proc.poll() is not None:
-            raise AssertionError(f"posthog_assets.ui exited ({proc.returncode}):\n{text[-3000:]}")
+            raise AssertionError(
+                f"posthog_assets.local.ui exited ({proc.returncode}):\n{text[-3000:]}"
+            )
         time.sleep(0.5)
     raise AssertionError(f"the UI did not start in {UI_STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
 
@@ -393,7 +403,9 @@ def _ctrl_c(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-            raise AssertionError("posthog_assets.ui did not stop within 60 s of Ctrl-C") from None
+            raise AssertionError(
+                "posthog_assets.local.ui did not stop within 60 s of Ctrl-C"
+            ) from None
     time.sleep(0.5)  # let the last children be reaped by init
 
 

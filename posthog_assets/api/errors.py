@@ -1,4 +1,4 @@
-"""Typed errors raised by :mod:`posthog_assets.client`.
+"""Typed errors raised by :mod:`posthog_assets.api.client`.
 
 PostHog answers every failure with ``{"type", "code", "detail", "attr"}``. The client turns that
 body into one of these classes so callers can decide by type (retry, fail fast, re-create) and so

@@ -7,13 +7,10 @@ its own. It retries only what is worth retrying (429, 5xx, dropped connections),
 
 from __future__ import annotations
 
-import fcntl
-import hashlib
 import itertools
 import json
 import logging
 import os
-import tempfile
 import threading
 import time
 from collections import deque
@@ -28,7 +25,13 @@ from urllib.parse import urljoin, urlsplit
 import requests
 import tenacity
 
-from posthog_assets.errors import (
+from posthog_assets.api.download import (
+    DOWNLOAD_CHUNK_BYTES,
+    DownloadResult,
+    remove_stale_parts,
+    stream_to_file,
+)
+from posthog_assets.api.errors import (
     PostHogAuthError,
     PostHogConnectionError,
     PostHogDownloadError,
@@ -41,7 +44,7 @@ from posthog_assets.errors import (
     PostHogValidationError,
     advice_for,
 )
-from posthog_assets.ratelimit import (
+from posthog_assets.api.ratelimit import (
     POSTHOG_CLOUD_LIMITS,
     FileState,
     GateWaitTooLong,
@@ -52,10 +55,6 @@ from posthog_assets.ratelimit import (
 )
 
 USER_AGENT = "posthog-assets/0.1 (+dagster)"
-DOWNLOAD_CHUNK_BYTES = 1 << 20
-#: Held while a temp file is created and locked, and while stale ones are removed, so a cleaner in
-#: this process never sees a brand-new ``.part`` before its writer has locked it.
-_PART_LOCK = threading.Lock()
 
 ApiPrefix = Literal["environments", "projects"]
 
@@ -71,17 +70,6 @@ class RetrySettings:
     backoff_max_s: float = 30.0
     jitter_s: float = 0.5
     total_budget_s: float = 180.0
-
-
-@dataclass(frozen=True)
-class DownloadResult:
-    """What a streamed download wrote."""
-
-    path: Path
-    bytes: int
-    sha256: str
-    content_type: str | None
-    redirected: bool
 
 
 @dataclass(frozen=True)
@@ -176,7 +164,7 @@ class PostHogClient:
         read_timeout_s: Longest wait for an answer to one request.
         post_timeout_s: Longest wait for the answer to ``POST /exports/``: PostHog holds it open
             until the export is rendered. When it passes, the export is found in the list and
-            followed there (see :mod:`posthog_assets.export_runner`). Default: ``read_timeout_s``.
+            followed there (see :mod:`posthog_assets.exports.runner`). Default: ``read_timeout_s``.
         rate_limits: PostHog's throttles to stay under, per class (default PostHog Cloud's);
             None paces only on 429s.
         rate_limit_state: A file shared with other processes using the same key and host
@@ -605,7 +593,7 @@ class PostHogClient:
             else:
                 raise PostHogDownloadError(f"GET {path}: more than {max_redirects} redirects")
             with resp:
-                return _stream_to_file(resp, dest, chunk_bytes, redirected)
+                return stream_to_file(resp, dest, chunk_bytes=chunk_bytes, redirected=redirected)
 
         return self.call_with_retries(attempt, what=f"download of {path}")
 
@@ -853,103 +841,3 @@ def _retry_after(resp: requests.Response) -> float | None:
         return max(0.0, float(value))
     except ValueError:
         return None
-
-
-def _stream_to_file(
-    resp: requests.Response, dest: Path, chunk_bytes: int, redirected: bool
-) -> DownloadResult:
-    # With a Content-Encoding, Content-Length counts the encoded bytes, not what we write.
-    expected = None if resp.headers.get("Content-Encoding") else resp.headers.get("Content-Length")
-    digest = hashlib.sha256()
-    written = 0
-    with _PART_LOCK:
-        fd, tmp_name = tempfile.mkstemp(
-            dir=dest.parent, prefix=f".{dest.name}.{os.getpid()}.", suffix=".part"
-        )
-        # Held until the file is closed (or the process dies): this .part is being written.
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    tmp = Path(tmp_name)
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                for chunk in resp.iter_content(chunk_size=chunk_bytes):
-                    out.write(chunk)
-                    digest.update(chunk)
-                    written += len(chunk)
-            except (requests.exceptions.RequestException, OSError) as exc:
-                raise PostHogDownloadError(
-                    f"download of {dest.name} broke off after {written} bytes "
-                    f"({type(exc).__name__})"
-                ) from None
-            out.flush()
-            os.fsync(out.fileno())
-        if expected is not None and int(expected) != written:
-            raise PostHogDownloadError(
-                f"download of {dest.name} ended at {written} of {expected} bytes"
-            )
-        os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    return DownloadResult(
-        path=dest,
-        bytes=written,
-        sha256=digest.hexdigest(),
-        content_type=resp.headers.get("Content-Type"),
-        redirected=redirected,
-    )
-
-
-def remove_stale_parts(folder: Path) -> list[Path]:
-    """Delete the ``.part`` files of downloads whose process died (SIGKILL, OOM, power loss).
-
-    ``finally`` cannot run in a killed process, so its temp file stays. A live download holds an
-    exclusive ``flock`` on its ``.part`` (the kernel drops it when the process dies), so a file we
-    can lock has no writer left, unless another live process (pid in the name) has only just
-    created it and not locked it yet: such a file is left for the next download.
-    """
-    removed: list[Path] = []
-    with _PART_LOCK:
-        for part in folder.glob(".*.part"):
-            try:
-                fd = os.open(part, os.O_RDONLY)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                continue  # a download in progress
-            try:
-                pid = _part_writer_pid(part.name)
-                if pid is None or pid == os.getpid() or not _process_alive(pid):
-                    part.unlink(missing_ok=True)
-                    removed.append(part)
-            finally:
-                os.close(fd)
-    return removed
-
-
-def _part_writer_pid(name: str) -> int | None:
-    """The writer's pid from ``.<file>.<pid>.<random>.part`` (None for other names)."""
-    pieces = name.removesuffix(".part").rsplit(".", 2)
-    return int(pieces[1]) if len(pieces) == 3 and pieces[1].isdigit() else None
-
-
-def _process_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)

@@ -5,7 +5,6 @@ instance and compare the file on disk with it, so they also catch files that wer
 replaced or deleted after the run. They never call PostHog.
 """
 
-import hashlib
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -14,22 +13,14 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from posthog_assets.config import ResolvedProject
-from posthog_assets.exports import PNG_SIGNATURE, materialization_values
+from posthog_assets.common import file_sha256, materialization_values
+from posthog_assets.config import ProjectConfig
+from posthog_assets.exports.previews import PNG_SIGNATURE
 
 CHECK_FILE_PRESENT = "file_present"
 CHECK_SHA256 = "sha256_matches"
 CHECK_FORMAT = "format_valid"
 PNG_IEND = b"\x00\x00\x00\x00IEND\xaeB`\x82"
-
-
-def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
-    """Streamed sha256 (constant memory for any size)."""
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while chunk := fh.read(chunk_bytes):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def validate_format(path: Path, export_format: str) -> tuple[bool, str]:
@@ -109,7 +100,7 @@ def verify_export(
 
 
 def build_posthog_export_checks(
-    *, project: ResolvedProject, export_assets: Sequence[dg.AssetsDefinition]
+    *, project: ProjectConfig, export_assets: Sequence[dg.AssetsDefinition]
 ) -> list[dg.AssetChecksDefinition]:
     """Three checks per export asset (file present, sha256, format) in one subsettable op."""
     keys = [k for a in export_assets for k in a.keys]

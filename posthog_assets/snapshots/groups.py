@@ -11,32 +11,19 @@ from __future__ import annotations
 import json
 import logging
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 from typing import Any
 
 import dagster as dg
+import duckdb
 from pydantic import Field
 
-from posthog_assets.client import PostHogClient
-from posthog_assets.config import ResolvedProject
-from posthog_assets.resources import PostHogResource
-from posthog_assets.snapshot_store import (
-    DescribeFn,
-    SnapshotTable,
-    StagedSnapshot,
-    StagingFile,
-    build_snapshot_asset,
-    project_id_of,
-    utc_now_iso,
-)
-from posthog_assets.translator import (
-    DagsterPostHogTranslator,
-    PostHogMetadataSet,
-    PostHogSnapshotProps,
-    SnapshotKind,
-)
+from posthog_assets.api.client import PostHogClient
+from posthog_assets.config import ProjectConfig
+from posthog_assets.snapshots.source import SnapshotSource, StageRequest
+from posthog_assets.snapshots.staging import StagedRows, StagedSnapshot
+from posthog_assets.snapshots.writer import SnapshotTable
 
 DEFAULT_TYPE_CONCURRENCY = 5
 DEFAULT_PROPERTY_VALUES_CONCURRENCY = 4
@@ -158,7 +145,7 @@ def type_indexes(client: PostHogClient) -> list[int]:
 
 def stage_groups(
     client: PostHogClient,
-    staging: StagingFile,
+    staging: StagedRows,
     indexes: Sequence[int],
     *,
     concurrency: int = DEFAULT_TYPE_CONCURRENCY,
@@ -204,7 +191,7 @@ def definition_rows(definitions: Mapping[str, Any]) -> list[dict[str, Any]]:
 
 def stage_property_values(
     client: PostHogClient,
-    staging: StagingFile,
+    staging: StagedRows,
     definitions: Mapping[str, Any],
     *,
     concurrency: int = DEFAULT_PROPERTY_VALUES_CONCURRENCY,
@@ -254,103 +241,35 @@ def tracked_group_row(client: PostHogClient, type_index: int, key: str) -> dict[
 
 
 # ------------------------------------------------------------------------------------------------
-# Dagster
+# The sources
 
 
-#: Stages one table's rows from the API; returns the figures recorded as metadata.
-StageFn = Callable[[dg.OpExecutionContext, Any, PostHogClient, StagingFile], Mapping[str, Any]]
+class GroupTypesSource(SnapshotSource):
+    """``posthog.group_types``: the project's group types (``groups_types``, a plain array)."""
+
+    name = "group_types"
+    table = GROUP_TYPES_TABLE
+
+    def stage(self, request: StageRequest) -> dict[str, Any]:
+        types = request.client.list_group_types()
+        return {"group_types": request.staging.write(group_type_row(t) for t in types)}
 
 
-def _group_snapshot_asset(
-    project: ResolvedProject,
-    kind: SnapshotKind,
-    translator: DagsterPostHogTranslator,
-    table: SnapshotTable,
-    stage: StageFn,
-    *,
-    config_cls: type[dg.Config] | None = None,
-    describe: DescribeFn | None = None,
-) -> dg.AssetsDefinition:
-    """A snapshot asset whose fetch step stages ``table`` with ``stage`` and counts requests."""
-    spec = translator.get_asset_spec(PostHogSnapshotProps(project, kind))
-    rkey = PostHogMetadataSet.extract(spec.metadata).resource_key or project.resource_key
+class GroupsSource(SnapshotSource):
+    """``posthog.groups``: every group of every type (cursor pages; types in parallel)."""
 
-    def fetch(context: dg.OpExecutionContext, config: Any, folder: Path) -> StagedSnapshot:
-        resource: PostHogResource = getattr(context.resources, rkey)
-        client = resource.get_client(log=context.log)
-        snapshot_at, requests_before = utc_now_iso(), client.request_count
-        with StagingFile(folder / table.name, table) as staging:
-            stats = stage(context, config, client, staging)
-        return StagedSnapshot(
-            files=list(staging.files),
-            rows=staging.rows,
-            scope={"project_id": project_id_of(resource)},
-            snapshot_at=snapshot_at,
-            stats={"requests": client.request_count - requests_before, **stats},
-        )
+    name = "groups"
+    table = GROUPS_TABLE
+    config_cls = GroupsSnapshotConfig
 
-    return build_snapshot_asset(
-        spec=spec,
-        table=table,
-        resource_key=rkey,
-        fetch=fetch,
-        config_cls=config_cls,
-        describe=describe,
-    )
-
-
-def build_posthog_group_assets(
-    project: ResolvedProject, *, translator: DagsterPostHogTranslator | None = None
-) -> dict[SnapshotKind, dg.AssetsDefinition]:
-    """The group snapshot assets of one project (those its ``groups:`` section enables)."""
-    translator = translator or DagsterPostHogTranslator()
-    if not project.groups.enabled:
-        return {}
-    assets: dict[SnapshotKind, dg.AssetsDefinition] = {
-        "group_types": _group_types_asset(project, translator),
-        "groups": _groups_asset(project, translator),
-        "group_property_definitions": _property_definitions_asset(project, translator),
-    }
-    if project.groups.property_values:
-        assets["group_property_values"] = _property_values_asset(project, translator)
-    if project.groups.tracked:
-        assets["tracked_groups"] = _tracked_groups_asset(project, translator)
-    return assets
-
-
-def _group_types_asset(
-    project: ResolvedProject, translator: DagsterPostHogTranslator
-) -> dg.AssetsDefinition:
-    def stage(
-        _context: dg.OpExecutionContext, _config: None, client: PostHogClient, staging: StagingFile
-    ) -> dict[str, Any]:
-        return {"group_types": staging.write(group_type_row(t) for t in client.list_group_types())}
-
-    return _group_snapshot_asset(project, "group_types", translator, GROUP_TYPES_TABLE, stage)
-
-
-def describe_groups(conn: Any, staged: StagedSnapshot) -> dict[str, Any]:
-    """Rows per type as written, next to what the API returned (the check compares them)."""
-    rows = conn.execute(
-        f"SELECT group_type_index, count(*) FROM {GROUPS_TABLE.ref(conn)} WHERE project_id = ? "
-        "GROUP BY 1 ORDER BY 1",
-        [staged.scope["project_id"]],
-    ).fetchall()
-    return {"db_groups_per_type": {str(i): int(n) for i, n in rows}}
-
-
-def _groups_asset(
-    project: ResolvedProject, translator: DagsterPostHogTranslator
-) -> dg.AssetsDefinition:
-    def stage(
-        context: dg.OpExecutionContext,
-        config: GroupsSnapshotConfig,
-        client: PostHogClient,
-        staging: StagingFile,
-    ) -> dict[str, Any]:
-        indexes = type_indexes(client)
+    def stage(self, request: StageRequest) -> dict[str, Any]:
+        indexes = type_indexes(request.client)
         counts, pages = stage_groups(
-            client, staging, indexes, concurrency=config.type_concurrency, log=context.log
+            request.client,
+            request.staging,
+            indexes,
+            concurrency=request.config.type_concurrency,
+            log=request.log,
         )
         return {
             "group_types": len(indexes),
@@ -359,71 +278,79 @@ def _groups_asset(
             **{f"groups_type_{i}": n for i, n in counts.items()},
         }
 
-    return _group_snapshot_asset(
-        project,
-        "groups",
-        translator,
-        GROUPS_TABLE,
-        stage,
-        config_cls=GroupsSnapshotConfig,
-        describe=describe_groups,
-    )
+    def describe(self, conn: duckdb.DuckDBPyConnection, staged: StagedSnapshot) -> dict[str, Any]:
+        """Rows per type as written, next to what the API returned (the check compares them)."""
+        rows = conn.execute(
+            f"SELECT group_type_index, count(*) FROM {GROUPS_TABLE.ref(conn)} "
+            "WHERE project_id = ? GROUP BY 1 ORDER BY 1",
+            [staged.scope["project_id"]],
+        ).fetchall()
+        return {"db_groups_per_type": {str(i): int(n) for i, n in rows}}
 
 
-def _property_definitions_asset(
-    project: ResolvedProject, translator: DagsterPostHogTranslator
-) -> dg.AssetsDefinition:
-    def stage(
-        _context: dg.OpExecutionContext, _config: None, client: PostHogClient, staging: StagingFile
-    ) -> dict[str, Any]:
-        return {"properties": staging.write(definition_rows(client.group_property_definitions()))}
+class PropertyDefinitionsSource(SnapshotSource):
+    """``posthog.group_property_definitions``: property names and counts per group type."""
 
-    return _group_snapshot_asset(
-        project, "group_property_definitions", translator, GROUP_PROPERTY_DEFINITIONS_TABLE, stage
-    )
+    name = "group_property_definitions"
+    table = GROUP_PROPERTY_DEFINITIONS_TABLE
+
+    def stage(self, request: StageRequest) -> dict[str, Any]:
+        rows = definition_rows(request.client.group_property_definitions())
+        return {"properties": request.staging.write(rows)}
 
 
-def _property_values_asset(
-    project: ResolvedProject, translator: DagsterPostHogTranslator
-) -> dg.AssetsDefinition:
-    def stage(
-        _context: dg.OpExecutionContext,
-        config: GroupPropertyValuesConfig,
-        client: PostHogClient,
-        staging: StagingFile,
-    ) -> dict[str, Any]:
+class PropertyValuesSource(SnapshotSource):
+    """``posthog.group_property_values``: the top values of each group property."""
+
+    name = "group_property_values"
+    table = GROUP_PROPERTY_VALUES_TABLE
+    config_cls = GroupPropertyValuesConfig
+
+    def stage(self, request: StageRequest) -> dict[str, Any]:
         properties, _ = stage_property_values(
-            client, staging, client.group_property_definitions(), concurrency=config.max_concurrency
+            request.client,
+            request.staging,
+            request.client.group_property_definitions(),
+            concurrency=request.config.max_concurrency,
         )
         return {"properties": properties}
 
-    return _group_snapshot_asset(
-        project,
-        "group_property_values",
-        translator,
-        GROUP_PROPERTY_VALUES_TABLE,
-        stage,
-        config_cls=GroupPropertyValuesConfig,
-    )
 
+class TrackedGroupsSource(SnapshotSource):
+    """``posthog.tracked_groups``: the configured groups, looked up without side effects."""
 
-def _tracked_groups_asset(
-    project: ResolvedProject, translator: DagsterPostHogTranslator
-) -> dg.AssetsDefinition:
-    tracked = [(t.group_type_index, t.group_key) for t in project.groups.tracked]
+    name = "tracked_groups"
+    table = TRACKED_GROUPS_TABLE
 
-    def stage(
-        context: dg.OpExecutionContext, _config: None, client: PostHogClient, staging: StagingFile
-    ) -> dict[str, Any]:
-        rows = [tracked_group_row(client, index, key) for index, key in tracked]
+    def __init__(self, tracked: Sequence[tuple[int, str]]) -> None:
+        self.tracked = list(tracked)
+
+    def stage(self, request: StageRequest) -> dict[str, Any]:
+        rows = [tracked_group_row(request.client, index, key) for index, key in self.tracked]
         missing = [f"{r['group_type_index']}:{r['group_key']}" for r in rows if not r["found"]]
         if missing:
-            context.log.warning("Tracked group(s) not found in PostHog: %s", ", ".join(missing))
-        staging.write(rows)
+            request.log.warning("Tracked group(s) not found in PostHog: %s", ", ".join(missing))
+        request.staging.write(rows)
         return {
             "tracked": len(rows),
             "missing": len(missing),
             "missing_keys": ", ".join(missing) or "none",
         }
 
-    return _group_snapshot_asset(project, "tracked_groups", translator, TRACKED_GROUPS_TABLE, stage)
+
+def group_sources(project: ProjectConfig) -> list[SnapshotSource]:
+    """The group snapshots one project's ``groups:`` section enables."""
+    groups = project.groups
+    if not groups.enabled:
+        return []
+    sources: list[SnapshotSource] = [
+        GroupTypesSource(),
+        GroupsSource(),
+        PropertyDefinitionsSource(),
+    ]
+    if groups.property_values:
+        sources.append(PropertyValuesSource())
+    if groups.tracked:
+        pairs = [(t.group_type_index, t.group_key) for t in groups.tracked]
+        sources.append(TrackedGroupsSource(pairs))
+    return sources

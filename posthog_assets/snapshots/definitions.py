@@ -1,0 +1,85 @@
+"""Every snapshot asset of every configured project, with its checks and its job.
+
+No HTTP call: ids and options come from the configuration; resources (``posthog*``, ``duckdb``)
+come from :func:`posthog_assets.resources.build_resources`; schedules from
+:mod:`posthog_assets.schedules`.
+"""
+
+from __future__ import annotations
+
+import dagster as dg
+
+from posthog_assets.config import ProjectConfig, Settings
+from posthog_assets.snapshots.checks import build_group_checks, build_insights_checks
+from posthog_assets.snapshots.factory import build_snapshot_asset
+from posthog_assets.snapshots.groups import group_sources
+from posthog_assets.snapshots.insights import InsightsSource
+from posthog_assets.snapshots.source import SnapshotSource
+from posthog_assets.translator import (
+    DagsterPostHogTranslator,
+    PostHogMetadataSet,
+    PostHogSnapshotProps,
+)
+
+
+def insights_job_name(project: ProjectConfig) -> str:
+    return f"{project.resource_key}_insights_snapshot"
+
+
+def groups_job_name(project: ProjectConfig) -> str:
+    return f"{project.resource_key}_groups_snapshot"
+
+
+def build_snapshot_assets(
+    project: ProjectConfig,
+    sources: list[SnapshotSource],
+    translator: DagsterPostHogTranslator,
+) -> dict[str, dg.AssetsDefinition]:
+    """One asset per source, keyed by the source's name, with the translator's spec."""
+    assets = {}
+    for source in sources:
+        spec = translator.get_asset_spec(PostHogSnapshotProps(project, source.name))  # type: ignore[arg-type]
+        resource_key = PostHogMetadataSet.extract(spec.metadata).resource_key
+        assets[source.name] = build_snapshot_asset(
+            source=source, spec=spec, resource_key=resource_key or project.resource_key
+        )
+    return assets
+
+
+def build_posthog_snapshot_definitions(
+    settings: Settings, *, translator: DagsterPostHogTranslator | None = None
+) -> dg.Definitions:
+    """Insights and group snapshots per project: assets, checks, and one job each."""
+    translator = translator or DagsterPostHogTranslator()
+    assets: list[dg.AssetsDefinition] = []
+    checks: list[dg.AssetChecksDefinition] = []
+    jobs: list[dg.UnresolvedAssetJobDefinition] = []
+    for project in settings.projects:
+        if project.insights.enabled:
+            insights = build_snapshot_assets(project, [InsightsSource(project)], translator)
+            key = insights["insights"].key
+            assets.append(insights["insights"])
+            checks += build_insights_checks(project, asset_key=key)
+            jobs.append(
+                dg.define_asset_job(
+                    insights_job_name(project),
+                    selection=dg.AssetSelection.assets(key),
+                    description=f"Daily insights snapshot of project '{project.name}' into DuckDB.",
+                )
+            )
+        groups = build_snapshot_assets(project, group_sources(project), translator)
+        if groups:
+            assets += groups.values()
+            checks += build_group_checks(
+                project,
+                groups_key=groups["groups"].key if "groups" in groups else None,
+                tracked_key=groups["tracked_groups"].key if "tracked_groups" in groups else None,
+            )
+            jobs.append(
+                dg.define_asset_job(
+                    groups_job_name(project),
+                    selection=dg.AssetSelection.assets(*(a.key for a in groups.values())),
+                    description=f"Groups snapshot of project '{project.name}' into DuckDB.",
+                )
+            )
+    return dg.Definitions(assets=assets, asset_checks=checks, jobs=jobs)

@@ -1,0 +1,189 @@
+"""One factory for every snapshot asset: a fetch op and a write op, from a declared source.
+
+Why two ops: fetching from PostHog can take minutes and must not hold the single-writer ``duckdb``
+pool, while the write needs that pool so two runs never write the same file at once. The fetch
+op (pool ``posthog_api``) stages rows to disk; the write op (pool ``duckdb``) replaces the
+snapshot's rows in one transaction. Only a small :class:`StagedSnapshot` passes between them.
+"""
+
+from __future__ import annotations
+
+import shutil
+import time
+from typing import Any
+
+import dagster as dg
+
+from posthog_assets.api.errors import PostHogError
+from posthog_assets.common import DUCKDB_RESOURCE_KEY, utc_now_iso
+from posthog_assets.pools import DUCKDB_POOL, POSTHOG_API_POOL
+from posthog_assets.resources import PostHogResource
+from posthog_assets.snapshots.source import SnapshotSource, StageRequest
+from posthog_assets.snapshots.staging import (
+    STAGED_MARKER,
+    StagedRows,
+    StagedSnapshot,
+    remove_staging,
+    remove_stale_staging,
+    staging_dir,
+)
+from posthog_assets.snapshots.writer import replace_snapshot, writer_connection
+from posthog_assets.tables import SCHEMA
+
+#: Step retries for transient PostHog trouble that outlived the client's own request retries.
+FETCH_RETRY_POLICY = dg.RetryPolicy(
+    max_retries=2, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
+)
+
+
+def fatal_failure(exc: PostHogError) -> dg.Failure:
+    """A failure a step retry cannot heal; says when PostHog accepts requests again, if known."""
+    retry_at = getattr(exc, "retry_at", None)
+    metadata = {"retry_at": dg.MetadataValue.float(float(retry_at))} if retry_at else {}
+    return dg.Failure(description=str(exc), allow_retries=False, metadata=metadata)
+
+
+def build_snapshot_asset(
+    *, source: SnapshotSource, spec: dg.AssetSpec, resource_key: str
+) -> dg.AssetsDefinition:
+    """The graph-backed asset of ``source``: fetch (stages rows to disk), then write."""
+    base = "__".join(spec.key.path)
+    table = source.table
+
+    def fetch(context: dg.OpExecutionContext, config: Any) -> StagedSnapshot:
+        duck = getattr(context.resources, DUCKDB_RESOURCE_KEY)
+        stale = remove_stale_staging(duck.database, context.instance)
+        if stale:
+            context.log.info("Removed %d staging folder(s) of finished runs", len(stale))
+        folder = staging_dir(duck.database, context.run_id, base)
+        started = time.monotonic()
+        resource: PostHogResource = getattr(context.resources, resource_key)
+        try:
+            client = resource.get_client(log=context.log)
+            before = client.request_count
+            snapshot_at = utc_now_iso()
+            with StagedRows(folder / table.name, table.staged_columns) as staging:
+                stats = dict(
+                    source.stage(
+                        StageRequest(client, staging, resource, config, context.log, snapshot_at)
+                    )
+                )
+        except PostHogError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            if exc.retryable:
+                raise
+            # Auth, scope, not-found, validation and "not before <time>" rate limits will not
+            # heal within a step retry: fail now.
+            raise fatal_failure(exc) from None
+        except BaseException:
+            shutil.rmtree(folder, ignore_errors=True)
+            raise
+        (folder / STAGED_MARKER).touch()
+        return StagedSnapshot(
+            files=list(staging.files),
+            rows=staging.rows,
+            scope={"project_id": resource.stored_project_id, **source.scope(snapshot_at)},
+            snapshot_at=snapshot_at,
+            stats={
+                "requests": client.request_count - before,
+                **stats,
+                "fetch_seconds": round(time.monotonic() - started, 3),
+            },
+        )
+
+    # Dagster reads an op's parameters from real annotations (with postponed ones it cannot).
+    annotations: dict[str, Any] = {"context": dg.OpExecutionContext, "return": StagedSnapshot}
+    if source.config_cls is None:
+
+        def fetch_fn(context):  # type: ignore[no-untyped-def]
+            return fetch(context, None)
+
+    else:
+        annotations["config"] = source.config_cls
+
+        def fetch_fn(context, config):  # type: ignore[no-untyped-def]
+            return fetch(context, config)
+
+    fetch_fn.__annotations__ = annotations
+    fetch_op = dg.op(
+        name=f"{base}__fetch",
+        description=f"Fetch {spec.key.to_user_string()} from PostHog and stage it on disk.",
+        pool=POSTHOG_API_POOL,
+        required_resource_keys={resource_key, DUCKDB_RESOURCE_KEY},
+        retry_policy=FETCH_RETRY_POLICY,
+        tags={"posthog/step": "fetch"},
+    )(fetch_fn)
+
+    def write(context: dg.OpExecutionContext, staged: StagedSnapshot) -> None:
+        started = time.monotonic()
+        duck = getattr(context.resources, DUCKDB_RESOURCE_KEY)
+        with writer_connection(duck) as conn:
+            inserted = replace_snapshot(conn, table, staged, views=source.views)
+            described = dict(source.describe(conn, staged))
+        remove_staging(staged.files)
+        write_seconds = round(time.monotonic() - started, 3)
+        figures = {**staged.scope, **staged.stats, **described}
+        context.add_output_metadata(
+            {
+                "dagster/row_count": dg.MetadataValue.int(inserted),
+                "dagster/table_name": dg.MetadataValue.text(f"{SCHEMA}.{table.name}"),
+                "snapshot_at": dg.MetadataValue.text(staged.snapshot_at),
+                **{k: _metadata_value(v) for k, v in figures.items()},
+                "write_seconds": dg.MetadataValue.float(write_seconds),
+                "seconds": dg.MetadataValue.float(
+                    round(float(staged.stats.get("fetch_seconds", 0.0)) + write_seconds, 3)
+                ),
+            }
+        )
+        context.log.info(
+            "Wrote %d rows to %s.%s (scope %s) in %.2fs",
+            inserted, SCHEMA, table.name, staged.scope, write_seconds,
+        )  # fmt: skip
+
+    write.__annotations__ = {
+        "context": dg.OpExecutionContext, "staged": StagedSnapshot, "return": None,
+    }  # fmt: skip
+    write_op = dg.op(
+        name=f"{base}__write",
+        description=f"Replace {SCHEMA}.{table.name}'s snapshot rows in one DuckDB transaction.",
+        pool=DUCKDB_POOL,
+        required_resource_keys={DUCKDB_RESOURCE_KEY},
+        out=dg.Out(dg.Nothing),
+        tags={"posthog/step": "write"},
+    )(write)
+
+    # Run config sits on the asset itself (ops: {<base>: {config: ...}}), not on the inner op.
+    config_mapping = (
+        dg.ConfigMapping(
+            config_fn=lambda cfg: {fetch_op.name: {"config": cfg}},
+            config_schema=source.config_cls.to_config_schema(),
+        )
+        if source.config_cls is not None
+        else None
+    )
+
+    @dg.graph_multi_asset(
+        name=base,
+        outs={spec.key.path[-1]: dg.AssetOut.from_spec(spec, dagster_type=dg.Nothing)},
+        config=config_mapping,
+        group_name=spec.group_name,  # graph_multi_asset drops the out spec's group otherwise
+    )
+    def _graph():  # type: ignore[no-untyped-def]
+        return write_op(fetch_op())
+
+    return _graph
+
+
+def _metadata_value(value: Any) -> Any:
+    """Plain Python values as typed metadata (ints stay ints, dicts become JSON)."""
+    if isinstance(value, bool):
+        return dg.MetadataValue.bool(value)
+    if isinstance(value, int):
+        return dg.MetadataValue.int(value)
+    if isinstance(value, float):
+        return dg.MetadataValue.float(value)
+    if isinstance(value, dict | list):
+        return dg.MetadataValue.json(value)
+    if value is None:
+        return dg.MetadataValue.null()
+    return dg.MetadataValue.text(str(value))

@@ -1,0 +1,148 @@
+"""Snapshot tables and their one-transaction write.
+
+The write step replaces a snapshot's rows in DuckDB in ONE short transaction::
+
+    DELETE FROM posthog.<table> WHERE project_id = ? [AND snapshot_date = ?];
+    INSERT INTO posthog.<table> (<explicit columns>) SELECT <explicit columns> FROM read_json(...);
+
+DuckDB parses the staged files itself (typed by the table's schema), so no row passes through
+pandas and the column order of a file never matters. ``ensure_table`` renames and adds columns in
+place first, so a schema change never loses rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import duckdb
+
+from posthog_assets.snapshots.staging import StagedSnapshot
+from posthog_assets.tables import SCHEMA, ensure_table, quote, table_ref
+
+#: A view (re)created in the write's transaction, as SQL built for the connection.
+ViewSql = Callable[[duckdb.DuckDBPyConnection], str]
+
+
+@dataclass(frozen=True)
+class SnapshotTable:
+    """One snapshot table: its columns (ordered, with SQL types) and how a snapshot is scoped.
+
+    ``scope`` columns (e.g. ``project_id``, ``snapshot_date``) and ``snapshot_at`` are written as
+    constants by the write step; all other columns come from the staged rows.
+    """
+
+    name: str
+    columns: Mapping[str, str]
+    scope: tuple[str, ...] = ("project_id",)
+    constants: tuple[str, ...] = ("project_id", "snapshot_at")
+    #: Columns renamed since an earlier version (old name -> new), renamed in place on write.
+    renamed: Mapping[str, str] = field(default_factory=dict)
+
+    def ref(self, conn: duckdb.DuckDBPyConnection) -> str:
+        """Catalog-qualified name (a file called posthog.duckdb makes ``posthog.x`` ambiguous)."""
+        return table_ref(conn, self.name)
+
+    @property
+    def staged_columns(self) -> dict[str, str]:
+        return {c: t for c, t in self.columns.items() if c not in self.constants}
+
+
+#: DuckDB settings of the write step, unless ``DuckDBResource.connection_config`` sets them. The
+#: write is one streaming INSERT ... SELECT: one thread and a bounded buffer pool keep the peak
+#: memory of the step nearly flat however large the snapshot is (DuckDB spills beyond it).
+WRITE_SETTINGS = {"threads": "1", "memory_limit": "'64MB'"}
+
+
+@contextmanager
+def writer_connection(duckdb_resource: Any) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-write connection from ``DuckDBResource`` that is closed even when the write fails.
+
+    ``DuckDBResource.get_connection`` closes only on success; a failed write in a long-lived
+    process would otherwise keep the file lock.
+    """
+    configured = getattr(duckdb_resource, "connection_config", None) or {}
+    with duckdb_resource.get_connection() as conn:
+        try:
+            for name, value in WRITE_SETTINGS.items():
+                if name not in configured:
+                    conn.execute(f"SET {name} = {value}")
+            yield conn
+        finally:
+            conn.close()
+
+
+def _read_json_sql(schema: SnapshotTable) -> str:
+    cols = ", ".join(f"{_sql_str(c)}: {_sql_str(t)}" for c, t in schema.staged_columns.items())
+    return (
+        f"read_json($files, format = 'newline_delimited', columns = {{{cols}}}, "
+        "maximum_object_size = 16777216)"
+    )
+
+
+def _sql_str(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
+
+
+def replace_snapshot(
+    conn: duckdb.DuckDBPyConnection,
+    schema: SnapshotTable,
+    staged: StagedSnapshot,
+    *,
+    views: Sequence[Callable[[duckdb.DuckDBPyConnection], str]] = (),
+) -> int:
+    """Replace the rows of ``staged.scope`` with the staged rows, atomically; return rows inserted.
+
+    Runs ``ensure_table`` (adds missing columns, keeps rows), then one transaction with the
+    ``DELETE`` of the scope, the ``INSERT ... SELECT`` with explicit columns, and any view DDL.
+    Either everything commits or nothing changes.
+    """
+    missing = [f for f in staged.files if not Path(f).exists()]
+    if missing:  # never replace a snapshot with a partial one
+        raise FileNotFoundError(
+            f"{len(missing)} staging file(s) of {SCHEMA}.{schema.name} are gone (e.g. "
+            f"{Path(missing[0]).name}); the table was not changed: re-run the fetch step"
+        )
+    ensure_table(conn, schema.name, schema.columns, renamed=schema.renamed)
+    files = [f for f in staged.files if Path(f).stat().st_size > 0]
+    where = " AND ".join(f"{quote(c)} = ?" for c in schema.scope)
+    scope_values = [staged.scope[c] for c in schema.scope]
+    names = list(schema.columns)
+    select_parts = []
+    params: dict[str, Any] = {"files": files}
+    for c in names:
+        if c in schema.constants:
+            params[f"c_{c}"] = staged.snapshot_at if c == "snapshot_at" else staged.scope[c]
+            select_parts.append(f"CAST($c_{c} AS {schema.columns[c]}) AS {quote(c)}")
+        else:
+            select_parts.append(quote(c))
+    col_list = ", ".join(quote(c) for c in names)
+    target = schema.ref(conn)
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        conn.execute(f"DELETE FROM {target} WHERE {where}", scope_values)
+        inserted = 0
+        if files:
+            rows = conn.execute(
+                f"INSERT INTO {target} ({col_list}) "
+                f"SELECT {', '.join(select_parts)} FROM {_read_json_sql(schema)}",
+                params,
+            ).fetchall()
+            inserted = int(rows[0][0]) if rows else 0
+        if inserted != staged.rows:
+            raise RuntimeError(
+                f"{SCHEMA}.{schema.name}: staged {staged.rows} rows but read back {inserted}; "
+                "rolled back, the table was not changed"
+            )
+        for view_sql in views:
+            conn.execute(view_sql(conn))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return inserted
+
+
