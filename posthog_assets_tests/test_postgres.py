@@ -191,9 +191,6 @@ def test_deploy_config_runs_the_main_job_on_postgres_with_multiprocess(
     job = posthog_all_job()
     expected_keys = {k for k in job.asset_layer.executable_asset_keys}
     assert expected_keys, "the main job has no assets"
-    tags: dict[str, str] = {}
-    if job.partitions_def is not None:
-        tags["dagster/partition"] = str(job.partitions_def.get_last_partition_key())
 
     with dg.DagsterInstance.get() as instance:
         assert type(instance.run_storage).__name__ == "PostgresRunStorage"
@@ -208,7 +205,6 @@ def test_deploy_config_runs_the_main_job_on_postgres_with_multiprocess(
             dg.reconstructable(posthog_all_job),
             instance=instance,
             run_config=MULTIPROCESS_RUN_CONFIG,
-            tags=tags,
         )
         failures = [
             e.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"

@@ -203,10 +203,8 @@ class DagsterDevUI:
         assert result["__typename"] == "LaunchRunSuccess", result
         return str(result["run"]["runId"])
 
-    def latest_materialization(
-        self, key: dg.AssetKey, partition: str | None = None
-    ) -> dict[str, Any] | None:
-        variables = {"path": list(key.path), "partitions": [partition] if partition else None}
+    def latest_materialization(self, key: dg.AssetKey) -> dict[str, Any] | None:
+        variables = {"path": list(key.path)}
         data = self.gql(ASSET_MATERIALIZATION_QUERY, variables)["assetOrError"]
         mats = data.get("assetMaterializations") or []
         return mats[0] if mats else None
@@ -282,12 +280,12 @@ mutation Launch($params: ExecutionParams!) {
 """
 
 ASSET_MATERIALIZATION_QUERY = """
-query Asset($path: [String!]!, $partitions: [String!]) {
+query Asset($path: [String!]!) {
   assetOrError(assetKey: {path: $path}) {
     __typename
     ... on Asset {
-      assetMaterializations(limit: 1, partitions: $partitions) {
-        runId timestamp partition
+      assetMaterializations(limit: 1) {
+        runId timestamp
         metadataEntries {
           label __typename
           ... on PathMetadataEntry { path }
@@ -329,6 +327,7 @@ def dagster_ui(
         **standin_env(standin, tmp),
         "POSTHOG_PERSONAL_API_KEY": standin.key,
         "POSTHOG_ASSETS_CONFIG": str(ROOT / "posthog_assets.yaml"),
+        "POSTHOG_ASSETS_RATE_LIMIT_DIR": str(tmp / "gates"),
         "PYTHONUNBUFFERED": "1",
     }
     with log_path.open("wb") as log:
