@@ -27,8 +27,8 @@ TIERS = ("unit", "integration", "system")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Every test belongs to exactly one tier (its closest tier marker), so that the quick
-    target (``-m "unit or integration"``) and the full run together cover every test."""
+    """Every test belongs to a tier (its closest tier marker). The quick target selects
+    ``-m "not system"``: a test marked ``system`` in an integration module is left out."""
     untiered = [item.nodeid for item in items if not _tier(item)]
     if untiered:
         raise pytest.UsageError(

@@ -1,6 +1,6 @@
 """Group snapshots against the stand-in: every type, many cursor pages, properties, tracked groups.
 
-The session stand-in has 3 group types x 1200 groups (12 cursor pages per type).
+The session stand-in has 3 group types x 500 groups (5 cursor pages per type).
 """
 
 from __future__ import annotations

@@ -213,6 +213,7 @@ def _finish(proc: subprocess.Popen[str]) -> dict[str, Any]:
 
 
 @pytest.mark.parametrize("shared", [True, False], ids=["shared_log", "per_process_log"])
+@pytest.mark.system  # real processes
 def test_client_budget_is_shared_by_processes_using_one_key(
     shared: bool, standin: StandinProcess, control: StandinControl, tmp_path: Path
 ) -> None:
@@ -235,6 +236,7 @@ def test_client_budget_is_shared_by_processes_using_one_key(
         assert throttled, "three separate 40/second logs should overrun one 40/second window"
 
 
+@pytest.mark.system  # real processes
 def test_retry_after_seen_by_one_process_pauses_the_others(
     standin: StandinProcess, control: StandinControl, tmp_path: Path
 ) -> None:

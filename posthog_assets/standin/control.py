@@ -71,6 +71,7 @@ def control_routes(state: State) -> list[Route]:
     async def requests_log(request: Request) -> Response:
         if request.method == "DELETE":
             state.log.clear()
+            state.log_since = state.now()
             return JSONResponse([])
         return JSONResponse(list(state.log))
 

@@ -83,7 +83,7 @@ async def serve(options: Options) -> None:
             lifespan="off",
             log_level=options.log_level,
             access_log=False,
-            timeout_graceful_shutdown=3,
+            timeout_graceful_shutdown=1,  # open keep-alive connections need no more
             timeout_keep_alive=30,
         )
         return _Server(config)

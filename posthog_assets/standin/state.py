@@ -258,6 +258,8 @@ class State:
         self.reset()
 
     def reset(self) -> None:
+        #: Requests that began before this instant belong to an earlier test: not logged.
+        self.log_since = self.now()
         self.config = copy.deepcopy(self.base_config)
         self.keys: dict[str, KeyInfo] = {
             self.default_key: KeyInfo(self.default_key, ("*",), None, self.seed.main.id)
@@ -294,4 +296,7 @@ class State:
         return self.removed_groups.get((project_id, type_index), set())
 
     def record(self, entry: dict[str, Any]) -> None:
-        self.log.append(entry)
+        """Log a request, unless it began before the last reset or log clearing (a slow request
+        of an earlier test that ends now)."""
+        if entry.get("ts", self.log_since) >= self.log_since:
+            self.log.append(entry)

@@ -12,8 +12,8 @@ from posthog_assets.api.client import RetrySettings
 from posthog_assets.standin.server import StandinProcess
 
 #: Seed sizes for the session's stand-in: several pages of everything, still fast to serve.
-TEST_INSIGHTS = 1200
-TEST_GROUPS_PER_TYPE = 1200
+TEST_INSIGHTS = 500
+TEST_GROUPS_PER_TYPE = 500
 TEST_GROUP_TYPES = 3
 TEST_KEY = "phx_test_key_0123456789abcdef"
 #: Fast retry settings so fault tests take fractions of a second.
