@@ -18,10 +18,10 @@ import pytest
 from posthog_assets.config import load_settings
 from posthog_assets.exports.definitions import build_posthog_export_definitions
 from posthog_assets.exports.sensors import build_posthog_export_expiry_sensor
-from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
 from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.support.openapi import ContractError, validate_request
+from posthog_assets_tests.support.resources import make_resource
 from posthog_assets_tests.support.snapshots import resources_for
 
 pytestmark = pytest.mark.integration
@@ -51,15 +51,7 @@ def _run_everything(
     settings = load_settings(tmp_path / "posthog_assets.yaml", env=env)
     exports = build_posthog_export_definitions(settings)
     snapshots = build_posthog_snapshot_definitions(settings)
-    posthog = PostHogResource(
-        host=standin.url,
-        project_id=str(standin.project_id),
-        personal_api_key=standin.key,
-        api_prefix=prefix,
-        export_dir=str(tmp_path / "exports"),
-        poll_interval_s=0.05,
-        poll_max_interval_s=0.2,
-    )
+    posthog = make_resource(standin, tmp_path / "exports", api_prefix=prefix)
     resources = resources_for(posthog, tmp_path / "posthog.duckdb")
     # one async query that fails, so the follow-up asks GET /query/:id/ about it
     control.configure(async_delay_s=0.2, query_crash_insights=[3])

@@ -14,8 +14,8 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshots.staging import STAGED_MARKER, STAGING_DIRNAME
+from posthog_assets_tests.support.resources import make_resource
 from posthog_assets_tests.support.session import TEST_GROUP_TYPES, TEST_GROUPS_PER_TYPE
 from posthog_assets_tests.support.snapshots import (
     check_results,
@@ -161,9 +161,7 @@ projects:
     settings = snapshot_settings(posthog_env, tmp_path, yaml_text)
     defs = snapshot_defs(settings)
     resources = {
-        f"posthog_{name}": PostHogResource(
-            host=standin.url, project_id=str(pid), personal_api_key=standin.key
-        )
+        f"posthog_{name}": make_resource(standin, tmp_path / "exports", project_id=str(pid))
         for name, pid in (("prod", main_id), ("staging", staging_id))
     }
     resources = resources_for(resources["posthog_prod"], db, **resources)

@@ -17,7 +17,6 @@ import duckdb
 import pytest
 
 from posthog_assets.config import REFRESH_MODES
-from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshots.insights import (
     DEFAULT_BLOCKING_PAGE_SIZE,
     INSIGHTS_TABLE,
@@ -27,6 +26,7 @@ from posthog_assets.snapshots.insights import (
     insights_config_class,
 )
 from posthog_assets.snapshots.staging import StagedRows
+from posthog_assets_tests.support.resources import with_fields
 from posthog_assets_tests.support.session import TEST_INSIGHTS
 from posthog_assets_tests.support.snapshots import (
     check_results,
@@ -458,12 +458,7 @@ def test_older_tables_keep_their_rows_new_columns_and_the_renamed_date(
 def test_fatal_api_errors_fail_fast_without_retry(
     defs: dg.Definitions, posthog_resource: Any, db: Path
 ) -> None:
-    bad = PostHogResource(
-        host=posthog_resource.host,
-        project_id=posthog_resource.project_id,
-        personal_api_key="phx_wrong_key",
-        max_attempts=2,
-    )
+    bad = with_fields(posthog_resource, personal_api_key="phx_wrong_key", max_attempts=2)
     result = materialize_insights(defs, resources_for(bad, db), raise_on_error=False)
     assert not result.success
     failure = next(e for e in result.all_events if e.event_type_value == "STEP_FAILURE")

@@ -7,6 +7,7 @@ import pytest
 
 from posthog_assets.resources import PostHogResource
 from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets_tests.support.resources import make_resource, with_fields
 
 pytestmark = pytest.mark.integration
 
@@ -33,14 +34,9 @@ def _probe_asset() -> dg.AssetsDefinition:
 def test_bad_resource_config_fails_at_launch_before_any_request(
     standin: StandinProcess, control: StandinControl, overrides: dict, fragment: str
 ) -> None:
-    fields = {
-        "host": standin.url,
-        "project_id": str(standin.project_id),
-        "personal_api_key": standin.key,
-        **overrides,
-    }
+    resource = make_resource(standin, "exports", **overrides)
     with pytest.raises(Exception) as err:
-        dg.materialize([_probe_asset()], resources={"posthog": PostHogResource(**fields)})
+        dg.materialize([_probe_asset()], resources={"posthog": resource})
     assert fragment in str(err.value) or fragment in str(err.value.__cause__)
     assert [r for r in control.requests_log() if "/api/" in r["path"]] == []
 
@@ -49,8 +45,8 @@ def test_missing_key_env_var_names_the_variable(
     standin: StandinProcess, control: StandinControl, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.delenv("POSTHOG_TEST_MISSING_KEY", raising=False)
-    resource = PostHogResource(
-        host=standin.url, project_id="1", personal_api_key=dg.EnvVar("POSTHOG_TEST_MISSING_KEY")
+    resource = make_resource(
+        standin, "exports", personal_api_key=dg.EnvVar("POSTHOG_TEST_MISSING_KEY")
     )
     with pytest.raises(Exception, match="POSTHOG_TEST_MISSING_KEY"):
         dg.materialize([_probe_asset()], resources={"posthog": resource})
@@ -101,8 +97,7 @@ def test_projects_prefix_by_default_and_the_deprecated_one_warns_once_per_run(
         posthog.get_client(log=context.log).get_json("insights/", {"basic": "true", "limit": 1})
 
     def warnings(prefix: str) -> list[str]:
-        fields = {n: getattr(posthog_resource, n) for n in type(posthog_resource).model_fields}
-        resource = PostHogResource(**{**fields, "api_prefix": prefix})
+        resource = with_fields(posthog_resource, api_prefix=prefix)
         with dg.instance_for_test() as instance:
             result = dg.materialize(
                 [first, second], resources={"posthog": resource}, instance=instance

@@ -71,7 +71,7 @@ def _error(response: requests.Response) -> dict[str, Any]:
 
 
 def test_standin_imports_no_dagster() -> None:
-    """STYLE.md §1: the stand-in is a separate house; importing it must not pull in Dagster."""
+    """The stand-in is a separate house: importing it must not pull in Dagster."""
     code = (
         "import sys, posthog_assets.standin.app, posthog_assets.standin.server, "
         "posthog_assets.standin.__main__; "
