@@ -46,9 +46,7 @@ def _project(n: int) -> ProjectConfig:
         ExportConfig(name=f"chart_{i:02d}", insight=1 + i, export_format="image/png")
         for i in range(n)
     )
-    project = ProjectConfig(name="default", exports=list(exports))
-    project._is_default = True  # the default project: resource key "posthog"
-    return project
+    return ProjectConfig(name="default", exports=list(exports))  # resource key "posthog"
 
 
 def run_exports(standin: StandinProcess, n: int, export_dir: Path) -> float:

@@ -140,10 +140,12 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     )
     _child_env(args)
     settings = load_settings(config, env={**os.environ, "POSTHOG_ASSETS_DUCKDB": args.db})
-    defs = build_posthog_snapshot_definitions(settings)
+    defs = build_posthog_snapshot_definitions(settings.projects)
     by_name = {a.key.path[-1]: a for a in defs.assets or []}
     assets = [by_name["insights"], by_name["groups"]]
-    resources = build_resources(settings)
+    resources = build_resources(
+        settings.projects, duckdb_path=settings.duckdb_path, export_dir=settings.export_dir
+    )
     # The comparison runs without throttles: measure the package, not PostHog's rate limits.
     resources["posthog"] = PostHogResource(
         host=args.url, project_id=str(args.project_id), personal_api_key=args.key,
@@ -452,12 +454,18 @@ def request_economy(insights: int, workdir: Path) -> dict[str, Any]:
         }
         os.environ.update({k: v for k, v in env.items() if k.startswith("POSTHOG")})
         settings = load_settings(config, env=env)
-        defs = build_posthog_snapshot_definitions(settings)
+        defs = build_posthog_snapshot_definitions(settings.projects)
         control.clear_requests_log()
         started = time.perf_counter()
         with dg.DagsterInstance.ephemeral() as instance:
             result = dg.materialize(
-                list(defs.assets or []), resources=build_resources(settings), instance=instance
+                list(defs.assets or []),
+                resources=build_resources(
+                    settings.projects,
+                    duckdb_path=settings.duckdb_path,
+                    export_dir=settings.export_dir,
+                ),
+                instance=instance,
             )
         seconds = time.perf_counter() - started
         assert result.success

@@ -20,8 +20,8 @@ from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
-    PrivateAttr,
     ValidationError,
+    ValidationInfo,
     field_validator,
     model_validator,
 )
@@ -37,6 +37,10 @@ DEFAULT_CONFIG_PATH = "posthog_assets.yaml"
 DEFAULT_DUCKDB_PATH = "data/posthog.duckdb"
 DEFAULT_EXPORT_DIR = "data/exports"
 DEFAULT_PROJECT_NAME = "default"
+#: 06:00 UTC: after PostHog's nightly cache warming, before most people look at dashboards.
+INSIGHTS_SCHEDULE_CRON = "0 6 * * *"
+#: Groups change slowly; once a day, an hour after the insights.
+GROUPS_SCHEDULE_CRON = "0 7 * * *"
 
 #: PostHog's ``refresh`` modes for insights (posthog/utils.py, query_runner.py) and their effect.
 REFRESH_MODES: dict[str, str] = {
@@ -50,9 +54,7 @@ REFRESH_MODES: dict[str, str] = {
         "follows via /query/:id/ and then re-reads from cache."
     ),
     "force_async": "Always starts a background query, then follows it to completion.",
-    "lazy_async": (
-        "Like async, but only recomputes when stale by the longer 'lazy' thresholds."
-    ),
+    "lazy_async": ("Like async, but only recomputes when stale by the longer 'lazy' thresholds."),
     "async_except_on_cache_miss": (
         "Only POST /query/ honours it: the insights endpoints silently treat it as force_cache, so "
         "expect null results on a cold cache (the asset warns and counts them)."
@@ -89,16 +91,20 @@ PDF_REFUSED = (
 )
 
 _NAME_RE = r"^[a-z][a-z0-9_]*$"
+#: Asset names of exports may carry a PostHog short id, which is case-sensitive.
+_EXPORT_NAME_RE = r"^[A-Za-z][A-Za-z0-9_]*$"
+ApiPrefixName = Literal["projects", "environments"]
 
 
 class ConfigError(ValueError):
     """The configuration is wrong; the message names the file, the entry and the field."""
 
 
-def validate_host(host: str, *, field_name: str = "host") -> str:
+def validate_host(host: str, *, field_name: str = "host", allow_http: bool = False) -> str:
     """Require an absolute http(s) URL, and https unless the host is on this machine.
 
-    A personal API key sent over plain http to another machine is a leaked key.
+    A personal API key sent over plain http to another machine is a leaked key; ``allow_http``
+    (``allow_insecure_http``) admits a self-hosted PostHog reached over a private network.
     """
     parts = urlsplit(host.strip())
     if parts.scheme not in ("http", "https") or not parts.hostname:
@@ -107,12 +113,39 @@ def validate_host(host: str, *, field_name: str = "host") -> str:
         )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"{field_name} must be the bare base URL without a path, got {host!r}")
-    if parts.scheme == "http" and not _is_loopback(parts.hostname):
+    if is_insecure(host) and not allow_http:
         raise ValueError(
             f"{field_name} must use https for a remote host ({parts.hostname}); plain http is "
-            "allowed only for loopback addresses"
+            "allowed only for loopback addresses, or with allow_insecure_http: true for a "
+            "self-hosted PostHog inside a private network"
         )
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def is_insecure(host: str) -> bool:
+    """Plain http to a machine other than this one (the key would cross a network in clear)."""
+    parts = urlsplit(host.strip())
+    return parts.scheme == "http" and not _is_loopback(parts.hostname or "")
+
+
+def matching(value: str, pattern: str, what: str) -> str:
+    """``value`` if it matches ``pattern``, else a message saying what it must be."""
+    if not re.fullmatch(pattern.strip("^$"), value):
+        raise ValueError(f"must be {what}, got {value!r}")
+    return value
+
+
+def positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {value}")
+    return value
+
+
+def validate_cron(value: str) -> str:
+    """Five cron fields, as Dagster schedules take them."""
+    if len(value.split()) != 5 or not re.fullmatch(r"[\d*/,\- A-Za-z]+", value):
+        raise ValueError(f"schedule must be a cron expression of five fields, got {value!r}")
+    return value
 
 
 def _is_loopback(hostname: str) -> bool:
@@ -147,9 +180,9 @@ class _Model(BaseModel):
 class ExportConfig(_Model):
     """One export of an insight or a dashboard; becomes one asset."""
 
-    name: str = Field(pattern=_NAME_RE, description="Asset name (lower_snake_case).")
-    insight: int | None = Field(default=None, gt=0, description="Insight id to export.")
-    dashboard: int | None = Field(default=None, gt=0, description="Dashboard id to export.")
+    name: str = Field(description="Asset name (letters, digits, _).")
+    insight: int | None = Field(default=None, description="Insight id to export.")
+    dashboard: int | None = Field(default=None, description="Dashboard id to export.")
     export_format: ExportFormat = Field(description="MIME type: PNG, CSV or XLSX.")
     export_context: dict[str, Any] | None = Field(
         default=None,
@@ -157,6 +190,9 @@ class ExportConfig(_Model):
         "of an insight: the saved query's 'source', or a 'path' for legacy insights).",
     )
     description: str | None = None
+
+    _name = field_validator("name")(lambda v: matching(v, _EXPORT_NAME_RE, "letters, digits, _"))
+    _ids = field_validator("insight", "dashboard")(lambda v: v if v is None else positive(v))
 
     @field_validator("export_format", mode="before")
     @classmethod
@@ -193,17 +229,48 @@ class InsightsConfig(_Model):
     basic: bool = False
     page_size: int | None = Field(
         default=None,
-        gt=0,
-        le=1000,
         description="Insights per list request (default: 100, or 5 in blocking modes, where "
         "PostHog computes every stale insight of a page inside the request).",
     )
-    query_poll_timeout_s: float = Field(default=300.0, gt=0)
+    query_poll_timeout_s: float = 300.0
+    schedule: str = Field(
+        default=INSIGHTS_SCHEDULE_CRON,
+        description="Cron (UTC) of the daily snapshot schedule (stopped until turned on): 06:00, "
+        "after PostHog's nightly cache warming, before most people look at dashboards.",
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        return validate_cron(value)
+
+    @field_validator("page_size")
+    @classmethod
+    def _page_size(cls, value: int | None) -> int | None:
+        if value is not None and not 0 < value <= 1000:
+            raise ValueError(f"must be 1 to 1000, got {value}")
+        return value
+
+    _timeout = field_validator("query_poll_timeout_s")(lambda v: positive(v))
 
 
 class TrackedGroup(_Model):
-    group_type_index: int = Field(ge=0, le=4)
-    group_key: str = Field(min_length=1)
+    group_type_index: int
+    group_key: str
+
+    @field_validator("group_type_index")
+    @classmethod
+    def _index(cls, value: int) -> int:
+        if not 0 <= value <= 4:
+            raise ValueError(f"must be 0 to 4 (PostHog has at most five group types), got {value}")
+        return value
+
+    @field_validator("group_key")
+    @classmethod
+    def _key(cls, value: str) -> str:
+        if not value:
+            raise ValueError("must not be empty")
+        return value
 
 
 class GroupsConfig(_Model):
@@ -212,39 +279,65 @@ class GroupsConfig(_Model):
     enabled: bool = True
     property_values: bool = True
     tracked: list[TrackedGroup] = Field(default_factory=list)
+    schedule: str = Field(
+        default=GROUPS_SCHEDULE_CRON,
+        description="Cron (UTC) of the daily groups snapshot schedule (stopped until turned on).",
+    )
+
+    @field_validator("schedule")
+    @classmethod
+    def _cron(cls, value: str) -> str:
+        return validate_cron(value)
 
 
 class ProjectConfig(_Model):
     """One PostHog project (e.g. production, staging): one resource and one asset-key prefix.
 
-    The top-level ``exports:``/``insights:``/``groups:`` of a file without ``projects:`` make the
-    default project, whose host and id come from ``POSTHOG_HOST``/``POSTHOG_PROJECT_ID`` when the
-    run starts (``host``/``project_id`` None).
+    The project named ``default`` keeps the unprefixed names (asset keys ``posthog/...``,
+    resource ``posthog``); any other gets ``posthog/<name>/...`` and ``posthog_<name>``. So a
+    second project added later never renames the first. Host, project id and key come from the
+    environment when the run starts (``POSTHOG_HOST``, ``POSTHOG_PROJECT_ID``, ``api_key_env``)
+    unless given here.
     """
 
-    name: str = Field(pattern=_NAME_RE)
+    name: str = DEFAULT_PROJECT_NAME
+    #: Before ``host``, whose check reads it.
+    allow_insecure_http: bool = False
     host: str | None = None
     project_id: int | str | None = None
-    api_key_env: str = Field(default=ENV_API_KEY, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$")
+    api_key_env: str = ENV_API_KEY
+    #: The key itself, when the caller resolved it (a component's ``{{ env.X }}``); never shown.
+    personal_api_key: str | None = Field(default=None, repr=False, exclude=True)
+    api_prefix: ApiPrefixName = "projects"
     exports: list[ExportConfig] = Field(default_factory=list)
     #: When a project of ``projects:`` leaves these out, the file's top-level sections apply.
     insights: InsightsConfig = Field(default_factory=InsightsConfig)
     groups: GroupsConfig = Field(default_factory=GroupsConfig)
-    _is_default: bool = PrivateAttr(default=False)
 
-    @field_validator("host")
-    @classmethod
-    def _check_host(cls, value: str | None) -> str | None:
-        return None if value is None else validate_host(value)
+    _name = field_validator("name")(lambda v: matching(v, _NAME_RE, "lower_snake_case"))
+    _env = field_validator("api_key_env")(
+        lambda v: matching(v, r"^[A-Za-z_][A-Za-z0-9_]*$", "an environment variable name")
+    )
 
     @field_validator("project_id", mode="before")
     @classmethod
     def _check_project_id(cls, value: Any) -> int | str | None:
         return None if value is None else parse_project_id(value)
 
+    @field_validator("host")
+    @classmethod
+    def _check_host(cls, value: str | None, info: ValidationInfo) -> str | None:
+        allow_http = bool(info.data.get("allow_insecure_http"))
+        return None if value is None else validate_host(value, allow_http=allow_http)
+
+    @model_validator(mode="after")
+    def _unique_exports(self) -> ProjectConfig:
+        _require_unique([e.name for e in self.exports], f"project '{self.name}' exports")
+        return self
+
     @property
     def is_default(self) -> bool:
-        return self._is_default
+        return self.name == DEFAULT_PROJECT_NAME
 
     @property
     def resource_key(self) -> str:
@@ -272,9 +365,8 @@ class PostHogAssetsConfig(_Model):
                 )
             _require_unique([p.name for p in self.projects], "projects")
             for p in self.projects:
-                _require_unique([e.name for e in p.exports], f"projects '{p.name}' exports")
                 missing = [f for f in ("host", "project_id") if getattr(p, f) is None]
-                if missing:
+                if missing and not p.is_default:
                     raise ValueError(f"project '{p.name}' needs {' and '.join(missing)}")
         _require_unique([e.name for e in self.exports], "exports")
         return self
@@ -313,9 +405,11 @@ def _describe_loc(data: Any, loc: list[Any]) -> str:
     fields: list[str] = []
     for item in loc:
         if isinstance(item, int):
-            name = node[item].get("name") if isinstance(node, list) and isinstance(
-                node[item], dict
-            ) else None
+            name = (
+                node[item].get("name")
+                if isinstance(node, list) and isinstance(node[item], dict)
+                else None
+            )
             parts[-1] = f"{parts[-1]}[{item}]" + (f" (name '{name}')" if name else "")
             node = node[item] if isinstance(node, list) and item < len(node) else None
         else:
@@ -355,23 +449,18 @@ def load_settings(
 
     env_host = env.get(ENV_HOST)
     env_pid = env.get(ENV_PROJECT_ID)
-    try:
-        host = validate_host(env_host, field_name=ENV_HOST) if env_host else None
-        pid = parse_project_id(env_pid, field_name=ENV_PROJECT_ID) if env_pid else None
+    try:  # checked now, read again when a run starts (the env of the process that runs)
+        if env_host:
+            validate_host(env_host, field_name=ENV_HOST)
+        if env_pid:
+            parse_project_id(env_pid, field_name=ENV_PROJECT_ID)
     except ValueError as exc:
         raise ConfigError(f"environment: {exc}") from None
 
     if raw.projects is None:
-        default = ProjectConfig(
-            name=DEFAULT_PROJECT_NAME,
-            host=host,
-            project_id=pid,
-            exports=raw.exports,
-            insights=raw.insights,
-            groups=raw.groups,
+        projects: tuple[ProjectConfig, ...] = (
+            ProjectConfig(exports=raw.exports, insights=raw.insights, groups=raw.groups),
         )
-        default._is_default = True
-        projects: tuple[ProjectConfig, ...] = (default,)
     else:
         projects = tuple(
             p.model_copy(

@@ -6,10 +6,12 @@ project id or missing key fails the launch with a message that names the field.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import math
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -33,13 +35,14 @@ from posthog_assets.api.ratelimit import (
     parse_rate,
     shared_state_path,
 )
+from posthog_assets.common import DUCKDB_RESOURCE_KEY
 from posthog_assets.config import (
     DEFAULT_EXPORT_DIR,
     ENV_API_KEY,
     ENV_HOST,
     ENV_PROJECT_ID,
     ProjectConfig,
-    Settings,
+    is_insecure,
     parse_project_id,
     validate_host,
 )
@@ -48,7 +51,6 @@ from posthog_assets.config import (
 SECRET_FIELD = {"dagster__is_secret": True}
 #: What the UI shows (and the launchpad sends back) in place of a secret field's value.
 UI_SECRET_MASK = "********"
-
 
 
 class PostHogResource(dg.ConfigurableResource):
@@ -71,6 +73,11 @@ class PostHogResource(dg.ConfigurableResource):
         default="projects",
         description="'projects' (/api/projects/:id/) or 'environments' (/api/environments/:id/, "
         "the older alias PostHog has deprecated).",
+    )
+    allow_insecure_http: bool = Field(
+        default=False,
+        description="Allow plain http to a host that is not this machine (a self-hosted PostHog "
+        "inside a private network): the key crosses the network unencrypted. Warned once a run.",
     )
     export_dir: str = Field(
         default=DEFAULT_EXPORT_DIR, description="Folder that export files are written to."
@@ -123,10 +130,37 @@ class PostHogResource(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         self.validate_settings()
         self._run_id = context.run.run_id if context.run is not None else None
+        if is_insecure(self.host) and self._first_in_run("insecure-http"):
+            (context.log or logging.getLogger(__name__)).warning(
+                "allow_insecure_http: the PostHog key is sent over plain http to %s; use https "
+                "unless this network is private.",
+                self.host,
+            )
+
+    def _run_marker(self, topic: str) -> Path | None:
+        """A file whose creation claims this run's one message about ``topic`` (steps of a run
+        are separate processes)."""
+        if not self._run_id:
+            return None
+        digest = hashlib.sha256(f"{self._run_id}\n{self.host}".encode()).hexdigest()[:24]
+        return default_state_dir() / "warned" / f"{topic}-{digest}"
+
+    def _first_in_run(self, topic: str) -> bool:
+        marker = self._run_marker(topic)
+        if marker is None:
+            return True
+        try:
+            marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        except FileExistsError:
+            return False
+        except OSError:
+            return True
+        return True
 
     def validate_settings(self) -> None:
         """Fail with the field's name before any request is sent."""
-        validate_host(self.host, field_name="host")
+        validate_host(self.host, field_name="host", allow_http=self.allow_insecure_http)
         parse_project_id(self.project_id, field_name="project_id")
         if not self.api_key.strip():
             raise ValueError(
@@ -187,13 +221,12 @@ class PostHogResource(dg.ConfigurableResource):
         deadline of their own (a sensor tick must end within Dagster's 60 s).
         """
         self.validate_settings()
-        host, key = validate_host(self.host), self.api_key.strip()
+        host = validate_host(self.host, allow_http=self.allow_insecure_http)
+        key = self.api_key.strip()
         budget = self.retry_budget_s if retry_budget_s is None else retry_budget_s
         read_timeout = self.read_timeout_s if read_timeout_s is None else read_timeout_s
-        marker = None
-        if self._run_id:  # one deprecation warning per run, whichever step sees it first
-            digest = hashlib.sha256(f"{self._run_id}\n{host}".encode()).hexdigest()[:24]
-            marker = default_state_dir() / "warned" / f"deprecation-{digest}"
+        # one deprecation warning per run, whichever step sees it first
+        marker = self._run_marker("deprecation")
         return PostHogClient(
             host,
             parse_project_id(self.project_id),
@@ -232,26 +265,36 @@ class PostHogResource(dg.ConfigurableResource):
         return Path(self.export_dir)
 
 
-def build_posthog_resource(project: ProjectConfig, export_dir: Path) -> PostHogResource:
-    """The resource for one configured project; host/id/key come from env vars when not in YAML."""
-    if project.is_default:  # read at run time, so the env of the process that runs decides
-        host: str = dg.EnvVar(ENV_HOST)
-        project_id: str = dg.EnvVar(ENV_PROJECT_ID)
-    else:
-        host, project_id = str(project.host), str(project.project_id)
+def build_posthog_resource(project: ProjectConfig, export_dir: str | Path) -> PostHogResource:
+    """The resource of one project: what the project does not give is read from the environment
+    when a run starts (so the env of the process that runs decides), the key always is unless the
+    caller resolved it already."""
+    host = project.host or dg.EnvVar(ENV_HOST)
+    project_id = str(project.project_id) if project.project_id else dg.EnvVar(ENV_PROJECT_ID)
     return PostHogResource(
         host=host,
         project_id=project_id,
-        personal_api_key=dg.EnvVar(project.api_key_env or ENV_API_KEY),
-        api_key_env=project.api_key_env or ENV_API_KEY,
+        personal_api_key=project.personal_api_key or dg.EnvVar(project.api_key_env),
+        api_key_env=project.api_key_env,
+        api_prefix=project.api_prefix,
+        allow_insecure_http=project.allow_insecure_http,
         export_dir=str(export_dir),
     )
 
 
-def build_resources(settings: Settings) -> dict[str, Any]:
+@functools.cache
+def duckdb_resource(database: str) -> DuckDBResource:
+    """One resource object per file: every project (and every component instance) writing the
+    same DuckDB file shares it, as Dagster requires of one resource key."""
+    return DuckDBResource(database=database)
+
+
+def build_resources(
+    projects: Sequence[ProjectConfig], *, duckdb_path: str | Path, export_dir: str | Path
+) -> dict[str, Any]:
     """One ``PostHogResource`` per project plus the shared ``duckdb`` resource."""
     resources: dict[str, Any] = {
-        p.resource_key: build_posthog_resource(p, settings.export_dir) for p in settings.projects
+        p.resource_key: build_posthog_resource(p, export_dir) for p in projects
     }
-    resources["duckdb"] = DuckDBResource(database=str(settings.duckdb_path))
+    resources[DUCKDB_RESOURCE_KEY] = duckdb_resource(str(duckdb_path))
     return resources

@@ -6,15 +6,12 @@ second run the same day replaces that day's rows.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import dagster as dg
 
-from posthog_assets.config import Settings
+from posthog_assets.config import GROUPS_SCHEDULE_CRON, INSIGHTS_SCHEDULE_CRON, ProjectConfig
 from posthog_assets.snapshots.definitions import groups_job_name, insights_job_name
-
-#: 06:00 UTC: after PostHog's nightly cache warming, before most people look at dashboards.
-INSIGHTS_SCHEDULE_CRON = "0 6 * * *"
-#: Groups change slowly; once a day, an hour after the insights.
-GROUPS_SCHEDULE_CRON = "0 7 * * *"
 
 
 def build_insights_snapshot_schedule(
@@ -48,14 +45,22 @@ def build_groups_snapshot_schedule(
     )
 
 
-def build_posthog_schedules(settings: Settings) -> list[dg.ScheduleDefinition]:
+def build_posthog_schedules(projects: Sequence[ProjectConfig]) -> list[dg.ScheduleDefinition]:
     """The daily schedules of every project's snapshot jobs (see ``snapshots.definitions``)."""
     schedules = []
-    for project in settings.projects:
+    for project in projects:
         if project.insights.enabled:
             job = insights_job_name(project)
-            schedules.append(build_insights_snapshot_schedule(job, name=f"{job}_daily"))
+            schedules.append(
+                build_insights_snapshot_schedule(
+                    job, name=f"{job}_daily", cron_schedule=project.insights.schedule
+                )
+            )
         if project.groups.enabled:
             job = groups_job_name(project)
-            schedules.append(build_groups_snapshot_schedule(job, name=f"{job}_daily"))
+            schedules.append(
+                build_groups_snapshot_schedule(
+                    job, name=f"{job}_daily", cron_schedule=project.groups.schedule
+                )
+            )
     return schedules

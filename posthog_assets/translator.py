@@ -21,8 +21,9 @@ EXPORTS_GROUP = "posthog_exports"
 INSIGHTS_GROUP = "posthog_insights"
 GROUPS_GROUP = "posthog_groups"
 
-#: The snapshot tables a project can have (each one asset, ``posthog/<name>``).
+#: The DuckDB tables a project can have (each one asset, ``posthog/<name>``).
 SnapshotName = Literal[
+    "exports_log",
     "insights",
     "group_types",
     "groups",
@@ -32,6 +33,7 @@ SnapshotName = Literal[
 ]
 
 _SNAPSHOT_DESCRIPTIONS: dict[str, str] = {
+    "exports_log": "One row per PostHog export (file path, bytes, sha256, expiry), in DuckDB.",
     "insights": "Daily snapshot of every PostHog insight with its result, in DuckDB.",
     "group_types": "PostHog group types (groups_types), in DuckDB.",
     "groups": "Every PostHog group of every type (cursor pages), in DuckDB.",
@@ -75,7 +77,7 @@ class PostHogSnapshotProps:
 
     @property
     def table(self) -> str:
-        return f"posthog.{self.name}"
+        return "posthog.exports" if self.name == "exports_log" else f"posthog.{self.name}"
 
 
 class DagsterPostHogTranslator:
@@ -89,7 +91,8 @@ class DagsterPostHogTranslator:
     def _export_spec(self, props: PostHogExportProps) -> dg.AssetSpec:
         project, export = props.project, props.export
         target = (
-            f"insight {export.insight}" if export.insight is not None
+            f"insight {export.insight}"
+            if export.insight is not None
             else f"dashboard {export.dashboard}"
         )
         ext = EXPORT_FORMATS[export.export_format]
@@ -119,7 +122,9 @@ class DagsterPostHogTranslator:
 
     def _snapshot_spec(self, props: PostHogSnapshotProps) -> dg.AssetSpec:
         project = props.project
-        group = INSIGHTS_GROUP if props.name == "insights" else GROUPS_GROUP
+        group = {"insights": INSIGHTS_GROUP, "exports_log": EXPORTS_GROUP}.get(
+            props.name, GROUPS_GROUP
+        )
         metadata: dict[str, Any] = {
             **PostHogMetadataSet(
                 project_name=project.name,

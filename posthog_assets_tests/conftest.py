@@ -5,6 +5,7 @@ The stand-in runs as a real subprocess on 127.0.0.1 (port 0), so every test talk
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,8 @@ import pytest
 
 from posthog_assets.api.client import PostHogClient
 from posthog_assets.api.ratelimit import ENV_RATE_LIMIT_DIR
+from posthog_assets.config import ENV_CONFIG
+from posthog_assets.local.demo import refresh_defs_state
 from posthog_assets.resources import PostHogResource
 from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.support.resources import make_resource
@@ -56,6 +59,22 @@ def standin() -> Iterator[StandinProcess]:
         yield proc
     finally:
         proc.stop()
+
+
+@pytest.fixture(scope="session")
+def shipped_defs_state(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The shipped component's state (``posthog_assets/defs``), refreshed from the session's
+    stand-in with ``dg utils refresh-defs-state``, as ``make demo`` and ``make ui`` do: tests
+    that load the code location (``posthog_assets.definitions``) in-process need it."""
+    root = Path(__file__).resolve().parents[1]
+    env = {
+        **os.environ,
+        **standin_env(standin, tmp_path_factory.mktemp("state")),
+        "POSTHOG_PERSONAL_API_KEY": standin.key,
+    }
+    env.pop(ENV_CONFIG, None)
+    refresh_defs_state(root, env)
+    return root
 
 
 @pytest.fixture

@@ -89,9 +89,7 @@ CASES = [
 
 
 @pytest.fixture(scope="module")
-def outcomes(
-    standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory
-) -> dict[str, Any]:
+def outcomes(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
     """Run every case (and one good config) in forked children; keep the stand-in's log."""
     root = tmp_path_factory.mktemp("bad_input")
     base = {

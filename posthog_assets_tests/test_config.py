@@ -4,9 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import dagster as dg
 import pytest
 
 from posthog_assets.config import ConfigError, load_settings
+from posthog_assets.resources import build_posthog_resource
 
 pytestmark = pytest.mark.unit
 
@@ -30,7 +32,10 @@ def test_good_config_resolves_default_project_from_env(tmp_path: Path) -> None:
     settings = _load(tmp_path, GOOD, env)
     (project,) = settings.projects
     assert project.is_default and project.resource_key == "posthog"
-    assert project.host == "https://eu.posthog.com" and project.project_id == 12
+    # checked at load, read again when a run starts: the env of the process that runs decides
+    assert project.host is None and project.project_id is None
+    resource = build_posthog_resource(project, tmp_path)
+    assert resource.host == dg.EnvVar("POSTHOG_HOST") and resource.api_prefix == "projects"
     assert [e.name for e in project.exports] == ["weekly_png", "board_png"]
     assert project.insights.refresh == "force_async"
     assert project.groups.tracked[0].group_key == "acme"
@@ -134,10 +139,51 @@ def test_bad_environment_fails_at_load(tmp_path: Path, env: dict[str, str], frag
 
 def test_loopback_http_and_current_project_are_accepted(tmp_path: Path) -> None:
     env = {"POSTHOG_HOST": "http://127.0.0.1:8010", "POSTHOG_PROJECT_ID": "@current"}
-    (project,) = _load(tmp_path, "", env).projects
+    _load(tmp_path, "", env)  # no error
+    text = "projects: [{name: p, host: 'http://127.0.0.1:8010', project_id: '@current'}]"
+    (project,) = _load(tmp_path, text).projects
     assert project.host == "http://127.0.0.1:8010" and project.project_id == "@current"
+
+
+def test_plain_http_to_a_private_host_needs_an_explicit_attribute(tmp_path: Path) -> None:
+    text = "projects: [{name: p, host: 'http://posthog.internal:8000', project_id: 2}]"
+    with pytest.raises(ConfigError, match="allow_insecure_http"):
+        _load(tmp_path, text)
+    text = text.replace("project_id: 2", "project_id: 2, allow_insecure_http: true")
+    (project,) = _load(tmp_path, text).projects
+    assert project.host == "http://posthog.internal:8000"
+
+
+def test_a_second_project_keeps_the_first_ones_names(tmp_path: Path) -> None:
+    """Moving to ``projects:`` with the first project named ``default`` renames nothing."""
+    (single,) = _load(tmp_path, GOOD).projects
+    text = """
+projects:
+  - name: default
+    exports: [{name: weekly_png, insight: 1, export_format: image/png}]
+  - name: staging
+    host: https://eu.posthog.com
+    project_id: 13
+"""
+    first, second = _load(tmp_path, text).projects
+    assert (first.resource_key, first.key_prefix) == (single.resource_key, single.key_prefix)
+    assert (second.resource_key, second.key_prefix) == ("posthog_staging", ("posthog", "staging"))
 
 
 def test_missing_explicit_config_file_is_an_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         load_settings(tmp_path / "nope.yaml", env={})
+
+
+def test_the_plain_yaml_example_loads(tmp_path: Path) -> None:
+    """``docs/posthog_assets.example.yaml``, the YAML route's example, stays valid."""
+    example = Path(__file__).resolve().parents[1] / "docs" / "posthog_assets.example.yaml"
+    settings = load_settings(example, env={})
+    [project] = settings.projects
+    assert [e.name for e in project.exports] == [
+        "insight_1_png",
+        "insight_2_csv",
+        "insight_3_xlsx",
+        "dashboard_1_png",
+    ]
+    assert project.insights.refresh == "async"

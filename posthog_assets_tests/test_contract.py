@@ -49,8 +49,8 @@ def _run_everything(
     (tmp_path / "posthog_assets.yaml").write_text(EVERYTHING_YAML)
     env = {"POSTHOG_HOST": standin.url, "POSTHOG_PROJECT_ID": str(standin.project_id)}
     settings = load_settings(tmp_path / "posthog_assets.yaml", env=env)
-    exports = build_posthog_export_definitions(settings)
-    snapshots = build_posthog_snapshot_definitions(settings)
+    exports = build_posthog_export_definitions(settings.projects)
+    snapshots = build_posthog_snapshot_definitions(settings.projects)
     posthog = make_resource(standin, tmp_path / "exports", api_prefix=prefix)
     resources = resources_for(posthog, tmp_path / "posthog.duckdb")
     # one async query that fails, so the follow-up asks GET /query/:id/ about it

@@ -1,26 +1,22 @@
-"""The code location loads from config alone (no HTTP) and holds what the UI should show."""
+"""The code location loads from the stored state alone (no HTTP) and holds what the UI shows."""
 
 from __future__ import annotations
 
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import dagster as dg
 import pytest
 
 from posthog_assets.standin.server import StandinControl, StandinProcess
-from posthog_assets.translator import (
-    DagsterPostHogTranslator,
-    PostHogExportProps,
-    PostHogMetadataSet,
-)
 
 pytestmark = pytest.mark.integration
 
 
 def test_definitions_load_without_any_http_call(
-    standin: StandinProcess, control: StandinControl
+    standin: StandinProcess, control: StandinControl, shipped_defs_state: Path
 ) -> None:
     env = {
         **os.environ,
@@ -28,19 +24,23 @@ def test_definitions_load_without_any_http_call(
         "POSTHOG_PROJECT_ID": "1",
         "POSTHOG_PERSONAL_API_KEY": standin.key,
     }
+    env.pop("POSTHOG_ASSETS_CONFIG", None)
     code = (
         "from posthog_assets.definitions import defs\n"
-        "specs = list(defs.resolve_all_asset_specs())\n"
-        "print(len(specs))\n"
+        "for spec in defs.resolve_all_asset_specs(): print(spec.key.to_user_string())\n"
     )
+    control.clear_requests_log()
     out = subprocess.run(
         [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
     )
-    assert int(out.stdout.strip()) >= 1
+    keys = set(out.stdout.split())
+    # the shipped defs.yaml: every dashboard, the insights on two of them, the snapshots
+    assert {"posthog/exports/dashboard_1_png", "posthog/insights", "posthog/groups"} <= keys
+    assert sum(k.endswith("_csv") for k in keys) == 10  # "Product health" holds 10 insights
     assert [r for r in control.requests_log() if "/api/" in r["path"]] == []
 
 
-def test_definitions_hold_the_main_job_and_a_masked_key() -> None:
+def test_definitions_hold_the_main_job_and_a_masked_key(shipped_defs_state: Path) -> None:
     from posthog_assets.definitions import ALL_ASSETS_JOB, defs
 
     assert defs.resolve_job_def(ALL_ASSETS_JOB) is not None
@@ -50,25 +50,9 @@ def test_definitions_hold_the_main_job_and_a_masked_key() -> None:
     )
 
 
-def test_translator_can_be_overridden() -> None:
-    from posthog_assets.definitions import settings
-
-    project = settings.projects[0]
-    assert project.exports, "the shipped posthog_assets.yaml lists exports"
-
-    class MyTranslator(DagsterPostHogTranslator):
-        def get_asset_spec(self, props):  # type: ignore[no-untyped-def]
-            spec = super().get_asset_spec(props)
-            return spec.replace_attributes(group_name="marketing")
-
-    props = PostHogExportProps(project=project, export=project.exports[0])
-    spec = MyTranslator().get_asset_spec(props)
-    assert spec.group_name == "marketing"
-    ids = PostHogMetadataSet.extract(spec.metadata)
-    assert ids.export_format == project.exports[0].export_format
-
-
-def test_every_asset_sits_in_a_posthog_group_with_the_posthog_kind() -> None:
+def test_every_asset_sits_in_a_posthog_group_with_the_posthog_kind(
+    shipped_defs_state: Path,
+) -> None:
     """The UI groups assets by these names; a graph-backed asset once fell into 'default'."""
     from posthog_assets.definitions import defs
 
@@ -76,3 +60,28 @@ def test_every_asset_sits_in_a_posthog_group_with_the_posthog_kind() -> None:
     groups = {s.key.to_user_string(): s.group_name for s in specs}
     assert set(groups.values()) == {"posthog_exports", "posthog_insights", "posthog_groups"}, groups
     assert all("posthog" in s.kinds for s in specs)
+
+
+@pytest.mark.system
+def test_dg_check_defs_passes_on_the_shipped_project(
+    standin: StandinProcess, shipped_defs_state: Path
+) -> None:
+    """What a newcomer runs after cloning: ``dg check defs`` on the repository itself."""
+    venv_bin = Path(sys.executable).parent
+    env = {
+        **{k: v for k, v in os.environ.items() if k != "POSTHOG_ASSETS_CONFIG"},
+        "POSTHOG_HOST": standin.url,
+        "POSTHOG_PROJECT_ID": str(standin.project_id),
+        "VIRTUAL_ENV": str(venv_bin.parent),
+        "PATH": f"{venv_bin}{os.pathsep}{os.environ.get('PATH', '')}",
+    }
+    done = subprocess.run(
+        [str(venv_bin / "dg"), "check", "defs"],
+        cwd=shipped_defs_state,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "All definitions loaded successfully" in done.stdout + done.stderr

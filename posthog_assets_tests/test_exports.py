@@ -256,7 +256,7 @@ def test_definitions_load_without_any_http_call(posthog_env, control, tmp_path):
         "  - {name: signups_csv, insight: 2, export_format: text/csv}\n"
     )
 
-    defs = build_posthog_export_definitions(load_settings(config))
+    defs = build_posthog_export_definitions(load_settings(config).projects)
 
     keys = {k.to_user_string() for a in defs.assets for k in a.keys}
     assert keys == {
@@ -305,8 +305,12 @@ def test_two_projects_get_separate_steps_sensors_and_logs(posthog_env, control, 
     settings = load_settings(config)
 
     defs = dg.Definitions.merge(
-        build_posthog_export_definitions(settings),
-        dg.Definitions(resources=build_resources(settings)),
+        build_posthog_export_definitions(settings.projects),
+        dg.Definitions(
+            resources=build_resources(
+                settings.projects, duckdb_path=tmp_path / "p.duckdb", export_dir=tmp_path
+            )
+        ),
     )
     dg.Definitions.validate_loadable(defs)
 

@@ -115,9 +115,7 @@ def query_fails(control: StandinControl, ref: Reference) -> None:
     """Warm cache except for one insight, whose background query then fails."""
     control.set_insight_cache(None, "fresh")
     control.set_insight_cache(ref.insight_ids[3], "cold")
-    control.configure(
-        async_delay_s=0.2, query_fail_insights={str(ref.insight_ids[3]): QUERY_ERROR}
-    )
+    control.configure(async_delay_s=0.2, query_fail_insights={str(ref.insight_ids[3]): QUERY_ERROR})
 
 
 def concurrency_limited(control: StandinControl, ref: Reference) -> None:

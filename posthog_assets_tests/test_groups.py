@@ -88,9 +88,13 @@ def test_property_definitions_and_values_match_the_api(
     expected_defs = sorted(
         (int(t), d["name"], d["count"]) for t, items in definitions.items() for d in items
     )
-    assert query(
-        db, "SELECT group_type_index, name, count FROM group_property_definitions ORDER BY 1, 2, 3"
-    ) == expected_defs
+    assert (
+        query(
+            db,
+            "SELECT group_type_index, name, count FROM group_property_definitions ORDER BY 1, 2, 3",
+        )
+        == expected_defs
+    )
     assert {t for t, _, _ in expected_defs} == set(range(TEST_GROUP_TYPES))
 
     for type_index, name, _ in expected_defs:

@@ -34,6 +34,34 @@ def test_module_imports_without_dagster(module: str) -> None:
     assert out.stdout.strip() == "", f"{module} pulled in {out.stdout.strip()}"
 
 
+def test_the_public_api_imports_lazily() -> None:
+    """``import posthog_assets`` costs nothing; each public name loads its module when used."""
+    code = (
+        "import sys, posthog_assets\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('dagster', 'posthog_assets.'))))\n"
+        "from posthog_assets import PostHogClient\n"
+        "print('dagster' in sys.modules)\n"
+        "from posthog_assets import (PostHogProjectComponent, PostHogResource,\n"
+        "    DagsterPostHogTranslator, build_posthog_assets_definitions, ProjectConfig)\n"
+        "import dagster as dg\n"
+        "assert issubclass(PostHogProjectComponent, dg.Component)\n"
+        "assert issubclass(PostHogResource, dg.ConfigurableResource)\n"
+        "assert callable(build_posthog_assets_definitions) and DagsterPostHogTranslator\n"
+        "print(set(posthog_assets.__all__) <= set(dir(posthog_assets)))\n"
+        "try:\n"
+        "    posthog_assets.nothing\n"
+        "except AttributeError as exc:\n"
+        "    print(exc)\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.splitlines() == [
+        "[]",
+        "False",
+        "True",
+        "module 'posthog_assets' has no attribute 'nothing'",
+    ]
+
+
 def test_standin_imports_nothing_from_the_package_runtime() -> None:
     code = (
         "import sys, posthog_assets.standin.server, posthog_assets.standin.app\n"
@@ -47,7 +75,8 @@ def test_standin_imports_nothing_from_the_package_runtime() -> None:
 
 PACKAGE = Path(__file__).resolve().parents[1] / "posthog_assets"
 #: Which folders a module may import from, by its own folder (the one-way rule):
-#: the HTTP layer <- the Dagster glue <- exports, snapshots <- definitions, schedules, local.
+#: the HTTP layer <- the Dagster glue <- exports, snapshots <- definitions, schedules, local
+#: <- the component (which builds what the builder builds, from its stored state).
 LAYERS: dict[str, set[str]] = {
     "api": {"api"},
     "glue": {"api", "glue"},
@@ -55,6 +84,7 @@ LAYERS: dict[str, set[str]] = {
     "snapshots": {"api", "glue", "snapshots"},
     "top": {"api", "glue", "exports", "snapshots", "top"},
     "local": {"api", "glue", "exports", "snapshots", "top", "local", "standin"},
+    "component": {"api", "glue", "exports", "snapshots", "top", "component"},
     "standin": {"standin"},
 }
 #: The top-level modules that compose everything; every other top-level module is glue.
@@ -63,7 +93,7 @@ TOP = {"definitions", "build", "schedules"}
 
 def _layer(module: str) -> str:
     parts = module.split(".")[1:]
-    if parts and parts[0] in ("api", "exports", "snapshots", "local", "standin"):
+    if parts and parts[0] in ("api", "exports", "snapshots", "local", "standin", "component"):
         return parts[0]
     return "top" if parts and parts[0] in TOP else "glue"
 

@@ -152,9 +152,7 @@ def test_failed_queries_are_answers_recorded_on_their_insight(
     assert "HTTP 500" in errors[crashing] or "failed" in errors[crashing]
     assert "concurrency_limit_exceeded" in errors[limited]
     assert meta["async_failed"] == 3 and meta["query_polls"] == 3
-    statuses = [
-        r["status"] for r in control.requests_log() if "/query/" in r["path"]
-    ]
+    statuses = [r["status"] for r in control.requests_log() if "/query/" in r["path"]]
     assert sorted(statuses) == [400, 400, 500]  # each asked once: no retry of a 500 answer
     ok = [r for r in rows if r["id"] not in errors]
     assert all(r["result"] is not None for r in ok)
@@ -222,9 +220,7 @@ def test_an_unordered_listing_loses_rows_and_the_snapshot_refuses_to_store_them(
     unique ``order`` its pages overlap and skip. The snapshot sends ``order=id``; and a fetch
     that still reads fewer distinct insights than ``count`` fails instead of storing them."""
     unordered = {
-        i["id"]
-        for page in client.iter_insight_pages(basic=True, order="")
-        for i in page.results
+        i["id"] for page in client.iter_insight_pages(basic=True, order="") for i in page.results
     }
     assert len(unordered) < TEST_INSIGHTS  # what a client without order=id would store
     ordered = {i["id"] for page in client.iter_insight_pages(basic=True) for i in page.results}
@@ -344,7 +340,8 @@ def test_blocking_pages_are_small_so_no_request_holds_many_computations(
     assert meta["page_size"] == DEFAULT_BLOCKING_PAGE_SIZE
     assert meta["pages"] == -(-len(ids) // DEFAULT_BLOCKING_PAGE_SIZE) == meta["requests"]
     sizes = {
-        r["query"].get("limit") for r in _insight_list_requests(control)
+        r["query"].get("limit")
+        for r in _insight_list_requests(control)
         if r["query"].get("refresh") == "blocking"
     }
     assert sizes == {str(DEFAULT_BLOCKING_PAGE_SIZE)}
@@ -447,8 +444,14 @@ def test_older_tables_keep_their_rows_new_columns_and_the_renamed_date(
     finally:
         conn.close()
     materialize_insights(defs, resources, refresh="force_cache")
-    cols = [r[0] for r in query(db, "SELECT column_name FROM information_schema.columns "
-                                    "WHERE table_name = 'insights' ORDER BY ordinal_position")]
+    cols = [
+        r[0]
+        for r in query(
+            db,
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_name = 'insights' ORDER BY ordinal_position",
+        )
+    ]
     assert set(cols) == set(INSIGHTS_TABLE.columns)
     old = query(db, "SELECT id, name FROM insights WHERE snapshot_date = '2026-01-02'")
     assert old == [(7, "old")]

@@ -102,9 +102,16 @@ class PostgresServer:
         pwfile = self.root / "pwfile"
         pwfile.write_text("superuser-unused\n")
         self._run(
-            str(self.bindir / "initdb"), "-D", str(self.data), "-U", "postgres",
-            "--auth-local=trust", "--auth-host=scram-sha-256", f"--pwfile={pwfile}",
-            "--encoding=UTF8", "--no-sync",
+            str(self.bindir / "initdb"),
+            "-D",
+            str(self.data),
+            "-U",
+            "postgres",
+            "--auth-local=trust",
+            "--auth-host=scram-sha-256",
+            f"--pwfile={pwfile}",
+            "--encoding=UTF8",
+            "--no-sync",
         )
         options = (
             f"-c listen_addresses=127.0.0.1 -p {self.port} -k {self.sockets} "
@@ -112,12 +119,22 @@ class PostgresServer:
         )
         log = str(self.root / "postgres.log")
         self._run(
-            str(self.bindir / "pg_ctl"), "-D", str(self.data), "-l", log, "-o", options,
-            "-w", "-t", "60", "start",
+            str(self.bindir / "pg_ctl"),
+            "-D",
+            str(self.data),
+            "-l",
+            log,
+            "-o",
+            options,
+            "-w",
+            "-t",
+            "60",
+            "start",
         )
         # Over the Unix socket (trust) as the superuser: the login role and database Dagster uses.
-        conn = psycopg2.connect(host=str(self.sockets), port=self.port, user="postgres",
-                                dbname="postgres")
+        conn = psycopg2.connect(
+            host=str(self.sockets), port=self.port, user="postgres", dbname="postgres"
+        )
         conn.autocommit = True  # CREATE DATABASE refuses to run inside a transaction
         try:
             with conn.cursor() as cur:
@@ -128,13 +145,13 @@ class PostgresServer:
 
     def stop(self) -> None:
         if (self.data / "postmaster.pid").exists():
-            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w",
-                      "stop")
+            self._run(str(self.bindir / "pg_ctl"), "-D", str(self.data), "-m", "fast", "-w", "stop")
 
     def connect(self) -> psycopg2.extensions.connection:
         """A TCP connection with the password, as Dagster makes it."""
-        return psycopg2.connect(host="127.0.0.1", port=self.port, user=PG_USER,
-                                password=PG_PASSWORD, dbname=PG_DB)
+        return psycopg2.connect(
+            host="127.0.0.1", port=self.port, user=PG_USER, password=PG_PASSWORD, dbname=PG_DB
+        )
 
 
 @pytest.fixture
@@ -170,6 +187,7 @@ def postgres() -> Iterator[PostgresServer]:
 
 def test_deploy_config_runs_the_main_job_on_postgres_with_multiprocess(
     postgres: PostgresServer,
+    shipped_defs_state: Path,
     posthog_env: dict[str, str],
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
@@ -184,7 +202,6 @@ def test_deploy_config_runs_the_main_job_on_postgres_with_multiprocess(
         "DAGSTER_PG_DB": PG_DB,
         "DAGSTER_PG_USERNAME": PG_USER,
         "DAGSTER_PG_PASSWORD": PG_PASSWORD,
-        "POSTHOG_ASSETS_CONFIG": str(ROOT / "posthog_assets.yaml"),
     }.items():
         monkeypatch.setenv(name, value)  # step subprocesses inherit these
 
@@ -206,9 +223,7 @@ def test_deploy_config_runs_the_main_job_on_postgres_with_multiprocess(
             instance=instance,
             run_config=MULTIPROCESS_RUN_CONFIG,
         )
-        failures = [
-            e.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"
-        ]
+        failures = [e.message for e in result.all_events if e.event_type_value == "STEP_FAILURE"]
         assert result.success, f"run failed: {failures}"
         run_id = result.run_id
 
@@ -238,5 +253,5 @@ def test_deploy_config_runs_the_main_job_on_postgres_with_multiprocess(
         (step_pids,) = cur.fetchone()
         steps = len({s.step_key for s in result.get_step_success_events()})
         assert step_pids == steps, "multiprocess: each step ran in its own process"
-        cur.execute("SELECT concurrency_key, \"limit\" FROM concurrency_limits")
+        cur.execute('SELECT concurrency_key, "limit" FROM concurrency_limits')
         assert dict(cur.fetchall()) == POOL_LIMITS

@@ -114,3 +114,35 @@ def test_projects_prefix_by_default_and_the_deprecated_one_warns_once_per_run(
     assert "Sunset" in warning and "api_prefix='projects'" in warning
     paths = {r["path"].split("/")[2] for r in control.requests_log() if "/api/" in r["path"]}
     assert paths == {"projects", "environments"}
+
+
+def test_plain_http_to_a_private_host_needs_the_attribute_and_warns_once_per_run(
+    posthog_resource: PostHogResource,
+) -> None:
+    """A self-hosted PostHog on a private network over http: refused unless allowed; allowed,
+    a run says once that the key crosses the network in clear."""
+
+    @dg.asset
+    def first(posthog: PostHogResource) -> None:
+        assert posthog.host == "http://10.255.0.1:8000"
+
+    @dg.asset(deps=[first])
+    def second(posthog: PostHogResource) -> None:
+        pass
+
+    private = with_fields(posthog_resource, host="http://10.255.0.1:8000")
+    with pytest.raises(Exception) as err:
+        dg.materialize([first, second], resources={"posthog": private})
+    assert "allow_insecure_http" in str(err.value) + str(err.value.__cause__)
+
+    allowed = with_fields(private, allow_insecure_http=True)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize([first, second], resources={"posthog": allowed}, instance=instance)
+        assert result.success
+        warned = [
+            e.user_message
+            for e in instance.all_logs(result.run_id)
+            if "plain http" in e.user_message
+        ]
+    assert len(warned) == 1 and "10.255.0.1" in warned[0]
+    assert posthog_resource.personal_api_key not in warned[0]

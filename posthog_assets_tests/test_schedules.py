@@ -9,7 +9,7 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from posthog_assets.build import build_posthog_definitions
+from posthog_assets.build import build_definitions_from_settings
 from posthog_assets.schedules import GROUPS_SCHEDULE_CRON, INSIGHTS_SCHEDULE_CRON
 from posthog_assets_tests.support.snapshots import snapshot_settings
 
@@ -31,7 +31,7 @@ projects:
 @pytest.fixture
 def defs(posthog_env: dict[str, str], tmp_path: Path) -> dg.Definitions:
     settings = snapshot_settings(posthog_env, tmp_path)
-    return build_posthog_definitions(settings)
+    return build_definitions_from_settings(settings)
 
 
 def test_both_schedules_exist_and_are_stopped_by_default(defs: dg.Definitions) -> None:
@@ -74,7 +74,7 @@ def test_one_job_and_schedule_per_project(
         url=standin.url, pid=standin.project_id, staging=standin.project_id + 1
     )
     settings = snapshot_settings(posthog_env, tmp_path, yaml_text)
-    defs = build_posthog_definitions(settings)
+    defs = build_definitions_from_settings(settings)
     names = {s.name for s in defs.schedules or []}
     assert names == {
         "posthog_prod_insights_snapshot_daily",
@@ -94,7 +94,7 @@ def test_building_the_definitions_makes_no_http_call(
     control.clear_requests_log()
     yaml_text = "groups:\n  tracked: [{group_type_index: 0, group_key: x}]\n"
     settings = snapshot_settings(posthog_env, tmp_path, yaml_text)
-    defs = build_posthog_definitions(settings)
+    defs = build_definitions_from_settings(settings)
     repo = defs.get_repository_def()
     assert len(repo.asset_graph.get_all_asset_keys()) == 6
     assert control.requests_log() == []

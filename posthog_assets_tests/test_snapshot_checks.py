@@ -61,9 +61,7 @@ def test_checks_before_any_snapshot_fail_with_a_hint(
     assert "materialize" in results["insights_not_empty"].description
 
 
-def test_empty_snapshot_fails_not_empty(
-    defs: dg.Definitions, resources: dict[str, Any]
-) -> None:
+def test_empty_snapshot_fails_not_empty(defs: dg.Definitions, resources: dict[str, Any]) -> None:
     result = materialize_insights(
         defs, resources, refresh="force_cache", short_id="zzzzzzzz", raise_on_error=False
     )
@@ -137,7 +135,9 @@ def test_a_write_never_replaces_a_snapshot_with_a_partial_one(tmp_path: Path) ->
                     for i in range(start, min(n, start + 10))
                 )
         return StagedSnapshot(
-            files=staging.files, rows=staging.rows, scope={"project_id": "1"},
+            files=staging.files,
+            rows=staging.rows,
+            scope={"project_id": "1"},
             snapshot_at="2026-01-05T00:00:00+00:00",
         )
 

@@ -776,9 +776,7 @@ class PostHogClient:
         A 500 here is PostHog's answer for a job that failed with an error it does not expose
         (``posthog/api/query.py``), so it is an answer about the query, not a passing fault.
         """
-        resp = self.request(
-            "GET", f"query/{query_id}/", scopes=("query:read",), accept=(400, 500)
-        )
+        resp = self.request("GET", f"query/{query_id}/", scopes=("query:read",), accept=(400, 500))
         try:
             body = resp.json()
         except ValueError:

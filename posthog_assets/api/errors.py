@@ -141,8 +141,10 @@ def advice_for(status: int, detail: str, scopes: tuple[str, ...]) -> str:
     if status == 404:
         return "Check the project id and object id (an export 404s once it has expired)."
     if status == 429:
-        return "PostHog rate-limited this key (240/min and 1200/h for insights, 480/min and "\
+        return (
+            "PostHog rate-limited this key (240/min and 1200/h for insights, 480/min and "
             "4800/h for other routes); other tools may be using the same key."
+        )
     if status >= 500:
         return "PostHog failed on its side; a retry usually helps."
     return "Fix the request as the detail says."

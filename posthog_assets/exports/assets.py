@@ -42,6 +42,7 @@ DEFAULT_EXPORT_RETRY_POLICY = dg.RetryPolicy(
     max_retries=3, delay=10, backoff=dg.Backoff.EXPONENTIAL, jitter=dg.Jitter.PLUS_MINUS
 )
 
+
 def exports_op_name(project: ProjectConfig) -> str:
     return "_".join([*project.key_prefix, "exports"])
 
@@ -242,5 +243,3 @@ def outcome_metadata(
         )
     metadata.update(file_preview_metadata(outcome.path, outcome.export_format))
     return metadata
-
-

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import dagster as dg
 
-from posthog_assets.config import Settings
+from posthog_assets.config import ProjectConfig
 from posthog_assets.exports.assets import build_posthog_export_assets
 from posthog_assets.exports.checks import build_posthog_export_checks
-from posthog_assets.exports.log import build_posthog_exports_log_asset, exports_log_key
+from posthog_assets.exports.log import build_posthog_exports_log_asset
 from posthog_assets.exports.sensors import (
     build_posthog_export_expiry_sensor,
     build_posthog_export_retry_sensor,
@@ -16,7 +18,7 @@ from posthog_assets.translator import DagsterPostHogTranslator
 
 
 def build_posthog_export_definitions(
-    settings: Settings, *, translator: DagsterPostHogTranslator | None = None
+    projects: Sequence[ProjectConfig], *, translator: DagsterPostHogTranslator | None = None
 ) -> dg.Definitions:
     """Export assets, the DuckDB log, checks and sensors for every configured project.
 
@@ -26,20 +28,22 @@ def build_posthog_export_definitions(
     assets: list[dg.AssetsDefinition] = []
     checks: list[dg.AssetChecksDefinition] = []
     sensors: list[dg.SensorDefinition] = []
-    for project in settings.projects:
+    for project in projects:
         export_assets = build_posthog_export_assets(project=project, translator=translator)
         if not export_assets:
             continue
         keys = [k for a in export_assets for k in a.keys]
-        log_asset = build_posthog_exports_log_asset(project=project, export_keys=keys)
+        log_asset = build_posthog_exports_log_asset(
+            project=project, export_keys=keys, translator=translator
+        )
         assets += [*export_assets, log_asset]
         checks += build_posthog_export_checks(project=project, export_assets=export_assets)
         sensors += [
             build_posthog_export_expiry_sensor(
-                project=project, export_keys=keys, log_key=exports_log_key(project)
+                project=project, export_keys=keys, log_key=log_asset.key
             ),
             build_posthog_export_retry_sensor(
-                project=project, export_assets=export_assets, log_key=exports_log_key(project)
+                project=project, export_assets=export_assets, log_key=log_asset.key
             ),
         ]
     return dg.Definitions(assets=assets, asset_checks=checks, sensors=sensors)

@@ -15,7 +15,7 @@ from posthog_assets.common import materialization_values
 from posthog_assets.config import ProjectConfig
 from posthog_assets.pools import DUCKDB_POOL
 from posthog_assets.tables import SCHEMA, ensure_table, quote, table_ref
-from posthog_assets.translator import EXPORTS_GROUP
+from posthog_assets.translator import DagsterPostHogTranslator, PostHogSnapshotProps
 
 EXPORTS_TABLE = "exports"
 #: DuckDB columns of ``posthog.exports`` (one row per export, upserted on project + export id).
@@ -40,12 +40,25 @@ EXPORTS_COLUMNS: dict[str, str] = {
 _TIME_COLUMNS = ("created_at", "expires_after", "downloaded_at")
 
 
+def exports_log_spec(
+    project: ProjectConfig, translator: DagsterPostHogTranslator | None = None
+) -> dg.AssetSpec:
+    """The translator's spec of the project's exports log."""
+    translator = translator or DagsterPostHogTranslator()
+    return translator.get_asset_spec(PostHogSnapshotProps(project, "exports_log"))
+
+
 def exports_log_key(project: ProjectConfig) -> dg.AssetKey:
-    return dg.AssetKey([*project.key_prefix, "exports_log"])
+    """The log's key with the default translator."""
+    return exports_log_spec(project).key
 
 
 def build_posthog_exports_log_asset(
-    *, project: ProjectConfig, export_keys: Sequence[dg.AssetKey], pool: str = DUCKDB_POOL
+    *,
+    project: ProjectConfig,
+    export_keys: Sequence[dg.AssetKey],
+    translator: DagsterPostHogTranslator | None = None,
+    pool: str = DUCKDB_POOL,
 ) -> dg.AssetsDefinition:
     """``<prefix>/exports_log``: upsert one ``posthog.exports`` row per recorded export.
 
@@ -54,16 +67,18 @@ def build_posthog_exports_log_asset(
     catches up on exports whose run failed before this step could run.
     """
     keys = list(export_keys)
+    spec = exports_log_spec(project, translator)
 
     @dg.asset(
-        key=exports_log_key(project),
+        key=spec.key,
         deps=keys,
         pool=pool,
-        kinds={"posthog", "duckdb"},
-        group_name=EXPORTS_GROUP,
-        description=f"One row per PostHog export of project '{project.name}' in DuckDB table "
-        f"{SCHEMA}.{EXPORTS_TABLE} (file path, bytes, sha256, expiry).",
-        metadata={"dagster/table_name": f"{SCHEMA}.{EXPORTS_TABLE}"},
+        kinds=spec.kinds,
+        group_name=spec.group_name,
+        description=spec.description,
+        tags=spec.tags,
+        owners=spec.owners,
+        metadata={**spec.metadata, "dagster/table_name": f"{SCHEMA}.{EXPORTS_TABLE}"},
     )
     def _exports_log(
         context: dg.AssetExecutionContext, duckdb: DuckDBResource
@@ -179,5 +194,3 @@ def upsert_export_rows(conn: Any, rows: Sequence[Mapping[str, Any]]) -> int:
     finally:
         conn.unregister("incoming_exports")
     return int(written[0]) if written else 0
-
-

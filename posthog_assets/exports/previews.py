@@ -142,5 +142,3 @@ def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
     if more > 0:
         lines.append(f"\n_{more} more column(s) not shown._")
     return "\n".join(lines)
-
-

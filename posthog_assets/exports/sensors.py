@@ -333,10 +333,10 @@ def _expiry_reason(
     if isinstance(md.get("bytes"), int) and stat.st_size != md["bytes"]:
         return f"file size {stat.st_size} differs from recorded {md['bytes']}"
     cached = hashed.get(name)
-    if (
-        cached is not None
-        and (cached.export_id, cached.size, cached.mtime_ns)
-        == (md.get("export_id"), stat.st_size, stat.st_mtime_ns)
+    if cached is not None and (cached.export_id, cached.size, cached.mtime_ns) == (
+        md.get("export_id"),
+        stat.st_size,
+        stat.st_mtime_ns,
     ):
         ok = cached.matches
     else:

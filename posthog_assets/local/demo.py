@@ -10,9 +10,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import sys
+from collections.abc import Mapping
 from contextlib import ExitStack
 from pathlib import Path
+
+from posthog_assets.config import ENV_CONFIG
 
 DEMO_KEY = "phx_demo_standin_key"
 
@@ -44,15 +48,45 @@ def use_standin_without_credentials(stack: ExitStack) -> None:
     print(f"No POSTHOG_HOST set: using the local PostHog stand-in at {standin.url}")
 
 
+def dg_command(
+    *args: str, env: Mapping[str, str] | None = None
+) -> tuple[list[str], dict[str, str]]:
+    """A ``dg`` command line and its env: this interpreter's ``dg``, its venv as the active one."""
+    venv_bin = Path(sys.executable).parent
+    dg_cli = venv_bin / "dg"
+    env = dict(os.environ if env is None else env)
+    env["VIRTUAL_ENV"] = str(venv_bin.parent)
+    env["PATH"] = f"{venv_bin}{os.pathsep}{env.get('PATH', '')}"
+    return [str(dg_cli) if dg_cli.exists() else "dg", *args], env
+
+
+def refresh_defs_state(root: Path, env: Mapping[str, str] | None = None) -> None:
+    """``dg utils refresh-defs-state``: what the component stores about the project (its
+    insights and dashboards) is read now from the PostHog the env points at, so a stand-in or a
+    PostHog chosen since the last start is the one the selections resolve against.
+
+    Nothing to do on the YAML route (``POSTHOG_ASSETS_CONFIG``): it holds ids, not selections.
+    """
+    if (os.environ if env is None else env).get(ENV_CONFIG):
+        return
+    print("Refreshing the component's PostHog state (dg utils refresh-defs-state) ...", flush=True)
+    command, full_env = dg_command("utils", "refresh-defs-state", env=env)
+    done = subprocess.run(command, cwd=root, env=full_env, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"dg utils refresh-defs-state failed:\n{done.stdout}{done.stderr}")
+
+
 def main() -> int:
     root = Path.cwd()
     home = prepare_dagster_home(root)
     with ExitStack() as stack:
         use_standin_without_credentials(stack)
+        refresh_defs_state(root)
 
         import dagster as dg
 
-        from posthog_assets.definitions import ALL_ASSETS_JOB, defs, settings
+        from posthog_assets.config import DEFAULT_DUCKDB_PATH, DEFAULT_EXPORT_DIR
+        from posthog_assets.definitions import ALL_ASSETS_JOB, defs
         from posthog_assets.pools import apply_pool_limits
 
         instance = stack.enter_context(dg.DagsterInstance.get())
@@ -66,7 +100,10 @@ def main() -> int:
         print()
         print(f"Run {result.run_id}: {'SUCCESS' if result.success else 'FAILURE'}")
         print(f"Dagster run history:   {home}  (see it with: make ui)")
-        print_results(settings.duckdb_path, settings.export_dir)
+        print_results(
+            Path(os.environ.get("POSTHOG_ASSETS_DUCKDB", DEFAULT_DUCKDB_PATH)),
+            Path(os.environ.get("POSTHOG_ASSETS_EXPORT_DIR", DEFAULT_EXPORT_DIR)),
+        )
         return 0 if result.success else 1
 
 

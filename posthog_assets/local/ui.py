@@ -70,12 +70,23 @@ def _dev_command(host: str, port: int) -> list[str]:
     found = shutil.which("dg")
     if found:
         return [found, *args]
-    return [sys.executable, "-m", "dagster", "dev", "-h", host, "-p", str(port), "-w",
-            "workspace.yaml"]
+    return [
+        sys.executable,
+        "-m",
+        "dagster",
+        "dev",
+        "-h",
+        host,
+        "-p",
+        str(port),
+        "-w",
+        "workspace.yaml",
+    ]
 
 
-def graphql(url: str, query: str, variables: Mapping[str, Any] | None = None,
-            *, timeout_s: float = 30.0) -> dict[str, Any]:
+def graphql(
+    url: str, query: str, variables: Mapping[str, Any] | None = None, *, timeout_s: float = 30.0
+) -> dict[str, Any]:
     """POST one GraphQL request to the webserver; raise on transport or GraphQL errors."""
     body = json.dumps({"query": query, "variables": dict(variables or {})}).encode()
     req = urllib.request.Request(
@@ -228,13 +239,18 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop_on_signal)
     signal.signal(signal.SIGTERM, _stop_on_signal)
 
-    from posthog_assets.local.demo import prepare_dagster_home, use_standin_without_credentials
+    from posthog_assets.local.demo import (
+        prepare_dagster_home,
+        refresh_defs_state,
+        use_standin_without_credentials,
+    )
 
     root = Path.cwd()
     home = prepare_dagster_home(root)
     try:
         with ExitStack() as stack:
             use_standin_without_credentials(stack)
+            refresh_defs_state(root)
 
             import dagster as dg
 
@@ -258,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"dg dev exited with code {code}")
             return code or 1
     except KeyboardInterrupt:
-        print("\nStopped the Dagster UI (and the stand-in, if this command started it).",
-              flush=True)
+        print(
+            "\nStopped the Dagster UI (and the stand-in, if this command started it).", flush=True
+        )
         return 0
     except DagsterDevError as exc:
         print(f"error: {exc}", file=sys.stderr)

@@ -7,9 +7,11 @@ come from :func:`posthog_assets.resources.build_resources`; schedules from
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import dagster as dg
 
-from posthog_assets.config import ProjectConfig, Settings
+from posthog_assets.config import ProjectConfig
 from posthog_assets.snapshots.checks import build_group_checks, build_insights_checks
 from posthog_assets.snapshots.factory import build_snapshot_asset
 from posthog_assets.snapshots.groups import group_sources
@@ -47,14 +49,14 @@ def build_snapshot_assets(
 
 
 def build_posthog_snapshot_definitions(
-    settings: Settings, *, translator: DagsterPostHogTranslator | None = None
+    projects: Sequence[ProjectConfig], *, translator: DagsterPostHogTranslator | None = None
 ) -> dg.Definitions:
     """Insights and group snapshots per project: assets, checks, and one job each."""
     translator = translator or DagsterPostHogTranslator()
     assets: list[dg.AssetsDefinition] = []
     checks: list[dg.AssetChecksDefinition] = []
     jobs: list[dg.UnresolvedAssetJobDefinition] = []
-    for project in settings.projects:
+    for project in projects:
         if project.insights.enabled:
             insights = build_snapshot_assets(project, [InsightsSource(project)], translator)
             key = insights["insights"].key

@@ -437,9 +437,7 @@ class InsightSnapshotFetcher:
         reported = self.stats.count_reported
         if reported is None or len(self._stored) >= reported:
             return
-        now = self.client.list_insights(limit=1, basic=True, **self.options.filters()).get(
-            "count"
-        )
+        now = self.client.list_insights(limit=1, basic=True, **self.options.filters()).get("count")
         expected = min(reported, now) if isinstance(now, int) else reported
         if len(self._stored) >= expected:
             return
@@ -521,10 +519,14 @@ class InsightSnapshotFetcher:
             self._reread_singles(pending)
             quiet = quiet + 1 if len(pending) == before else 0
             finished_any = finished_any or len(pending) < before
-            if pending and quiet >= STALL_ROUNDS and (
-                finished_any
-                or len(pending) <= MAX_ASKS_PER_ROUND
-                or self._clock() - started >= STALL_AFTER_S
+            if (
+                pending
+                and quiet >= STALL_ROUNDS
+                and (
+                    finished_any
+                    or len(pending) <= MAX_ASKS_PER_ROUND
+                    or self._clock() - started >= STALL_AFTER_S
+                )
             ):
                 self._ask_about_stalled(pending)
             self.log.info(
@@ -612,9 +614,7 @@ class InsightSnapshotFetcher:
         """
         round_no = self.stats.follow_rounds
         stalled: dict[str, list[int]] = {}
-        due = sorted(
-            (e.asks, iid) for iid, e in pending.items() if e.next_ask_round <= round_no
-        )
+        due = sorted((e.asks, iid) for iid, e in pending.items() if e.next_ask_round <= round_no)
         for _asks, iid in due:
             query_id = pending[iid].query_id
             if query_id not in stalled and len(stalled) >= MAX_ASKS_PER_ROUND:

@@ -174,5 +174,3 @@ def remove_stale_staging(
         with suppress(OSError):
             run_dir.rmdir()
     return removed
-
-

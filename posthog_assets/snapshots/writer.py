@@ -144,5 +144,3 @@ def replace_snapshot(
         conn.execute("ROLLBACK")
         raise
     return inserted
-
-

@@ -308,7 +308,7 @@ SET_NUX_SEEN_MUTATION = "mutation { setNuxSeen }"
 
 @pytest.fixture(scope="session")
 def dagster_ui(
-    standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory
+    standin: StandinProcess, shipped_defs_state: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[DagsterDevUI]:
     """``python -m posthog_assets.local.ui`` on a free port, against the session stand-in.
 
@@ -322,11 +322,10 @@ def dagster_ui(
     port = free_port()
     log_path = ARTIFACTS / f"dagster-dev-{port}.log"  # one per session: runs may overlap
     env = {
-        **os.environ,
+        **{k: v for k, v in os.environ.items() if k != "POSTHOG_ASSETS_CONFIG"},
         "DAGSTER_HOME": str(tmp / "dagster_home"),
         **standin_env(standin, tmp),
         "POSTHOG_PERSONAL_API_KEY": standin.key,
-        "POSTHOG_ASSETS_CONFIG": str(ROOT / "posthog_assets.yaml"),
         "POSTHOG_ASSETS_RATE_LIMIT_DIR": str(tmp / "gates"),
         "PYTHONUNBUFFERED": "1",
     }

@@ -24,9 +24,7 @@ def make_project(*exports: ExportConfig | dict[str, Any], name: str = "default")
     """A project holding the given exports; "default" is the default project (host and id from
     the resource, resource key ``posthog``)."""
     configs = [e if isinstance(e, ExportConfig) else ExportConfig(**e) for e in exports]
-    project = ProjectConfig(name=name, exports=configs)
-    project._is_default = name == "default"
-    return project
+    return ProjectConfig(name=name, exports=configs)
 
 
 def resources(posthog: PostHogResource, tmp_path: Path, **kw: Any) -> dict[str, Any]:

@@ -111,7 +111,7 @@ class World:
     snapshot: dg.Definitions = field(init=False)
 
     def __post_init__(self) -> None:
-        self.snapshot = build_posthog_snapshot_definitions(self.settings)
+        self.snapshot = build_posthog_snapshot_definitions(self.settings.projects)
 
     @property
     def project(self) -> Any:

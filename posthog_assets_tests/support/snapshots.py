@@ -25,7 +25,7 @@ def snapshot_settings(env: Mapping[str, str], tmp_path: Path, yaml_text: str = "
 
 
 def snapshot_defs(settings: Settings) -> dg.Definitions:
-    return build_posthog_snapshot_definitions(settings)
+    return build_posthog_snapshot_definitions(settings.projects)
 
 
 def defs_assets(defs: dg.Definitions, *names: str) -> list[Any]:

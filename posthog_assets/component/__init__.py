@@ -1,0 +1,1 @@
+"""The ``dg`` component: a PostHog project in ``defs.yaml``, built from stored project state."""

@@ -1,0 +1,134 @@
+"""What a component needs to know about its PostHog project, fetched once and stored.
+
+``dg utils refresh-defs-state`` writes it (one metadata-only pass over the insights list and one
+over the dashboards, no calculation); loading the definitions only reads it, so a code-location
+reload never spends rate limit and works with PostHog unreachable.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from posthog_assets.api.client import PostHogClient
+
+STATE_VERSION = 1
+#: Dashboards are few: one page of this many (so no order is needed), checked against ``count``.
+DASHBOARDS_PAGE = 1000
+
+
+@dataclass(frozen=True)
+class InsightRecord:
+    id: int
+    short_id: str
+    name: str | None
+    derived_name: str | None
+    tags: list[str] = field(default_factory=list)
+    favorited: bool = False
+    dashboards: list[int] = field(default_factory=list)
+
+    @property
+    def title(self) -> str:
+        return self.name or self.derived_name or f"insight {self.id}"
+
+
+@dataclass(frozen=True)
+class DashboardRecord:
+    id: int
+    name: str
+    tags: list[str] = field(default_factory=list)
+
+
+@dataclass(frozen=True)
+class ProjectState:
+    """The project's insights and dashboards when the state was refreshed."""
+
+    host: str
+    project_id: str
+    fetched_at: str
+    insights: list[InsightRecord]
+    dashboards: list[DashboardRecord]
+
+    def to_json(self) -> str:
+        return json.dumps({"version": STATE_VERSION, **asdict(self)}, sort_keys=True, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> ProjectState:
+        data = json.loads(text)
+        if data.get("version") != STATE_VERSION:
+            raise ValueError(
+                f"stored PostHog state has version {data.get('version')}, expected "
+                f"{STATE_VERSION}: run `dg utils refresh-defs-state` again"
+            )
+        return cls(
+            host=data["host"],
+            project_id=str(data["project_id"]),
+            fetched_at=data["fetched_at"],
+            insights=[InsightRecord(**i) for i in data["insights"]],
+            dashboards=[DashboardRecord(**d) for d in data["dashboards"]],
+        )
+
+
+def fetch_project_state(client: PostHogClient) -> ProjectState:
+    """Read the project's insights (metadata only, ``order=id``) and dashboards."""
+    insights = [
+        InsightRecord(
+            id=int(i["id"]),
+            short_id=str(i.get("short_id") or ""),
+            name=i.get("name"),
+            derived_name=i.get("derived_name"),
+            tags=[str(t) for t in i.get("tags") or []],
+            favorited=bool(i.get("favorited")),
+            dashboards=[int(d) for d in i.get("dashboards") or []],
+        )
+        for page in client.iter_insight_pages(basic=True)
+        for i in page.results
+    ]
+    page = client.get_json("dashboards/", {"limit": DASHBOARDS_PAGE}, scopes=("dashboard:read",))
+    results = list(page.get("results") or [])
+    if page.get("next") or len(results) < int(page.get("count") or 0):
+        raise ValueError(f"more than {DASHBOARDS_PAGE} dashboards: not supported yet")
+    dashboards = [
+        DashboardRecord(
+            id=int(d["id"]), name=str(d.get("name") or ""), tags=list(d.get("tags") or [])
+        )
+        for d in results
+        if not d.get("deleted")
+    ]
+    return ProjectState(
+        host=client.host,
+        project_id=str(client.project_id),
+        fetched_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
+        insights=insights,
+        dashboards=dashboards,
+    )
+
+
+def write_state(path: Path, state: ProjectState) -> None:
+    """Atomically: a load never reads half a state, and two refreshes never mix theirs."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(state.to_json())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def read_state(path: Path) -> ProjectState:
+    return ProjectState.from_json(path.read_text())
+
+
+def state_summary(state: ProjectState) -> dict[str, Any]:
+    return {
+        "insights": len(state.insights),
+        "dashboards": len(state.dashboards),
+        "fetched_at": state.fetched_at,
+    }

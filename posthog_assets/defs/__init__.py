@@ -1,0 +1,1 @@
+"""This repository's own component instances (the demo project); see posthog/defs.yaml."""

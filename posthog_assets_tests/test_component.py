@@ -1,0 +1,368 @@
+"""``PostHogProjectComponent`` in a user's ``dg`` project: scaffold, refresh the state, check,
+load without PostHog, export what the selections chose; a second project; bad ``defs.yaml``."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import dagster as dg
+import pytest
+import requests
+
+from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets_tests.support.dagster_dev import free_port
+from posthog_assets_tests.support.exports import CSV, PNG, XLSX, server_content
+from posthog_assets_tests.support.projects import UserProject
+
+pytestmark = pytest.mark.integration
+
+
+def _insight(standin: StandinProcess, insight_id: int) -> dict[str, Any]:
+    """An insight as PostHog serves it, read independently of the package."""
+    url = f"{standin.url}/api/projects/{standin.project_id}/insights/{insight_id}/"
+    resp = requests.get(url, headers={"Authorization": f"Bearer {standin.key}"}, timeout=30)
+    resp.raise_for_status()
+    return resp.json()
+
+
+def _export_keys(defs: dg.Definitions) -> set[str]:
+    return {
+        s.key.to_user_string()
+        for s in defs.resolve_all_asset_specs()
+        if s.key.path[-2:-1] == ["exports"]
+    }
+
+
+def _names(defs: dg.Definitions) -> dict[str, set[str]]:
+    """What a user would lose by a rename: keys, resources, jobs, sensors, schedules."""
+    repo = defs.get_repository_def()
+    return {
+        "assets": {k.to_user_string() for k in repo.asset_graph.get_all_asset_keys()},
+        "resources": set(repo.get_top_level_resources()),
+        "jobs": {j.name for j in repo.get_all_jobs() if not j.name.startswith("__")},
+        "sensors": {s.name for s in repo.sensor_defs},
+        "schedules": {s.name for s in repo.schedule_defs},
+    }
+
+
+@pytest.mark.system
+def test_scaffold_refresh_check_load_offline_and_export_the_selection(
+    standin: StandinProcess,
+    control: StandinControl,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    project = UserProject.create(tmp_path / "acme", standin)
+    project.dg(
+        "scaffold", "defs", "posthog_assets.PostHogProjectComponent", "posthog",
+        "--json-params", f'{{"host": "{standin.url}", "project_id": "{standin.project_id}"}}',
+    )  # fmt: skip
+    scaffolded = project.read_attributes("posthog")
+    assert scaffolded["project"] == {
+        "name": "default",
+        "host": standin.url,
+        "project_id": str(standin.project_id),
+        "personal_api_key": "{{ env.POSTHOG_PERSONAL_API_KEY }}",
+        "api_prefix": "projects",
+    }
+    assert {"exports", "insights", "groups", "translation"} <= set(scaffolded)
+    assert scaffolded["insights"]["refresh"] == "async"
+
+    # The user picks what to export: by short id, by dashboard name and tag, every dashboard.
+    signups = _insight(standin, 2)
+    data = tmp_path / "data"
+    attributes = {
+        **scaffolded,
+        "project": {**scaffolded["project"], "host": "{{ env.POSTHOG_HOST }}"},
+        "exports": [
+            {"insight": signups["short_id"], "format": CSV, "name": "signups_csv"},
+            {"insights": {"dashboard": "Growth", "tag": "growth"}, "format": XLSX},
+            {"dashboards": "all", "format": PNG},
+        ],
+        "duckdb_path": str(data / "posthog.duckdb"),
+        "export_dir": str(data / "exports"),
+    }
+    project.write_component("posthog", attributes)
+    project.dg("utils", "refresh-defs-state")
+    [state] = project.state_files()
+    assert '"short_id": "' + signups["short_id"] in state.read_text()
+    project.dg("check", "defs")
+
+    growth_on_growth = [1, 16]  # seed: tag "growth" on every 5th, "Growth" has every 3rd of 30
+    expected = {
+        "posthog/exports/signups_csv",
+        *(f"posthog/exports/insight_{_insight(standin, i)['short_id']}_xlsx"
+          for i in growth_on_growth),
+        "posthog/exports/dashboard_1_png",
+        "posthog/exports/dashboard_2_png",
+        "posthog/exports/dashboard_3_png",
+    }  # fmt: skip
+
+    # PostHog unreachable: the definitions load from the stored state alone.
+    control.clear_requests_log()
+    monkeypatch.setenv("POSTHOG_HOST", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("POSTHOG_PERSONAL_API_KEY", standin.key)
+    offline = project.load()
+    assert _export_keys(offline) == expected
+    assert [r for r in control.requests_log() if "/api/" in r["path"]] == []
+    assert not data.exists(), "loading wrote files"
+
+    # PostHog reachable again: materialize the selected exports, check the files.
+    monkeypatch.setenv("POSTHOG_HOST", standin.url)
+    defs = project.load()
+    exports = [a for a in defs.resolve_all_asset_specs() if a.key.to_user_string() in expected]
+    job = defs.resolve_implicit_global_asset_job_def()
+    with dg.instance_for_test() as instance:
+        result = job.execute_in_process(instance=instance, asset_selection=[s.key for s in exports])
+    assert result.success
+    for spec in exports:
+        [event] = [
+            e for e in result.get_asset_materialization_events()
+            if e.materialization.asset_key == spec.key
+        ]  # fmt: skip
+        md = {k: v.value for k, v in event.materialization.metadata.items()}
+        content = Path(md["path"]).read_bytes()
+        assert content == server_content(standin, md["export_id"])
+        assert md["sha256"] == hashlib.sha256(content).hexdigest()
+        assert Path(md["path"]).is_relative_to(data / "exports" / spec.key.path[-1])
+    csv_md = {
+        k: v.value
+        for e in result.get_asset_materialization_events()
+        if e.materialization.asset_key.path[-1] == "signups_csv"
+        for k, v in e.materialization.metadata.items()
+    }
+    assert csv_md["dagster/row_count"] > 0 and csv_md["preview"].startswith("| series |")
+
+    # A mistake in the file: dg check names the field, and the stored state is untouched.
+    before = state.read_bytes()
+    attributes["insights"] = {**attributes["insights"], "page_size": "many"}
+    project.write_component("posthog", attributes)
+    failed = project.dg("check", "defs", check=False)
+    assert failed.returncode != 0
+    assert "page_size" in failed.stdout + failed.stderr
+    assert state.read_bytes() == before
+
+
+def _base(standin: StandinProcess, data: Path, **project: Any) -> dict[str, Any]:
+    return {
+        "project": {
+            "host": standin.url,
+            "project_id": standin.project_id,
+            "personal_api_key": "{{ env.POSTHOG_PERSONAL_API_KEY }}",
+            **project,
+        },
+        "duckdb_path": str(data / "posthog.duckdb"),
+        "export_dir": str(data / "exports"),
+    }
+
+
+@pytest.fixture
+def dev_project(
+    standin: StandinProcess,
+    control: StandinControl,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> UserProject:
+    """A user project loaded as ``dg dev`` loads it: a missing state is fetched once."""
+    monkeypatch.setenv("DAGSTER_IS_DEV_CLI", "1")
+    monkeypatch.setenv("POSTHOG_PERSONAL_API_KEY", standin.key)
+    return UserProject.create(tmp_path / "acme", standin)
+
+
+def test_a_second_project_leaves_the_first_ones_names_alone(
+    dev_project: UserProject,
+    standin: StandinProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    data = tmp_path / "data"
+    dev_project.write_component(
+        "posthog",
+        {
+            **_base(standin, data),
+            "exports": [{"insight": 2, "format": CSV}, {"dashboard": "Growth"}],
+            "groups": {"tracked": [{"group_type_index": 0, "group_key": "organization-1"}]},
+            "translation": {"tags": {"team": "data"}},
+        },
+    )
+    first = _names(dev_project.load())
+    assert "posthog" in first["resources"] and "posthog/insights" in first["assets"]
+    assert {"posthog_insights_snapshot_daily", "posthog_groups_snapshot_daily"} <= first[
+        "schedules"
+    ]
+
+    monkeypatch.setenv("POSTHOG_STAGING_KEY", standin.key)
+    dev_project.write_component(
+        "posthog_staging",
+        {
+            **_base(
+                standin,
+                data,
+                name="staging",
+                project_id=standin.project_id + 1,
+                personal_api_key="{{ env.POSTHOG_STAGING_KEY }}",
+            ),
+            "exports": [{"dashboards": "all"}],
+        },
+    )
+    defs = dev_project.load()
+    both = _names(defs)
+
+    for kind, names in first.items():
+        assert names <= both[kind], f"{kind} renamed: {sorted(names - both[kind])}"
+        added = both[kind] - names
+        assert added and all("staging" in n for n in added), (kind, sorted(added))
+    assert both["resources"] - first["resources"] == {"posthog_staging"}
+    # Each project's key, read when a run starts: each its own rate-limit budget.
+    keys = {k: repr(defs.resources[k].personal_api_key) for k in ("posthog", "posthog_staging")}
+    assert "POSTHOG_PERSONAL_API_KEY" in keys["posthog"]
+    assert "POSTHOG_STAGING_KEY" in keys["posthog_staging"]
+    assert standin.key not in str(keys)
+    # The first component's translation reached every asset it built, and only those.
+    for spec in defs.resolve_all_asset_specs():
+        tagged = spec.tags.get("team") == "data"
+        assert tagged == (spec.key.path[1] != "staging"), spec.key.to_user_string()
+
+
+@pytest.mark.parametrize(
+    ("change", "fragments"),
+    [
+        pytest.param(
+            {"exports": [{"dashboards": "all", "colour": "red"}]},
+            ("exports", "colour"),
+            id="unknown_field",
+        ),
+        pytest.param({"insights": {"page_size": "many"}}, ("page_size",), id="wrong_type"),
+        pytest.param(
+            {"exports": [{"insights": {"tag": "no-such-tag"}, "format": CSV}]},
+            ("exports[0] (insights: {'tag': 'no-such-tag'}) matches no insight",),
+            id="selector_matches_nothing",
+        ),
+        pytest.param(
+            {"exports": [{"dashboard": "No such board"}]},
+            ("exports[0] (dashboard: No such board) matches no dashboard",),
+            id="unknown_dashboard",
+        ),
+        pytest.param(
+            {"exports": [{"dashboard": "Growth", "format": CSV}]},
+            ("exports[0]", "a dashboard only as image/png"),
+            id="dashboard_as_csv",
+        ),
+        pytest.param(
+            {"exports": [{"insight": 1, "dashboard": 1}]},
+            ("exports", "give exactly one of insight, insights, dashboard, dashboards"),
+            id="two_selectors",
+        ),
+        pytest.param(
+            {"project": {"personal_api_key": "{{ env.POSTHOG_KEY_NOT_SET }}"}},
+            ("project.personal_api_key: environment variable POSTHOG_KEY_NOT_SET is not set",),
+            id="missing_key_env_var",
+        ),
+        pytest.param(
+            {"project": {"host": "http://posthog.internal:8000"}},
+            ("project.host", "allow_insecure_http"),
+            id="remote_plain_http",
+        ),
+        pytest.param({"insights": {"schedule": "every day"}}, ("schedule", "cron"), id="bad_cron"),
+    ],
+)
+def test_bad_defs_yaml_names_the_field_and_creates_nothing(
+    dev_project: UserProject,
+    standin: StandinProcess,
+    tmp_path: Path,
+    change: dict[str, Any],
+    fragments: tuple[str, ...],
+) -> None:
+    data = tmp_path / "data"
+    attributes = _base(standin, data)
+    for key, value in change.items():
+        attributes[key] = {**attributes[key], **value} if key == "project" else value
+    dev_project.write_component("posthog", attributes)
+
+    with pytest.raises(Exception) as caught:
+        dev_project.load()
+
+    text = _messages(caught.value)
+    for fragment in fragments:
+        assert fragment in text, f"{fragment!r} not in:\n{text}"
+    assert standin.key not in text
+    assert not data.exists(), "a failed load created files"
+
+
+def test_missing_state_outside_development_says_what_to_run(
+    standin: StandinProcess,
+    control: StandinControl,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.delenv("DAGSTER_IS_DEV_CLI", raising=False)
+    monkeypatch.setenv("POSTHOG_PERSONAL_API_KEY", standin.key)
+    project = UserProject.create(tmp_path / "acme", standin)
+    project.write_component(
+        "posthog", {**_base(standin, tmp_path / "data"), "exports": [{"dashboards": "all"}]}
+    )
+    control.clear_requests_log()
+
+    with pytest.raises(Exception) as caught:
+        project.load()
+
+    text = _messages(caught.value)
+    assert "stored PostHog state of this component is missing" in text
+    assert "dg utils refresh-defs-state" in text
+    assert project.state_files() == []
+    assert [r for r in control.requests_log() if "/api/" in r["path"]] == []
+
+
+def _messages(exc: BaseException) -> str:
+    """The exception and its causes, as a user reads them in a traceback."""
+    parts = []
+    seen: BaseException | None = exc
+    while seen is not None:
+        parts.append(str(seen))
+        seen = seen.__cause__ or seen.__context__
+    return "\n".join(parts)
+
+
+@pytest.mark.unit
+def test_a_translator_subclass_reaches_every_asset_check_and_job(tmp_path: Path) -> None:
+    """Keys moved under ``analytics/``: checks, jobs, sensors and the exports log follow."""
+    from posthog_assets import (
+        DagsterPostHogTranslator,
+        ExportConfig,
+        GroupsConfig,
+        ProjectConfig,
+        build_posthog_assets_definitions,
+    )
+
+    class Analytics(DagsterPostHogTranslator):
+        def get_asset_spec(self, props: Any) -> dg.AssetSpec:
+            spec = super().get_asset_spec(props)
+            return spec.replace_attributes(
+                key=spec.key.with_prefix("analytics"), group_name="analytics"
+            ).merge_attributes(owners=["team:data"])
+
+    project = ProjectConfig(
+        exports=[ExportConfig(name="signups_csv", insight=2, export_format=CSV)],
+        groups=GroupsConfig(tracked=[{"group_type_index": 0, "group_key": "organization-1"}]),
+    )
+    defs = build_posthog_assets_definitions(
+        project,
+        duckdb_path=tmp_path / "p.duckdb",
+        export_dir=tmp_path / "exports",
+        translator=Analytics(),
+    )
+    repo = defs.get_repository_def()  # validates: every check and job finds its asset
+    graph = repo.asset_graph
+    keys = graph.get_all_asset_keys()
+    assert len(keys) == 8  # exports, exports log, insights, 4 group tables, tracked groups
+    for key in keys:
+        node = graph.get(key)
+        assert key.path[0] == "analytics", key
+        assert node.group_name == "analytics" and "team:data" in node.owners, key
+    checks = graph.asset_check_keys
+    assert checks and all(c.asset_key.path[0] == "analytics" for c in checks)
+    for job in repo.get_all_jobs():
+        assert all(k.path[0] == "analytics" for k in job.asset_layer.selected_asset_keys)
+    assert not (tmp_path / "exports").exists()
