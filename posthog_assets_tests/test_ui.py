@@ -29,7 +29,6 @@ pytestmark = [pytest.mark.system, pytest.mark.xdist_group("dagster_dev")]
 pytest.register_assert_rewrite("posthog_assets_tests.support.dagster_dev")
 from posthog_assets_tests.support.dagster_dev import (  # noqa: E402
     ARTIFACTS,
-    LOCATION_NAME,
     ROOT,
     DagsterDevUI,
     asset_keys_in_group,
