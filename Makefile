@@ -70,6 +70,7 @@ bench: install
 	VIRTUAL_ENV=$(VENV) $(UV) pip install -q -r bench/requirements.txt -e .
 	$(VENV)/bin/python bench/exports.py
 	$(VENV)/bin/python bench/snapshots.py
+	$(VENV)/bin/python bench/tidy.py
 	$(VENV)/bin/python bench/chaos.py
 
 lint: install

@@ -141,7 +141,7 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     _child_env(args)
     settings = load_settings(config, env={**os.environ, "POSTHOG_ASSETS_DUCKDB": args.db})
     defs = build_posthog_snapshot_definitions(settings.projects)
-    by_name = {a.key.path[-1]: a for a in defs.assets or []}
+    by_name = {a.node_def.name.rsplit("__", 1)[-1]: a for a in defs.assets or []}
     assets = [by_name["insights"], by_name["groups"]]
     resources = build_resources(
         settings.projects, duckdb_path=settings.duckdb_path, export_dir=settings.export_dir
@@ -153,7 +153,7 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     )  # fmt: skip
 
     warm = {**resources, "duckdb": DuckDBResource(database=str(work / "warmup.duckdb"))}
-    node = "__".join(by_name["insights"].key.path)
+    node = by_name["insights"].node_def.name
     dg.materialize(
         [by_name["insights"]],
         resources=warm,

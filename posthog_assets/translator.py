@@ -7,6 +7,7 @@ execution reads the remote ids back from the spec's :class:`PostHogMetadataSet`.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -30,7 +31,20 @@ SnapshotName = Literal[
     "group_property_definitions",
     "group_property_values",
     "tracked_groups",
+    "insight_series",
+    "funnel_steps",
+    "retention_cells",
+    "path_edges",
+    "insight_rows",
 ]
+#: Tables written with ``insights`` (flattened from its results), in the insights group.
+INSIGHT_TIDY_NAMES = (
+    "insight_series",
+    "funnel_steps",
+    "retention_cells",
+    "path_edges",
+    "insight_rows",
+)
 
 _SNAPSHOT_DESCRIPTIONS: dict[str, str] = {
     "exports_log": "One row per PostHog export (file path, bytes, sha256, expiry), in DuckDB.",
@@ -40,6 +54,15 @@ _SNAPSHOT_DESCRIPTIONS: dict[str, str] = {
     "group_property_definitions": "Group property names and counts per group type, in DuckDB.",
     "group_property_values": "Top values of each group property with counts, in DuckDB.",
     "tracked_groups": "Configured groups looked up by key (without side effects), in DuckDB.",
+    "insight_series": "Every data point of Trends, Stickiness and Lifecycle insights (and funnel "
+    "trends/time to convert), one row each, per daily snapshot, in DuckDB.",
+    "funnel_steps": "Every funnel step (per breakdown value) with counts, conversion rates and "
+    "times, per daily snapshot, in DuckDB.",
+    "retention_cells": "Every cohort x period count of retention insights, per daily snapshot, "
+    "in DuckDB.",
+    "path_edges": "Every edge of paths insights, per daily snapshot, in DuckDB.",
+    "insight_rows": "Every result row of HogQL/DataTable insights as a JSON object keyed by "
+    "column name, per daily snapshot, in DuckDB.",
 }
 
 
@@ -123,7 +146,7 @@ class DagsterPostHogTranslator:
     def _snapshot_spec(self, props: PostHogSnapshotProps) -> dg.AssetSpec:
         project = props.project
         group = {"insights": INSIGHTS_GROUP, "exports_log": EXPORTS_GROUP}.get(
-            props.name, GROUPS_GROUP
+            props.name, INSIGHTS_GROUP if props.name in INSIGHT_TIDY_NAMES else GROUPS_GROUP
         )
         metadata: dict[str, Any] = {
             **PostHogMetadataSet(
@@ -140,6 +163,11 @@ class DagsterPostHogTranslator:
             kinds={"posthog", "duckdb"},
             metadata=metadata,
         )
+
+
+def column_schema(columns: Mapping[str, str]) -> dg.TableSchema:
+    """A DuckDB table's columns (name -> SQL type) as Dagster shows them (the Columns tab)."""
+    return dg.TableSchema(columns=[dg.TableColumn(name=n, type=t) for n, t in columns.items()])
 
 
 def _str_or_none(value: object) -> str | None:

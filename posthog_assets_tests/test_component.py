@@ -356,7 +356,7 @@ def test_a_translator_subclass_reaches_every_asset_check_and_job(tmp_path: Path)
     repo = defs.get_repository_def()  # validates: every check and job finds its asset
     graph = repo.asset_graph
     keys = graph.get_all_asset_keys()
-    assert len(keys) == 8  # exports, exports log, insights, 4 group tables, tracked groups
+    assert len(keys) == 13  # exports, exports log, insights + 5 tidy tables, 5 group tables
     for key in keys:
         node = graph.get(key)
         assert key.path[0] == "analytics", key

@@ -25,6 +25,7 @@ import pytest
 import requests
 from dagster._core.instance.ref import InstanceRef
 
+from posthog_assets.snapshots.results import TIDY_TABLES
 from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.support.reliability import (
     Child,
@@ -84,7 +85,9 @@ if hook == "pause_in_write":
 
 from posthog_assets.definitions import defs
 
-assets = [a for a in defs.assets if (a.key.path[-1] == "insights") == (family == "insights")]
+assets = [
+    a for a in defs.assets if a.node_def.name.endswith("__insights") == (family == "insights")
+]
 with dg.DagsterInstance.get() as instance:
     result = dg.materialize(
         assets, resources=defs.resources, instance=instance, raise_on_error=False,
@@ -197,7 +200,8 @@ def test_kill_inside_the_duckdb_transaction_keeps_the_previous_snapshot(
     # The file opens, and holds exactly the previous snapshot: no partial, no duplicate rows.
     assert _insights(world.db) == before
     staged = list((tmp_path / ".posthog_staging").rglob("*.ndjson"))
-    assert len(staged) == 1  # the killed run's staged rows: ignored by later runs
+    # the killed run's staged rows (insights and each tidy table): ignored by later runs
+    assert sorted(p.name.rsplit("-", 1)[0] for p in staged) == sorted(["insights", *TIDY_TABLES])
 
     rerun = world.materialize(["insights"], resource, checks=True)
     assert rerun.success, failure_texts(rerun)

@@ -18,6 +18,7 @@ from posthog_assets.snapshots.staging import STAGED_MARKER, STAGING_DIRNAME
 from posthog_assets_tests.support.resources import make_resource
 from posthog_assets_tests.support.session import TEST_GROUP_TYPES, TEST_GROUPS_PER_TYPE
 from posthog_assets_tests.support.snapshots import (
+    asset_name,
     check_results,
     defs_assets,
     materialization_metadata,
@@ -169,9 +170,9 @@ projects:
         for name, pid in (("prod", main_id), ("staging", staging_id))
     }
     resources = resources_for(resources["posthog_prod"], db, **resources)
-    keys = {a.key for a in defs.assets or []}
+    keys = {k for a in defs.assets or [] for k in a.keys}
     assert dg.AssetKey(["posthog", "staging", "groups"]) in keys
-    groups_assets = [a for a in defs.assets or [] if a.key.path[-1] == "groups"]
+    groups_assets = [a for a in defs.assets or [] if asset_name(a) == "groups"]
     dg.materialize(groups_assets, resources=resources)
     counts = dict(query(db, "SELECT project_id, count(*) FROM groups GROUP BY 1"))
     assert counts[str(main_id)] == TOTAL_GROUPS

@@ -183,7 +183,7 @@ def test_lazy_async_follows_only_what_is_stale_by_the_lazy_thresholds(
     control.set_insight_cache(None, "stale_soft")
     listed = _user_insights(client)
     trends = [i for i in listed if (i.get("query") or {}).get("kind") == "InsightVizNode"]
-    daily = [i["id"] for i in trends if i["query"]["source"]["interval"] == "day"]
+    daily = [i["id"] for i in trends if i["query"]["source"].get("interval") == "day"]
     listed_ids = {i["id"] for i in listed}
     control.set_insight_cache(daily[0], "stale")
     control.set_insight_cache(daily[1], "cold")

@@ -81,7 +81,7 @@ def test_one_job_and_schedule_per_project(
         "posthog_prod_groups_snapshot_daily",
         "posthog_staging_insights_snapshot_daily",
     }
-    keys = {a.key.to_user_string() for a in defs.assets or []}
+    keys = {k.to_user_string() for a in defs.assets or [] for k in a.keys}
     assert "posthog/prod/tracked_groups" in keys and "posthog/staging/insights" in keys
     assert not any(k.startswith("posthog/staging/group") for k in keys)
     defs.resolve_job_def("posthog_staging_insights_snapshot")
@@ -96,5 +96,5 @@ def test_building_the_definitions_makes_no_http_call(
     settings = snapshot_settings(posthog_env, tmp_path, yaml_text)
     defs = build_definitions_from_settings(settings)
     repo = defs.get_repository_def()
-    assert len(repo.asset_graph.get_all_asset_keys()) == 6
+    assert len(repo.asset_graph.get_all_asset_keys()) == 11  # insights + 5 tidy tables + groups
     assert control.requests_log() == []

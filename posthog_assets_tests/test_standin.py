@@ -1108,6 +1108,242 @@ def test_seeded_insight_kinds(api: Api, main: dict[str, Any]) -> None:
     assert flat.status_code == 200 and "result.0.0" in flat.text.splitlines()[0].split(",")
 
 
+#: Every insight kind the seed has, by the ``kind`` name of ``INSIGHT_KIND_RULES``.
+ALL_KINDS = (
+    "trends",
+    "legacy",
+    "hogql",
+    "empty",
+    "trends_compare",
+    "trends_formula",
+    "trends_aggregate",
+    "funnel_steps",
+    "funnel_steps_breakdown",
+    "funnel_trends",
+    "funnel_time_to_convert",
+    "retention",
+    "lifecycle",
+    "stickiness",
+    "paths",
+)
+#: The kinds saved as an InsightVizNode over something other than a plain trends query, with
+#: their source's ``kind`` (and a funnel's ``funnelVizType``).
+SHAPED_SOURCES = {
+    "trends_compare": ("TrendsQuery", None),
+    "trends_formula": ("TrendsQuery", None),
+    "trends_aggregate": ("TrendsQuery", None),
+    "funnel_steps": ("FunnelsQuery", "steps"),
+    "funnel_steps_breakdown": ("FunnelsQuery", "steps"),
+    "funnel_trends": ("FunnelsQuery", "trends"),
+    "funnel_time_to_convert": ("FunnelsQuery", "time_to_convert"),
+    "retention": ("RetentionQuery", None),
+    "lifecycle": ("LifecycleQuery", None),
+    "stickiness": ("StickinessQuery", None),
+    "paths": ("PathsQuery", None),
+}
+FUNNEL_CSV_HEADER = (
+    "name,breakdown_value,action_id,count,median_conversion_time (seconds),"
+    "average_conversion_time (seconds)"
+)
+
+
+@pytest.mark.unit
+def test_every_insight_kind_is_among_the_first_30() -> None:
+    """The demo seeds 30 insights: each kind must be there, and indexes 0-9 keep their kinds."""
+    from posthog_assets.standin.seed import INSIGHT_KIND_RULES, Insight, Seed
+
+    seed = Seed(seed=7, project_id=1, insights=30, dashboards=3, group_types=2, groups=10)
+    kinds = [Insight(seed.main, i).kind for i in range(30)]
+    assert set(kinds) == set(ALL_KINDS) - {"empty"} and set(INSIGHT_KIND_RULES) == set(ALL_KINDS)
+    assert kinds[:10] == ["trends"] * 7 + ["legacy", "trends", "hogql"]
+    assert Insight(seed.main, 39).kind == "empty"
+    assert [Insight(seed.main, i + 40).kind for i in range(10, 30)] == kinds[10:30]
+
+
+def _series_invariants(series: list[dict[str, Any]]) -> None:
+    """Trends-like series: ``count`` is the sum of ``data``, one day and label per point."""
+    for s in series:
+        if "aggregated_value" in s:
+            assert s["data"] == [] and s["count"] == 0 and s["aggregated_value"] > 0, s
+            continue
+        assert s["count"] == sum(s["data"]), s
+        assert len(s["data"]) == len(s["days"]) == len(s["labels"]) > 0, s
+
+
+def _funnel_invariants(steps: list[dict[str, Any]]) -> None:
+    assert [s["order"] for s in steps] == list(range(len(steps))) and len(steps) >= 2
+    counts = [s["count"] for s in steps]
+    assert counts == sorted(counts, reverse=True) and counts[0] > 0, counts
+    assert steps[0]["average_conversion_time"] is None
+    assert all(s["average_conversion_time"] > 0 for s in steps[1:])
+    assert all(s["action_id"] == s["name"] and s["type"] == "events" for s in steps)
+
+
+def _paths_invariants(edges: list[dict[str, Any]]) -> None:
+    assert edges and all(e["value"] > 0 and e["average_conversion_time"] > 0 for e in edges)
+    assert all(re.fullmatch(r"\d+_/\w+", e[end]) for e in edges for end in ("source", "target"))
+    reached = {e["source"] for e in edges if e["source"].startswith("1_")}
+    for e in edges:  # sorted by value, so walk until nothing new is reached
+        if e["source"] in reached:
+            reached.add(e["target"])
+    assert all(e["source"] in reached for e in edges)
+    assert [e["value"] for e in edges] == sorted((e["value"] for e in edges), reverse=True)
+
+
+def _check_result(kind: str, result: Any) -> None:
+    """The invariants of each kind's result shape (see docs/insight-results.md)."""
+    if kind in ("trends", "legacy", "trends_compare", "trends_formula", "trends_aggregate"):
+        _series_invariants(result)
+    if kind == "trends_compare":
+        labels = [s["compare_label"] for s in result]
+        assert labels == sorted(labels) and set(labels) == {"current", "previous"}
+        assert all(s["compare"] is True for s in result)
+    elif kind == "trends_formula":
+        assert len(result) == 1 and result[0]["label"] == "Formula (A+B)"
+        assert result[0]["action"] is None
+    elif kind in ("funnel_steps", "funnel_steps_breakdown"):
+        groups = result if kind == "funnel_steps_breakdown" else [result]
+        assert all(isinstance(steps, list) for steps in groups)
+        assert len(groups) > 1 if kind == "funnel_steps_breakdown" else len(groups) == 1
+        for steps in groups:
+            _funnel_invariants(steps)
+            if kind == "funnel_steps_breakdown":
+                values = {tuple(s["breakdown_value"]) for s in steps}
+                assert len(values) == 1 and all(isinstance(s["breakdown"], list) for s in steps)
+    elif kind == "funnel_trends":
+        (series,) = result
+        assert series["count"] == len(series["data"]) == len(series["days"])
+        assert all(0 <= rate <= 100 for rate in series["data"])
+    elif kind == "funnel_time_to_convert":
+        assert isinstance(result, dict) and result["average_conversion_time"] > 0
+        starts = [b[0] for b in result["bins"]]
+        assert starts == sorted(starts) and all(b[1] >= 0 for b in result["bins"])
+    elif kind == "retention":
+        for k, cohort in enumerate(result):
+            size = cohort["values"][0]["count"]
+            assert cohort["label"].endswith(f" {k}") and cohort["date"].endswith("T00:00:00Z")
+            assert all(0 <= v["count"] <= size for v in cohort["values"]), cohort
+    elif kind == "lifecycle":
+        _series_invariants(result)
+        assert [s["status"] for s in result] == ["new", "returning", "resurrecting", "dormant"]
+        assert all(v <= 0 for v in result[3]["data"]) and all(v >= 0 for v in result[0]["data"])
+    elif kind == "stickiness":
+        _series_invariants(result)
+        for s in result:
+            assert s["days"] == list(range(1, len(s["data"]) + 1))
+            assert s["labels"][0] in ("1 day", "1 week") and s["labels"][1].startswith("2 ")
+    elif kind == "paths":
+        _paths_invariants(result)
+    elif kind == "hogql":
+        assert all(isinstance(row, list) and len(row) == 3 for row in result)
+
+
+def _kind_ids(main: dict[str, Any]) -> dict[str, int]:
+    """The first insight id of every kind."""
+    by_kind = main["insight_ids_by_kind"]
+    assert set(by_kind) == set(ALL_KINDS) and all(by_kind[k] for k in ALL_KINDS), by_kind
+    return {kind: ids[0] for kind, ids in by_kind.items()}
+
+
+def test_every_insight_kind_is_served_in_its_shape(api: Api, main: dict[str, Any]) -> None:
+    """The first 30 insights hold every kind but "empty", each saved as PostHog saves it and
+    answered with its runner's result shape, whose invariants hold in the served JSON."""
+    ids = _kind_ids(main)
+    assert all(ids[k] <= 30 for k in ALL_KINDS if k != "empty")
+    listing = api.get("insights/", params={"order": "id", "limit": 30, "refresh": "blocking"})
+    by_id = {r["id"]: r for r in listing.json()["results"]}
+    for kind, insight_id in ids.items():
+        if kind == "empty":
+            continue
+        insight = by_id[insight_id]
+        if kind in SHAPED_SOURCES:
+            source = insight["query"]["source"]
+            source_kind, viz = SHAPED_SOURCES[kind]
+            assert insight["query"]["kind"] == "InsightVizNode" and insight["filters"] == {}
+            assert source["kind"] == source_kind, (kind, source)
+            assert (source.get("funnelsFilter") or {}).get("funnelVizType") == viz
+        assert insight["result"], kind
+        _check_result(kind, insight["result"])
+    sources = {k: by_id[i]["query"]["source"] for k, i in ids.items() if k in SHAPED_SOURCES}
+    assert sources["trends_compare"]["compareFilter"] == {"compare": True}
+    assert sources["trends_formula"]["trendsFilter"]["formula"] == "A+B"
+    assert sources["trends_aggregate"]["trendsFilter"]["display"] == "BoldNumber"
+    assert sources["funnel_steps_breakdown"]["breakdownFilter"]["breakdown"] == "$browser"
+    assert sources["retention"]["retentionFilter"]["totalIntervals"] == len(
+        by_id[ids["retention"]]["result"]
+    )
+
+
+def test_every_insight_kind_is_served_blocking_and_async(api: Api, main: dict[str, Any]) -> None:
+    """Each kind's result is the same whether computed blocking or by an async job followed
+    through ``/query/:id/``, and a later cache read serves it too."""
+    api.control.configure(async_delay_s=0.1)
+    for kind, insight_id in _kind_ids(main).items():
+        job = api.get(f"insights/{insight_id}/", params={"refresh": "force_async"}).json()
+        assert job["result"] is None and job["query_status"]["complete"] is False, kind
+        status_url = f"query/{job['query_status']['id']}/"
+        done = poll_until(lambda url=status_url: api.get(url), lambda r: r.status_code == 200)
+        response = done.json()["query_status"]["results"]
+        if kind != "empty":
+            _check_result(kind, response["results"])
+        blocking = api.get(f"insights/{insight_id}/", params={"refresh": "blocking"}).json()
+        assert blocking["result"] == response["results"], kind
+        assert (blocking["columns"], blocking["hasMore"]) == (
+            response["columns"],
+            response["hasMore"],
+        )
+        cached = api.get(f"insights/{insight_id}/", params={"refresh": "async"}).json()
+        assert cached["is_cached"] and cached["result"] == blocking["result"], kind
+
+
+def _expected_csv(kind: str, result: Any) -> tuple[str, int]:
+    """The header (a prefix where date columns follow) and data row count of the CSV PostHog's
+    exporter makes of ``result``; the stand-in's long table for plain trends and HogQL."""
+    if kind in ("trends", "legacy"):
+        return "series,date,count", sum(len(s["data"]) for s in result)
+    if kind == "hogql":
+        return "event,day,count", len(result)
+    if kind == "funnel_steps":
+        return FUNNEL_CSV_HEADER, len(result)
+    if kind == "funnel_steps_breakdown":
+        return FUNNEL_CSV_HEADER, sum(len(steps) for steps in result)
+    if kind == "funnel_time_to_convert":
+        return "bin,value", len(result["bins"])
+    if kind == "retention":
+        return "cohort,cohort size,Day 0,Day 1", len(result)
+    if kind == "paths":
+        return "source,target,value,average_conversion_time", len(result)
+    if kind == "trends_aggregate":
+        return "series,total count", len(result)
+    return f"series,{result[0]['labels'][0]},", len(result)
+
+
+def test_every_insight_kind_exports_to_csv_and_xlsx(api: Api, main: dict[str, Any]) -> None:
+    """A tabular export of each kind renders PostHog's exporter layout for it (the long
+    ``series,date,count`` table for plain trends); XLSX holds the same cells."""
+    from openpyxl import load_workbook
+
+    for kind, insight_id in _kind_ids(main).items():
+        if kind in ("empty", "legacy"):
+            continue  # no query source to export from (covered by test_seeded_insight_kinds)
+        result = api.get(f"insights/{insight_id}/", params={"refresh": "blocking"}).json()
+        header, rows = _expected_csv(kind, result["result"])
+        csv_export = api.tabular_export("text/csv", insight_id)
+        content = api.get(f"exports/{csv_export['id']}/content/")
+        lines = content.text.splitlines()
+        assert lines[0].startswith(header) and len(lines) == rows + 1, (kind, lines[:3])
+        assert int(content.headers["Content-Length"]) == len(content.content)
+        xlsx = api.tabular_export(XLSX, insight_id)
+        book = load_workbook(io.BytesIO(api.get(f"exports/{xlsx['id']}/content/").content))
+        cells = list(book.active.iter_rows(values_only=True))
+        assert ",".join(str(c) for c in cells[0]) == lines[0] and len(cells) == len(lines), kind
+        if kind in ("trends_compare", "lifecycle", "stickiness"):
+            assert all(
+                line.split(",")[-1] == str(sum(s["data"]))
+                for line, s in zip(lines[1:], result["result"], strict=True)
+            ), kind
+
+
 def test_insights_list_order(api: Api, main: dict[str, Any]) -> None:
     """Without ``order`` every insight ties (the ``order`` column is NULL), and each
     LIMIT/OFFSET query returns ties in its own order: pages overlap and skip rows while

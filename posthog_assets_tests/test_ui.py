@@ -20,6 +20,7 @@ import yaml
 from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from posthog_assets.config import REFRESH_MODES
+from posthog_assets.snapshots.results import TIDY_TABLES
 from posthog_assets.standin.server import StandinControl
 from posthog_assets.translator import EXPORTS_GROUP, GROUPS_GROUP, INSIGHTS_GROUP
 
@@ -189,6 +190,13 @@ def test_launchpad_runs_the_insights_snapshot_with_another_refresh_mode(
     wait_enabled_materialize(page)
     page.locator("button").filter(has=page.locator("[aria-label=arrow_drop_down]")).first.click()
     page.get_by_text("Open launchpad").first.click()
+    # The tidy tables come from the same step: Dagster says they will be materialized too.
+    notice = page.get_by_role("dialog").filter(has_text="Additional assets will be materialized")
+    expect(notice).to_be_visible()
+    for table in TIDY_TABLES:
+        expect(notice.get_by_text(table)).to_have_count(1)
+    shot(page, "07a-launchpad-additional-assets")
+    notice.get_by_role("button").filter(has_not_text="Cancel").last.click()
     dialog = page.get_by_role("dialog")
     line = dialog.locator(".CodeMirror-line").filter(has_text=f"refresh: {default_mode}")
     expect(line).to_have_count(1)

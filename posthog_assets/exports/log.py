@@ -15,7 +15,11 @@ from posthog_assets.common import materialization_values
 from posthog_assets.config import ProjectConfig
 from posthog_assets.pools import DUCKDB_POOL
 from posthog_assets.tables import SCHEMA, ensure_table, quote, table_ref
-from posthog_assets.translator import DagsterPostHogTranslator, PostHogSnapshotProps
+from posthog_assets.translator import (
+    DagsterPostHogTranslator,
+    PostHogSnapshotProps,
+    column_schema,
+)
 
 EXPORTS_TABLE = "exports"
 #: DuckDB columns of ``posthog.exports`` (one row per export, upserted on project + export id).
@@ -78,7 +82,11 @@ def build_posthog_exports_log_asset(
         description=spec.description,
         tags=spec.tags,
         owners=spec.owners,
-        metadata={**spec.metadata, "dagster/table_name": f"{SCHEMA}.{EXPORTS_TABLE}"},
+        metadata={
+            **spec.metadata,
+            "dagster/table_name": f"{SCHEMA}.{EXPORTS_TABLE}",
+            "dagster/column_schema": column_schema(EXPORTS_COLUMNS),
+        },
     )
     def _exports_log(
         context: dg.AssetExecutionContext, duckdb: DuckDBResource
@@ -104,6 +112,9 @@ def build_posthog_exports_log_asset(
                 "rows_upserted": dg.MetadataValue.int(written),
                 "dagster/row_count": dg.MetadataValue.int(int(total[0]) if total else 0),
                 "table": dg.MetadataValue.text(f"{SCHEMA}.{EXPORTS_TABLE}"),
+                "dagster/column_schema": dg.MetadataValue.table_schema(
+                    column_schema(EXPORTS_COLUMNS)
+                ),
             }
         )
 

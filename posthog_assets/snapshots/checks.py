@@ -6,9 +6,10 @@ would wait for, or block, the single writer), in the ``duckdb`` pool.
 - groups: rows per group type in DuckDB equal what the API returned (recorded in the last
   materialization's metadata); no duplicate ``(group_type_index, group_key)`` rows.
 - tracked groups: every configured group was found; a failure names the missing keys.
+- tidy tables (insight_series, funnel_steps, ...): no key twice in the newest snapshot.
 """
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -19,6 +20,7 @@ import duckdb
 from posthog_assets.common import DUCKDB_RESOURCE_KEY
 from posthog_assets.config import BLOCKING_REFRESH_MODES, ProjectConfig
 from posthog_assets.pools import DUCKDB_POOL
+from posthog_assets.snapshots.tidy import TIDY_KEYS
 from posthog_assets.tables import open_read_only, quote, table_exists, table_ref
 
 #: How many offending ids/keys a failed check lists in its description.
@@ -223,6 +225,66 @@ def build_insights_checks(
     )
 
     return [insights_not_empty, insights_results_present, insights_no_duplicates]
+
+
+def build_tidy_checks(
+    project: ProjectConfig,
+    *,
+    insights_key: dg.AssetKey,
+    table_keys: Mapping[str, dg.AssetKey],
+) -> list[dg.AssetChecksDefinition]:
+    """Per tidy table: no key appears twice in the newest snapshot (a re-run replaced, did not
+    append)."""
+    rkey = project.resource_key
+    return [
+        _tidy_no_duplicates(insights_key, table, asset_key, rkey)
+        for table, asset_key in table_keys.items()
+    ]
+
+
+def _tidy_no_duplicates(
+    insights_key: dg.AssetKey, table: str, asset_key: dg.AssetKey, rkey: str
+) -> dg.AssetChecksDefinition:
+    key_columns = TIDY_KEYS[table]
+    cols = ", ".join(quote(c) for c in key_columns)
+
+    @_duckdb_check(
+        asset_key,
+        f"{table}_no_duplicates",
+        f"No ({', '.join(key_columns)}) appears twice in the newest snapshot of posthog.{table}.",
+        {DUCKDB_RESOURCE_KEY, rkey},
+        blocking=True,
+    )
+    def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        project_id = _project_id(context, rkey)
+        snapshot = _newest_snapshot(context, insights_key, project_id)
+        dupes = _select(
+            context,
+            table,
+            f"SELECT {cols}, count(*) FROM {{table}} WHERE project_id = ? AND snapshot_date = ? "
+            f"GROUP BY ALL HAVING count(*) > 1 ORDER BY ALL LIMIT ?",
+            [project_id, snapshot, MAX_LISTED],
+        )
+        if dupes is None:
+            return _missing_table(table)
+        counted = _select(
+            context,
+            table,
+            "SELECT count(*) FROM {table} WHERE project_id = ? AND snapshot_date = ?",
+            [project_id, snapshot],
+        )
+        listed = ", ".join(f"{tuple(row[:-1])} x{row[-1]}" for row in dupes)
+        return dg.AssetCheckResult(
+            passed=not dupes,
+            metadata={
+                "rows": int(counted[0][0]) if counted else 0,
+                "duplicate_keys_listed": len(dupes),
+                "snapshot_date": str(snapshot),
+            },
+            description=f"Duplicate ({', '.join(key_columns)}): {listed}" if dupes else None,
+        )
+
+    return _check
 
 
 def _latest_metadata(context: dg.AssetCheckExecutionContext, key: dg.AssetKey) -> dict[str, Any]:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import Iterator, Mapping
+from contextlib import ExitStack
 from typing import Any
 
 import dagster as dg
@@ -21,14 +23,16 @@ from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshots.source import SnapshotSource, StageRequest
 from posthog_assets.snapshots.staging import (
     STAGED_MARKER,
+    StagedPart,
     StagedRows,
     StagedSnapshot,
     remove_staging,
     remove_stale_staging,
     staging_dir,
 )
-from posthog_assets.snapshots.writer import replace_snapshot, writer_connection
+from posthog_assets.snapshots.writer import SnapshotTable, replace_snapshot, writer_connection
 from posthog_assets.tables import SCHEMA
+from posthog_assets.translator import column_schema
 
 #: Step retries for transient PostHog trouble that outlived the client's own request retries.
 FETCH_RETRY_POLICY = dg.RetryPolicy(
@@ -43,12 +47,42 @@ def fatal_failure(exc: PostHogError) -> dg.Failure:
     return dg.Failure(description=str(exc), allow_retries=False, metadata=metadata)
 
 
+def with_table_metadata(spec: dg.AssetSpec, table: SnapshotTable) -> dg.AssetSpec:
+    """The spec with its DuckDB table's name and column schema, known before any run."""
+    return spec.merge_attributes(
+        metadata={
+            "dagster/column_schema": column_schema(table.columns),
+            "dagster/table_name": f"{SCHEMA}.{table.name}",
+        }
+    )
+
+
 def build_snapshot_asset(
-    *, source: SnapshotSource, spec: dg.AssetSpec, resource_key: str
+    *,
+    source: SnapshotSource,
+    spec: dg.AssetSpec,
+    resource_key: str,
+    companion_specs: Mapping[str, dg.AssetSpec] | None = None,
 ) -> dg.AssetsDefinition:
-    """The graph-backed asset of ``source``: fetch (stages rows to disk), then write."""
+    """The graph-backed asset of ``source``: fetch (stages rows to disk), then write.
+
+    With companion tables, the one graph materializes them all (one asset each, given by
+    ``companion_specs`` keyed by table name): they come from the same fetch and are written in
+    the same transaction, so they cannot be materialized apart.
+    """
     base = "__".join(spec.key.path)
     table = source.table
+    companions = {c.name: c for c in source.companions}
+    companion_specs = dict(companion_specs or {})
+    if set(companion_specs) != set(companions):
+        raise ValueError(
+            f"{base}: specs for {sorted(companions)} needed, got {sorted(companion_specs)}"
+        )
+    specs = {spec.key.path[-1]: with_table_metadata(spec, table)}
+    out_tables = {spec.key.path[-1]: table}
+    for name, companion_spec in companion_specs.items():
+        specs[companion_spec.key.path[-1]] = with_table_metadata(companion_spec, companions[name])
+        out_tables[companion_spec.key.path[-1]] = companions[name]
 
     def fetch(context: dg.OpExecutionContext, config: Any) -> StagedSnapshot:
         duck = getattr(context.resources, DUCKDB_RESOURCE_KEY)
@@ -62,12 +96,16 @@ def build_snapshot_asset(
             client = resource.get_client(log=context.log)
             before = client.request_count
             snapshot_at = utc_now_iso()
-            with StagedRows(folder / table.name, table.staged_columns) as staging:
-                stats = dict(
-                    source.stage(
-                        StageRequest(client, staging, resource, config, context.log, snapshot_at)
-                    )
+            with ExitStack() as stack:
+                staging = stack.enter_context(StagedRows(folder / table.name, table.staged_columns))
+                companion_staging = {
+                    name: stack.enter_context(StagedRows(folder / name, c.staged_columns))
+                    for name, c in companions.items()
+                }
+                request = StageRequest(
+                    client, staging, resource, config, context.log, snapshot_at, companion_staging
                 )
+                stats = dict(source.stage(request))
         except PostHogError as exc:
             shutil.rmtree(folder, ignore_errors=True)
             if exc.retryable:
@@ -82,6 +120,10 @@ def build_snapshot_asset(
         return StagedSnapshot(
             files=list(staging.files),
             rows=staging.rows,
+            companions={
+                name: StagedPart(files=list(rows.files), rows=rows.rows)
+                for name, rows in companion_staging.items()
+            },
             scope={"project_id": resource.stored_project_id, **source.scope(snapshot_at)},
             snapshot_at=snapshot_at,
             stats={
@@ -114,41 +156,61 @@ def build_snapshot_asset(
         tags={"posthog/step": "fetch"},
     )(fetch_fn)
 
-    def write(context: dg.OpExecutionContext, staged: StagedSnapshot) -> None:
+    def write(context: dg.OpExecutionContext, staged: StagedSnapshot) -> Iterator[dg.Output[None]]:
         started = time.monotonic()
         duck = getattr(context.resources, DUCKDB_RESOURCE_KEY)
         with writer_connection(duck) as conn:
-            inserted = replace_snapshot(conn, table, staged, views=source.views)
+            inserted = replace_snapshot(
+                conn, table, staged, views=source.views, companions=source.companions
+            )
             described = dict(source.describe(conn, staged))
-        remove_staging(staged.files)
+        remove_staging(staged.all_files)
         write_seconds = round(time.monotonic() - started, 3)
         figures = {**staged.scope, **staged.stats, **described}
-        context.add_output_metadata(
-            {
-                "dagster/row_count": dg.MetadataValue.int(inserted),
-                "dagster/table_name": dg.MetadataValue.text(f"{SCHEMA}.{table.name}"),
-                "snapshot_at": dg.MetadataValue.text(staged.snapshot_at),
-                **{k: _metadata_value(v) for k, v in figures.items()},
-                "write_seconds": dg.MetadataValue.float(write_seconds),
-                "seconds": dg.MetadataValue.float(
-                    round(float(staged.stats.get("fetch_seconds", 0.0)) + write_seconds, 3)
+        if companions:
+            figures["rows_by_table"] = dict(inserted)
+        for out_name, out_table in out_tables.items():
+            common = {
+                "dagster/row_count": dg.MetadataValue.int(inserted[out_table.name]),
+                "dagster/table_name": dg.MetadataValue.text(f"{SCHEMA}.{out_table.name}"),
+                "dagster/column_schema": dg.MetadataValue.table_schema(
+                    column_schema(out_table.columns)
                 ),
+                "snapshot_at": dg.MetadataValue.text(staged.snapshot_at),
+                **{k: _metadata_value(v) for k, v in staged.scope.items()},
             }
-        )
+            if out_table is not table:
+                yield dg.Output(None, out_name, metadata=common)
+                continue
+            yield dg.Output(
+                None,
+                out_name,
+                metadata={
+                    **common,
+                    **{k: _metadata_value(v) for k, v in figures.items()},
+                    "write_seconds": dg.MetadataValue.float(write_seconds),
+                    "seconds": dg.MetadataValue.float(
+                        round(float(staged.stats.get("fetch_seconds", 0.0)) + write_seconds, 3)
+                    ),
+                },
+            )
         context.log.info(
-            "Wrote %d rows to %s.%s (scope %s) in %.2fs",
-            inserted, SCHEMA, table.name, staged.scope, write_seconds,
+            "Wrote %s rows to %s (scope %s) in %.2fs",
+            inserted, SCHEMA, staged.scope, write_seconds,
         )  # fmt: skip
 
     write.__annotations__ = {
-        "context": dg.OpExecutionContext, "staged": StagedSnapshot, "return": None,
-    }  # fmt: skip
+        "context": dg.OpExecutionContext,
+        "staged": StagedSnapshot,
+        "return": Iterator[dg.Output[None]],
+    }
+    written = [f"{SCHEMA}.{t.name}" for t in out_tables.values()]
     write_op = dg.op(
         name=f"{base}__write",
-        description=f"Replace {SCHEMA}.{table.name}'s snapshot rows in one DuckDB transaction.",
+        description=f"Replace the snapshot rows of {', '.join(written)} in one DuckDB transaction.",
         pool=DUCKDB_POOL,
         required_resource_keys={DUCKDB_RESOURCE_KEY},
-        out=dg.Out(dg.Nothing),
+        out={name: dg.Out(dg.Nothing) for name in out_tables},
         tags={"posthog/step": "write"},
     )(write)
 
@@ -164,12 +226,14 @@ def build_snapshot_asset(
 
     @dg.graph_multi_asset(
         name=base,
-        outs={spec.key.path[-1]: dg.AssetOut.from_spec(spec, dagster_type=dg.Nothing)},
+        outs={name: dg.AssetOut.from_spec(s, dagster_type=dg.Nothing) for name, s in specs.items()},
         config=config_mapping,
         group_name=spec.group_name,  # graph_multi_asset drops the out spec's group otherwise
+        can_subset=False,
     )
     def _graph():  # type: ignore[no-untyped-def]
-        return write_op(fetch_op())
+        outputs = write_op(fetch_op())
+        return dict(zip(out_tables, outputs, strict=True)) if len(out_tables) > 1 else outputs
 
     return _graph
 

@@ -59,6 +59,7 @@ from posthog_assets.config import (
 from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshots.source import SnapshotSource, StageRequest
 from posthog_assets.snapshots.staging import StagedRows, StagedSnapshot
+from posthog_assets.snapshots.tidy import TIDY_SNAPSHOT_TABLES, TidyStager
 from posthog_assets.snapshots.writer import SnapshotTable
 from posthog_assets.tables import quote, table_ref
 
@@ -351,9 +352,11 @@ class InsightSnapshotFetcher:
         log: logging.Logger | Any = None,
         sleep: Callable[[float], None] = time.sleep,
         clock: Callable[[], float] = time.monotonic,
+        tidy: TidyStager | None = None,
     ) -> None:
         self.client = client
         self.staging = staging
+        self.tidy = tidy
         self.options = options
         self.log = log or logging.getLogger(__name__)
         self._sleep = sleep
@@ -418,14 +421,17 @@ class InsightSnapshotFetcher:
         return self.stats
 
     def _stage(self, insights: Iterable[Mapping[str, Any]], error: str | None = None) -> None:
-        rows = []
+        rows, fresh = [], []
         with self._lock:
             for insight in insights:
                 iid = int(insight["id"])
                 if iid not in self._stored:
                     self._stored.add(iid)
                     rows.append(insight_row(insight, self.options.recorded_refresh, error))
+                    fresh.append(insight)
         written = self.staging.write(rows)
+        if self.tidy is not None and error is None:
+            self.tidy.add(fresh)
         with self._lock:
             self.stats.staged += written
 
@@ -673,11 +679,14 @@ def resolve_fetch_options(
 
 
 class InsightsSource(SnapshotSource):
-    """``posthog.insights``: one snapshot a day per project, every insight with its result."""
+    """``posthog.insights``: one snapshot a day per project, every insight with its result; and
+    beside it the tidy tables its results flatten into (see :mod:`posthog_assets.snapshots.tidy`).
+    """
 
     name = "insights"
     table = INSIGHTS_TABLE
     views = (latest_view_sql,)
+    companions = tuple(TIDY_SNAPSHOT_TABLES.values())
 
     def __init__(self, project: ProjectConfig) -> None:
         self.project = project
@@ -692,13 +701,23 @@ class InsightsSource(SnapshotSource):
             "Snapshotting insights of project %s with refresh=%s (snapshot of %s)",
             request.resource.project_id, options.refresh, request.snapshot_at[:10],
         )  # fmt: skip
-        fetcher = InsightSnapshotFetcher(request.client, request.staging, options, log=request.log)
+        tidy = TidyStager(request.companions) if request.companions else None
+        fetcher = InsightSnapshotFetcher(
+            request.client, request.staging, options, log=request.log, tidy=tidy
+        )
         stats = fetcher.run()
+        if tidy is not None and tidy.unflattened:
+            request.log.warning(
+                "%d insight result(s) of kinds not flattened into tidy tables, kept as JSON in "
+                "posthog.insights.result: %s",
+                sum(tidy.unflattened.values()), tidy.reasons,
+            )  # fmt: skip
         return {
             "refresh": options.refresh,
             "effective_refresh": options.effective_refresh,
             "page_size": options.effective_page_size,
             **stats.as_metadata(),
+            **(tidy.figures() if tidy is not None else {}),
         }
 
     def describe(self, conn: duckdb.DuckDBPyConnection, staged: StagedSnapshot) -> dict[str, Any]:

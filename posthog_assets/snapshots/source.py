@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import dagster as dg
@@ -33,6 +33,8 @@ class StageRequest:
     config: Any
     log: logging.Logger | Any
     snapshot_at: str
+    #: Staging of the source's companion tables, by table name.
+    companions: Mapping[str, StagedRows] = field(default_factory=dict)
 
 
 class SnapshotSource:
@@ -43,12 +45,15 @@ class SnapshotSource:
         table: The DuckDB table, its columns and what one snapshot replaces (its scope).
         config_cls: Per-run settings shown in the launchpad, or None.
         views: Views (re)created in the write's transaction.
+        companions: Tables derived from the same fetch, written in the same transaction, each
+            its own asset of the same step (e.g. the tidy tables of the insights snapshot).
     """
 
     name: str
     table: SnapshotTable
     config_cls: type[dg.Config] | None = None
     views: Sequence[ViewSql] = ()
+    companions: Sequence[SnapshotTable] = ()
 
     def scope(self, snapshot_at: str) -> dict[str, Any]:
         """Scope columns besides ``project_id`` that one snapshot replaces (e.g. its date)."""

@@ -102,6 +102,14 @@ class StagedRows:
 
 
 @dataclass
+class StagedPart:
+    """The staged rows of one companion table."""
+
+    files: list[str]
+    rows: int
+
+
+@dataclass
 class StagedSnapshot:
     """What a fetch step hands to its write step: small, picklable, no row data."""
 
@@ -110,6 +118,12 @@ class StagedSnapshot:
     scope: dict[str, Any]
     snapshot_at: str
     stats: dict[str, Any] = field(default_factory=dict)
+    #: Companion tables' staged rows, by table name (written in the same transaction).
+    companions: dict[str, StagedPart] = field(default_factory=dict)
+
+    @property
+    def all_files(self) -> list[str]:
+        return [*self.files, *(f for part in self.companions.values() for f in part.files)]
 
 
 def staging_root(database: str | Path) -> Path:

@@ -1,6 +1,7 @@
 """Snapshot tables and their one-transaction write.
 
-The write step replaces a snapshot's rows in DuckDB in ONE short transaction::
+The write step replaces a snapshot's rows in DuckDB in ONE short transaction, for its table and
+any companion tables derived from the same fetch::
 
     DELETE FROM posthog.<table> WHERE project_id = ? [AND snapshot_date = ?];
     INSERT INTO posthog.<table> (<explicit columns>) SELECT <explicit columns> FROM read_json(...);
@@ -93,21 +94,51 @@ def replace_snapshot(
     staged: StagedSnapshot,
     *,
     views: Sequence[Callable[[duckdb.DuckDBPyConnection], str]] = (),
-) -> int:
-    """Replace the rows of ``staged.scope`` with the staged rows, atomically; return rows inserted.
+    companions: Sequence[SnapshotTable] = (),
+) -> dict[str, int]:
+    """Replace the rows of ``staged.scope`` in ``schema`` and every companion table with the
+    staged rows, atomically; return the rows inserted per table.
 
-    Runs ``ensure_table`` (adds missing columns, keeps rows), then one transaction with the
-    ``DELETE`` of the scope, the ``INSERT ... SELECT`` with explicit columns, and any view DDL.
-    Either everything commits or nothing changes.
+    Runs ``ensure_table`` for each (adds missing columns, keeps rows), then ONE transaction with,
+    per table, the ``DELETE`` of the scope and the ``INSERT ... SELECT`` with explicit columns,
+    then any view DDL. Either everything commits or nothing changes: a companion table never
+    holds rows of another snapshot than its main table.
     """
-    missing = [f for f in staged.files if not Path(f).exists()]
+    parts: list[tuple[SnapshotTable, list[str], int]] = [(schema, staged.files, staged.rows)]
+    for table in companions:
+        part = staged.companions.get(table.name)
+        parts.append((table, part.files if part else [], part.rows if part else 0))
+    missing = [f for _, files, _ in parts for f in files if not Path(f).exists()]
     if missing:  # never replace a snapshot with a partial one
         raise FileNotFoundError(
             f"{len(missing)} staging file(s) of {SCHEMA}.{schema.name} are gone (e.g. "
             f"{Path(missing[0]).name}); the table was not changed: re-run the fetch step"
         )
-    ensure_table(conn, schema.name, schema.columns, renamed=schema.renamed)
-    files = [f for f in staged.files if Path(f).stat().st_size > 0]
+    for table, _, _ in parts:
+        ensure_table(conn, table.name, table.columns, renamed=table.renamed)
+    inserted: dict[str, int] = {}
+    conn.execute("BEGIN TRANSACTION")
+    try:
+        for table, files, rows in parts:
+            inserted[table.name] = _replace_rows(conn, table, staged, files, rows)
+        for view_sql in views:
+            conn.execute(view_sql(conn))
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return inserted
+
+
+def _replace_rows(
+    conn: duckdb.DuckDBPyConnection,
+    schema: SnapshotTable,
+    staged: StagedSnapshot,
+    files: Sequence[str],
+    expected: int,
+) -> int:
+    """Inside the caller's transaction: delete the scope's rows, insert the staged ones."""
+    files = [f for f in files if Path(f).stat().st_size > 0]
     where = " AND ".join(f"{quote(c)} = ?" for c in schema.scope)
     scope_values = [staged.scope[c] for c in schema.scope]
     names = list(schema.columns)
@@ -121,26 +152,18 @@ def replace_snapshot(
             select_parts.append(quote(c))
     col_list = ", ".join(quote(c) for c in names)
     target = schema.ref(conn)
-    conn.execute("BEGIN TRANSACTION")
-    try:
-        conn.execute(f"DELETE FROM {target} WHERE {where}", scope_values)
-        inserted = 0
-        if files:
-            rows = conn.execute(
-                f"INSERT INTO {target} ({col_list}) "
-                f"SELECT {', '.join(select_parts)} FROM {_read_json_sql(schema)}",
-                params,
-            ).fetchall()
-            inserted = int(rows[0][0]) if rows else 0
-        if inserted != staged.rows:
-            raise RuntimeError(
-                f"{SCHEMA}.{schema.name}: staged {staged.rows} rows but read back {inserted}; "
-                "rolled back, the table was not changed"
-            )
-        for view_sql in views:
-            conn.execute(view_sql(conn))
-        conn.execute("COMMIT")
-    except BaseException:
-        conn.execute("ROLLBACK")
-        raise
+    conn.execute(f"DELETE FROM {target} WHERE {where}", scope_values)
+    inserted = 0
+    if files:
+        rows = conn.execute(
+            f"INSERT INTO {target} ({col_list}) "
+            f"SELECT {', '.join(select_parts)} FROM {_read_json_sql(schema)}",
+            params,
+        ).fetchall()
+        inserted = int(rows[0][0]) if rows else 0
+    if inserted != expected:
+        raise RuntimeError(
+            f"{SCHEMA}.{schema.name}: staged {expected} rows but read back {inserted}; "
+            "rolled back, the table was not changed"
+        )
     return inserted

@@ -161,7 +161,8 @@ def control_routes(state: State) -> list[Route]:
         """The seeded sizes and id ranges, so tests can work with any start-up arguments.
 
         ``insight_kinds`` gives the rule on the 0-based index ``i`` (id = first id + i) that
-        makes an insight trends, legacy-filters, HogQL or empty, and ``insight_ids_by_kind``
+        decides an insight's kind (trends, legacy-filters, HogQL, empty, a trends variant, a
+        funnel view, retention, lifecycle, stickiness or paths), and ``insight_ids_by_kind``
         the first few ids of each.
         """
         projects = [

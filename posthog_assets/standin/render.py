@@ -12,11 +12,12 @@ import re
 import struct
 import unicodedata
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
+from .exporter import RowsTable
 from .hashing import mix
 from .seed import Insight, Seed
 from .trends import CSV_COLUMNS, TrendTable
@@ -100,7 +101,7 @@ def filename_for(
 class CsvPlan:
     """The rows a CSV/XLSX export renders: a table cut to ``rows`` rows under ``header``."""
 
-    table: TrendTable
+    table: TrendTable | RowsTable
     rows: int
     header: tuple[str, ...] = CSV_COLUMNS
 
@@ -134,8 +135,7 @@ def source_insight(seed: Seed, insight_id: int | None, export_context: Any) -> I
 
 def _insight_plan(insight: Insight, csv_rows: int | None) -> CsvPlan:
     rows = insight.row_count if csv_rows is None else csv_rows
-    labels = insight.table().labels or ("$pageview",)  # forced rows of an empty insight
-    return CsvPlan(insight.table(labels), rows, insight.table_header)
+    return CsvPlan(insight.export_table(), rows, insight.table_header)
 
 
 def _clean(label: str) -> str:
@@ -223,7 +223,7 @@ def _png_chunk(tag: bytes, data: bytes) -> bytes:
     return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
 
 
-def png_image(values: list[int], key: int, width: int = 320, height: int = 200) -> bytes:
+def png_image(values: Sequence[float], key: int, width: int = 320, height: int = 200) -> bytes:
     """A real RGB PNG: a coloured title band and one bar per value (a tiny chart)."""
     background = bytes((248, 248, 250))
     band = bytes(((key >> 16) & 0x7F | 0x40, (key >> 8) & 0x7F | 0x40, key & 0x7F | 0x80))

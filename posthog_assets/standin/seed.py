@@ -12,7 +12,10 @@ from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
+from . import shapes
+from .exporter import RowsTable, exporter_rows
 from .hashing import mix
+from .shapes import SHAPED_KINDS, Frame, day_label
 from .trends import CSV_COLUMNS, DATE_ORIGIN, TrendTable
 
 #: Anchor of every seeded timestamp, so data does not drift with the wall clock.
@@ -63,12 +66,29 @@ _DASHBOARD_NAMES = ("Growth", "Product health", "Revenue", "Onboarding", "Retent
 #: ``i % 40 == 39`` "empty" (no query, empty legacy filters: nothing a tabular export can use),
 #: ``i % 10 == 9`` "hogql" (a DataTableNode over a HogQLQuery; the result is rows and columns),
 #: ``i % 10 == 7`` "legacy" (only legacy ``filters``, no query; the result is trends-shaped),
-#: else "trends" (an InsightVizNode over a TrendsQuery).
-INSIGHT_KINDS = ("trends", "legacy", "hogql", "empty")
+#: the kind :data:`_SHAPED_SLOTS` gives ``i % 40`` (each other PostHog insight kind once per 40
+#: indexes, at 14-28 so all of them are among the first 30 insights; see ``shapes``),
+#: else "trends" (an InsightVizNode over a TrendsQuery with a ``$current_url`` breakdown).
+#: Indexes 0-9 are therefore trends, legacy (7) and hogql (9) only.
+_SHAPED_SLOTS: dict[int, str] = {
+    14: "trends_compare",
+    15: "trends_formula",
+    16: "trends_aggregate",
+    18: "funnel_steps",
+    20: "funnel_steps_breakdown",
+    21: "funnel_trends",
+    23: "funnel_time_to_convert",
+    24: "retention",
+    25: "lifecycle",
+    26: "stickiness",
+    28: "paths",
+}
+INSIGHT_KINDS = ("trends", "legacy", "hogql", "empty", *SHAPED_KINDS)
 INSIGHT_KIND_RULES = {
     "empty": "i % 40 == 39",
     "hogql": "i % 10 == 9",
     "legacy": "i % 10 == 7",
+    **{kind: f"i % 40 == {slot}" for slot, kind in _SHAPED_SLOTS.items()},
     "trends": "otherwise",
 }
 #: ``types`` of a HogQL result: ``[name, ClickHouse type]`` per column.
@@ -85,11 +105,6 @@ def iso_z(moment: datetime) -> str:
     """ISO-8601 in UTC with ``Z``, the way DRF renders PostHog datetimes."""
     text = moment.astimezone(UTC).isoformat()
     return text.replace("+00:00", "Z")
-
-
-def _day_label(day: date) -> str:
-    """PostHog's axis label for a day, e.g. ``1-Jan-2026``."""
-    return f"{day.day}-{day.strftime('%b-%Y')}"
 
 
 @dataclass(frozen=True)
@@ -131,7 +146,8 @@ class Project:
 
 @dataclass(frozen=True)
 class Insight:
-    """One seeded trends insight, computed from its project and index."""
+    """One seeded insight, computed from its project and index; its kind decides the saved query
+    and the result's shape (see :data:`INSIGHT_KIND_RULES`)."""
 
     project: Project
     index: int
@@ -177,16 +193,27 @@ class Insight:
             return "hogql"
         if i % 10 == 7:
             return "legacy"
+        if i % 40 in _SHAPED_SLOTS:
+            return _SHAPED_SLOTS[i % 40]
         return "trends"
 
     @property
+    def shaped(self) -> bool:
+        """Whether the result comes from ``shapes`` (every kind but trends/legacy/hogql/empty)."""
+        return self.kind in SHAPED_KINDS
+
+    @property
     def events(self) -> tuple[str, ...]:
-        """Series events; every 23rd insight (and every "empty" one) has none, so its CSV is the
-        "No data" table."""
-        if self.index % 23 == 22 or self.kind == "empty":
-            return ()
+        """Series events; every 23rd trends-like insight (and every "empty" one) has none, so its
+        CSV is the "No data" table. Other kinds have three (two for the ``A+B`` formula)."""
         first = self._h % len(_EVENTS)
-        return tuple(_EVENTS[(first + k) % len(_EVENTS)] for k in range(1 + self.index % 3))
+        if self.shaped:
+            count = 2 if self.kind == "trends_formula" else 3
+        elif self.index % 23 == 22 or self.kind == "empty":
+            return ()
+        else:
+            count = 1 + self.index % 3
+        return tuple(_EVENTS[(first + k) % len(_EVENTS)] for k in range(count))
 
     @property
     def breakdown_values(self) -> tuple[str, ...]:
@@ -219,7 +246,8 @@ class Insight:
 
     @property
     def description(self) -> str:
-        return f"Seeded trends insight {self.index} of project {self.project.id}."
+        what = self.kind.replace("_", " ") if self.shaped else "trends"
+        return f"Seeded {what} insight {self.index} of project {self.project.id}."
 
     @property
     def dashboard_ids(self) -> list[int]:
@@ -250,6 +278,16 @@ class Insight:
         """PostHog's ``filters_hash``; also the id of async query jobs for this insight."""
         return f"cache_{mix(self.project.seed, self.id, 99):016x}{mix(self.id, 98):016x}"
 
+    @property
+    def end_date(self) -> date:
+        """The last point of the insight's date range."""
+        return EPOCH.date() - timedelta(days=self.index % 10)
+
+    @property
+    def frame(self) -> Frame:
+        """What a ``shapes`` result is computed from."""
+        return Frame(self._h, self.events, self.interval, self.end_date, self.points)
+
     def table(self, labels: tuple[str, ...] | None = None) -> TrendTable:
         """This insight's rows; ``labels`` overrides the series (used for forced CSV row counts).
 
@@ -257,8 +295,7 @@ class Insight:
         rows are ``(event, day, count)``, so its labels are the bare events.
         """
         step = 7 if self.interval == "week" else 1
-        end = EPOCH.date() - timedelta(days=self.index % 10)
-        start = end - timedelta(days=step * (self.points - 1))
+        start = self.end_date - timedelta(days=step * (self.points - 1))
         if labels is None:
             labels = self.events if self.kind == "hogql" else self.labels
         return TrendTable(
@@ -268,35 +305,54 @@ class Insight:
             key=self._h,
         )
 
+    def export_table(self) -> TrendTable | RowsTable:
+        """The rows of a tabular export: PostHog's exporter layout of the result for the
+        ``shapes`` kinds; the long ``series,date,count`` table otherwise (extendable to any row
+        count, with a ``$pageview`` series standing in when the insight has none)."""
+        if self.shaped:
+            return RowsTable.from_rows(exporter_rows(self.result()))
+        return self.table(self.table().labels or ("$pageview",))
+
     @property
     def table_header(self) -> tuple[str, ...]:
         """Column names of a tabular export of this insight."""
+        if self.shaped:
+            return self.export_table().header
         return self.columns if self.kind == "hogql" else CSV_COLUMNS
 
     @property
     def row_count(self) -> int:
+        if self.shaped:
+            return len(self.export_table().rows)
         return len(self.events) * self.points
 
-    def values(self) -> list[int]:
+    def values(self) -> list[float]:
         """The first series' counts (what a chart of the insight shows most prominently)."""
+        if self.shaped:
+            return shapes.chart_values(self.kind, self.frame)
         if not self.events:
             return []
         table = self.table()
         return [table.value(0, d) for d in range(self.points)]
 
-    def total(self) -> int:
-        """Sum of every count in the result."""
+    def total(self) -> float:
+        """Sum of every count in the result (of the charted numbers, for ``shapes`` kinds)."""
+        if self.shaped:
+            return sum(self.values())
         table = self.table()
         return sum(table.value(s, d) for s in range(len(self.events)) for d in range(self.points))
 
-    def result(self) -> list[Any]:
+    def result(self) -> list[Any] | dict[str, Any]:
         """The computed result: trends series dicts (like a TrendsQuery response) for "trends" and
-        "legacy" insights, row lists for "hogql" ones, an empty list for "empty" ones."""
+        "legacy" insights, row lists for "hogql" ones, an empty list for "empty" ones, and the
+        runner's shape for the others (a dict for funnel time to convert)."""
+        if self.shaped:
+            return shapes.result(self.kind, self.frame)
         if self.kind == "hogql":
             return [list(row) for row in self.table().iter_rows(self.row_count)]
         table = self.table()
         days = [table.date(d) for d in range(self.points)]
-        labels = [_day_label(date.fromisoformat(d)) for d in days]
+        labels = [day_label(date.fromisoformat(d)) for d in days]
         series = []
         for s, (event, value) in enumerate(zip(self.events, self.breakdown_values, strict=True)):
             data = [table.value(s, d) for d in range(self.points)]
@@ -357,6 +413,8 @@ class Insight:
                 "kind": "DataTableNode",
                 "source": {"kind": "HogQLQuery", "query": self.hogql_text()},
             }
+        if self.shaped:
+            return {"kind": "InsightVizNode", "source": shapes.query_source(kind, self.frame)}
         return {
             "kind": "InsightVizNode",
             "source": {

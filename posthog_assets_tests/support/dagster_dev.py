@@ -38,6 +38,8 @@ ARTIFACTS = ROOT / "test-artifacts"
 #: What the webserver calls a code location loaded from a python module.
 REPOSITORY_NAME = "__repository__"
 LOCATION_NAME = "posthog_assets"
+#: The metadata key holding the DuckDB table an asset writes.
+TABLE_KEY = "dagster-posthog/table"
 UI_STARTUP_TIMEOUT_S = 240.0
 RUN_TIMEOUT_S = 180.0
 TERMINAL_STATUSES = {"SUCCESS", "FAILURE", "CANCELED"}
@@ -98,13 +100,18 @@ def export_asset_key(fmt_suffix: str = "png") -> dg.AssetKey:
 
 
 def insights_asset_key() -> dg.AssetKey:
-    """The insight snapshot asset: the one whose config has PostHog's ``refresh`` mode."""
+    """The insight snapshot asset: the one whose config has PostHog's ``refresh`` mode and that
+    writes ``posthog.insights`` (its step also writes the tidy tables, each its own asset)."""
     found = []
     defs = load_defs()
     for key in defs.resolve_all_asset_keys():
         schema = defs.resolve_assets_def(key).node_def.config_schema
         fields = getattr(schema.config_type, "fields", None) if schema else None
-        if fields and "refresh" in fields:
+        if (
+            fields
+            and "refresh" in fields
+            and _spec(key).metadata.get(TABLE_KEY) == "posthog.insights"
+        ):
             found.append(key)
     assert len(found) == 1, f"expected one asset with a 'refresh' config field, found {found}"
     return found[0]

@@ -46,6 +46,7 @@ from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets.tables import open_read_only, table_columns, table_exists
 from posthog_assets_tests.support.resources import make_resource
 from posthog_assets_tests.support.session import standin_env
+from posthog_assets_tests.support.snapshots import asset_name
 
 #: Two exports (PNG, CSV), a filtered blocking insights snapshot (4 pages), every group asset.
 WORLD_YAML = """
@@ -136,7 +137,7 @@ class World:
                 out += build_posthog_export_checks(project=self.project, export_assets=assets[:-1])
         names = [f for f in families if f != EXPORTS]
         for asset in self.snapshot.assets or []:
-            if asset.key.path[-1] in names:  # type: ignore[union-attr]
+            if asset_name(asset) in names:
                 out.append(asset)
         for check in self.snapshot.asset_checks or [] if checks else []:
             if any(k.asset_key.path[-1] in names for k in check.check_keys):

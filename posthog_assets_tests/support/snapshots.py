@@ -13,6 +13,7 @@ from dagster_duckdb import DuckDBResource
 from posthog_assets.config import Settings, load_settings
 from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
+from posthog_assets.snapshots.results import TIDY_TABLES
 
 INSIGHTS_NODE = "posthog__insights"
 
@@ -28,9 +29,14 @@ def snapshot_defs(settings: Settings) -> dg.Definitions:
     return build_posthog_snapshot_definitions(settings.projects)
 
 
+def asset_name(asset: Any) -> str:
+    """A snapshot asset's source name (``insights`` also writes the tidy tables: several keys)."""
+    return str(asset.node_def.name).rsplit("__", 1)[-1]
+
+
 def defs_assets(defs: dg.Definitions, *names: str) -> list[Any]:
-    """The snapshot assets whose key ends with one of ``names`` (all when none are given)."""
-    found = [a for a in defs.assets or [] if not names or a.key.path[-1] in names]
+    """The snapshot assets whose source is one of ``names`` (all when none are given)."""
+    found = [a for a in defs.assets or [] if not names or asset_name(a) in names]
     assert found, f"no snapshot assets named {names}"
     return found
 
@@ -64,7 +70,7 @@ def materialize_insights(
 ) -> dg.ExecuteInProcessResult:
     assets = defs_assets(defs, "insights")
     return dg.materialize(
-        [*assets, *defs_checks(defs, ["insights"])],
+        [*assets, *defs_checks(defs, ["insights", *TIDY_TABLES])],
         resources=dict(resources),
         run_config=insights_run_config(**cfg),
         raise_on_error=raise_on_error,
@@ -81,9 +87,7 @@ def materialize_groups(
     instance: dg.DagsterInstance | None = None,
     run_config: Mapping[str, Any] | None = None,
 ) -> dg.ExecuteInProcessResult:
-    group_names = names or [
-        a.key.path[-1] for a in defs.assets or [] if a.key.path[-1] != "insights"
-    ]
+    group_names = names or [asset_name(a) for a in defs.assets or [] if asset_name(a) != "insights"]
     assets = defs_assets(defs, *group_names)
     return dg.materialize(
         [*assets, *defs_checks(defs, group_names)],
