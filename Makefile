@@ -48,13 +48,15 @@ test-quick: install
 ui: install
 	$(VENV)/bin/python -m posthog_assets.local.ui
 
-# Debian's chromium (browser test; Playwright's driver also needs libatomic1) and postgresql
-# (deploy/ Postgres test), installed only when missing. Without root or sudo they are left out, and those tests skip saying why.
+# Debian's chromium (browser test; Playwright's driver also needs libatomic1), postgresql
+# (deploy/ Postgres test) and redis-server (Celery broker, shared rate-limit gate), installed only
+# when missing. Without root or sudo they are left out, and those tests skip saying why.
 system-deps:
 	@missing=""; \
 	command -v chromium >/dev/null 2>&1 || missing="$$missing chromium"; \
 	dpkg -s postgresql >/dev/null 2>&1 || missing="$$missing postgresql"; \
 	dpkg -s libatomic1 >/dev/null 2>&1 || missing="$$missing libatomic1"; \
+	command -v redis-server >/dev/null 2>&1 || missing="$$missing redis-server"; \
 	if [ -z "$$missing" ]; then exit 0; fi; \
 	if ! command -v apt-get >/dev/null 2>&1; then \
 	  echo "system-deps: no apt-get here; install$$missing yourself, or those tests skip"; exit 0; fi; \
@@ -65,12 +67,14 @@ system-deps:
 	$$sudo apt-get update -q && \
 	$$sudo env DEBIAN_FRONTEND=noninteractive apt-get install -y -q$$missing
 
-# Benchmarks (figures, not pass/fail): exports, snapshots (incl. plain script and dlt), chaos.
-bench: install
+# Benchmarks (figures, not pass/fail): exports, snapshots (incl. plain script and dlt), tidy
+# tables, Celery (1 worker vs 2; PostgreSQL and Redis from system-deps), chaos.
+bench: install system-deps
 	VIRTUAL_ENV=$(VENV) $(UV) pip install -q -r bench/requirements.txt -e .
 	$(VENV)/bin/python bench/exports.py
 	$(VENV)/bin/python bench/snapshots.py
 	$(VENV)/bin/python bench/tidy.py
+	$(VENV)/bin/python bench/celery.py
 	$(VENV)/bin/python bench/chaos.py
 
 lint: install

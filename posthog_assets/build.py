@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
 import dagster as dg
 
@@ -15,6 +14,7 @@ from posthog_assets.config import (
     ProjectConfig,
     Settings,
 )
+from posthog_assets.executor import DEFAULT_EXECUTOR
 from posthog_assets.exports.definitions import build_posthog_export_definitions
 from posthog_assets.resources import build_resources
 from posthog_assets.schedules import build_posthog_schedules
@@ -22,27 +22,7 @@ from posthog_assets.snapshots.definitions import build_posthog_snapshot_definiti
 from posthog_assets.translator import DagsterPostHogTranslator
 
 ALL_ASSETS_JOB = "posthog_all"
-
-#: Steps a fresh interpreter would spend seconds importing; forked from a server that did once.
-PRELOAD_MODULES = ["posthog_assets.definitions"]
-
-
-def _forkserver_by_default(config: dict[str, Any]) -> dict[str, Any]:
-    """Dagster's default executor (each step in its own process, or ``in_process``), with steps
-    forked from a server that imported Dagster and these definitions once, unless the run
-    config chooses another start method."""
-    multiprocess = config.get("multiprocess")
-    if isinstance(multiprocess, dict) and not multiprocess.get("start_method"):
-        start = {"forkserver": {"preload_modules": PRELOAD_MODULES}}
-        return {"multiprocess": {**multiprocess, "start_method": start}}
-    return config
-
-
-DEFAULT_EXECUTOR = dg.multi_or_in_process_executor.configured(
-    _forkserver_by_default,
-    name="multi_or_in_process_executor",
-    config_schema=dg.multi_or_in_process_executor.config_schema.as_field(),
-)
+__all__ = ["ALL_ASSETS_JOB", "DEFAULT_EXECUTOR", "MAIN_JOB", "build_posthog_assets_definitions"]
 
 #: The main job: every PostHog asset of the code location.
 MAIN_JOB = dg.define_asset_job(

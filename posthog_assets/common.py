@@ -39,6 +39,8 @@ def dedup_root_from_tags(tags: Mapping[str, str], run_id: str) -> str:
 
     A step retry (same run), a re-execution (same ``dagster/root_run_id``) and a retry-sensor run
     (``posthog/export_dedup_root``) keep it, so they resume; a new scheduled run does not.
+    Callers pass the run's ``root_run_id`` (else its id) as ``run_id``: a re-execution made with
+    ``dg.execute_job(..., reexecution_options=...)`` records its root there and sets no tag.
     """
     return tags.get(TAG_DEDUP_ROOT) or tags.get(TAG_ROOT_RUN_ID) or run_id
 

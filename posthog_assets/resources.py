@@ -29,11 +29,15 @@ from posthog_assets.api.polling import (
 )
 from posthog_assets.api.ratelimit import (
     DEFAULT,
+    ENV_RATE_LIMIT_URL,
     INSIGHTS,
     POSTHOG_CLOUD_LIMITS,
+    GateState,
+    RedisState,
     default_state_dir,
     parse_rate,
     shared_state_path,
+    validate_redis_url,
 )
 from posthog_assets.common import DUCKDB_RESOURCE_KEY
 from posthog_assets.config import (
@@ -51,6 +55,8 @@ from posthog_assets.config import (
 SECRET_FIELD = {"dagster__is_secret": True}
 #: What the UI shows (and the launchpad sends back) in place of a secret field's value.
 UI_SECRET_MASK = "********"
+#: How errors name the shared gate's Redis setting (the field, and the env var behind it).
+RATE_LIMIT_URL_SETTING = f"rate_limit_url or ${ENV_RATE_LIMIT_URL}"
 
 
 class PostHogResource(dg.ConfigurableResource):
@@ -112,8 +118,19 @@ class PostHogResource(dg.ConfigurableResource):
         default=True,
         description="Share the request log and Retry-After pauses with every process on this "
         "machine that uses the same key and host (the steps of a multiprocess run, concurrent "
-        "runs), through a hashed state file in $POSTHOG_ASSETS_RATE_LIMIT_DIR or the temp dir. "
-        "Off: each step process paces on its own.",
+        "runs), through a hashed state file in $POSTHOG_ASSETS_RATE_LIMIT_DIR or the temp dir, "
+        "or across hosts through Redis (rate_limit_url). Off: each step process paces on its own.",
+    )
+    rate_limit_url: str | None = Field(
+        default=None,
+        description="Redis that shares the request log and Retry-After pauses across hosts, "
+        "e.g. redis://host:6379/0 (also rediss://, unix://): every worker using the same key "
+        "and host, on any machine, spends one budget. Unset: $POSTHOG_ASSETS_RATE_LIMIT_URL, "
+        "read when the client is built (each worker's env decides); neither: the per-machine "
+        "state file. Used only with shared_rate_limit. Secret (it may hold a password): set it "
+        "with dg.EnvVar or the env var, not as a literal.",
+        json_schema_extra=SECRET_FIELD,
+        repr=False,
     )
     poll_interval_s: float = Field(
         default=DEFAULT_POLL_INTERVAL_S, description="First wait between export/query polls."
@@ -186,6 +203,27 @@ class PostHogResource(dg.ConfigurableResource):
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         self.rate_limits()
+        url = self.resolved_rate_limit_url()
+        if url is not None:
+            validate_redis_url(url, RATE_LIMIT_URL_SETTING)
+
+    def resolved_rate_limit_url(self) -> str | None:
+        """The field, else ``$POSTHOG_ASSETS_RATE_LIMIT_URL`` (read now: each worker's env
+        decides); the UI's mask stands for "unchanged", i.e. the env var."""
+        url = (self.rate_limit_url or "").strip()
+        if not url or url == UI_SECRET_MASK:
+            url = os.environ.get(ENV_RATE_LIMIT_URL, "").strip()
+        return url or None
+
+    def rate_limit_state(self, host: str, key: str) -> Path | GateState | None:
+        """Where the gate lives: Redis when a URL is set, else the machine's file; None when
+        sharing is off (each client paces on its own)."""
+        if not self.shared_rate_limit:
+            return None
+        url = self.resolved_rate_limit_url()
+        if url is None:
+            return shared_state_path(host, key)
+        return RedisState(url, host, key, setting=RATE_LIMIT_URL_SETTING)
 
     def rate_limits(self) -> dict[str, tuple[Any, ...]] | None:
         """The throttles to stay under, parsed; None when pacing is off."""
@@ -242,7 +280,7 @@ class PostHogResource(dg.ConfigurableResource):
                 total_budget_s=min(self.retry_budget_s, budget),
             ),
             rate_limits=self.rate_limits(),
-            rate_limit_state=shared_state_path(host, key) if self.shared_rate_limit else None,
+            rate_limit_state=self.rate_limit_state(host, key),
             deprecation_marker=marker,
             log=log,
         )

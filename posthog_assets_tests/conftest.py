@@ -23,8 +23,13 @@ from posthog_assets_tests.support.resources import make_resource
 from posthog_assets_tests.support.session import TEST_RETRY, standin_env, start_session_standin
 from posthog_assets_tests.support.snapshots import resources_for, snapshot_defs, snapshot_settings
 
-#: The shared ``dg dev`` of the UI and daemon tests (its fixtures start it only when asked for).
-pytest_plugins = ("posthog_assets_tests.support.dagster_dev",)
+#: The shared ``dg dev`` of the UI and daemon tests, a Redis and a PostgreSQL (each started only
+#: when a test asks for it).
+pytest_plugins = (
+    "posthog_assets_tests.support.dagster_dev",
+    "posthog_assets_tests.support.redis",
+    "posthog_assets_tests.support.postgres",
+)
 
 TIERS = ("unit", "integration", "system")
 

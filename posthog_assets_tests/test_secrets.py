@@ -219,7 +219,8 @@ def test_ui_shows_the_key_field_as_secret(
     details = result.data["topLevelResourceDetailsOrError"]
     assert details["__typename"] == "ResourceDetails", details
     secret_fields = [f["name"] for f in details["configFields"] if f["isSecret"]]
-    assert secret_fields == ["personal_api_key"]
+    # The Redis URL of the shared rate-limit gate may hold a password: secret too.
+    assert secret_fields == ["personal_api_key", "rate_limit_url"]
     shown = {v["key"]: v for v in details["configuredValues"]}["personal_api_key"]
     assert {"type": shown["type"], "value": shown["value"]} == expected
     everything = json.dumps(result.data)

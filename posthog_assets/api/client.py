@@ -47,6 +47,7 @@ from posthog_assets.api.errors import (
 from posthog_assets.api.ratelimit import (
     POSTHOG_CLOUD_LIMITS,
     FileState,
+    GateState,
     GateWaitTooLong,
     Limits,
     MemoryState,
@@ -98,6 +99,15 @@ def _origin(url: str) -> tuple[str, str, int | None]:
     parts = urlsplit(url)
     port = parts.port or {"http": 80, "https": 443}.get(parts.scheme)
     return parts.scheme, (parts.hostname or "").lower(), port
+
+
+def _gate_state(given: str | os.PathLike[str] | GateState | None) -> GateState:
+    """A path means a state file (the single-host form); a state object is used as given."""
+    if given is None:
+        return MemoryState()
+    if isinstance(given, str | os.PathLike):
+        return FileState(given)
+    return given
 
 
 class _OriginBearerAuth(requests.auth.AuthBase):
@@ -167,8 +177,11 @@ class PostHogClient:
             followed there (see :mod:`posthog_assets.exports.runner`). Default: ``read_timeout_s``.
         rate_limits: PostHog's throttles to stay under, per class (default PostHog Cloud's);
             None paces only on 429s.
-        rate_limit_state: A file shared with other processes using the same key and host
-            (:func:`posthog_assets.ratelimit.shared_state_path`); None keeps pacing per client.
+        rate_limit_state: Where the gate's log and pauses live: a file shared with other
+            processes on this machine using the same key and host
+            (:func:`posthog_assets.ratelimit.shared_state_path`), or a state object such as
+            :class:`posthog_assets.ratelimit.RedisState` shared across hosts; None keeps pacing
+            per client.
         deprecation_marker: A file whose creation claims the one deprecation warning of a run,
             so the steps of one run (separate processes) warn once between them.
     """
@@ -185,7 +198,7 @@ class PostHogClient:
         post_timeout_s: float | None = None,
         retry: RetrySettings | None = None,
         rate_limits: Limits | None = POSTHOG_CLOUD_LIMITS,
-        rate_limit_state: str | os.PathLike[str] | None = None,
+        rate_limit_state: str | os.PathLike[str] | GateState | None = None,
         deprecation_marker: str | os.PathLike[str] | None = None,
         log: logging.Logger | None = None,
         sleep: Callable[[float], None] | None = None,
@@ -197,8 +210,7 @@ class PostHogClient:
         self.post_timeout = (connect_timeout_s, post_timeout_s or read_timeout_s)
         self.retry = retry or RetrySettings()
         self.log = log or logger
-        state = FileState(rate_limit_state) if rate_limit_state is not None else MemoryState()
-        self.gate = RequestGate(state, rate_limits)
+        self.gate = RequestGate(_gate_state(rate_limit_state), rate_limits)
         self._sleep = sleep or tenacity.nap.sleep
         self._deprecation_marker = Path(deprecation_marker) if deprecation_marker else None
         self._warned_sunset = False

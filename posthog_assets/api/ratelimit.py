@@ -17,6 +17,11 @@ multiprocess executor, each with its own client, all spending the same key's bud
 :class:`FileState` keeps the log and the pauses in a small file per (host, key), guarded by
 ``fcntl.flock``, so every process on the machine paces together. The file name is a hash: the key
 never touches disk.
+
+Why the state can live in Redis: Celery workers on several hosts share no disk, so a file per
+machine would give each host its own budget and let each hammer PostHog after a 429. A gate on a
+:class:`RedisState` keeps the same JSON under a distributed lock, keyed by the same hash, so every
+worker on every host spends one budget.
 """
 
 from __future__ import annotations
@@ -26,6 +31,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import math
 import os
 import re
@@ -36,9 +42,12 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
+from urllib.parse import parse_qs, unquote, urlsplit
 
 #: Where shared gate files live (default: a per-user folder in the system temp dir).
 ENV_RATE_LIMIT_DIR = "POSTHOG_ASSETS_RATE_LIMIT_DIR"
+#: A Redis shared by every host (``redis://host:6379/0``); unset, the gate is a file per machine.
+ENV_RATE_LIMIT_URL = "POSTHOG_ASSETS_RATE_LIMIT_URL"
 #: Throttle classes: PostHog's ClickHouse throttles (insights, query status) and the default ones.
 INSIGHTS = "insights"
 DEFAULT = "default"
@@ -49,6 +58,22 @@ DEFAULT_MARGIN_S = 1.0
 #: A pause further ahead than this is treated as corrupt (a clock jump, a broken file). PostHog's
 #: longest window is an hour, so a real ``Retry-After`` stays below it.
 MAX_BLOCK_S = 2 * 3600.0
+
+#: The URL schemes redis-py connects with (TCP, TLS, a local socket).
+REDIS_SCHEMES = ("redis", "rediss", "unix")
+#: Redis keys of gates: this prefix and the (host, key) digest; the lock is the same plus ``:lock``.
+REDIS_KEY_PREFIX = "posthog-assets:ratelimit:gate-"
+#: An untouched Redis gate vanishes after this: it outlives the longest pause it can hold.
+REDIS_STATE_TTL_S = int(MAX_BLOCK_S) + 600
+#: The Redis lock's lease: far above the GET and SET it guards, short enough that a crashed
+#: holder delays the others only briefly.
+REDIS_LOCK_LEASE_S = 10.0
+#: How long to wait for the lock before failing (a lease lapses first, unless Redis is stuck).
+REDIS_LOCK_WAIT_S = 30.0
+#: Connect and read timeout of one Redis command.
+REDIS_TIMEOUT_S = 5.0
+
+logger = logging.getLogger(__name__)
 
 _PERIODS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 _RATE_RE = re.compile(r"^\s*(\d+)\s*/\s*([smhd])[a-z]*\s*$")
@@ -158,10 +183,174 @@ def default_state_dir() -> Path:
     return Path(tempfile.gettempdir()) / f"posthog-assets-ratelimit-{os.getuid()}"
 
 
+def state_digest(host: str, key: str) -> str:
+    """One (host, key) as 32 hex digits: names its file or Redis key without revealing either."""
+    return hashlib.sha256(f"{host.rstrip('/').lower()}\n{key}".encode()).hexdigest()[:32]
+
+
 def shared_state_path(host: str, key: str, directory: str | os.PathLike[str] | None = None) -> Path:
     """The gate file of one (host, key): a hash of both, so the file name reveals nothing."""
-    digest = hashlib.sha256(f"{host.rstrip('/').lower()}\n{key}".encode()).hexdigest()[:32]
-    return Path(directory or default_state_dir()) / f"gate-{digest}.json"
+    return Path(directory or default_state_dir()) / f"gate-{state_digest(host, key)}.json"
+
+
+class SharedStateUnavailable(RuntimeError):
+    """The shared gate's store cannot be used; the message names the setting, never a password."""
+
+
+def redact_url(url: str) -> str:
+    """What a log or an error may show of a store URL: no user, password or query."""
+    try:
+        parts = urlsplit(url)
+        host = parts.hostname or ""
+        port = f":{parts.port}" if parts.port else ""
+    except ValueError:
+        return "<unparsable URL>"
+    host = f"[{host}]" if ":" in host else host
+    auth = "***@" if "@" in parts.netloc else ""
+    query = "?***" if parts.query else ""
+    return f"{parts.scheme}://{auth}{host}{port}{parts.path}{query}"
+
+
+def validate_redis_url(url: str, setting: str = ENV_RATE_LIMIT_URL) -> None:
+    """Refuse a URL redis-py cannot use, naming ``setting``; the value is never echoed."""
+    scheme = url.split("://", 1)[0].lower() if "://" in url else ""
+    if scheme not in REDIS_SCHEMES:
+        raise ValueError(
+            f"{setting} must start with redis://, rediss:// or unix:// "
+            "(e.g. redis://host:6379/0); the value is not shown, it may hold a password"
+        )
+
+
+def _url_secrets(url: str) -> tuple[str, ...]:
+    """The password of ``url`` as written and decoded (userinfo or ``?password=``), to scrub."""
+    parts = urlsplit(url)
+    found = [parts.password or "", *parse_qs(parts.query).get("password", [])]
+    return tuple({s for p in found for s in (p, unquote(p)) if s})
+
+
+def _decode_state(raw: bytes | str | None) -> dict[str, Any]:
+    """Stored JSON as a dict; anything else (torn, foreign) starts afresh rather than fail a run."""
+    try:
+        state = json.loads(raw) if raw else {}
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return state if isinstance(state, dict) else {}
+
+
+class RedisState:
+    """State in Redis, shared by every process on every host using the key: one budget per key.
+
+    The lock is redis-py's :class:`~redis.lock.Lock` (``SET NX`` with a lease, released only by
+    its owner's token), not a WATCH/MULTI transaction: an optimistic transaction must re-run its
+    body when another writer got in first, and the body here is the caller's ``with`` block,
+    which runs once. Under the lock there is one GET and at most one SET (the gate never sleeps
+    inside it), so the lease lapses only if the holder freezes; then one update of the advisory
+    log may be lost, and nobody waits on a dead holder for more than the lease.
+
+    The key is the same digest as :func:`shared_state_path` (it names neither host nor key) and
+    expires :data:`REDIS_STATE_TTL_S` after the last write, so abandoned gates vanish.
+    ``redis`` is imported here, so the HTTP layer loads without it.
+
+    Args:
+        url: ``redis://``, ``rediss://`` or ``unix://``; may hold a password, so it is kept
+            only inside the connection pool and shown redacted.
+        host: PostHog's base URL, and ``key`` the personal API key: what the budget belongs to.
+        setting: How the caller configured ``url``, named in every error.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        host: str,
+        key: str,
+        *,
+        setting: str = ENV_RATE_LIMIT_URL,
+        ttl_s: int = REDIS_STATE_TTL_S,
+        lock_lease_s: float = REDIS_LOCK_LEASE_S,
+        lock_wait_s: float = REDIS_LOCK_WAIT_S,
+    ) -> None:
+        validate_redis_url(url, setting)
+        try:
+            import redis
+            from redis.backoff import ExponentialBackoff
+            from redis.retry import Retry
+        except ImportError:
+            raise SharedStateUnavailable(
+                f"{setting} needs the redis package: pip install 'posthog-assets[celery]'"
+            ) from None
+        self.name = f"{REDIS_KEY_PREFIX}{state_digest(host, key)}"
+        self.where = redact_url(url)
+        self.setting = setting
+        self.ttl_s = ttl_s
+        self._lease_s = lock_lease_s
+        self._wait_s = lock_wait_s
+        self._secrets = _url_secrets(url)
+        self._errors: tuple[type[Exception], ...] = (redis.exceptions.RedisError, OSError)
+        self._not_owned = redis.exceptions.LockNotOwnedError
+        self._redis = redis.Redis.from_url(
+            url,
+            socket_connect_timeout=REDIS_TIMEOUT_S,
+            socket_timeout=REDIS_TIMEOUT_S,
+            retry=Retry(ExponentialBackoff(cap=1.0, base=0.1), retries=2),
+        )
+        self._thread_lock = threading.Lock()  # threads queue here, not by polling Redis
+
+    def __repr__(self) -> str:
+        return f"RedisState({self.where!r}, name={self.name!r})"
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[dict[str, Any]]:
+        with self._thread_lock:
+            lock = self._redis.lock(
+                f"{self.name}:lock",
+                timeout=self._lease_s,
+                sleep=0.005,
+                blocking_timeout=self._wait_s,
+                thread_local=False,
+            )
+            if not self._call("take the lock", lock.acquire):
+                raise SharedStateUnavailable(
+                    f"the shared rate-limit gate in Redis at {self.where} (set by {self.setting}) "
+                    f"stayed locked for {self._wait_s:g}s"
+                )
+            try:
+                state = _decode_state(self._call("read", self._redis.get, self.name))
+                before = json.dumps(state, sort_keys=True)
+                yield state
+                data = json.dumps(state, sort_keys=True)
+                if data != before:
+                    self._call("write", self._redis.set, self.name, data, ex=self.ttl_s)
+            finally:
+                self._release(lock)
+
+    def _release(self, lock: Any) -> None:
+        """Give the lock back; never raise over the caller's own error (the lease ends it)."""
+        try:
+            lock.release()
+        except self._not_owned:
+            logger.warning(
+                "the rate-limit lock in Redis lapsed while held (a pause over %gs): "
+                "one update of the shared request log may be lost",
+                self._lease_s,
+            )
+        except self._errors as exc:
+            logger.warning("could not release the rate-limit lock in Redis: %s", self._safe(exc))
+
+    def _call(self, what: str, fn: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        """Run one Redis command; a failure names the setting and the redacted URL."""
+        try:
+            return fn(*args, **kwargs)
+        except self._errors as exc:
+            raise SharedStateUnavailable(
+                f"the shared rate-limit gate cannot {what} in Redis at {self.where} (set by "
+                f"{self.setting}): {self._safe(exc)}"
+            ) from None
+
+    def _safe(self, exc: BaseException) -> str:
+        text = f"{type(exc).__name__}: {exc}"
+        for secret in self._secrets:
+            text = text.replace(secret, "***")
+        return text
 
 
 class RequestGate:

@@ -203,7 +203,7 @@ def build_posthog_export_assets(
 
 
 def _dedup_root(context: dg.AssetExecutionContext) -> str:
-    return dedup_root_from_tags(context.run.tags, context.run.run_id)
+    return dedup_root_from_tags(context.run.tags, context.run.root_run_id or context.run.run_id)
 
 
 def _export_one(

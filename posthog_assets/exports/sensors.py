@@ -584,6 +584,6 @@ def _plan_retry(
     tags = {
         TAG_RETRY_ATTEMPT: str(attempt),
         TAG_RETRY_OF: run_id,
-        TAG_DEDUP_ROOT: dedup_root_from_tags(run.tags, run_id),
+        TAG_DEDUP_ROOT: dedup_root_from_tags(run.tags, run.root_run_id or run_id),
     }
     return attempt, assets, tags, retry_at or None
