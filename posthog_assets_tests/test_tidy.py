@@ -5,18 +5,26 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import dagster as dg
 import pytest
 
+from posthog_assets.api.client import PostHogClient
 from posthog_assets.snapshots.results import TIDY_TABLES
+from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets_tests.support.resources import make_resource
+from posthog_assets_tests.support.session import TEST_RETRY, standin_env
 from posthog_assets_tests.support.snapshots import (
     check_results,
     materialization_metadata,
     materialize_insights,
     query,
+    resources_for,
+    snapshot_defs,
+    snapshot_settings,
 )
 
 pytestmark = pytest.mark.integration
@@ -40,17 +48,46 @@ KIND_IDS = {
 }
 
 
-@pytest.fixture
-def snapshot(
-    defs: dg.Definitions, resources: dict[str, Any], db: Path, control: Any
-) -> dg.ExecuteInProcessResult:
+@dataclass(frozen=True)
+class TidyRun:
+    """One snapshot of the seed, the DuckDB file it wrote and PostHog's answer for each kind."""
+
+    result: dg.ExecuteInProcessResult
+    db: Path
+    served: dict[str, dict[str, Any]]
+
+
+@pytest.fixture(scope="module")
+def tidy_run(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory) -> TidyRun:
+    """Snapshotted once for the module's read-only tests (a snapshot costs seconds); what
+    PostHog serves for each kind is read from the cache the snapshot just filled, before any
+    other test resets the stand-in."""
+    root = tmp_path_factory.mktemp("tidy")
+    control = StandinControl(standin.url)
+    control.reset()
     control.configure(async_delay_s=0.1)
-    return materialize_insights(defs, resources)
+    env = {**standin_env(standin, root), "POSTHOG_PERSONAL_API_KEY": standin.key}
+    with pytest.MonkeyPatch.context() as mp:
+        for name, value in env.items():
+            mp.setenv(name, value)
+        db = Path(env["POSTHOG_ASSETS_DUCKDB"])
+        defs = snapshot_defs(snapshot_settings(env, root))
+        resources = resources_for(make_resource(standin, root / "exports"), db)
+        result = materialize_insights(defs, resources)
+    client = PostHogClient(standin.url, standin.project_id, standin.key, retry=TEST_RETRY)
+    try:
+        served = {
+            kind: client.get_json(f"insights/{insight_id}/", {"refresh": "force_cache"})
+            for kind, insight_id in KIND_IDS.items()
+        }
+    finally:
+        client.close()
+    return TidyRun(result, db, served)
 
 
-def _served(client: Any, insight_id: int) -> dict[str, Any]:
-    """The insight as PostHog serves it from the cache the snapshot just filled."""
-    return client.get_json(f"insights/{insight_id}/", {"refresh": "force_cache"})
+def _served(run: TidyRun, kind: str) -> Any:
+    """The insight's result as PostHog served it right after the snapshot."""
+    return run.served[kind]["result"]
 
 
 def _today() -> str:
@@ -66,9 +103,9 @@ def _tidy(db: Path, table: str, insight_id: int, columns: str) -> list[tuple[Any
 
 
 def test_every_kind_lands_in_its_table_and_nothing_is_left_unflattened(
-    snapshot: dg.ExecuteInProcessResult, db: Path
+    tidy_run: TidyRun,
 ) -> None:
-    meta = materialization_metadata(snapshot, "insights")
+    meta = materialization_metadata(tidy_run.result, "insights")
     assert meta["unflattened_insights"] == 0, meta.get("unflattened_reasons")
     by_kind = meta["flattened_by_kind"]
     assert {
@@ -80,8 +117,10 @@ def test_every_kind_lands_in_its_table_and_nothing_is_left_unflattened(
     } <= set(by_kind)
     assert {"lifecycle", "stickiness", "paths", "rows"} <= set(by_kind)
     for table in TIDY_TABLES:
-        tidy = materialization_metadata(snapshot, table)
-        counted = query(db, f"SELECT count(*) FROM {table} WHERE snapshot_date = ?", [_today()])
+        tidy = materialization_metadata(tidy_run.result, table)
+        counted = query(
+            tidy_run.db, f"SELECT count(*) FROM {table} WHERE snapshot_date = ?", [_today()]
+        )
         assert tidy["dagster/row_count"] == meta["rows_by_table"][table] == counted[0][0] > 0
         schema = tidy["dagster/column_schema"]
         assert [c.name for c in schema.columns][:4] == [
@@ -91,17 +130,17 @@ def test_every_kind_lands_in_its_table_and_nothing_is_left_unflattened(
             "insight_id",
         ]
         assert tidy["snapshot_at"] == meta["snapshot_at"]
-    checks = check_results(snapshot)
+    checks = check_results(tidy_run.result)
     assert {f"{t}_no_duplicates" for t in TIDY_TABLES} <= set(checks)
     assert all(c.passed for c in checks.values())
 
 
 @pytest.mark.parametrize("kind", ["trends", "legacy", "trends_compare", "trends_formula"])
-def test_trend_series_sum_to_the_count_with_one_row_per_day(
-    snapshot: dg.ExecuteInProcessResult, db: Path, client: Any, kind: str
-) -> None:
-    served = _served(client, KIND_IDS[kind])["result"]
-    rows = _tidy(db, "insight_series", KIND_IDS[kind], "series_index, point_index, day, x, value")
+def test_trend_series_sum_to_the_count_with_one_row_per_day(tidy_run: TidyRun, kind: str) -> None:
+    served = _served(tidy_run, kind)
+    rows = _tidy(
+        tidy_run.db, "insight_series", KIND_IDS[kind], "series_index, point_index, day, x, value"
+    )
     assert {r[0] for r in rows} == set(range(len(served)))
     for index, series in enumerate(served):
         points = [r for r in rows if r[0] == index]
@@ -111,7 +150,7 @@ def test_trend_series_sum_to_the_count_with_one_row_per_day(
         assert [r[3] for r in points] == series["labels"]
     if kind == "trends_compare":
         labels = query(
-            db,
+            tidy_run.db,
             "SELECT DISTINCT compare_label FROM insight_series WHERE insight_id = ?",
             [KIND_IDS[kind]],
         )
@@ -119,37 +158,39 @@ def test_trend_series_sum_to_the_count_with_one_row_per_day(
 
 
 def test_total_value_series_keep_their_one_number(
-    snapshot: dg.ExecuteInProcessResult, db: Path, client: Any
+    tidy_run: TidyRun,
 ) -> None:
-    served = _served(client, KIND_IDS["trends_aggregate"])["result"]
-    rows = _tidy(db, "insight_series", KIND_IDS["trends_aggregate"], "series_index, day, value")
+    served = _served(tidy_run, "trends_aggregate")
+    rows = _tidy(
+        tidy_run.db, "insight_series", KIND_IDS["trends_aggregate"], "series_index, day, value"
+    )
     assert rows == [(i, None, float(s["aggregated_value"])) for i, s in enumerate(served)]
 
 
 def test_lifecycle_and_stickiness_points(
-    snapshot: dg.ExecuteInProcessResult, db: Path, client: Any
+    tidy_run: TidyRun,
 ) -> None:
-    lifecycle = _served(client, KIND_IDS["lifecycle"])["result"]
-    rows = _tidy(db, "insight_series", KIND_IDS["lifecycle"], "status, value")
+    lifecycle = _served(tidy_run, "lifecycle")
+    rows = _tidy(tidy_run.db, "insight_series", KIND_IDS["lifecycle"], "status, value")
     for series in lifecycle:
         values = [v for s, v in rows if s == series["status"]]
         assert sum(values) == pytest.approx(series["count"])
     assert all(v <= 0 for s, v in rows if s == "dormant")
 
-    stickiness = _served(client, KIND_IDS["stickiness"])["result"]
-    rows = _tidy(db, "insight_series", KIND_IDS["stickiness"], "series_index, point_index, day, x")
+    stickiness = _served(tidy_run, "stickiness")
+    rows = _tidy(
+        tidy_run.db, "insight_series", KIND_IDS["stickiness"], "series_index, point_index, day, x"
+    )
     assert all(day is None for _, _, day, _ in rows)  # intervals, not dates
     assert [x for i, _, _, x in rows if i == 0] == stickiness[0]["labels"]
 
 
 @pytest.mark.parametrize("kind", ["funnel_steps", "funnel_steps_breakdown"])
-def test_funnel_step_counts_equal_posthogs_and_never_increase(
-    snapshot: dg.ExecuteInProcessResult, db: Path, client: Any, kind: str
-) -> None:
-    served = _served(client, KIND_IDS[kind])["result"]
+def test_funnel_step_counts_equal_posthogs_and_never_increase(tidy_run: TidyRun, kind: str) -> None:
+    served = _served(tidy_run, kind)
     funnels = served if isinstance(served[0], list) else [served]
     rows = _tidy(
-        db,
+        tidy_run.db,
         "funnel_steps",
         KIND_IDS[kind],
         "breakdown_value, step_order, count, conversion_from_first, conversion_from_previous, "
@@ -167,39 +208,45 @@ def test_funnel_step_counts_equal_posthogs_and_never_increase(
 
 
 def test_funnel_trends_and_time_to_convert(
-    snapshot: dg.ExecuteInProcessResult, db: Path, client: Any
+    tidy_run: TidyRun,
 ) -> None:
-    trends = _served(client, KIND_IDS["funnel_trends"])["result"]
-    rows = _tidy(db, "insight_series", KIND_IDS["funnel_trends"], "kind, series_index, value")
+    trends = _served(tidy_run, "funnel_trends")
+    rows = _tidy(
+        tidy_run.db, "insight_series", KIND_IDS["funnel_trends"], "kind, series_index, value"
+    )
     assert {r[0] for r in rows} == {"funnel_trends"}
     assert len(rows) == sum(len(s["data"]) for s in trends)
 
-    bins = _served(client, KIND_IDS["funnel_time_to_convert"])["result"]["bins"]
-    rows = _tidy(db, "insight_series", KIND_IDS["funnel_time_to_convert"], "point_index, x, value")
+    bins = _served(tidy_run, "funnel_time_to_convert")["bins"]
+    rows = _tidy(
+        tidy_run.db, "insight_series", KIND_IDS["funnel_time_to_convert"], "point_index, x, value"
+    )
     assert [(x, v) for _, x, v in rows] == [(str(s), float(c)) for s, c in bins]
 
 
 def test_retention_keeps_every_cell_and_paths_every_edge(
-    snapshot: dg.ExecuteInProcessResult, db: Path, client: Any
+    tidy_run: TidyRun,
 ) -> None:
-    cohorts = _served(client, KIND_IDS["retention"])["result"]
-    cells = _tidy(db, "retention_cells", KIND_IDS["retention"], "cohort_index, period, count")
+    cohorts = _served(tidy_run, "retention")
+    cells = _tidy(
+        tidy_run.db, "retention_cells", KIND_IDS["retention"], "cohort_index, period, count"
+    )
     assert len(cells) == sum(len(c["values"]) for c in cohorts)
     for c_index, cohort in enumerate(cohorts):
         counts = [n for i, _, n in cells if i == c_index]
         assert counts == [v["count"] for v in cohort["values"]]
         assert max(counts) == counts[0]  # nobody returns who was not in the cohort
 
-    edges = _served(client, KIND_IDS["paths"])["result"]
-    rows = _tidy(db, "path_edges", KIND_IDS["paths"], "source, target, value")
+    edges = _served(tidy_run, "paths")
+    rows = _tidy(tidy_run.db, "path_edges", KIND_IDS["paths"], "source, target, value")
     assert sorted(rows) == sorted((e["source"], e["target"], e["value"]) for e in edges)
 
 
 def test_hogql_rows_are_objects_keyed_by_column(
-    snapshot: dg.ExecuteInProcessResult, db: Path, client: Any
+    tidy_run: TidyRun,
 ) -> None:
-    served = _served(client, KIND_IDS["hogql"])
-    rows = _tidy(db, "insight_rows", KIND_IDS["hogql"], "row_index, row")
+    served = tidy_run.served["hogql"]
+    rows = _tidy(tidy_run.db, "insight_rows", KIND_IDS["hogql"], "row_index, row")
     assert [r[0] for r in rows] == list(range(len(served["result"])))
     first = json.loads(rows[0][1])
     assert list(first) == served["columns"]
@@ -207,8 +254,11 @@ def test_hogql_rows_are_objects_keyed_by_column(
 
 
 def test_a_second_snapshot_the_same_day_replaces_the_tidy_rows(
-    snapshot: dg.ExecuteInProcessResult, defs: dg.Definitions, resources: dict[str, Any], db: Path
+    defs: dg.Definitions, resources: dict[str, Any], db: Path, control: StandinControl
 ) -> None:
+    control.configure(async_delay_s=0.1)
+    materialize_insights(defs, resources)
+
     def counts() -> dict[str, int]:
         return {t: query(db, f"SELECT count(*) FROM {t}")[0][0] for t in TIDY_TABLES}
 
