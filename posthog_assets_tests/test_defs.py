@@ -12,7 +12,8 @@ import pytest
 
 from posthog_assets.standin.server import StandinControl, StandinProcess
 
-pytestmark = pytest.mark.integration
+# On one worker: each worker that needs the shipped state refreshes it (seconds of `dg`).
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("shipped_defs_state")]
 
 
 def test_definitions_load_without_any_http_call(
