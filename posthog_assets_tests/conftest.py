@@ -6,6 +6,7 @@ The stand-in runs as a real subprocess on 127.0.0.1 (port 0), so every test talk
 from __future__ import annotations
 
 import os
+import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -46,6 +47,19 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 
 def _tier(item: pytest.Item) -> str | None:
     return next((m.name for m in item.iter_markers() if m.name in TIERS), None)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def worker_dagster_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Each test worker has its own ``DAGSTER_HOME`` (the project's ``dagster.yaml``): the
+    ``dg``/``dagster`` processes tests start keep their SQLite storage out of the developer's
+    ``.dagster_home``, and two workers never migrate one fresh SQLite file at once (alembic
+    then fails with "more than one head")."""
+    home = tmp_path_factory.mktemp("dagster_home")
+    shutil.copy(Path(__file__).resolve().parents[1] / "dagster.yaml", home / "dagster.yaml")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("DAGSTER_HOME", str(home))
+        yield home
 
 
 @pytest.fixture(autouse=True)
