@@ -39,7 +39,7 @@ test: install system-deps
 	$(PYTEST) posthog_assets_tests
 	$(VENV)/bin/python -m posthog_assets.local.check
 
-# The first two tiers only (unit, integration against the stand-in), in about 80 s: they mostly
+# The first two tiers only (unit, integration against the stand-in), in 80-110 s: they mostly
 # wait on HTTP, so a third worker overlaps those waits even on two cores.
 test-quick: install
 	$(PYTEST) -n 3 -m "not system" posthog_assets_tests
