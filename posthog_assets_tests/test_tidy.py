@@ -94,17 +94,17 @@ def _today() -> str:
     return dt.datetime.now(dt.UTC).date().isoformat()
 
 
-def _tidy(db: Path, table: str, insight_id: int, columns: str) -> list[tuple[Any, ...]]:
+def _tidy(run: TidyRun, table: str, kind: str, columns: str) -> list[tuple[Any, ...]]:
+    """``columns`` of the seed's insight of ``kind`` in ``table``, from today's snapshot."""
+    insight_id = KIND_IDS[kind]
     return query(
-        db,
+        run.db,
         f"SELECT {columns} FROM {table} WHERE insight_id = ? AND snapshot_date = ? ORDER BY ALL",
         [insight_id, _today()],
     )
 
 
-def test_every_kind_lands_in_its_table_and_nothing_is_left_unflattened(
-    tidy_run: TidyRun,
-) -> None:
+def test_every_kind_lands_in_its_table_and_nothing_is_left_unflattened(tidy_run: TidyRun) -> None:
     meta = materialization_metadata(tidy_run.result, "insights")
     assert meta["unflattened_insights"] == 0, meta.get("unflattened_reasons")
     by_kind = meta["flattened_by_kind"]
@@ -138,9 +138,7 @@ def test_every_kind_lands_in_its_table_and_nothing_is_left_unflattened(
 @pytest.mark.parametrize("kind", ["trends", "legacy", "trends_compare", "trends_formula"])
 def test_trend_series_sum_to_the_count_with_one_row_per_day(tidy_run: TidyRun, kind: str) -> None:
     served = _served(tidy_run, kind)
-    rows = _tidy(
-        tidy_run.db, "insight_series", KIND_IDS[kind], "series_index, point_index, day, x, value"
-    )
+    rows = _tidy(tidy_run, "insight_series", kind, "series_index, point_index, day, x, value")
     assert {r[0] for r in rows} == set(range(len(served)))
     for index, series in enumerate(served):
         points = [r for r in rows if r[0] == index]
@@ -157,30 +155,22 @@ def test_trend_series_sum_to_the_count_with_one_row_per_day(tidy_run: TidyRun, k
         assert {r[0] for r in labels} == {"current", "previous"}
 
 
-def test_total_value_series_keep_their_one_number(
-    tidy_run: TidyRun,
-) -> None:
+def test_total_value_series_keep_their_one_number(tidy_run: TidyRun) -> None:
     served = _served(tidy_run, "trends_aggregate")
-    rows = _tidy(
-        tidy_run.db, "insight_series", KIND_IDS["trends_aggregate"], "series_index, day, value"
-    )
+    rows = _tidy(tidy_run, "insight_series", "trends_aggregate", "series_index, day, value")
     assert rows == [(i, None, float(s["aggregated_value"])) for i, s in enumerate(served)]
 
 
-def test_lifecycle_and_stickiness_points(
-    tidy_run: TidyRun,
-) -> None:
+def test_lifecycle_and_stickiness_points(tidy_run: TidyRun) -> None:
     lifecycle = _served(tidy_run, "lifecycle")
-    rows = _tidy(tidy_run.db, "insight_series", KIND_IDS["lifecycle"], "status, value")
+    rows = _tidy(tidy_run, "insight_series", "lifecycle", "status, value")
     for series in lifecycle:
         values = [v for s, v in rows if s == series["status"]]
         assert sum(values) == pytest.approx(series["count"])
     assert all(v <= 0 for s, v in rows if s == "dormant")
 
     stickiness = _served(tidy_run, "stickiness")
-    rows = _tidy(
-        tidy_run.db, "insight_series", KIND_IDS["stickiness"], "series_index, point_index, day, x"
-    )
+    rows = _tidy(tidy_run, "insight_series", "stickiness", "series_index, point_index, day, x")
     assert all(day is None for _, _, day, _ in rows)  # intervals, not dates
     assert [x for i, _, _, x in rows if i == 0] == stickiness[0]["labels"]
 
@@ -190,9 +180,9 @@ def test_funnel_step_counts_equal_posthogs_and_never_increase(tidy_run: TidyRun,
     served = _served(tidy_run, kind)
     funnels = served if isinstance(served[0], list) else [served]
     rows = _tidy(
-        tidy_run.db,
+        tidy_run,
         "funnel_steps",
-        KIND_IDS[kind],
+        kind,
         "breakdown_value, step_order, count, conversion_from_first, conversion_from_previous, "
         "average_conversion_time_s",
     )
@@ -207,30 +197,20 @@ def test_funnel_step_counts_equal_posthogs_and_never_increase(tidy_run: TidyRun,
         assert [r[5] for r in mine] == [s["average_conversion_time"] for s in steps]
 
 
-def test_funnel_trends_and_time_to_convert(
-    tidy_run: TidyRun,
-) -> None:
+def test_funnel_trends_and_time_to_convert(tidy_run: TidyRun) -> None:
     trends = _served(tidy_run, "funnel_trends")
-    rows = _tidy(
-        tidy_run.db, "insight_series", KIND_IDS["funnel_trends"], "kind, series_index, value"
-    )
+    rows = _tidy(tidy_run, "insight_series", "funnel_trends", "kind, series_index, value")
     assert {r[0] for r in rows} == {"funnel_trends"}
     assert len(rows) == sum(len(s["data"]) for s in trends)
 
     bins = _served(tidy_run, "funnel_time_to_convert")["bins"]
-    rows = _tidy(
-        tidy_run.db, "insight_series", KIND_IDS["funnel_time_to_convert"], "point_index, x, value"
-    )
+    rows = _tidy(tidy_run, "insight_series", "funnel_time_to_convert", "point_index, x, value")
     assert [(x, v) for _, x, v in rows] == [(str(s), float(c)) for s, c in bins]
 
 
-def test_retention_keeps_every_cell_and_paths_every_edge(
-    tidy_run: TidyRun,
-) -> None:
+def test_retention_keeps_every_cell_and_paths_every_edge(tidy_run: TidyRun) -> None:
     cohorts = _served(tidy_run, "retention")
-    cells = _tidy(
-        tidy_run.db, "retention_cells", KIND_IDS["retention"], "cohort_index, period, count"
-    )
+    cells = _tidy(tidy_run, "retention_cells", "retention", "cohort_index, period, count")
     assert len(cells) == sum(len(c["values"]) for c in cohorts)
     for c_index, cohort in enumerate(cohorts):
         counts = [n for i, _, n in cells if i == c_index]
@@ -238,15 +218,13 @@ def test_retention_keeps_every_cell_and_paths_every_edge(
         assert max(counts) == counts[0]  # nobody returns who was not in the cohort
 
     edges = _served(tidy_run, "paths")
-    rows = _tidy(tidy_run.db, "path_edges", KIND_IDS["paths"], "source, target, value")
+    rows = _tidy(tidy_run, "path_edges", "paths", "source, target, value")
     assert sorted(rows) == sorted((e["source"], e["target"], e["value"]) for e in edges)
 
 
-def test_hogql_rows_are_objects_keyed_by_column(
-    tidy_run: TidyRun,
-) -> None:
+def test_hogql_rows_are_objects_keyed_by_column(tidy_run: TidyRun) -> None:
     served = tidy_run.served["hogql"]
-    rows = _tidy(tidy_run.db, "insight_rows", KIND_IDS["hogql"], "row_index, row")
+    rows = _tidy(tidy_run, "insight_rows", "hogql", "row_index, row")
     assert [r[0] for r in rows] == list(range(len(served["result"])))
     first = json.loads(rows[0][1])
     assert list(first) == served["columns"]
