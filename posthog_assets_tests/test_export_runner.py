@@ -304,7 +304,21 @@ def test_a_table_of_a_trends_insight_sends_its_query_source(client, control, tmp
     assert out.bytes > 0 and out.path.suffix == f".{'csv' if fmt == CSV else 'xlsx'}"
 
 
-def test_a_table_of_a_legacy_insight_sends_the_path_of_its_own_route(client, control, tmp_path):
+def test_a_table_of_a_legacy_insight_sends_the_query_posthog_derives_from_its_filters(
+    client, control, tmp_path
+):
+    out = _runner(client, tmp_path).run(_request(CSV, insight=LEGACY_INSIGHT))
+
+    derived = client.get_insight(LEGACY_INSIGHT, basic=True)["query"]  # query_from_filters
+    context = _posted_context(control)
+    assert context["source"] == derived["source"] and "path" not in context
+    assert out.path.read_text().splitlines()[0].startswith("series")
+
+
+def test_on_an_older_posthog_a_table_of_a_legacy_insight_sends_the_path_of_its_own_route(
+    client, control, tmp_path
+):
+    control.configure(insight_query_from_filters=False)  # query: null, the filters kept
     out = _runner(client, tmp_path).run(_request(CSV, insight=LEGACY_INSIGHT))
 
     context = _posted_context(control)

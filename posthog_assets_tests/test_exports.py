@@ -91,21 +91,25 @@ def test_every_format_end_to_end_with_metadata_and_duckdb_row(
     assert board["posthog_url"].endswith("/dashboard/1") and rows["board_png"]["dashboard"] == 1
     for name in ("signups_csv", "signups_xlsx"):
         md = materialization_metadata(result, KEY(["posthog", "exports", name]))
-        assert md["dagster/row_count"] > 0 and md["columns"] == 3
-        assert md["preview"].startswith("| series | date | count |")
+        # PostHog's layout: series, the breakdown property, one column per day (8 days)
+        assert md["dagster/row_count"] > 0 and md["columns"] == 10
+        assert md["preview"].startswith("| series | $current_url |")
     assert part_files(tmp_path) == []
     assert len(export_posts(control)) == 4
 
 
-def test_large_csv_counts_rows_without_loading_it(posthog_resource, control, tmp_path):
-    control.configure(csv_rows=120_000)
+@pytest.mark.parametrize("rows", [120_000, 50_000])
+def test_large_csv_counts_rows_without_loading_it(posthog_resource, control, tmp_path, rows):
+    """A file of exactly PostHog's export row limit (50,000) may have been cut: it says so."""
+    control.configure(csv_rows=rows)
     project = make_project({"name": "big_csv", "insight": 2, "export_format": CSV})
     assets, _ = _defs(project)
 
     result = dg.materialize(assets, resources=resources(posthog_resource, tmp_path))
 
     md = materialization_metadata(result, KEY(["posthog", "exports", "big_csv"]))
-    assert md["dagster/row_count"] == 120_000
+    assert md["dagster/row_count"] == rows
+    assert md["at_posthog_row_limit"] is (rows == 50_000)
     assert md["preview"].count("\n") <= 12  # header, rule and ten rows at most
 
 

@@ -234,3 +234,20 @@ def test_a_fetch_clears_what_finished_runs_left_in_staging(
     assert not (root / ok.run_id).exists()
     assert not (root / result.run_id).exists()  # its own staging went after the write
     assert scalar(db, "SELECT count(*) FROM group_types") == TEST_GROUP_TYPES
+
+
+def test_a_tracked_key_is_looked_up_by_key_not_by_scanning_property_text(
+    client: Any, control: Any
+) -> None:
+    """``search=`` also matches property text, so a short key (numeric ids are common) scans
+    every group whose properties contain it; ``group_key=`` (AND-ed) narrows the scan."""
+    control.clear_requests_log()
+    assert client.lookup_group(1, "1") is None  # "1" is in many names and employee counts
+    narrowed = [r for r in control.requests_log() if r["path"].endswith("/groups/")]
+    assert narrowed and all(r["query"].get("group_key") == "1" for r in narrowed)
+
+    control.clear_requests_log()
+    scanned = sum(1 for _ in client.iter_group_pages(1, search="1"))  # search alone, as before
+    assert len(narrowed) < scanned
+    found = client.lookup_group(1, "company-7")
+    assert found is not None and found["group_key"] == "company-7"

@@ -9,8 +9,10 @@ from typing import Any
 import pytest
 
 from posthog_assets.snapshots.results import (
+    EMPTY_RESULT,
     FUNNEL_STEPS,
     INSIGHT_ROWS,
+    NO_RESULT,
     PATH_EDGES,
     RETENTION_CELLS,
     SERIES,
@@ -60,12 +62,18 @@ def test_trends_series_with_breakdown_and_compare() -> None:
     assert len(rows) == 6
     assert rows[1] == {
         "series_index": 0,
+        "series_order": 0,
         "label": "$pageview - Chrome",
+        "custom_name": None,
+        "math": None,
+        "math_property": None,
         "breakdown_value": "Chrome",
+        "breakdown_kind": "value",
         "compare_label": "current",
         "status": None,
         "point_index": 1,
         "day": "2026-01-02",
+        "period_start": "2026-01-02 00:00:00",
         "x": "2-Jan-2026",
         "value": 4.5,
     }
@@ -87,10 +95,108 @@ def test_total_value_displays_and_formulas_become_one_point_or_a_series() -> Non
     ]
 
 
-def test_hourly_points_keep_their_label_and_their_date() -> None:
+def test_hourly_points_keep_their_hour() -> None:
     result = [{"label": "x", "data": [1], "days": ["2026-01-01 13:00:00"], "labels": ["1 PM"]}]
     [row] = flatten_insight({"query": viz("TrendsQuery"), "result": result}).rows[SERIES]
-    assert (row["day"], row["x"]) == ("2026-01-01", "1 PM")
+    assert (row["day"], row["period_start"], row["x"]) == (
+        "2026-01-01",
+        "2026-01-01 13:00:00",
+        "1 PM",
+    )
+
+
+def test_two_series_of_one_event_keep_their_order_custom_name_and_math() -> None:
+    """``build_series_response``: the label is the event; ``action`` tells the series apart."""
+
+    def series(order: int, math: str, custom: str | None, value: str) -> dict[str, Any]:
+        action = {"id": "$pageview", "order": order, "name": "$pageview", "custom_name": custom,
+                  "math": math, "math_property": None}  # fmt: skip
+        return {"label": f"$pageview - {value}", "breakdown_value": value, "action": action,
+                "data": [1], "days": ["2026-01-01"], "labels": ["1-Jan-2026"]}  # fmt: skip
+
+    result = [
+        series(0, "total", "Views", "Chrome"),
+        series(1, "dau", "Users", "Chrome"),
+        series(0, "total", "Views", "$$_posthog_breakdown_null_$$"),
+        series(1, "dau", "Users", "$$_posthog_breakdown_other_$$"),
+        {"label": "Formula (A/B)", "action": None, "data": [2.0], "days": ["2026-01-01"]},
+    ]
+    rows = flatten_insight({"query": viz("TrendsQuery"), "result": result}).rows[SERIES]
+    assert [
+        (r["series_order"], r["custom_name"], r["math"], r["breakdown_value"], r["breakdown_kind"])
+        for r in rows
+    ] == [
+        (0, "Views", "total", "Chrome", "value"),
+        (1, "Users", "dau", "Chrome", "value"),
+        (0, "Views", "total", "None (i.e. no value)", "null"),
+        (1, "Users", "dau", "Other (i.e. all remaining values)", "other"),
+        (None, None, None, None, None),
+    ]
+    assert len({(r["series_order"], r["math"], r["breakdown_value"]) for r in rows}) == 5
+
+
+def test_numeric_breakdown_sentinels_and_lists_are_shown_as_posthog_shows_them() -> None:
+    from posthog_assets.snapshots.results import _breakdown
+
+    assert _breakdown(9007199254740990) == ("None (i.e. no value)", "null")
+    assert _breakdown(9007199254740991) == ("Other (i.e. all remaining values)", "other")
+    assert _breakdown(["Chrome", "$$_posthog_breakdown_other_$$"]) == (
+        "Chrome::Other (i.e. all remaining values)",
+        "other",
+    )
+    assert _breakdown(["Chrome"]) == ("Chrome", "value")
+    assert _breakdown(None) == (None, None)
+
+
+@pytest.mark.parametrize(
+    ("display", "result", "reason"),
+    [
+        (
+            "CalendarHeatmap",
+            [
+                {
+                    "label": "$pageview",
+                    "data": [],
+                    "aggregated_value": 9,
+                    "count": 9,
+                    "calendar_heatmap_data": {
+                        "data": [{"row": 1, "column": 13, "value": 9}],
+                        "rowAggregations": [],
+                        "columnAggregations": [],
+                        "allAggregations": 9,
+                    },
+                }
+            ],  # fmt: skip
+            "CalendarHeatmap display",
+        ),
+        ("BoxPlot", [], "BoxPlot display"),
+        (
+            "BoxPlot",
+            [
+                {
+                    "day": "2026-01-01",
+                    "label": "1-Jan",
+                    "min": 1.0,
+                    "p25": 2.0,
+                    "median": 3.0,
+                    "p75": 4.0,
+                    "max": 5.0,
+                    "mean": 3.0,
+                    "series_index": 0,
+                    "series_label": "x",
+                }
+            ],
+            "BoxPlot display",
+        ),  # fmt: skip
+    ],
+)
+def test_heatmaps_and_box_plots_are_counted_with_a_reason_never_one_misleading_point(
+    display: str, result: Any, reason: str
+) -> None:
+    flat = flatten_insight(
+        {"query": viz("TrendsQuery", trendsFilter={"display": display}), "result": result}
+    )
+    assert flat.rows == {} and flat.unflattened is not None and reason in flat.unflattened
 
 
 def test_stickiness_points_are_intervals_not_dates() -> None:
@@ -147,6 +253,20 @@ def test_funnel_steps_with_conversion_rates_and_times() -> None:
     assert all(isinstance(r["count"], int) for r in rows)
 
 
+def test_optional_steps_are_never_the_reference_of_a_conversion() -> None:
+    """``funnelUtils.ts``: from previous = count / the last step before that is not optional;
+    an optional step counts on its own, so the step after it may count more than it does."""
+    query = viz(
+        "FunnelsQuery",
+        series=[{"event": "a"}, {"event": "b", "optionalInFunnel": True}, {"event": "c"}],
+    )
+    rows = flatten_insight({"query": query, "result": _steps([100, 20, 60])}).rows[FUNNEL_STEPS]
+    assert [r["is_optional"] for r in rows] == [False, True, False]
+    assert [r["conversion_from_previous"] for r in rows] == [1.0, 0.2, 0.6]
+    assert [r["conversion_from_first"] for r in rows] == [1.0, 0.2, 0.6]
+    assert all(r["conversion_from_previous"] <= 1 for r in rows)
+
+
 def test_funnel_steps_per_breakdown_value() -> None:
     result = [_steps([10, 5], ["Chrome"]), _steps([4, 4], ["Firefox", "Mac"])]
     rows = flatten_insight({"query": viz("FunnelsQuery"), "result": result}).rows[FUNNEL_STEPS]
@@ -193,12 +313,49 @@ def test_retention_keeps_every_cell() -> None:
     assert len(cells) == 6
     assert cells[4] == {
         "breakdown_value": None,
+        "breakdown_kind": None,
         "cohort_index": 1,
         "cohort_label": "Day 1",
         "cohort_date": "2026-01-02",
+        "cohort_start": "2026-01-02 00:00:00+00:00",
         "period": 1,
+        "period_label": "Day 1",
         "count": 3,
+        "aggregation_value": None,
     }
+
+
+def test_retention_by_property_with_custom_brackets_per_breakdown_value() -> None:
+    """``format_results``: with sum/avg the metric is ``aggregation_value``; custom brackets
+    name the periods; cohorts repeat per breakdown value, and hourly cohorts keep their hour."""
+    labels = ["Hour 0", "Hour 1", "Hour 2-8"]
+    result = [
+        {
+            "label": f"Hour {c}",
+            "date": f"2026-01-01T{10 + c:02d}:00:00Z",
+            "breakdown_value": value,
+            "values": [
+                {"count": n, "aggregation_value": n * 1.5, "label": labels[k]}
+                for k, n in enumerate([4 - c, 2, 1])
+            ],
+        }
+        for value in ("Chrome", "$$_posthog_breakdown_other_$$")
+        for c in range(2)
+    ]
+    cells = flatten_insight({"query": viz("RetentionQuery"), "result": result}).rows[
+        RETENTION_CELLS
+    ]
+    assert [(c["breakdown_value"], c["cohort_index"]) for c in cells][::3] == [
+        ("Chrome", 0),
+        ("Chrome", 1),
+        ("Other (i.e. all remaining values)", 0),
+        ("Other (i.e. all remaining values)", 1),
+    ]
+    assert [c["period_label"] for c in cells[:3]] == labels
+    assert [c["aggregation_value"] for c in cells[:3]] == [6.0, 3.0, 1.5]
+    assert cells[3]["cohort_start"] == "2026-01-01 11:00:00+00:00"
+    keys = {(c["breakdown_value"], c["cohort_index"], c["period"]) for c in cells}
+    assert len(keys) == len(cells)
 
 
 def test_paths_edges_with_seconds_from_milliseconds() -> None:
@@ -256,10 +413,10 @@ def test_unknown_kinds_and_shapes_are_reported_not_raised(
     assert flat.unflattened is not None and reason in flat.unflattened
 
 
-def test_no_result_is_nothing_to_flatten() -> None:
-    for result in (None, [], {}):
+def test_no_result_or_an_empty_one_is_counted_with_its_reason() -> None:
+    for result, reason in ((None, NO_RESULT), ([], EMPTY_RESULT), ({}, EMPTY_RESULT)):
         flat = flatten_insight({"query": viz("TrendsQuery"), "result": result})
-        assert flat.rows == {} and flat.unflattened is None
+        assert flat.rows == {} and flat.unflattened == reason
 
 
 def test_the_stager_counts_what_it_could_not_flatten_and_stages_the_rest(tmp_path: Path) -> None:
@@ -270,23 +427,29 @@ def test_the_stager_counts_what_it_could_not_flatten_and_stages_the_rest(tmp_pat
     trends = [{"label": "x", "data": [1, 2], "days": ["2026-01-01", "2026-01-02"]}]
     stager.add(
         [
-            {"id": 1, "query": viz("TrendsQuery"), "result": trends},
-            {"id": 2, "query": viz("WebStatsTableQuery"), "result": [{"a": 1}]},
-            {"id": 3, "query": viz("TrendsQuery"), "result": None},
+            ({"id": 1, "query": viz("TrendsQuery"), "result": trends}, False),
+            ({"id": 2, "query": viz("WebStatsTableQuery"), "result": [{"a": 1}]}, False),
+            ({"id": 3, "query": viz("TrendsQuery"), "result": None}, False),
+            ({"id": 4, "query": viz("TrendsQuery"), "result": trends[:1]}, True),
         ]
     )
     for rows in staging.values():
         rows.close()
 
     figures = stager.figures()
-    assert figures["flattened_insights"] == 1 and figures["unflattened_insights"] == 1
-    assert figures["unflattened_by_kind"] == {"WebStatsTableQuery": 1}
-    assert "unknown kind" in figures["unflattened_reasons"]["WebStatsTableQuery"]
+    assert figures["flattened_insights"] == 2 and figures["unflattened_insights"] == 2
+    assert figures["stale_results_flattened"] == 1
+    assert figures["unflattened_by_kind"] == {"WebStatsTableQuery": 1, "trends": 1}
+    reasons = figures["unflattened_by_reason"]
+    assert reasons[NO_RESULT] == 1 and sum(reasons.values()) == 2
+    assert any("unknown kind" in reason for reason in reasons)
     staged = [
         json.loads(line) for f in staging[SERIES].files for line in Path(f).read_text().splitlines()
     ]
-    assert [(r["insight_id"], r["kind"], r["value"]) for r in staged] == [
-        (1, "trends", 1.0),
-        (1, "trends", 2.0),
+    assert [(r["insight_id"], r["kind"], r["value"], r["result_is_stale"]) for r in staged] == [
+        (1, "trends", 1.0, False),
+        (1, "trends", 2.0, False),
+        (4, "trends", 1.0, True),
+        (4, "trends", 2.0, True),
     ]
     assert all(staging[t].rows == 0 for t in TIDY_TABLES if t != SERIES)

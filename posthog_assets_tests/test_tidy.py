@@ -13,10 +13,13 @@ import dagster as dg
 import pytest
 
 from posthog_assets.api.client import PostHogClient
-from posthog_assets.snapshots.results import TIDY_TABLES
+from posthog_assets.exports.definitions import build_posthog_export_definitions
+from posthog_assets.snapshots.results import EMPTY_RESULT, TIDY_TABLES, UNFLATTENED_DISPLAYS
 from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets_tests.support.exports import CSV, make_project, resources
+from posthog_assets_tests.support.exports import materialization_metadata as export_metadata
 from posthog_assets_tests.support.resources import make_resource
-from posthog_assets_tests.support.session import TEST_RETRY, standin_env
+from posthog_assets_tests.support.session import TEST_INSIGHTS, TEST_RETRY, standin_env
 from posthog_assets_tests.support.snapshots import (
     check_results,
     materialization_metadata,
@@ -45,6 +48,13 @@ KIND_IDS = {
     "lifecycle": 26,
     "stickiness": 27,
     "paths": 29,
+    "sql_truncated": 31,
+    "trends_series_identity": 32,
+    "retention_aggregated": 33,
+    "funnel_optional": 34,
+    "calendar_heatmap": 35,
+    "boxplot": 36,
+    "empty": 40,
 }
 
 
@@ -104,18 +114,33 @@ def _tidy(run: TidyRun, table: str, kind: str, columns: str) -> list[tuple[Any, 
     )
 
 
-def test_every_kind_lands_in_its_table_and_nothing_is_left_unflattened(tidy_run: TidyRun) -> None:
+def test_every_insight_is_flattened_or_counted_with_its_reason(tidy_run: TidyRun) -> None:
+    """Over the whole seed: flattened + unflattened = the insights stored, and what is not
+    flattened says why (an empty result, a display whose data is not a series of points)."""
     meta = materialization_metadata(tidy_run.result, "insights")
-    assert meta["unflattened_insights"] == 0, meta.get("unflattened_reasons")
+    stored = meta["dagster/row_count"]
+    assert meta["flattened_insights"] + meta["unflattened_insights"] == stored == TEST_INSIGHTS
+    assert sum(meta["flattened_by_kind"].values()) == meta["flattened_insights"]
+    reasons = meta["unflattened_by_reason"]
+    assert sum(reasons.values()) == meta["unflattened_insights"]
+    assert sum(meta["unflattened_by_kind"].values()) == meta["unflattened_insights"]
+    per_40 = TEST_INSIGHTS // 40 + (TEST_INSIGHTS % 40 > 35)
+    assert reasons[EMPTY_RESULT] >= TEST_INSIGHTS // 40  # the "empty" kind, every 40th
+    assert reasons[UNFLATTENED_DISPLAYS["CalendarHeatmap"]] == per_40
+    assert reasons[UNFLATTENED_DISPLAYS["BoxPlot"]] == per_40
+    assert set(reasons) == {EMPTY_RESULT, *UNFLATTENED_DISPLAYS.values()}
     by_kind = meta["flattened_by_kind"]
-    assert {
-        "trends",
-        "funnel_steps",
-        "funnel_trends",
-        "funnel_time_to_convert",
-        "retention",
-    } <= set(by_kind)
-    assert {"lifecycle", "stickiness", "paths", "rows"} <= set(by_kind)
+    assert {"trends", "funnel_steps", "funnel_trends", "funnel_time_to_convert"} <= set(by_kind)
+    assert {"retention", "lifecycle", "stickiness", "paths", "rows"} <= set(by_kind)
+    assert meta["stale_results_flattened"] == 0
+    in_db = query(
+        tidy_run.db,
+        "SELECT count(DISTINCT insight_id) FROM (SELECT insight_id FROM insight_series UNION ALL "
+        "SELECT insight_id FROM funnel_steps UNION ALL SELECT insight_id FROM retention_cells "
+        "UNION ALL SELECT insight_id FROM path_edges UNION ALL SELECT insight_id FROM "
+        "insight_rows)",
+    )
+    assert in_db[0][0] == meta["flattened_insights"]
     for table in TIDY_TABLES:
         tidy = materialization_metadata(tidy_run.result, table)
         counted = query(
@@ -123,16 +148,123 @@ def test_every_kind_lands_in_its_table_and_nothing_is_left_unflattened(tidy_run:
         )
         assert tidy["dagster/row_count"] == meta["rows_by_table"][table] == counted[0][0] > 0
         schema = tidy["dagster/column_schema"]
-        assert [c.name for c in schema.columns][:4] == [
+        assert [c.name for c in schema.columns][:5] == [
             "project_id",
             "snapshot_date",
             "snapshot_at",
             "insight_id",
+            "result_is_stale",
         ]
         assert tidy["snapshot_at"] == meta["snapshot_at"]
     checks = check_results(tidy_run.result)
     assert {f"{t}_no_duplicates" for t in TIDY_TABLES} <= set(checks)
-    assert all(c.passed for c in checks.values())
+    assert all(c.passed for name, c in checks.items() if name != "insights_not_truncated")
+
+
+def test_a_truncated_sql_insight_says_so_where_an_analyst_looks(tidy_run: TidyRun) -> None:
+    """A SQL insight without LIMIT: PostHog serves 100 rows and ``hasMore``; the snapshot
+    stores the flag and the columns, counts it, and its check warns naming it."""
+    served = tidy_run.served["sql_truncated"]
+    assert served["hasMore"] is True and len(served["result"]) == 100
+    [(has_more, columns)] = query(
+        tidy_run.db,
+        "SELECT has_more, columns FROM insights WHERE id = ? AND snapshot_date = ?",
+        [KIND_IDS["sql_truncated"], _today()],
+    )
+    assert has_more is True and json.loads(columns) == served["columns"]
+    assert len(_tidy(tidy_run, "insight_rows", "sql_truncated", "row_index")) == 100
+    meta = materialization_metadata(tidy_run.result, "insights")
+    truncated = [i for i in range(1, TEST_INSIGHTS + 1) if i % 40 == KIND_IDS["sql_truncated"]]
+    assert meta["truncated_insights"] == len(truncated) > 0
+    check = check_results(tidy_run.result)["insights_not_truncated"]
+    assert check.passed is False and check.severity == dg.AssetCheckSeverity.WARN
+    assert f"{KIND_IDS['sql_truncated']} (" in check.description and "CSV" in check.description
+    plain = query(tidy_run.db, "SELECT count(*) FROM insights WHERE has_more = false")[0][0]
+    assert plain > 0  # other SQL insights say they are complete
+
+
+def test_a_csv_export_of_a_truncated_sql_insight_has_every_row(
+    posthog_resource: Any, control: StandinControl, tmp_path: Path
+) -> None:
+    """What the README tells a user to do for every row: export the insight as CSV (PostHog
+    runs its source again under the export's row limit)."""
+    project = make_project({"name": "all_rows", "insight": KIND_IDS["sql_truncated"],
+                            "export_format": CSV})  # fmt: skip
+    defs = build_posthog_export_definitions([project])
+    result = dg.materialize(
+        list(defs.assets or []), resources=resources(posthog_resource, tmp_path)
+    )
+    md = export_metadata(result, dg.AssetKey(["posthog", "exports", "all_rows"]))
+    lines = Path(md["path"]).read_text().splitlines()
+    assert lines[0] == "distinct_id,events" and len(lines) - 1 == 250 == md["dagster/row_count"]
+
+
+def test_two_series_of_one_event_keep_their_identity_and_hour(tidy_run: TidyRun) -> None:
+    served = _served(tidy_run, "trends_series_identity")
+    rows = _tidy(
+        tidy_run,
+        "insight_series",
+        "trends_series_identity",
+        "series_index, series_order, custom_name, math, breakdown_value, breakdown_kind, "
+        "period_start, x, value",
+    )
+    assert len(rows) == sum(len(s["data"]) for s in served)
+    for index, series in enumerate(served):
+        mine = [r for r in rows if r[0] == index]
+        action = series["action"]
+        assert {r[1:4] for r in mine} == {(action["order"], action["custom_name"], action["math"])}
+        assert [r[6].strftime("%Y-%m-%d %H:%M:%S") for r in mine] == series["days"]
+        assert [r[8] for r in mine] == series["data"]
+    labels = {(r[2], r[3], r[4]) for r in rows}
+    assert len(labels) == len(served)  # no two series look alike any more
+    kinds = {(r[4], r[5]) for r in rows}
+    assert kinds == {
+        ("Chrome", "value"),
+        ("None (i.e. no value)", "null"),
+        ("Other (i.e. all remaining values)", "other"),
+    }
+    assert len({r[6].hour for r in rows}) > 1  # hourly points keep their hour
+
+
+def test_retention_by_property_with_custom_brackets(tidy_run: TidyRun) -> None:
+    cohorts = _served(tidy_run, "retention_aggregated")
+    cells = _tidy(
+        tidy_run,
+        "retention_cells",
+        "retention_aggregated",
+        "breakdown_value, breakdown_kind, cohort_index, cohort_start, period, period_label, "
+        "count, aggregation_value",
+    )
+    assert len(cells) == sum(len(c["values"]) for c in cohorts)
+    assert {c[5] for c in cells} == {"Hour 0", "Hour 1", "Hour 2-8"}
+    for value, kind in (("Chrome", "value"), ("Other (i.e. all remaining values)", "other")):
+        mine = [c for c in cells if c[0] == value]
+        assert {c[1] for c in mine} == {kind}
+        assert sorted({c[2] for c in mine}) == list(range(4))  # restarts per breakdown value
+    served = {
+        (c["breakdown_value"], k, p): (v["count"], v["aggregation_value"])
+        for c in cohorts
+        for k, c in [(int(c["label"].split()[1]), c)]
+        for p, v in enumerate(c["values"])
+    }
+    raw = {"Chrome": "Chrome", "Other (i.e. all remaining values)": "$$_posthog_breakdown_other_$$"}
+    assert {(raw[c[0]], c[2], c[4]): (c[6], c[7]) for c in cells} == served
+    assert {c[3].hour for c in cells} == {0, 1, 2, 3}  # hourly cohorts keep their time
+
+
+def test_optional_funnel_steps_convert_as_posthogs_ui_shows_them(tidy_run: TidyRun) -> None:
+    steps = _served(tidy_run, "funnel_optional")
+    rows = _tidy(
+        tidy_run,
+        "funnel_steps",
+        "funnel_optional",
+        "step_order, is_optional, count, conversion_from_first, conversion_from_previous",
+    )
+    counts = [s["count"] for s in steps]
+    assert [r[2] for r in rows] == counts and counts[2] > counts[1]  # later step, more people
+    assert [r[1] for r in rows] == [False, True, False]
+    assert rows[2][4] == pytest.approx(counts[2] / counts[0])  # against the last required step
+    assert all(r[3] <= 1 and r[4] <= 1 for r in rows)
 
 
 @pytest.mark.parametrize("kind", ["trends", "legacy", "trends_compare", "trends_formula"])
@@ -176,7 +308,9 @@ def test_lifecycle_and_stickiness_points(tidy_run: TidyRun) -> None:
 
 
 @pytest.mark.parametrize("kind", ["funnel_steps", "funnel_steps_breakdown"])
-def test_funnel_step_counts_equal_posthogs_and_never_increase(tidy_run: TidyRun, kind: str) -> None:
+def test_required_funnel_step_counts_equal_posthogs_and_never_increase(
+    tidy_run: TidyRun, kind: str
+) -> None:
     served = _served(tidy_run, kind)
     funnels = served if isinstance(served[0], list) else [served]
     rows = _tidy(
@@ -246,4 +380,5 @@ def test_a_second_snapshot_the_same_day_replaces_the_tidy_rows(
     assert materialization_metadata(again, "insights")["rows_by_table"] == first | {
         "insights": materialization_metadata(again, "insights")["dagster/row_count"]
     }
-    assert all(c.passed for c in check_results(again).values())
+    checks = check_results(again)
+    assert all(c.passed for name, c in checks.items() if name != "insights_not_truncated")

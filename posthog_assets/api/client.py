@@ -633,10 +633,13 @@ class PostHogClient:
 
         Not ``groups/find``: with PostHog's CRM feature on, ``find`` creates a Notebook for the
         group in the customer's project (``ee/clickhouse/views/groups.py``). The groups list with
-        ``search=<key>`` matches keys exactly (case-insensitively) and also property text, so the
-        exact key is picked out here.
+        ``search=<key>`` matches keys exactly (case-insensitively) but also any property text, so
+        a short key would page through thousands of groups; ``group_key=<key>`` (key contains,
+        AND-ed with ``search``) narrows it to keys containing the key, and the exact key is
+        picked out here.
         """
-        for page in self.iter_group_pages(group_type_index, search=group_key):
+        pages = self.iter_group_pages(group_type_index, search=group_key, group_key=group_key)
+        for page in pages:
             for group in page.get("results") or []:
                 if group.get("group_key") == group_key:
                     return group

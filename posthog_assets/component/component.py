@@ -39,7 +39,12 @@ from pydantic import Field, field_validator, model_validator
 from posthog_assets.api.client import PostHogClient
 from posthog_assets.build import build_posthog_assets_definitions
 from posthog_assets.component.scaffolder import PostHogProjectScaffolder
-from posthog_assets.component.selection import ExportSelection, SelectionError, select_exports
+from posthog_assets.component.selection import (
+    ExportSelection,
+    SelectionError,
+    select_exports,
+    selected_tags,
+)
 from posthog_assets.component.state import fetch_project_state, read_state, write_state
 from posthog_assets.config import (
     DEFAULT_DUCKDB_PATH,
@@ -255,9 +260,13 @@ class PostHogProjectComponent(StateBackedComponent, Model, Resolvable):
         return os.environ.get(self.api_key_env, "")
 
     def write_state_to_path(self, state_path: Path) -> None:
+        insight_tags, dashboard_tags = selected_tags(self.exports)
         client = self.client()
         try:
-            write_state(state_path, fetch_project_state(client))
+            state = fetch_project_state(
+                client, insight_tags=insight_tags, dashboard_tags=dashboard_tags
+            )
+            write_state(state_path, state)
         finally:
             client.close()
 

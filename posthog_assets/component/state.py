@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -17,7 +18,10 @@ from typing import Any
 
 from posthog_assets.api.client import PostHogClient
 
-STATE_VERSION = 1
+STATE_VERSION = 2
+#: States this version still reads (version 1 has no tag memberships: a tag selection then says
+#: to refresh).
+READABLE_VERSIONS = (1, 2)
 #: Dashboards are few: one page of this many (so no order is needed), checked against ``count``.
 DASHBOARDS_PAGE = 1000
 
@@ -53,6 +57,11 @@ class ProjectState:
     fetched_at: str
     insights: list[InsightRecord]
     dashboards: list[DashboardRecord]
+    #: Ids of the insights (dashboards) carrying each tag a selection names, as PostHog's own
+    #: ``tags`` filter finds them: the ``tags`` of list responses are empty unless the key
+    #: owner's organisation has paid tagging, while the filter works for everyone.
+    insight_tags: dict[str, list[int]] = field(default_factory=dict)
+    dashboard_tags: dict[str, list[int]] = field(default_factory=dict)
 
     def to_json(self) -> str:
         return json.dumps({"version": STATE_VERSION, **asdict(self)}, sort_keys=True, indent=1)
@@ -60,7 +69,7 @@ class ProjectState:
     @classmethod
     def from_json(cls, text: str) -> ProjectState:
         data = json.loads(text)
-        if data.get("version") != STATE_VERSION:
+        if data.get("version") not in READABLE_VERSIONS:
             raise ValueError(
                 f"stored PostHog state has version {data.get('version')}, expected "
                 f"{STATE_VERSION}: run `dg utils refresh-defs-state` again"
@@ -71,24 +80,46 @@ class ProjectState:
             fetched_at=data["fetched_at"],
             insights=[InsightRecord(**i) for i in data["insights"]],
             dashboards=[DashboardRecord(**d) for d in data["dashboards"]],
+            insight_tags={str(k): list(v) for k, v in (data.get("insight_tags") or {}).items()},
+            dashboard_tags={str(k): list(v) for k, v in (data.get("dashboard_tags") or {}).items()},
         )
 
 
-def fetch_project_state(client: PostHogClient) -> ProjectState:
-    """Read the project's insights (metadata only, ``order=id``) and dashboards."""
-    insights = [
-        InsightRecord(
-            id=int(i["id"]),
-            short_id=str(i.get("short_id") or ""),
-            name=i.get("name"),
-            derived_name=i.get("derived_name"),
-            tags=[str(t) for t in i.get("tags") or []],
-            favorited=bool(i.get("favorited")),
-            dashboards=[int(d) for d in i.get("dashboards") or []],
-        )
-        for page in client.iter_insight_pages(basic=True)
-        for i in page.results
-    ]
+class StateIncomplete(ValueError):
+    """Fewer insights were read than PostHog's ``count`` says exist."""
+
+
+def fetch_project_state(
+    client: PostHogClient,
+    *,
+    insight_tags: Iterable[str] = (),
+    dashboard_tags: Iterable[str] = (),
+) -> ProjectState:
+    """Read the project's insights (metadata only, ``order=id``, checked against ``count``) and
+    dashboards, and which of them carry each of the given tags (PostHog's own filter)."""
+    insights: dict[int, InsightRecord] = {}
+    reported: int | None = None
+    for page in client.iter_insight_pages(basic=True):
+        reported = page.count if reported is None else reported
+        for i in page.results:
+            insights[int(i["id"])] = InsightRecord(
+                id=int(i["id"]),
+                short_id=str(i.get("short_id") or ""),
+                name=i.get("name"),
+                derived_name=i.get("derived_name"),
+                tags=[str(t) for t in i.get("tags") or []],
+                favorited=bool(i.get("favorited")),
+                dashboards=[int(d) for d in i.get("dashboards") or []],
+            )
+    if reported is not None and len(insights) < reported:
+        now = client.list_insights(limit=1, basic=True).get("count")
+        expected = min(reported, now) if isinstance(now, int) else reported
+        if len(insights) < expected:
+            raise StateIncomplete(
+                f"read {len(insights)} distinct insights but PostHog reports {expected}: the "
+                "list changed while it was read (insights added or deleted); run "
+                "`dg utils refresh-defs-state` again"
+            )
     page = client.get_json("dashboards/", {"limit": DASHBOARDS_PAGE}, scopes=("dashboard:read",))
     results = list(page.get("results") or [])
     if page.get("next") or len(results) < int(page.get("count") or 0):
@@ -100,12 +131,32 @@ def fetch_project_state(client: PostHogClient) -> ProjectState:
         for d in results
         if not d.get("deleted")
     ]
+    tagged_insights = {
+        tag: sorted(
+            int(i["id"])
+            for page in client.iter_insight_pages(basic=True, tags=json.dumps([tag]))
+            for i in page.results
+        )
+        for tag in sorted(set(insight_tags))
+    }
+    tagged_dashboards = {
+        tag: sorted(
+            int(d["id"])
+            for d in client.get_json(
+                "dashboards/", {"limit": DASHBOARDS_PAGE, "tags": tag}, scopes=("dashboard:read",)
+            ).get("results")
+            or []
+        )
+        for tag in sorted(set(dashboard_tags))
+    }
     return ProjectState(
         host=client.host,
         project_id=str(client.project_id),
         fetched_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
-        insights=insights,
+        insights=list(insights.values()),
         dashboards=dashboards,
+        insight_tags=tagged_insights,
+        dashboard_tags=tagged_dashboards,
     )
 
 

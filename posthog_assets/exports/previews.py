@@ -22,6 +22,10 @@ PREVIEW_MAX_CELL = 60
 #: Up to this size CSV rows are counted exactly with the csv module; above it, by line count.
 CSV_EXACT_COUNT_MAX_BYTES = 64 * 1024 * 1024
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+#: PostHog's tabular exports stop at ``CSV_EXPORT_LIMIT`` rows without saying so
+#: (``posthog/hogql/constants.py``: 50,000 in the version read, 300,000 in earlier ones): a file
+#: with exactly that many rows may be cut short.
+POSTHOG_EXPORT_ROW_LIMITS = (50_000, 300_000)
 
 
 def file_preview_metadata(path: Path, export_format: str) -> dict[str, Any]:
@@ -30,12 +34,16 @@ def file_preview_metadata(path: Path, export_format: str) -> dict[str, Any]:
         if export_format == "image/png":
             return _png_preview(path)
         if export_format == "text/csv":
-            return _csv_preview(path)
-        if export_format.endswith("spreadsheetml.sheet"):
-            return _xlsx_preview(path)
+            meta = _csv_preview(path)
+        elif export_format.endswith("spreadsheetml.sheet"):
+            meta = _xlsx_preview(path)
+        else:
+            return {}
     except Exception as exc:  # a preview must never fail the export itself
         return {"preview": dg.MetadataValue.md(f"_No preview: {html.escape(str(exc))}_")}
-    return {}
+    rows = meta["dagster/row_count"].value
+    meta["at_posthog_row_limit"] = dg.MetadataValue.bool(rows in POSTHOG_EXPORT_ROW_LIMITS)
+    return meta
 
 
 def png_size(path: Path) -> tuple[int, int] | None:

@@ -2,7 +2,7 @@
 would wait for, or block, the single writer), in the ``duckdb`` pool.
 
 - insights: the newest snapshot is non-empty; in blocking modes no insight came back without a
-  result; no duplicate ``(snapshot_date, id)`` rows.
+  result; no result was cut short by PostHog (warns); no duplicate ``(snapshot_date, id)`` rows.
 - groups: rows per group type in DuckDB equal what the API returned (recorded in the last
   materialization's metadata); no duplicate ``(group_type_index, group_key)`` rows.
 - tracked groups: every configured group was found; a failure names the missing keys.
@@ -213,6 +213,39 @@ def build_insights_checks(
             ),
         )
 
+    @_duckdb_check(
+        asset_key,
+        "insights_not_truncated",
+        "No insight's result was cut short by PostHog (has_more): a SQL insight whose query has "
+        "no LIMIT keeps only its first 100 rows. Warns; a CSV export of the insight has them all.",
+        keys,
+    )
+    def insights_not_truncated(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
+        project_id = _project_id(context, rkey)
+        snapshot = _newest_snapshot(context, asset_key, project_id)
+        rows = _select(
+            context,
+            "insights",
+            "SELECT id, coalesce(name, derived_name) FROM {table} "
+            "WHERE project_id = ? AND snapshot_date = ? AND has_more ORDER BY id",
+            [project_id, snapshot],
+        )
+        if rows is None:
+            return _missing_table("insights")
+        listed = ", ".join(f"{i} ({name})" for i, name in rows[:MAX_LISTED])
+        return dg.AssetCheckResult(
+            passed=not rows,
+            severity=dg.AssetCheckSeverity.WARN,
+            metadata={"truncated_insights": len(rows), "snapshot_date": str(snapshot)},
+            description=(
+                f"{len(rows)} insight result(s) cut short by PostHog (has_more): {listed}. Their "
+                "rows in posthog.insight_rows are the first ones only; add a LIMIT to the query "
+                "or export the insight as CSV (text/csv) for every row."
+                if rows
+                else None
+            ),
+        )
+
     insights_no_duplicates = _no_duplicates_check(
         asset_key,
         "insights_no_duplicates",
@@ -224,7 +257,12 @@ def build_insights_checks(
         blocking=True,
     )
 
-    return [insights_not_empty, insights_results_present, insights_no_duplicates]
+    return [
+        insights_not_empty,
+        insights_results_present,
+        insights_not_truncated,
+        insights_no_duplicates,
+    ]
 
 
 def build_tidy_checks(

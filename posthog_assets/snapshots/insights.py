@@ -10,12 +10,15 @@ How the fetch spends requests (PostHog allows 1,200 insight requests an hour per
 
 - the list is read page by page, ``order=id`` (PostHog's default order has ties, so unordered pages
   overlap and skip rows), 100 insights a page in the async and cache modes;
-- in the async modes, insights whose result PostHog is still computing are followed in bulk: each
-  round re-reads the pages that hold them with ``refresh=force_cache`` (100 insights from the cache
-  per request, computing nothing) and keeps those whose ``last_refresh`` is not older than the
-  query's ``start_time``; only once the rounds stop making progress are the few queries still
-  missing asked about with ``GET /query/:id/`` (a 400 or 500 there is PostHog's answer that the
-  query failed). So N insights cost about ``ceil(N/100) x (rounds + 1)`` requests;
+- in the async modes, insights whose result PostHog is still computing are followed in bulk:
+  while nothing is landing, a round asks ``GET /query/:id/`` about the query started first (one
+  request; a batch started together finishes together); once one is complete, rounds re-read the
+  pages that hold pending insights with ``refresh=force_cache`` (100 insights from the cache per
+  request, computing nothing), keeping those whose ``last_refresh`` is not older than the query's
+  ``start_time``, for as long as that finds new results. A finished query's own answer carries
+  its response, which is used as it is; a 400 or 500 there is PostHog's answer that the query
+  failed. So N insights cost about ``ceil(N/100) x (landing rounds + 1)`` requests plus one per
+  quiet round;
 - blocking modes compute every stale insight of a page inside one request, one after another, so
   their pages are small (5 by default).
 
@@ -32,7 +35,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import dagster as dg
@@ -57,6 +60,7 @@ from posthog_assets.config import (
     RefreshMode,
 )
 from posthog_assets.resources import PostHogResource
+from posthog_assets.snapshots.results import EMPTY_RESULT, NO_RESULT
 from posthog_assets.snapshots.source import SnapshotSource, StageRequest
 from posthog_assets.snapshots.staging import StagedRows, StagedSnapshot
 from posthog_assets.snapshots.tidy import TIDY_SNAPSHOT_TABLES, TidyStager
@@ -75,13 +79,8 @@ DEFAULT_PAGE_SIZE = 100
 #: In a blocking mode PostHog computes each stale insight of a page inside the request, one after
 #: another: a few per request keeps each request short.
 DEFAULT_BLOCKING_PAGE_SIZE = 5
-#: Rounds in a row in which no pending insight finished before the remaining queries are asked
-#: about directly (a failed query never reaches the cache, so only ``/query/:id/`` tells).
-STALL_ROUNDS = 2
-#: ... but only once some insight has finished, when few are left, or after this long: a big
-#: batch of merely slow queries would otherwise cost one request per insight.
-STALL_AFTER_S = 30.0
-#: Queries asked about in one round at most; each is asked again after 2, 4, 8 ... rounds.
+#: Queries asked about in one round at most once some have finished (one before: a batch
+#: started together finishes together); each is asked again after 2, 4, 8 ... rounds.
 MAX_ASKS_PER_ROUND = 10
 
 INSIGHTS_TABLE = SnapshotTable(
@@ -100,6 +99,12 @@ INSIGHTS_TABLE = SnapshotTable(
         "cache_target_age": "TIMESTAMPTZ",
         "is_cached": "BOOLEAN",
         "result": "JSON",
+        #: PostHog cut the result short (a SQL insight without LIMIT returns its first 100 rows).
+        "has_more": "BOOLEAN",
+        "columns": "JSON",
+        "types": "JSON",
+        #: The recalculation failed or did not finish; ``result`` is the one PostHog had before.
+        "result_is_stale": "BOOLEAN",
         "query": "JSON",
         "filters": "JSON",
         "query_status_id": "VARCHAR",
@@ -238,11 +243,13 @@ class InsightFetchOptions:
 def insight_row(
     insight: Mapping[str, Any], refresh: str | None, query_error: str | None = None
 ) -> dict[str, Any]:
-    """One staged row; a query error in the payload is kept, an explicit one wins."""
+    """One staged row; a query error in the payload is kept, an explicit one wins. A result
+    that came with an error is the one PostHog had before the failed recalculation: stale."""
     status = insight.get("query_status") or {}
     if query_error is None and status.get("error"):
         query_error = status.get("error_message") or "query failed (no message)"
     created_by = insight.get("created_by")
+    has_more = insight.get("hasMore")
     return {
         "id": insight.get("id"),
         "short_id": insight.get("short_id"),
@@ -254,6 +261,10 @@ def insight_row(
         "cache_target_age": insight.get("cache_target_age"),
         "is_cached": insight.get("is_cached"),
         "result": insight.get("result"),
+        "has_more": has_more if isinstance(has_more, bool) else None,
+        "columns": insight.get("columns"),
+        "types": insight.get("types"),
+        "result_is_stale": query_error is not None and insight.get("result") is not None,
         "query": insight.get("query"),
         "filters": insight.get("filters"),
         "query_status_id": status.get("id"),
@@ -264,6 +275,23 @@ def insight_row(
         "created_at": insight.get("created_at"),
         "updated_at": insight.get("updated_at"),
         "last_modified_at": insight.get("last_modified_at"),
+    }
+
+
+def _with_response(
+    insight: Mapping[str, Any], status: Mapping[str, Any], response: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The listed insight with the result fields of a finished query's response."""
+    return {
+        **insight,
+        "result": response.get("results"),
+        "last_refresh": response.get("last_refresh"),
+        "cache_target_age": response.get("cache_target_age"),
+        "is_cached": response.get("is_cached"),
+        "columns": response.get("columns"),
+        "types": response.get("types"),
+        "hasMore": response.get("hasMore"),
+        "query_status": {k: v for k, v in status.items() if k != "results"},
     }
 
 
@@ -364,6 +392,10 @@ class InsightSnapshotFetcher:
         self.stats = InsightFetchStats()
         self._lock = threading.Lock()
         self._stored: set[int] = set()
+        #: Some pending insight has finished: ask about several queries at a time, not one.
+        self._finished_any = False
+        #: Ids of insights whose result PostHog cut short (``hasMore``).
+        self.truncated: list[int] = []
 
     # ------------------------------------------------------------------ the run
 
@@ -427,10 +459,13 @@ class InsightSnapshotFetcher:
                 iid = int(insight["id"])
                 if iid not in self._stored:
                     self._stored.add(iid)
-                    rows.append(insight_row(insight, self.options.recorded_refresh, error))
-                    fresh.append(insight)
+                    row = insight_row(insight, self.options.recorded_refresh, error)
+                    rows.append(row)
+                    if row["has_more"]:
+                        self.truncated.append(iid)
+                    fresh.append((insight, bool(row["result_is_stale"])))
         written = self.staging.write(rows)
-        if self.tidy is not None and error is None:
+        if self.tidy is not None:
             self.tidy.add(fresh)
         with self._lock:
             self.stats.staged += written
@@ -504,11 +539,19 @@ class InsightSnapshotFetcher:
     # ------------------------------------------------------------------ following in bulk
 
     def _follow(self, pending: dict[int, PendingInsight]) -> None:
+        """Rounds until every pending insight has its new result, a failure, or the timeout.
+
+        A re-list costs one request per page holding a pending insight; asking PostHog about
+        one query costs one. So while results are landing each round re-lists, and while they
+        are not, a round first asks about the query most likely done (the earliest started; a
+        few once some have finished, to find failures, which never reach the cache) and
+        re-lists only when one answers complete. The waits grow between rounds either way.
+        """
         opts = self.options
         started = self._clock()
         deadline = started + opts.poll.timeout_s
         waits = opts.poll.waits()
-        quiet, finished_any = 0, False
+        landing = False  # the last re-list found new results: re-list again straight away
         self.stats.pending_queries = len({p.query_id for p in pending.values()})
         self.log.info(
             "Following %d insight(s) whose results PostHog is computing (timeout %gs)",
@@ -521,20 +564,12 @@ class InsightSnapshotFetcher:
             self._sleep(min(next(waits), deadline - now))
             self.stats.follow_rounds += 1
             before = len(pending)
-            self._reread_pages(pending)
-            self._reread_singles(pending)
-            quiet = quiet + 1 if len(pending) == before else 0
-            finished_any = finished_any or len(pending) < before
-            if (
-                pending
-                and quiet >= STALL_ROUNDS
-                and (
-                    finished_any
-                    or len(pending) <= MAX_ASKS_PER_ROUND
-                    or self._clock() - started >= STALL_AFTER_S
-                )
-            ):
-                self._ask_about_stalled(pending)
+            if landing or self._ask(pending):
+                asked = len(pending)
+                self._reread_pages(pending)
+                self._reread_singles(pending)
+                landing = len(pending) < asked
+                self._finished_any = self._finished_any or landing
             self.log.info(
                 "Follow round %d after %.1fs: %d finished, %d still computing",
                 self.stats.follow_rounds, self._clock() - started, before - len(pending),
@@ -551,19 +586,13 @@ class InsightSnapshotFetcher:
         self.stats.follow_seconds = round(self._clock() - started, 3)
 
     def _settle(self, pending: dict[int, PendingInsight], insight: Mapping[str, Any]) -> None:
-        """Stage a re-read insight when it holds the new result or a failure; else wait."""
+        """Stage a re-read insight when it holds the new result; else keep waiting (a failed
+        query never reaches the cache: only ``/query/:id/`` tells)."""
         iid = int(insight["id"])
         entry = pending.get(iid)
-        if entry is None:
-            return
-        status = insight.get("query_status") or {}
-        if entry.finished_in(insight):
+        if entry is not None and entry.finished_in(insight):
             del pending[iid]
             self.stats.async_completed += 1
-            self._stage([insight])
-        elif status.get("error"):  # newer PostHog versions attach a failed job's status
-            del pending[iid]
-            self.stats.async_failed += 1
             self._stage([insight])
 
     def _reread_pages(self, pending: dict[int, PendingInsight]) -> None:
@@ -603,7 +632,7 @@ class InsightSnapshotFetcher:
                 del pending[iid]
                 self.stats.vanished += 1
                 continue
-            if entry.completed and not entry.finished_in(insight):
+            if entry.completed and not entry.finished_in(insight):  # no result in the answer
                 del pending[iid]
                 self.stats.async_failed += 1
                 self._stage(
@@ -612,27 +641,38 @@ class InsightSnapshotFetcher:
                 continue
             self._settle(pending, insight)
 
-    def _ask_about_stalled(self, pending: dict[int, PendingInsight]) -> None:
-        """``GET /query/:id/`` for queries that still have not landed in the cache.
+    def _ask(self, pending: dict[int, PendingInsight]) -> bool:
+        """``GET /query/:id/`` for the queries most likely done; True when one said complete.
 
-        A few per round, each again only after 2, 4, 8 ... rounds: a 400 or 500 there is
-        PostHog's answer that the query failed; 202 means it is merely slow.
+        One query until any insight has finished (a batch started together finishes together,
+        so the earliest started tells for all), then up to :data:`MAX_ASKS_PER_ROUND`, each
+        asked again only after 2, 4, 8 ... rounds. A complete answer carries the response in
+        ``query_status.results``: it is staged from there, since the cache may not hold it
+        (PostHog never caches a response with an error, and an overlapping job can leave an
+        older result in the cache). A 400 or 500 is PostHog's answer that the query failed;
+        202 means it is merely slow.
         """
         round_no = self.stats.follow_rounds
-        stalled: dict[str, list[int]] = {}
-        due = sorted((e.asks, iid) for iid, e in pending.items() if e.next_ask_round <= round_no)
-        for _asks, iid in due:
+        most = MAX_ASKS_PER_ROUND if self._finished_any else 1
+        due = sorted(
+            (e.started_at or datetime.max.replace(tzinfo=UTC), e.asks, iid)
+            for iid, e in pending.items()
+            if e.next_ask_round <= round_no and not e.completed
+        )
+        asking: dict[str, list[int]] = {}
+        for _started, _asks, iid in due:
             query_id = pending[iid].query_id
-            if query_id not in stalled and len(stalled) >= MAX_ASKS_PER_ROUND:
+            if query_id not in asking and len(asking) >= most:
                 continue
-            stalled.setdefault(query_id, []).append(iid)
-        if not stalled:
-            return
-        workers = max(1, min(self.options.poll_workers, len(stalled)))
+            asking.setdefault(query_id, []).append(iid)
+        if not asking:
+            return False
+        workers = max(1, min(self.options.poll_workers, len(asking)))
         with ThreadPoolExecutor(workers, thread_name_prefix="posthog-query") as pool:
-            answers = list(pool.map(self._poll, stalled))
-        self.stats.query_polls += len(stalled)
-        for (query_id, ids), answer in zip(stalled.items(), answers, strict=True):
+            answers = list(pool.map(self._poll, asking))
+        self.stats.query_polls += len(asking)
+        complete = False
+        for (query_id, ids), answer in zip(asking.items(), answers, strict=True):
             for iid in ids:
                 entry = pending[iid]
                 entry.asks += 1
@@ -643,7 +683,15 @@ class InsightSnapshotFetcher:
                     self.stats.async_failed += 1
                     self._stage([{**entry.insight, "query_status": {"id": query_id}}], message)
                 elif answer.complete:
-                    entry.completed = True
+                    complete = self._finished_any = True
+                    response = answer.status.get("results")
+                    if isinstance(response, Mapping) and "results" in response:
+                        del pending[iid]
+                        self.stats.async_completed += 1
+                        self._stage([_with_response(entry.insight, answer.status, response)])
+                    else:
+                        entry.completed = True  # read it back from the cache
+        return complete
 
     def _poll(self, query_id: str) -> QueryStatus | str:
         """One status; a query PostHog no longer knows (404) is a failure, not a fault."""
@@ -706,12 +754,25 @@ class InsightsSource(SnapshotSource):
             request.client, request.staging, options, log=request.log, tidy=tidy
         )
         stats = fetcher.run()
-        if tidy is not None and tidy.unflattened:
+        if truncated := fetcher.truncated:
             request.log.warning(
-                "%d insight result(s) of kinds not flattened into tidy tables, kept as JSON in "
-                "posthog.insights.result: %s",
-                sum(tidy.unflattened.values()), tidy.reasons,
+                "%d insight result(s) cut short by PostHog (hasMore: a SQL query without LIMIT "
+                "returns its first 100 rows), e.g. %s; their tidy rows are incomplete. Export "
+                "them as CSV for every row.",
+                len(truncated), truncated[:10],
             )  # fmt: skip
+        if tidy is not None:
+            odd = {
+                reason: n
+                for reason, n in tidy.unflattened_by_reason.items()
+                if reason not in (NO_RESULT, EMPTY_RESULT)
+            }
+            if odd:
+                request.log.warning(
+                    "%d insight result(s) not flattened into tidy tables, kept as JSON in "
+                    "posthog.insights.result: %s",
+                    sum(odd.values()), odd,
+                )  # fmt: skip
         return {
             "refresh": options.refresh,
             "effective_refresh": options.effective_refresh,
@@ -726,15 +787,18 @@ class InsightsSource(SnapshotSource):
             "SELECT count(*), count(*) FILTER (WHERE result IS NULL), "
             "count(*) FILTER (WHERE is_cached), "
             "count(*) FILTER (WHERE NOT coalesce(is_cached, false) AND result IS NOT NULL), "
-            "count(*) FILTER (WHERE query_error IS NOT NULL) "
+            "count(*) FILTER (WHERE query_error IS NOT NULL), "
+            "count(*) FILTER (WHERE has_more), count(*) FILTER (WHERE result_is_stale) "
             f"FROM {INSIGHTS_TABLE.ref(conn)} WHERE project_id = ? AND snapshot_date = ?",
             [staged.scope["project_id"], staged.scope["snapshot_date"]],
         ).fetchall()
-        total, null_results, cached, fresh, errors = (int(v) for v in rows[0])
+        total, null_results, cached, fresh, errors, truncated, stale = (int(v) for v in rows[0])
         return {
             "rows": total,
             "null_results": null_results,
             "cached": cached,
             "fresh": fresh,
             "query_errors": errors,
+            "stale_results": stale,
+            "truncated_insights": truncated,
         }

@@ -12,9 +12,10 @@ returns rows for the tidy tables:
 - ``path_edges``: an edge between two path steps;
 - ``insight_rows``: a HogQL/DataTable result row, as an object keyed by column name.
 
-A result whose kind or shape is not known yields no rows and says why (``unflattened``); the
-caller keeps the raw result and counts it. Plain Python on purpose: results are small nested
-lists of dicts, read one page at a time, so a loop beats building a DataFrame per insight.
+Every insight gets either rows or a reason (``unflattened``): no result, an empty one, a kind or
+shape not known, or a display whose data the insight API does not carry. The caller keeps the
+raw result and counts the reasons. Plain Python on purpose: results are small nested lists of
+dicts, read one page at a time, so a loop beats building a DataFrame per insight.
 """
 
 from __future__ import annotations
@@ -48,6 +49,30 @@ LEGACY_KINDS = {
 #: PostHog reports path conversion times in milliseconds (``paths_query_runner.py`` multiplies
 #: by 1000), funnel ones in seconds (``funnels/base.py``, ``dateDiff('second', ...)``).
 PATHS_TIME_UNIT_S = 0.001
+
+#: PostHog's breakdown sentinels (``posthog/hogql_queries/insights/utils/breakdowns.py``; the
+#: numeric ones are 2^53-2 and 2^53-1, for numeric breakdowns) and the text its CSV exporter
+#: shows for them instead.
+BREAKDOWN_NULL_DISPLAY = "None (i.e. no value)"
+BREAKDOWN_OTHER_DISPLAY = "Other (i.e. all remaining values)"
+_BREAKDOWN_SENTINELS = {
+    "$$_posthog_breakdown_null_$$": ("null", BREAKDOWN_NULL_DISPLAY),
+    "9007199254740990": ("null", BREAKDOWN_NULL_DISPLAY),
+    "$$_posthog_breakdown_other_$$": ("other", BREAKDOWN_OTHER_DISPLAY),
+    "9007199254740991": ("other", BREAKDOWN_OTHER_DISPLAY),
+}
+#: Why an insight has no tidy rows although nothing went wrong while flattening.
+NO_RESULT = "no result (null: a cold cache, or a query that failed or is still running)"
+EMPTY_RESULT = "empty result"
+#: Trends displays whose data is not a series of points (``trendsFilter.display``).
+CALENDAR_HEATMAP = "CalendarHeatmap"
+BOX_PLOT = "BoxPlot"
+UNFLATTENED_DISPLAYS = {
+    CALENDAR_HEATMAP: "CalendarHeatmap display: the day-by-hour grid stays as JSON in "
+    "posthog.insights.result (calendar_heatmap_data); its total is not a data point",
+    BOX_PLOT: "BoxPlot display: the per-interval statistics stay as JSON in "
+    "posthog.insights.result (older PostHog versions keep them outside the insight's result)",
+}
 
 
 @dataclass
@@ -118,12 +143,30 @@ def _query_source(query: Any) -> Mapping[str, Any] | None:
     return query
 
 
+def trends_display(insight: Mapping[str, Any]) -> str | None:
+    """``trendsFilter.display`` of a TrendsQuery (or legacy ``filters.display``), if set."""
+    source = _query_source(insight.get("query"))
+    if source is not None:
+        display = (source.get("trendsFilter") or {}).get("display")
+    else:
+        filters = insight.get("filters") or {}
+        display = filters.get("display") if isinstance(filters, Mapping) else None
+    return str(display) if display else None
+
+
 def flatten_insight(insight: Mapping[str, Any]) -> Flattened:
-    """Tidy rows of ``insight``'s result; never raises on a shape it does not know."""
+    """Tidy rows of ``insight``'s result, or the reason there are none; never raises."""
     kind = insight_kind(insight)
     result = insight.get("result")
     out = Flattened(kind)
-    if result is None or result == [] or result == {}:
+    if result is None:
+        out.unflattened = NO_RESULT
+        return out
+    if kind == "trends" and trends_display(insight) in UNFLATTENED_DISPLAYS:
+        out.unflattened = UNFLATTENED_DISPLAYS[str(trends_display(insight))]
+        return out
+    if result == [] or result == {}:
+        out.unflattened = EMPTY_RESULT
         return out
     flatten = _FLATTENERS.get(kind or "")
     if flatten is None:
@@ -142,11 +185,21 @@ def flatten_insight(insight: Mapping[str, Any]) -> Flattened:
 
 
 def _series(insight: Mapping[str, Any], result: Any, out: Flattened) -> None:
+    """One row per point; ``action`` carries what tells two series of one event apart (its
+    position in the query, custom name and math), ``null`` for formula series."""
     for s_index, series in enumerate(_list_of_dicts(result)):
+        action = series.get("action")
+        action = action if isinstance(action, Mapping) else {}
+        breakdown, breakdown_kind = _breakdown(series.get("breakdown_value"))
         common = {
             "series_index": s_index,
+            "series_order": _int_or_none(action.get("order")),
             "label": _text(series.get("label")),
-            "breakdown_value": _text(series.get("breakdown_value")),
+            "custom_name": _text(action.get("custom_name")),
+            "math": _text(action.get("math")),
+            "math_property": _text(action.get("math_property")),
+            "breakdown_value": breakdown,
+            "breakdown_kind": breakdown_kind,
             "compare_label": _text(series.get("compare_label")),
             "status": _text(series.get("status")),
         }
@@ -159,6 +212,7 @@ def _series(insight: Mapping[str, Any], result: Any, out: Flattened) -> None:
                     **common,
                     "point_index": 0,
                     "day": None,
+                    "period_start": None,
                     "x": None,
                     "value": _number(series["aggregated_value"]),
                 },
@@ -175,10 +229,18 @@ def _series(insight: Mapping[str, Any], result: Any, out: Flattened) -> None:
                         **common,
                         "point_index": p_index,
                         "day": _as_date(day),
+                        "period_start": _as_timestamp(day),
                         "x": _text(x),
                         "value": _number(value),
                     },
                 )
+        elif "aggregated_value" in series:
+            # A total-value series with nothing to total (``aggregated_value: null``).
+            out.add(
+                SERIES,
+                {**common, "point_index": 0, "day": None, "period_start": None, "x": None,
+                 "value": None},
+            )  # fmt: skip
         else:
             raise ShapeError(f"series {s_index} has neither data nor aggregated_value")
 
@@ -194,11 +256,7 @@ def _time_to_convert(insight: Mapping[str, Any], result: Any, out: Flattened) ->
             {
                 "series_index": 0,
                 "label": "time to convert",
-                "breakdown_value": None,
-                "compare_label": None,
-                "status": None,
                 "point_index": p_index,
-                "day": None,
                 "x": _text(start_s),
                 "value": _number(count),
             },
@@ -210,48 +268,84 @@ def _time_to_convert(insight: Mapping[str, Any], result: Any, out: Flattened) ->
 
 
 def _funnel_steps(insight: Mapping[str, Any], result: Any, out: Flattened) -> None:
-    """Steps, or (with a breakdown) one list of steps per breakdown value."""
+    """Steps, or (with a breakdown) one list of steps per breakdown value.
+
+    Conversions are PostHog's UI's (``stepsWithConversionMetrics`` in ``funnelUtils.ts``): from
+    the first step, and from the last step before that is not optional. An optional step
+    (``optionalInFunnel``) is counted on its own (``funnel_udf.py``), so the step after it may
+    count more people than it does; dividing by it would give a conversion above 1.
+    """
     if not isinstance(result, list):
         raise ShapeError("funnel steps are not a list")
+    optional = _optional_steps(insight)
     groups = result if result and isinstance(result[0], list) else [result]
     for steps in groups:
         steps = list(_list_of_dicts(steps))
         first = _count(steps[0].get("count")) if steps else None
-        previous = first
+        reference = first
         for step in steps:
             count = _count(step.get("count"))
+            order = int(step["order"])
+            breakdown, breakdown_kind = _breakdown(step.get("breakdown_value"))
+            is_optional = order in optional
             out.add(
                 FUNNEL_STEPS,
                 {
-                    "breakdown_value": _text(step.get("breakdown_value")),
-                    "step_order": int(step["order"]),
+                    "breakdown_value": breakdown,
+                    "breakdown_kind": breakdown_kind,
+                    "step_order": order,
                     "step_name": _text(step.get("custom_name") or step.get("name")),
+                    "is_optional": is_optional,
                     "count": count,
                     "conversion_from_first": _ratio(count, first),
-                    "conversion_from_previous": _ratio(count, previous),
+                    "conversion_from_previous": _ratio(count, reference),
                     "average_conversion_time_s": _number(step.get("average_conversion_time")),
                     "median_conversion_time_s": _number(step.get("median_conversion_time")),
                 },
             )
-            previous = count
+            if not is_optional:
+                reference = count
+
+
+def _optional_steps(insight: Mapping[str, Any]) -> set[int]:
+    """Orders of the steps marked ``optionalInFunnel`` (never the first) in the saved query."""
+    source = _query_source(insight.get("query")) or {}
+    series = source.get("series") if isinstance(source, Mapping) else None
+    if not isinstance(series, list):
+        return set()
+    return {
+        k for k, node in enumerate(series) if k and isinstance(node, Mapping)
+        and node.get("optionalInFunnel")
+    }  # fmt: skip
 
 
 def _retention(insight: Mapping[str, Any], result: Any, out: Flattened) -> None:
+    """Cohort x period cells. ``period_label`` is PostHog's bracket label (``Day 1-7`` with
+    custom brackets, so ``period`` is the bracket's position, not a day count);
+    ``aggregation_value`` is the metric of a sum/avg retention (``count`` is then people)."""
+    cohort_index: dict[Any, int] = {}
     for c_index, cohort in enumerate(_list_of_dicts(result)):
         values = cohort.get("values")
         if not isinstance(values, list):
             raise ShapeError(f"cohort {c_index} has no values")
+        breakdown, breakdown_kind = _breakdown(cohort.get("breakdown_value"))
+        index = cohort_index[breakdown] = cohort_index.get(breakdown, -1) + 1
         for period, cell in enumerate(values):
             count = cell.get("count") if isinstance(cell, Mapping) else cell
+            aggregated = cell.get("aggregation_value") if isinstance(cell, Mapping) else None
             out.add(
                 RETENTION_CELLS,
                 {
-                    "breakdown_value": _text(cohort.get("breakdown_value")),
-                    "cohort_index": c_index,
+                    "breakdown_value": breakdown,
+                    "breakdown_kind": breakdown_kind,
+                    "cohort_index": index,
                     "cohort_label": _text(cohort.get("label")),
                     "cohort_date": _as_date(cohort.get("date")),
+                    "cohort_start": _as_timestamp(cohort.get("date")),
                     "period": period,
+                    "period_label": _text(cell.get("label")) if isinstance(cell, Mapping) else None,
                     "count": _count(count),
+                    "aggregation_value": _number(aggregated),
                 },
             )
 
@@ -315,6 +409,29 @@ def _list_of_dicts(value: Any) -> Iterator[Mapping[str, Any]]:
         yield item
 
 
+def _breakdown(value: Any) -> tuple[str | None, str | None]:
+    """A breakdown value as text and its kind: ``value``, ``null`` or ``other`` (PostHog's
+    sentinels, shown as its CSV exporter shows them); both None without a breakdown."""
+    if value is None:
+        return None, None
+    parts = list(value) if isinstance(value, list | tuple) else [value]
+    kinds = set()
+    texts = []
+    for part in parts:
+        sentinel = _BREAKDOWN_SENTINELS.get("" if part is None else str(part))
+        if sentinel is not None:
+            kinds.add(sentinel[0])
+            texts.append(sentinel[1])
+        else:
+            texts.append(part)
+    text = _text(texts if isinstance(value, list | tuple) else texts[0])
+    return text, "other" if "other" in kinds else "null" if "null" in kinds else "value"
+
+
+def _int_or_none(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
 def _text(value: Any) -> str | None:
     """Labels and breakdown values as text. A list (PostHog sends a funnel's breakdown value as
     ``["Chrome"]``, a multi-property one as ``["Chrome", "Mac"]``) is joined with ``::``, as
@@ -348,6 +465,18 @@ def _count(value: Any) -> int | None:
 
 def _ratio(part: int | None, whole: int | None) -> float | None:
     return None if part is None or not whole else part / whole
+
+
+def _as_timestamp(value: Any) -> str | None:
+    """A point's or cohort's start with its time (hourly intervals keep their hour): as PostHog
+    wrote it, ``YYYY-MM-DD[ HH:MM:SS]`` in the project's time zone for trends, an ISO datetime
+    with its offset for retention cohorts."""
+    if not isinstance(value, str) or len(value) < 10:
+        return None
+    try:
+        return datetime.fromisoformat(value.replace("Z", "+00:00")).isoformat(sep=" ")
+    except ValueError:
+        return None
 
 
 def _as_date(value: Any) -> str | None:

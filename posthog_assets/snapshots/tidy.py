@@ -30,6 +30,9 @@ _SNAPSHOT_COLUMNS = {
     "snapshot_date": "DATE",
     "snapshot_at": "TIMESTAMPTZ",
     "insight_id": "BIGINT",
+    #: The insight's recalculation failed or did not finish: these rows come from the result
+    #: PostHog had before (``posthog.insights.query_error`` says why).
+    "result_is_stale": "BOOLEAN",
 }
 _BY_DAY = {
     "scope": ("project_id", "snapshot_date"),
@@ -41,18 +44,26 @@ TIDY_COLUMNS: dict[str, dict[str, str]] = {
         "kind": "VARCHAR",
         "series_index": "INTEGER",
         "point_index": "INTEGER",
+        "series_order": "INTEGER",
         "label": "VARCHAR",
+        "custom_name": "VARCHAR",
+        "math": "VARCHAR",
+        "math_property": "VARCHAR",
         "breakdown_value": "VARCHAR",
+        "breakdown_kind": "VARCHAR",
         "compare_label": "VARCHAR",
         "status": "VARCHAR",
         "day": "DATE",
+        "period_start": "TIMESTAMP",
         "x": "VARCHAR",
         "value": "DOUBLE",
     },
     FUNNEL_STEPS: {
         "breakdown_value": "VARCHAR",
+        "breakdown_kind": "VARCHAR",
         "step_order": "INTEGER",
         "step_name": "VARCHAR",
+        "is_optional": "BOOLEAN",
         "count": "BIGINT",
         "conversion_from_first": "DOUBLE",
         "conversion_from_previous": "DOUBLE",
@@ -61,11 +72,15 @@ TIDY_COLUMNS: dict[str, dict[str, str]] = {
     },
     RETENTION_CELLS: {
         "breakdown_value": "VARCHAR",
+        "breakdown_kind": "VARCHAR",
         "cohort_index": "INTEGER",
         "cohort_label": "VARCHAR",
         "cohort_date": "DATE",
+        "cohort_start": "TIMESTAMPTZ",
         "period": "INTEGER",
+        "period_label": "VARCHAR",
         "count": "BIGINT",
+        "aggregation_value": "DOUBLE",
     },
     PATH_EDGES: {
         "edge_index": "INTEGER",
@@ -86,18 +101,6 @@ TIDY_KEYS: dict[str, tuple[str, ...]] = {
     INSIGHT_ROWS: ("insight_id", "row_index"),
 }
 
-TIDY_DESCRIPTIONS: dict[str, str] = {
-    SERIES: "One row per data point of every Trends, Stickiness and Lifecycle insight (and of "
-    "funnel trends and time-to-convert views), per daily snapshot, in DuckDB.",
-    FUNNEL_STEPS: "One row per step of every funnel (per breakdown value), with counts, "
-    "conversion rates and times, per daily snapshot, in DuckDB.",
-    RETENTION_CELLS: "One row per cohort and period of every retention insight, per daily "
-    "snapshot, in DuckDB.",
-    PATH_EDGES: "One row per edge of every paths insight, per daily snapshot, in DuckDB.",
-    INSIGHT_ROWS: "One row per result row of every HogQL/DataTable insight (a JSON object keyed "
-    "by column name), per daily snapshot, in DuckDB.",
-}
-
 TIDY_SNAPSHOT_TABLES: dict[str, SnapshotTable] = {
     name: SnapshotTable(name=name, columns={**_SNAPSHOT_COLUMNS, **TIDY_COLUMNS[name]}, **_BY_DAY)
     for name in TIDY_TABLES
@@ -107,28 +110,34 @@ TIDY_SNAPSHOT_TABLES: dict[str, SnapshotTable] = {
 class TidyStager:
     """Flattens each staged insight into the tidy tables' staging files (thread-safe).
 
-    Counts what it could not flatten by kind: a result is never dropped (its raw JSON stays in
-    ``posthog.insights``) and never fails the run.
+    Every insight is counted once: flattened (by kind), or unflattened with its reason (no
+    result, an empty one, an unknown kind or shape, a display the tables do not hold). A result
+    is never dropped (its raw JSON stays in ``posthog.insights``) and never fails the run; a
+    stale result (its recalculation failed or did not finish) is flattened and its rows marked.
     """
 
     def __init__(self, staging: Mapping[str, StagedRows]) -> None:
         self.staging = staging
-        self.unflattened: Counter[str] = Counter()
         self.flattened: Counter[str] = Counter()
-        self.reasons: dict[str, str] = {}
+        self.unflattened: Counter[str] = Counter()
+        self.unflattened_by_reason: Counter[str] = Counter()
+        self.stale_flattened = 0
         self._lock = threading.Lock()
 
-    def add(self, insights: Iterable[Mapping[str, Any]]) -> None:
+    def add(self, insights: Iterable[tuple[Mapping[str, Any], bool]]) -> None:
+        """Flatten ``(insight, result_is_stale)`` pairs and stage their rows."""
         rows: dict[str, list[dict[str, Any]]] = {name: [] for name in self.staging}
-        for insight in insights:
+        for insight, stale in insights:
             flat = flatten_insight(insight)
+            kind = flat.kind or "unknown"
             with self._lock:
                 if flat.unflattened:
-                    self.unflattened[flat.kind or "unknown"] += 1
-                    self.reasons.setdefault(flat.kind or "unknown", flat.unflattened)
-                elif flat.rows:
-                    self.flattened[flat.kind or "unknown"] += 1
-            base = {"insight_id": insight.get("id")}
+                    self.unflattened[kind] += 1
+                    self.unflattened_by_reason[flat.unflattened] += 1
+                else:
+                    self.flattened[kind] += 1
+                    self.stale_flattened += int(stale)
+            base = {"insight_id": insight.get("id"), "result_is_stale": stale}
             for table, table_rows in flat.rows.items():
                 extra = {**base, "kind": flat.kind} if table == SERIES else base
                 rows[table].extend({**extra, **row} for row in table_rows)
@@ -136,15 +145,12 @@ class TidyStager:
             self.staging[table].write(table_rows)
 
     def figures(self) -> dict[str, Any]:
-        """For the insights materialization: what was flattened, and what was not (and why)."""
+        """For the insights materialization: flattened + unflattened = insights staged."""
         return {
             "flattened_insights": sum(self.flattened.values()),
             "flattened_by_kind": dict(sorted(self.flattened.items())),
+            "stale_results_flattened": self.stale_flattened,
             "unflattened_insights": sum(self.unflattened.values()),
-            **(
-                {"unflattened_by_kind": dict(sorted(self.unflattened.items()))}
-                if self.unflattened
-                else {}
-            ),
-            **({"unflattened_reasons": dict(sorted(self.reasons.items()))} if self.reasons else {}),
+            "unflattened_by_kind": dict(sorted(self.unflattened.items())),
+            "unflattened_by_reason": dict(sorted(self.unflattened_by_reason.items())),
         }

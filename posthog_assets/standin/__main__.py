@@ -20,7 +20,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
     parser.add_argument("--storage-port", type=int, default=0, help="object-storage listener")
     parser.add_argument("--key", default="phx_standin_key", help="personal API key (all scopes)")
     parser.add_argument("--project-id", type=int, default=1)
-    parser.add_argument("--insights", type=int, default=30)
+    parser.add_argument("--insights", type=int, default=40)
     parser.add_argument("--dashboards", type=int, default=3)
     parser.add_argument("--group-types", type=int, default=3, help="at most 5, as in PostHog")
     parser.add_argument("--groups", type=int, default=250, help="groups per group type")

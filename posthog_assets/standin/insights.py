@@ -69,7 +69,7 @@ def _query_response(insight: Insight, last_refresh: float, is_cached: bool) -> d
         "hogql": _hogql(insight),
         "columns": insight.result_columns(),
         "types": insight.result_types(),
-        "hasMore": False if insight.kind == "hogql" else None,
+        "hasMore": insight.has_more,
         "query_status": None,
         "timings": [],
     }
@@ -78,7 +78,7 @@ def _query_response(insight: Insight, last_refresh: float, is_cached: bool) -> d
 def _hogql(insight: Insight) -> str | None:
     """The HogQL the runner executed: the saved select of a HogQL insight, the trends query's
     translation otherwise (none for an insight with nothing to query)."""
-    if insight.kind == "hogql":
+    if insight.kind in ("hogql", "sql_truncated"):
         return insight.hogql_text()
     if insight.kind == "empty":
         return None
@@ -122,7 +122,7 @@ def settle(state: State, insight: Insight, now: float) -> QueryJob | None:
     job = state.jobs.get(insight.cache_key)
     if job is not None and not job.settled and job.complete(now):
         job.settled = True
-        if job.outcome == "ok":
+        if job.outcome == "ok" and insight.id not in state.config.uncached_job_insights:
             current = state.cache.get(insight)
             if current is None or current < job.end:
                 state.cache.put(insight, job.end)
@@ -281,13 +281,11 @@ async def evaluate(
             return miss(_start_job(state, insight, now))
         return cached(running if lazily_fresh else _start_job(state, insight, now))
     # force_cache never calculates. The older handle_cache_and_async_logic answers a bare
-    # CacheMissResponse (no status); newer versions attach a running or failed job's status.
+    # CacheMissResponse (no status); newer versions attach the job's status while it runs, and
+    # none once it is complete (a failed job is complete): a failure never shows here.
     if not state.config.force_cache_shows_running_job:
         return cached(None) if last is not None else miss(None)
-    if last is not None:
-        return cached(running)
-    failed = job if job is not None and job.complete(now) and job.outcome != "ok" else None
-    return miss(running or failed)
+    return cached(running) if last is not None else miss(running)
 
 
 def _tiles(insight: Insight) -> list[dict[str, Any]]:
@@ -297,15 +295,26 @@ def _tiles(insight: Insight) -> list[dict[str, Any]]:
     ]
 
 
-def _base_json(insight: Insight) -> dict[str, Any]:
+def _base_json(state: State, insight: Insight, *, full: bool) -> dict[str, Any]:
+    """The fields both serializers share. The newest answer ``query`` = the saved query or
+    ``query_from_filters``, and then ``filters: {}``; older ones send the saved ``query``
+    (null for an insight saved with legacy filters) and the filters (the full serializer
+    defaults ``filters.insight`` to ``TRENDS`` when there is neither). ``tags`` are empty unless
+    the key owner's organisation has paid tagging (``TaggedItemSerializerMixin``)."""
     user = insight.created_by
+    query = insight.query()
+    if state.config.insight_query_from_filters:
+        query = insight.query_from_filters()
+    filters = {} if query is not None else insight.filters()
+    if full and query is None and "insight" not in filters:
+        filters["insight"] = "TRENDS"
     return {
         "id": insight.id,
         "short_id": insight.short_id,
         "name": insight.name,
         "derived_name": insight.derived_name,
-        "filters": insight.filters(),
-        "query": insight.query(),
+        "filters": filters,
+        "query": query,
         "order": None,
         "deleted": False,
         "dashboards": insight.dashboard_ids,
@@ -314,7 +323,7 @@ def _base_json(insight: Insight) -> dict[str, Any]:
         "created_at": iso_z(insight.created_at),
         "created_by": user,
         "updated_at": iso_z(insight.updated_at),
-        "tags": insight.tags,
+        "tags": insight.tags if state.config.tagging_licensed else [],
         "favorited": insight.favorited,
         "saved": insight.saved,
         "last_modified_at": iso_z(insight.updated_at),
@@ -324,10 +333,10 @@ def _base_json(insight: Insight) -> dict[str, Any]:
     }
 
 
-def basic_json(insight: Insight) -> dict[str, Any]:
+def basic_json(state: State, insight: Insight) -> dict[str, Any]:
     """``InsightBasicSerializer``: metadata only; ``last_refresh`` is the model's own column,
     which the query cache never writes (so it says nothing about the cached result)."""
-    body = _base_json(insight)
+    body = _base_json(state, insight, full=False)
     body["filters_hash"] = insight.cache_key
     moment = insight.model_last_refresh
     body["last_refresh"] = iso_z(moment) if moment is not None else None
@@ -338,7 +347,7 @@ async def insight_json(
     state: State, insight: Insight, mode: str, now: float, client_query_id: str | None = None
 ) -> dict[str, Any]:
     """The InsightSerializer shape, with the result fields computed under ``mode``."""
-    body = _base_json(insight)
+    body = _base_json(state, insight, full=True)
     body.update(await evaluate(state, insight, mode, now, client_query_id))
     table = insight.table()
     body.update(
@@ -373,6 +382,14 @@ def _created_by_filter(raw: str) -> set[int] | None:
     return {int(v) for v in values if isinstance(v, int | str) and str(v).lstrip("-").isdigit()}
 
 
+def _json_list(raw: str) -> set[str]:
+    try:
+        value = json.loads(raw)
+    except ValueError:
+        raise errors.server_error() from None  # json.loads raising in the view: a 500
+    return {str(v) for v in value} if isinstance(value, list) else set()
+
+
 def _matching(ctx: Ctx) -> list[int] | range:
     """Indexes of the project's insights that pass the list filters, in list order (by id)."""
     project = ctx.project
@@ -395,6 +412,10 @@ def _matching(ctx: Ctx) -> list[int] | range:
         users = _created_by_filter(q["created_by"])
         if users is not None:
             checks.append(lambda i: Insight(project, i).created_by["id"] in users)
+    if q.get("tags"):  # a JSON array, any of them; no licence check (``_filter_request``)
+        wanted = _json_list(q["tags"])
+        if wanted:
+            checks.append(lambda i: bool(wanted.intersection(Insight(project, i).tags)))
     if q.get("search"):
         term = q["search"].lower()
 
@@ -542,7 +563,7 @@ async def list_insights(ctx: Ctx) -> Response:
     page = _ordered_page(ctx, indexes, order, limit, offset)
     project = ctx.project
     if basic:
-        results = [basic_json(Insight(project, i)) for i in page]
+        results = [basic_json(ctx.state, Insight(project, i)) for i in page]
     else:
         mode = parse_refresh(ctx)
         client_query_id = ctx.query.get("client_query_id")
@@ -569,7 +590,7 @@ def find_insight(ctx: Ctx, raw: str) -> Insight:
 async def retrieve_insight(ctx: Ctx) -> Response:
     insight = find_insight(ctx, ctx.request.path_params["insight_id"])
     if _truthy(ctx.query.get("basic", "false")):
-        return _render(ctx, basic_json(insight))
+        return _render(ctx, basic_json(ctx.state, insight))
     client_query_id = ctx.query.get("client_query_id")
     body = await insight_json(ctx.state, insight, parse_refresh(ctx), ctx.now, client_query_id)
     return _render(ctx, body)

@@ -36,16 +36,16 @@ async def retrieve_project(ctx: Ctx) -> Response:
     return JSONResponse(ctx.project.to_json())
 
 
-def dashboard_json(board: Dashboard, with_tiles: bool) -> dict[str, Any]:
+def dashboard_json(state: State, board: Dashboard, with_tiles: bool) -> dict[str, Any]:
     body: dict[str, Any] = {
         "id": board.id,
         "name": board.name,
         "description": f"Seeded dashboard {board.index}.",
-        "pinned": board.index == 0,
+        "pinned": board.pinned,
         "created_at": iso_z(Insight(board.project, 0).created_at),
         "created_by": USERS[board.index % len(USERS)],
         "deleted": False,
-        "tags": [],
+        "tags": board.tags if state.config.tagging_licensed else [],
         "filters": {},
     }
     if with_tiles:
@@ -70,13 +70,19 @@ def dashboard_json(board: Dashboard, with_tiles: bool) -> dict[str, Any]:
 
 
 async def list_dashboards(ctx: Ctx) -> Response:
+    """``DashboardsViewSet``: ordered ``("-pinned", "name")`` (names need not be unique);
+    ``?tags=a&tags=b`` (repeated, any of them) filters without a licence check."""
     project = ctx.project
+    boards = [Dashboard(project, d) for d in range(project.n_dashboards)]
+    wanted = set(ctx.request.query_params.getlist("tags"))
+    if wanted:
+        boards = [b for b in boards if wanted.intersection(b.tags)]
+    boards.sort(key=lambda b: (not b.pinned, b.name, b.id))
     page = limit_offset_page(
         ctx.request,
-        project.n_dashboards,
+        len(boards),
         lambda offset, limit: [
-            dashboard_json(Dashboard(project, d), with_tiles=False)
-            for d in range(offset, min(project.n_dashboards, offset + limit))
+            dashboard_json(ctx.state, b, with_tiles=False) for b in boards[offset : offset + limit]
         ],
     )
     return JSONResponse(page)
@@ -87,4 +93,4 @@ async def retrieve_dashboard(ctx: Ctx) -> Response:
     board = ctx.state.seed.dashboard_by_id(int(raw)) if raw.isdigit() else None
     if board is None or board.project.id != ctx.project.id:
         raise errors.not_found()
-    return JSONResponse(dashboard_json(board, with_tiles=True))
+    return JSONResponse(dashboard_json(ctx.state, board, with_tiles=True))

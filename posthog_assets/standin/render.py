@@ -14,13 +14,14 @@ import unicodedata
 import zlib
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import date, datetime
 from typing import Any
 
-from .exporter import RowsTable
+from .exporter import RowsTable, exporter_rows
 from .hashing import mix
-from .seed import Insight, Seed
-from .trends import CSV_COLUMNS, TrendTable
+from .seed import CSV_EXPORT_LIMIT, Insight, Seed
+from .shapes import day_label
+from .trends import TrendTable
 
 PNG = "image/png"
 PDF = "application/pdf"
@@ -103,7 +104,7 @@ class CsvPlan:
 
     table: TrendTable | RowsTable
     rows: int
-    header: tuple[str, ...] = CSV_COLUMNS
+    header: tuple[str, ...]
 
     @property
     def header_line(self) -> str:
@@ -111,12 +112,12 @@ class CsvPlan:
 
     @property
     def size(self) -> int:
-        if self.rows == 0:
+        if self.rows == 0 or not self.header:
             return len(NO_DATA_CSV)
         return len(self.header_line) + self.table.rows_bytes(self.rows)
 
     def chunks(self) -> Iterator[bytes]:
-        if self.rows == 0:
+        if self.rows == 0 or not self.header:
             yield NO_DATA_CSV.encode()
             return
         yield self.header_line.encode()
@@ -134,7 +135,9 @@ def source_insight(seed: Seed, insight_id: int | None, export_context: Any) -> I
 
 
 def _insight_plan(insight: Insight, csv_rows: int | None) -> CsvPlan:
-    rows = insight.row_count if csv_rows is None else csv_rows
+    """The insight's export table, cut at PostHog's export row limit (``csv_rows`` forces a
+    row count, repeating the rows, for big-file tests)."""
+    rows = min(insight.row_count, CSV_EXPORT_LIMIT) if csv_rows is None else csv_rows
     return CsvPlan(insight.export_table(), rows, insight.table_header)
 
 
@@ -143,29 +146,43 @@ def _clean(label: str) -> str:
 
 
 def _source_plan(seed: Seed, source: dict[str, Any], csv_rows: int | None) -> CsvPlan:
-    """A generic table for a query node: trends rows for a TrendsQuery (or an InsightVizNode
-    around one), ``event,day,count`` rows for HogQL (a DataTableNode around one, too)."""
+    """A generic table for a query node: PostHog's trends layout for a TrendsQuery (or an
+    InsightVizNode around one), ``event,day,count`` rows for HogQL (a DataTableNode around one,
+    too)."""
     node = source
     if node.get("kind") in ("InsightVizNode", "DataTableNode", "DataVisualizationNode"):
         inner = node.get("source")
         node = inner if isinstance(inner, dict) else {}
-    header: tuple[str, ...] = CSV_COLUMNS
     events: tuple[str, ...] = ()
     if node.get("kind") == "HogQLQuery":
-        header = ("event", "day", "count")
         match = _HOGQL_EVENTS.search(str(node.get("query") or ""))
         if match:
             events = tuple(re.findall(r"'([^']*)'", match.group(1)))
-    else:
-        series = node.get("series")
-        events = tuple(
-            str(s.get("event"))
-            for s in (series if isinstance(series, list) else [])
-            if isinstance(s, dict) and s.get("event")
-        )
+        labels = tuple(_clean(e) for e in events) or ("$pageview",)
+        table = TrendTable(labels, start_offset=9000, step_days=1, key=mix(seed.seed, 77))
+        rows = len(labels) * 8 if csv_rows is None else csv_rows
+        return CsvPlan(table, rows, ("event", "day", "count"))
+    series = node.get("series")
+    events = tuple(
+        str(s.get("event"))
+        for s in (series if isinstance(series, list) else [])
+        if isinstance(s, dict) and s.get("event")
+    )
     labels = tuple(_clean(e) for e in events) or ("$pageview",)
     table = TrendTable(labels, start_offset=9000, step_days=1, key=mix(seed.seed, 77))
-    return CsvPlan(table, len(labels) * 8 if csv_rows is None else csv_rows, header)
+    days = [table.date(d) for d in range(8)]
+    result = [
+        {
+            "label": label,
+            "data": [table.value(s, d) for d in range(8)],
+            "labels": [day_label(date.fromisoformat(day)) for day in days],
+            "days": days,
+        }
+        for s, label in enumerate(labels)
+    ]
+    rows_table = RowsTable.from_rows(exporter_rows(result))
+    rows = len(rows_table.rows) if csv_rows is None else csv_rows
+    return CsvPlan(rows_table, rows, rows_table.header)
 
 
 def csv_plan(

@@ -30,7 +30,7 @@ class Options:
     storage_port: int = 0
     key: str = "phx_standin_key"
     project_id: int = 1
-    insights: int = 30
+    insights: int = 40
     dashboards: int = 3
     group_types: int = 3
     groups: int = 250

@@ -16,7 +16,7 @@ from . import shapes
 from .exporter import RowsTable, exporter_rows
 from .hashing import mix
 from .shapes import SHAPED_KINDS, Frame, day_label
-from .trends import CSV_COLUMNS, DATE_ORIGIN, TrendTable
+from .trends import DATE_ORIGIN, TrendTable
 
 #: Anchor of every seeded timestamp, so data does not drift with the wall clock.
 EPOCH = datetime(2026, 1, 1, tzinfo=UTC)
@@ -65,9 +65,12 @@ _DASHBOARD_NAMES = ("Growth", "Product health", "Revenue", "Onboarding", "Retent
 #: What an insight is saved as, by index ``i`` (the first rule that matches wins):
 #: ``i % 40 == 39`` "empty" (no query, empty legacy filters: nothing a tabular export can use),
 #: ``i % 10 == 9`` "hogql" (a DataTableNode over a HogQLQuery; the result is rows and columns),
-#: ``i % 10 == 7`` "legacy" (only legacy ``filters``, no query; the result is trends-shaped),
+#: ``i % 10 == 7`` "legacy" (saved with legacy ``filters`` only; PostHog answers the query it
+#: derives from them, ``query_from_filters``, and ``filters: {}``; the result is trends-shaped),
+#: ``i % 40 == 30`` "sql_truncated" (a SQL insight without LIMIT over more rows than PostHog
+#: returns for a saved insight: the first 100 and ``hasMore: true``),
 #: the kind :data:`_SHAPED_SLOTS` gives ``i % 40`` (each other PostHog insight kind once per 40
-#: indexes, at 14-28 so all of them are among the first 30 insights; see ``shapes``),
+#: indexes, at 14-35 so all of them are among the first 40 insights; see ``shapes``),
 #: else "trends" (an InsightVizNode over a TrendsQuery with a ``$current_url`` breakdown).
 #: Indexes 0-9 are therefore trends, legacy (7) and hogql (9) only.
 _SHAPED_SLOTS: dict[int, str] = {
@@ -82,17 +85,33 @@ _SHAPED_SLOTS: dict[int, str] = {
     25: "lifecycle",
     26: "stickiness",
     28: "paths",
+    31: "trends_series_identity",
+    32: "retention_aggregated",
+    33: "funnel_optional",
+    34: "calendar_heatmap",
+    35: "boxplot",
 }
-INSIGHT_KINDS = ("trends", "legacy", "hogql", "empty", *SHAPED_KINDS)
+SQL_TRUNCATED_SLOT = 30
+INSIGHT_KINDS = ("trends", "legacy", "hogql", "sql_truncated", "empty", *SHAPED_KINDS)
 INSIGHT_KIND_RULES = {
     "empty": "i % 40 == 39",
     "hogql": "i % 10 == 9",
     "legacy": "i % 10 == 7",
+    "sql_truncated": f"i % 40 == {SQL_TRUNCATED_SLOT}",
     **{kind: f"i % 40 == {slot}" for slot, kind in _SHAPED_SLOTS.items()},
     "trends": "otherwise",
 }
 #: ``types`` of a HogQL result: ``[name, ClickHouse type]`` per column.
 _HOGQL_TYPES = ("String", "Date", "UInt64")
+#: PostHog computes saved insights with ``LimitContext.QUERY_ASYNC``: a SELECT without LIMIT
+#: returns ``DEFAULT_RETURNED_ROWS`` rows and ``hasMore`` (``posthog/hogql/constants.py``,
+#: ``insights/paginators.py``); a tabular export of the query runs under ``LimitContext.EXPORT``
+#: and renders up to ``CSV_EXPORT_LIMIT`` rows.
+DEFAULT_RETURNED_ROWS = 100
+CSV_EXPORT_LIMIT = 50_000
+#: Rows the seeded SQL insight without LIMIT really has (its export renders all of them).
+SQL_TRUNCATED_ROWS = 250
+_SQL_TRUNCATED_COLUMNS = ("distinct_id", "events")
 
 #: Base-62 alphabet and space of 8-character short ids.
 _B62 = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
@@ -193,6 +212,8 @@ class Insight:
             return "hogql"
         if i % 10 == 7:
             return "legacy"
+        if i % 40 == SQL_TRUNCATED_SLOT:
+            return "sql_truncated"
         if i % 40 in _SHAPED_SLOTS:
             return _SHAPED_SLOTS[i % 40]
         return "trends"
@@ -225,7 +246,10 @@ class Insight:
 
     @property
     def labels(self) -> tuple[str, ...]:
-        """Series labels as PostHog writes them for a breakdown: ``<event> - <value>``."""
+        """Series labels as PostHog writes them for a breakdown: ``<event> - <value>``, or just
+        the value when the query has one series (``build_series_response``)."""
+        if len(self.events) == 1:
+            return self.breakdown_values
         return tuple(f"{e} - {v}" for e, v in zip(self.events, self.breakdown_values, strict=True))
 
     @property
@@ -306,25 +330,31 @@ class Insight:
         )
 
     def export_table(self) -> TrendTable | RowsTable:
-        """The rows of a tabular export: PostHog's exporter layout of the result for the
-        ``shapes`` kinds; the long ``series,date,count`` table otherwise (extendable to any row
-        count, with a ``$pageview`` series standing in when the insight has none)."""
-        if self.shaped:
-            return RowsTable.from_rows(exporter_rows(self.result()))
-        return self.table(self.table().labels or ("$pageview",))
+        """The rows of a tabular export of the insight's source, as PostHog's exporter lays
+        them out: a HogQL select's rows as they are (extendable to any row count, for big
+        exports), every row of a SQL insight the insight API cut short, the exporter's layout
+        of the result for everything else (``exporter_rows``)."""
+        if self.kind == "hogql":
+            return self.table()
+        if self.kind == "sql_truncated":
+            return RowsTable(self.columns, tuple(tuple(r) for r in self.sql_rows()))
+        source = (self.query_from_filters() or {}).get("source") or {}
+        rows = exporter_rows(self.result(), breakdown_filter=source.get("breakdownFilter"))
+        return RowsTable.from_rows(rows)
 
     @property
     def table_header(self) -> tuple[str, ...]:
         """Column names of a tabular export of this insight."""
-        if self.shaped:
-            return self.export_table().header
-        return self.columns if self.kind == "hogql" else CSV_COLUMNS
+        if self.kind == "hogql":
+            return self.columns
+        return self.export_table().header
 
     @property
     def row_count(self) -> int:
-        if self.shaped:
-            return len(self.export_table().rows)
-        return len(self.events) * self.points
+        """Rows of a tabular export (a HogQL select's: one per series and point)."""
+        if self.kind == "hogql":
+            return len(self.events) * self.points
+        return len(self.export_table().rows)
 
     def values(self) -> list[float]:
         """The first series' counts (what a chart of the insight shows most prominently)."""
@@ -343,13 +373,17 @@ class Insight:
         return sum(table.value(s, d) for s in range(len(self.events)) for d in range(self.points))
 
     def result(self) -> list[Any] | dict[str, Any]:
-        """The computed result: trends series dicts (like a TrendsQuery response) for "trends" and
-        "legacy" insights, row lists for "hogql" ones, an empty list for "empty" ones, and the
-        runner's shape for the others (a dict for funnel time to convert)."""
+        """The computed result as the insight API serves it: trends series dicts (like a
+        TrendsQuery response) for "trends" and "legacy" insights, row lists for "hogql" ones
+        (the first :data:`DEFAULT_RETURNED_ROWS` for "sql_truncated"), an empty list for
+        "empty" ones, and the runner's shape for the others (a dict for funnel time to
+        convert)."""
         if self.shaped:
             return shapes.result(self.kind, self.frame)
         if self.kind == "hogql":
             return [list(row) for row in self.table().iter_rows(self.row_count)]
+        if self.kind == "sql_truncated":
+            return self.sql_rows()[:DEFAULT_RETURNED_ROWS]
         table = self.table()
         days = [table.date(d) for d in range(self.points)]
         labels = [day_label(date.fromisoformat(d)) for d in days]
@@ -363,6 +397,7 @@ class Insight:
                         "type": "events",
                         "order": s,
                         "name": event,
+                        "custom_name": None,
                         "math": "total",
                     },
                     "label": table.labels[s],
@@ -375,23 +410,46 @@ class Insight:
             )
         return series
 
+    def sql_rows(self) -> list[list[Any]]:
+        """Every row of the "sql_truncated" select (``distinct_id``, ``events``), most first."""
+        counts = sorted(
+            (mix(self._h, 31, k) % 900 + 10 for k in range(SQL_TRUNCATED_ROWS)), reverse=True
+        )
+        return [[f"user-{k}", n] for k, n in enumerate(counts)]
+
+    @property
+    def has_more(self) -> bool | None:
+        """``hasMore`` of the computed result: set for SQL results only."""
+        if self.kind == "sql_truncated":
+            return True
+        return False if self.kind == "hogql" else None
+
     @property
     def columns(self) -> tuple[str, ...]:
-        """HogQL result columns (only meaningful for "hogql" insights)."""
+        """Result columns of a SQL insight (only meaningful for "hogql" and "sql_truncated")."""
+        if self.kind == "sql_truncated":
+            return _SQL_TRUNCATED_COLUMNS
         return ("event", self.interval, "count")
 
     def result_columns(self) -> list[str] | None:
-        """``columns`` of a computed result: set for HogQL results only."""
-        return list(self.columns) if self.kind == "hogql" else None
+        """``columns`` of a computed result: set for SQL results only."""
+        return list(self.columns) if self.kind in ("hogql", "sql_truncated") else None
 
     def result_types(self) -> list[list[str]] | None:
-        """``types`` of a computed result: ``[name, type]`` pairs for HogQL results only."""
+        """``types`` of a computed result: ``[name, type]`` pairs for SQL results only."""
+        if self.kind == "sql_truncated":
+            return [["distinct_id", "String"], ["events", "UInt64"]]
         if self.kind != "hogql":
             return None
         return [[name, kind] for name, kind in zip(self.columns, _HOGQL_TYPES, strict=True)]
 
     def hogql_text(self) -> str:
-        """The HogQL select of a "hogql" insight."""
+        """The HogQL select of a "hogql" (or, without LIMIT, "sql_truncated") insight."""
+        if self.kind == "sql_truncated":
+            return (
+                "SELECT distinct_id, count() AS events FROM events "
+                "GROUP BY distinct_id ORDER BY events DESC"
+            )
         step = "Week" if self.interval == "week" else "Day"
         if self.events:
             where = "event IN (" + ", ".join(f"'{e}'" for e in self.events) + ")"
@@ -413,24 +471,35 @@ class Insight:
                 "kind": "DataTableNode",
                 "source": {"kind": "HogQLQuery", "query": self.hogql_text()},
             }
+        if kind == "sql_truncated":
+            return {
+                "kind": "DataVisualizationNode",
+                "source": {"kind": "HogQLQuery", "query": self.hogql_text()},
+            }
         if self.shaped:
             return {"kind": "InsightVizNode", "source": shapes.query_source(kind, self.frame)}
+        return {"kind": "InsightVizNode", "source": self._trends_source()}
+
+    def query_from_filters(self) -> dict[str, Any] | None:
+        """What PostHog's serializers answer as ``query``: the saved query, or for an insight
+        saved with legacy filters the query PostHog derives from them (``query_from_filters``)."""
+        if self.kind == "legacy":
+            return {"kind": "InsightVizNode", "source": self._trends_source()}
+        return self.query()
+
+    def _trends_source(self) -> dict[str, Any]:
         return {
-            "kind": "InsightVizNode",
-            "source": {
-                "kind": "TrendsQuery",
-                "series": [
-                    {"kind": "EventsNode", "event": e, "name": e, "math": "total"}
-                    for e in self.events
-                ],
-                "interval": self.interval,
-                "dateRange": {"date_from": f"-{self.points - 1}{self.interval[0]}"},
-                "breakdownFilter": {"breakdown": "$current_url", "breakdown_type": "event"},
-            },
+            "kind": "TrendsQuery",
+            "series": [
+                {"kind": "EventsNode", "event": e, "name": e, "math": "total"} for e in self.events
+            ],
+            "interval": self.interval,
+            "dateRange": {"date_from": f"-{self.points - 1}{self.interval[0]}"},
+            "breakdownFilter": {"breakdown": "$current_url", "breakdown_type": "event"},
         }
 
     def filters(self) -> dict[str, Any]:
-        """The legacy ``filters``: set for "legacy" insights only (query-based ones answer {})."""
+        """The legacy ``filters`` an insight was saved with: set for "legacy" insights only."""
         if self.kind != "legacy":
             return {}
         return {
@@ -458,8 +527,19 @@ class Dashboard:
 
     @property
     def name(self) -> str:
+        """Names need not be unique in PostHog: the sixth dashboard is a second "Growth"."""
         base = _DASHBOARD_NAMES[self.index % len(_DASHBOARD_NAMES)]
-        return base if self.index < len(_DASHBOARD_NAMES) else f"{base} {self.index}"
+        if self.index < len(_DASHBOARD_NAMES) or self.index == len(_DASHBOARD_NAMES):
+            return base
+        return f"{base} {self.index}"
+
+    @property
+    def pinned(self) -> bool:
+        return self.index == 0
+
+    @property
+    def tags(self) -> list[str]:
+        return ["growth"] if self.index % len(_DASHBOARD_NAMES) == 0 else []
 
     def insight_indexes(self) -> list[int]:
         n = self.project.n_dashboards

@@ -38,7 +38,7 @@ class StandinProcess:
     def __init__(
         self,
         *,
-        insights: int = 30,
+        insights: int = 40,
         groups: int = 250,
         group_types: int = 3,
         dashboards: int = 3,

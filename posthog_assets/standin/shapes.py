@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import date, timedelta
+from datetime import UTC, date, datetime, time, timedelta
 from typing import Any
 
 from .hashing import mix
@@ -29,10 +29,16 @@ SHAPED_KINDS = (
     "lifecycle",
     "stickiness",
     "paths",
+    "trends_series_identity",
+    "retention_aggregated",
+    "funnel_optional",
+    "calendar_heatmap",
+    "boxplot",
 )
 #: ``funnelsFilter.funnelVizType`` of each funnel kind.
 FUNNEL_VIZ = {
     "funnel_steps": "steps",
+    "funnel_optional": "steps",
     "funnel_steps_breakdown": "steps",
     "funnel_trends": "trends",
     "funnel_time_to_convert": "time_to_convert",
@@ -46,6 +52,19 @@ _BROWSERS = ("Chrome", "Safari", "Firefox")
 _PAGES = ("/home", "/pricing", "/signup", "/docs", "/blog", "/checkout", "/settings")
 #: Bins of a time-to-convert histogram (PostHog returns ``bin_count + 1`` of them).
 _TTC_BINS = 6
+#: PostHog's breakdown sentinels (``posthog/hogql_queries/insights/utils/breakdowns.py``).
+BREAKDOWN_NULL = "$$_posthog_breakdown_null_$$"
+BREAKDOWN_OTHER = "$$_posthog_breakdown_other_$$"
+BREAKDOWN_DISPLAY = {
+    BREAKDOWN_NULL: "None (i.e. no value)",
+    BREAKDOWN_OTHER: "Other (i.e. all remaining values)",
+}
+#: Two series of one event that differ only in math and custom name (``trends_series_identity``).
+_IDENTITY_SERIES = (("total", "Views"), ("dau", "Users"))
+_IDENTITY_BREAKDOWNS = ("Chrome", BREAKDOWN_NULL, BREAKDOWN_OTHER)
+#: Custom retention brackets (``retentionCustomBrackets``) of ``retention_aggregated``.
+RETENTION_BRACKETS = (1, 7)
+_RETENTION_COHORTS = 4
 
 
 def day_label(day: date) -> str:
@@ -117,6 +136,8 @@ def _funnel_source(kind: str, frame: Frame) -> dict[str, Any]:
     }
     if kind == "funnel_steps_breakdown":
         source["breakdownFilter"] = {"breakdown": "$browser", "breakdown_type": "event"}
+    if kind == "funnel_optional":
+        source["series"][1]["optionalInFunnel"] = True  # never the first step
     return source
 
 
@@ -136,8 +157,56 @@ def _retention_source(frame: Frame) -> dict[str, Any]:
     }
 
 
+def _hourly(frame: Frame) -> list[datetime]:
+    """``frame.points`` hours ending at 23:00 of the frame's last day."""
+    last = datetime.combine(frame.end, time(23))
+    return [last - timedelta(hours=frame.points - 1 - k) for k in range(frame.points)]
+
+
 def query_source(kind: str, frame: Frame) -> dict[str, Any]:
     """The ``source`` of the InsightVizNode PostHog saves for an insight of ``kind``."""
+    if kind == "trends_series_identity":
+        event = frame.events[0]
+        return {
+            "kind": "TrendsQuery",
+            "series": [
+                {
+                    "kind": "EventsNode",
+                    "event": event,
+                    "name": event,
+                    "math": math,
+                    "custom_name": custom,
+                }
+                for math, custom in _IDENTITY_SERIES
+            ],  # fmt: skip
+            "interval": "hour",
+            "dateRange": {"date_from": f"-{frame.points - 1}h"},
+            "breakdownFilter": {"breakdown": "$browser", "breakdown_type": "event"},
+            "trendsFilter": {"display": "ActionsLineGraph"},
+        }
+    if kind == "retention_aggregated":
+        source = _retention_source(frame)
+        source["retentionFilter"].update(
+            period="Hour",
+            totalIntervals=_RETENTION_COHORTS,
+            retentionCustomBrackets=list(RETENTION_BRACKETS),
+            aggregationType="sum",
+            aggregationProperty="revenue",
+        )
+        source["breakdownFilter"] = {"breakdown": "$browser", "breakdown_type": "event"}
+        return source
+    if kind == "calendar_heatmap":
+        return _trends_source(
+            Frame(frame.key, frame.events[:1], frame.interval, frame.end, frame.points),
+            {"display": "CalendarHeatmap"},
+        )
+    if kind == "boxplot":
+        source = _trends_source(
+            Frame(frame.key, frame.events[:1], frame.interval, frame.end, frame.points),
+            {"display": "BoxPlot"},
+        )
+        source["series"][0].update(math="sum", math_property="revenue")
+        return source
     if kind == "trends_compare":
         return _trends_source(
             frame, {"display": "ActionsLineGraph"}, compareFilter={"compare": True}
@@ -420,6 +489,140 @@ def _paths(frame: Frame) -> list[dict[str, Any]]:
     ]
 
 
+def _trends_series_identity(frame: Frame) -> list[dict[str, Any]]:
+    """Two series of one event that differ only in ``math`` and custom name, broken down by
+    ``$browser`` with PostHog's null and "other" sentinels, per hour (``build_series_response``:
+    with more than one series the label is ``<event> - <value>``)."""
+    event = frame.events[0]
+    hours = _hourly(frame)
+    results = []
+    for order, (math, custom) in enumerate(_IDENTITY_SERIES):
+        for b, value in enumerate(_IDENTITY_BREAKDOWNS):
+            data = [
+                frame.num(0, 90 if math == "dau" else 400, 21, order, b, h)
+                for h in range(len(hours))
+            ]
+            results.append(
+                {
+                    "data": data,
+                    "labels": [f"{h.day}-{h.strftime('%b-%Y %H:%M')}" for h in hours],
+                    "days": [h.strftime("%Y-%m-%d %H:%M:%S") for h in hours],
+                    "count": sum(data),
+                    "label": f"{event} - {BREAKDOWN_DISPLAY.get(value, value)}",
+                    "action": {
+                        "id": event,
+                        "type": "events",
+                        "order": order,
+                        "name": event,
+                        "custom_name": custom,
+                        "math": math,
+                        "math_property": None,
+                    },  # fmt: skip
+                    "breakdown_value": value,
+                }
+            )
+    return results
+
+
+def _retention_aggregated(frame: Frame) -> list[dict[str, Any]]:
+    """Hourly cohorts per ``$browser`` value ("other" last), summing ``revenue``: each cell has
+    ``aggregation_value`` beside ``count``, and bracket labels (``Hour 2-8``)."""
+    labels = ["Hour 0"]
+    start = 1
+    for size in RETENTION_BRACKETS:
+        end = start + size - 1
+        labels.append(f"Hour {start}" if start == end else f"Hour {start}-{end}")
+        start = end + 1
+    first = datetime.combine(frame.end, time(0), tzinfo=UTC)
+    cohorts = []
+    for b, value in enumerate(("Chrome", BREAKDOWN_OTHER)):
+        for c in range(_RETENTION_COHORTS):
+            size = frame.num(50, 200, 22, b, c)
+            values, current = [], size
+            for k, label in enumerate(labels):
+                if k:
+                    current = current * frame.num(20, 80, 23, b, c, k) // 100
+                revenue = round(current * frame.num(100, 5000, 24, b, c, k) / 100, 2)
+                values.append({"count": current, "aggregation_value": revenue, "label": label})
+            cohorts.append(
+                {
+                    "values": values,
+                    "label": f"Hour {c}",
+                    "date": (first + timedelta(hours=c)).isoformat().replace("+00:00", "Z"),
+                    "breakdown_value": value,
+                }
+            )
+    return cohorts
+
+
+def _funnel_optional(frame: Frame) -> list[dict[str, Any]]:
+    """Three steps, the second optional: counted on its own, so fewer people reach it than
+    the third step (``funnel_udf.py``)."""
+    steps = _funnel_steps(frame)
+    first = steps[0]["count"]
+    steps[1]["count"] = first * frame.num(10, 30, 25) // 100
+    steps[2]["count"] = first * frame.num(40, 70, 26) // 100
+    return steps
+
+
+def _calendar_heatmap(frame: Frame) -> list[dict[str, Any]]:
+    """``CalendarHeatmapTrendsQueryRunner``: one result, no points; the day-of-week by hour
+    grid in ``calendar_heatmap_data``, ``count`` and ``aggregated_value`` its total."""
+    event = frame.events[0]
+    cells = [
+        {"row": day, "column": hour, "value": frame.num(1, 60, 27, day, hour)}
+        for day in range(1, 8)
+        for hour in (9, 13, 17)
+    ]
+    total = sum(c["value"] for c in cells)
+    rows = [
+        {"row": d, "value": sum(c["value"] for c in cells if c["row"] == d)} for d in range(1, 8)
+    ]
+    columns = [
+        {"column": h, "value": sum(c["value"] for c in cells if c["column"] == h)}
+        for h in (9, 13, 17)
+    ]
+    return [
+        {
+            "action": {"id": event, "type": "events", "order": 0, "name": event, "math": "total"},
+            "label": event,
+            "data": [],
+            "aggregated_value": total,
+            "calendar_heatmap_data": {
+                "data": cells,
+                "rowAggregations": rows,
+                "columnAggregations": columns,
+                "allAggregations": total,
+            },
+            "count": total,
+        }
+    ]
+
+
+def _boxplot(frame: Frame) -> list[dict[str, Any]]:
+    """``BoxPlotTrendsQueryRunner`` (newest): one datum per series and interval, no points."""
+    event = frame.events[0]
+    datums = []
+    for d, day in enumerate(frame.dates()):
+        low = float(frame.num(1, 20, 28, d))
+        quartiles = sorted(float(frame.num(int(low), 400, 29, d, k)) for k in range(5))
+        datums.append(
+            {
+                "day": day.isoformat(),
+                "label": day_label(day),
+                "min": low,
+                "p25": quartiles[1],
+                "median": quartiles[2],
+                "p75": quartiles[3],
+                "max": quartiles[4],
+                "mean": round(sum(quartiles) / 5, 2),
+                "series_index": 0,
+                "series_label": f"{event} - revenue",
+            }
+        )
+    return datums
+
+
 _BUILDERS: dict[str, Callable[[Frame], Any]] = {
     "trends_compare": _trends_compare,
     "trends_formula": _trends_formula,
@@ -432,6 +635,11 @@ _BUILDERS: dict[str, Callable[[Frame], Any]] = {
     "lifecycle": _lifecycle,
     "stickiness": _stickiness,
     "paths": _paths,
+    "trends_series_identity": _trends_series_identity,
+    "retention_aggregated": _retention_aggregated,
+    "funnel_optional": _funnel_optional,
+    "calendar_heatmap": _calendar_heatmap,
+    "boxplot": _boxplot,
 }
 
 
@@ -454,4 +662,6 @@ def chart_values(kind: str, frame: Frame) -> list[float]:
         return [abs(v) for v in first["data"]]
     if "values" in first:
         return [c["values"][0]["count"] for c in items]
+    if "median" in first:
+        return [item["median"] for item in items]
     return [item.get("count", item.get("value", 0)) for item in items]

@@ -61,7 +61,17 @@ class Config:
     query_fail_insights: dict[int, str | None] = field(default_factory=dict)
     query_crash_insights: list[int] = field(default_factory=list)
     concurrency_limit_insights: list[int] = field(default_factory=list)
+    #: Insights whose finished async job leaves the cache as it was, as when an overlapping job
+    #: of the same cache key was skipped (``execute_async.py``): only ``/query/:id/``'s
+    #: ``query_status.results`` holds the new result.
+    uncached_job_insights: list[int] = field(default_factory=list)
     force_cache_shows_running_job: bool = False
+    #: The newest serializers answer the query PostHog derives from legacy filters, and
+    #: ``filters: {}``; False: an older PostHog (``query: null`` with the filters).
+    insight_query_from_filters: bool = True
+    #: Whether the key owner's organisation has paid tagging; without it every ``tags`` field
+    #: is empty (``posthog/api/tagged_item.py``), while the ``tags`` list filter still works.
+    tagging_licensed: bool = False
     stable_default_order: bool = False
     rate_limits: bool = True
     rate_limit_overrides: dict[str, str] = field(default_factory=dict)
@@ -80,8 +90,9 @@ class Config:
                   "stuck_threshold_video_s", "async_delay_s", "compute_delay_s")  # fmt: skip
         bools = ("content_redirect", "rate_limits", "environments_sunset", "export_post_held",
                  "force_cache_shows_running_job", "stable_default_order", "crm_notebooks",
-                 "property_values_envelope")  # fmt: skip
-        id_lists = ("query_crash_insights", "concurrency_limit_insights")
+                 "property_values_envelope", "insight_query_from_filters",
+                 "tagging_licensed")  # fmt: skip
+        id_lists = ("query_crash_insights", "concurrency_limit_insights", "uncached_job_insights")
         for name, value in data.items():
             if name in floats:
                 setattr(self, name, _number(name, value))

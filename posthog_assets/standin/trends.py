@@ -28,10 +28,6 @@ def _count_cells() -> tuple[str, ...]:
     return tuple(f",{100 + mix(0xC0FFEE, k) % 900}\r\n" for k in range(4096))
 
 
-#: Columns of a tabular export of a trends insight (long format: one row per series and day).
-CSV_COLUMNS = ("series", "date", "count")
-
-
 @dataclass(frozen=True)
 class TrendTable:
     """Rows ``(series, date, count)`` of a trends result, defined for any row count.
