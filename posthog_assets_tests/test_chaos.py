@@ -33,6 +33,7 @@ from posthog_assets_tests.support.reliability import (
     shared_reference,
     standin_env,
 )
+from posthog_assets_tests.support.snapshots import errors
 
 pytestmark = pytest.mark.system
 
@@ -87,4 +88,4 @@ def test_chaos_run_ends_with_the_same_data_as_a_fault_free_run(
         assert Path(md["path"]).read_bytes() == server, f"{name} differs from PostHog's content"
     # Every asset check passes on the chaos run's output as well.
     checks = result.get_asset_check_evaluations()
-    assert checks and all(c.passed for c in checks), [c.check_name for c in checks if not c.passed]
+    assert checks and not errors(checks)

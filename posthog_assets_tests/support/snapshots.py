@@ -126,3 +126,11 @@ def materialization_metadata(result: dg.ExecuteInProcessResult, name: str) -> di
 
 def check_results(result: dg.ExecuteInProcessResult) -> dict[str, Any]:
     return {c.check_name: c for c in result.get_asset_check_evaluations()}
+
+
+def errors(checks: Any) -> list[str]:
+    """Names of the check evaluations that failed at ERROR severity (the seed's truncated SQL
+    insights make ``insights_not_truncated`` warn on every snapshot: that is no data error)."""
+    return [
+        c.check_name for c in checks if not c.passed and c.severity != dg.AssetCheckSeverity.WARN
+    ]
