@@ -27,7 +27,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' helpers
 
-from posthog_assets.standin.server import StandinControl, StandinProcess  # noqa: E402
+from posthog_assets.standin.server import StandinProcess  # noqa: E402
 from posthog_assets.translator import EXPORTS_GROUP  # noqa: E402
 from posthog_assets_tests.support.celery import (  # noqa: E402
     celery_workers,
@@ -128,8 +128,8 @@ def main() -> None:
     standin = StandinProcess(export_delay=RENDER_S).start()
     results: dict[int, dict[str, float]] = {}
     try:
-        StandinControl(standin.url).reset()
-        StandinControl(standin.url).configure(export_delay_s=RENDER_S)
+        standin.control.reset()
+        standin.control.configure(export_delay_s=RENDER_S)
         for n_workers in (1, 2):
             redis.flush()
             results[n_workers] = measure(

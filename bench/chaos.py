@@ -33,7 +33,7 @@ import requests
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' helpers
 
-from posthog_assets.standin.server import StandinControl, StandinProcess  # noqa: E402
+from posthog_assets.standin.server import StandinProcess  # noqa: E402
 from posthog_assets_tests.support.reliability import (  # noqa: E402
     ALL_FAMILIES,
     CHAOS_KINDS,
@@ -134,7 +134,7 @@ def main() -> int:
         tempfile.TemporaryDirectory(prefix="posthog-chaos-") as tmp,
         StandinProcess(key=KEY, insights=1200, groups=1200, group_types=3) as standin,
     ):
-        control = StandinControl(standin.url)
+        control = standin.control
         control.reset()
         progress("fault-free reference run")
         ref, result, ref_wall = run_world(standin, Path(tmp) / "reference", yaml_text)

@@ -114,7 +114,7 @@ def _first_short_id(args: argparse.Namespace) -> str:
 def _reset(args: argparse.Namespace) -> None:
     from posthog_assets.standin.server import StandinControl
 
-    StandinControl(args.url).reset()
+    StandinControl(args.url, token=args.control_token).reset()
 
 
 def _count(db: Path, sql: str) -> int:
@@ -385,6 +385,7 @@ def measure(variant: str, standin: Any, workdir: Path) -> dict[str, Any]:
     cmd = [
         sys.executable, __file__, "--child", variant, "--url", standin.url,
         "--key", standin.key, "--project-id", str(standin.project_id),
+        "--control-token", standin.control_token,
         "--db", str(folder / "bench.duckdb"), "--workdir", str(folder),
     ]  # fmt: skip
     env = {**os.environ, "PYTHONPATH": str(ROOT), "DAGSTER_HOME": str(folder / "dagster_home")}
@@ -437,12 +438,12 @@ def request_economy(
     from posthog_assets.config import load_settings
     from posthog_assets.resources import build_resources
     from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
-    from posthog_assets.standin.server import StandinControl, StandinProcess
+    from posthog_assets.standin.server import StandinProcess
 
     folder = workdir / f"economy_{insights}_{recalc_s:g}"
     folder.mkdir(parents=True, exist_ok=True)
     with StandinProcess(key=BENCH_KEY, insights=insights, rate_limits=True) as standin:
-        control = StandinControl(standin.url)
+        control = standin.control
         control.configure(async_delay_s=recalc_s)
         control.set_insight_cache(None, "fresh")
         stale = int(insights * STALE_SHARE)
@@ -511,6 +512,7 @@ def main() -> int:
     parser.add_argument("--child", choices=sorted(CHILDREN))
     parser.add_argument("--url")
     parser.add_argument("--key")
+    parser.add_argument("--control-token")
     parser.add_argument("--project-id", type=int)
     parser.add_argument("--db")
     parser.add_argument("--workdir")
@@ -519,7 +521,7 @@ def main() -> int:
         run_child(args)
         return 0
 
-    from posthog_assets.standin.server import StandinControl, StandinProcess
+    from posthog_assets.standin.server import StandinProcess
 
     insights, groups = (1_000, 5_000) if args.quick else (10_000, 50_000)
     rows: dict[str, dict[str, Any]] = {}
@@ -545,7 +547,7 @@ def main() -> int:
             group_types=GROUP_TYPES,
             rate_limits=False,
         ) as standin:
-            control = StandinControl(standin.url)
+            control = standin.control
             runs: dict[str, list[dict[str, Any]]] = {"ours": [], "plain": []}
             for attempt in range(max(1, args.repeat)):
                 for variant in ("ours", "plain"):  # interleaved, so load drifts hit both

@@ -13,7 +13,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 import yaml
 from pydantic import (
@@ -106,10 +106,19 @@ def validate_host(host: str, *, field_name: str = "host", allow_http: bool = Fal
     A personal API key sent over plain http to another machine is a leaked key; ``allow_http``
     (``allow_insecure_http``) admits a self-hosted PostHog reached over a private network.
     """
-    parts = urlsplit(host.strip())
+    text = host.strip()
+    parts = urlsplit(text)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError(
             f"{field_name} must be an absolute URL such as https://us.posthog.com, got {host!r}"
+        )
+    if "\\" in text or "@" in parts.netloc or not _round_trips(parts):
+        # urlsplit and requests read such a netloc differently: the checks below would judge
+        # one host while the key went to another
+        shown = f"{parts.scheme}://***@{parts.hostname}" if "@" in parts.netloc else text
+        raise ValueError(
+            f"{field_name} must be scheme://host[:port] with no user name, password or "
+            f"backslash, got {shown!r}"
         )
     if parts.path not in ("", "/") or parts.query or parts.fragment:
         raise ValueError(f"{field_name} must be the bare base URL without a path, got {host!r}")
@@ -120,6 +129,18 @@ def validate_host(host: str, *, field_name: str = "host", allow_http: bool = Fal
             "self-hosted PostHog inside a private network"
         )
     return f"{parts.scheme}://{parts.netloc}"
+
+
+def _round_trips(parts: SplitResult) -> bool:
+    """The netloc is exactly ``host[:port]`` as parsed (no stray characters requests would see
+    differently)."""
+    try:
+        port = parts.port
+    except ValueError:
+        return False
+    hostname = parts.hostname or ""
+    shown = f"[{hostname}]" if ":" in hostname else hostname
+    return parts.netloc.lower() == (f"{shown}:{port}" if port is not None else shown)
 
 
 def is_insecure(host: str) -> bool:
@@ -306,8 +327,10 @@ class ProjectConfig(_Model):
     host: str | None = None
     project_id: int | str | None = None
     api_key_env: str = ENV_API_KEY
-    #: The key itself, when the caller resolved it (a component's ``{{ env.X }}``); never shown.
-    personal_api_key: str | None = Field(default=None, repr=False, exclude=True)
+    #: The variables read for the host and project id when they are left out (``{{ env.X }}``
+    #: in a component names another one).
+    host_env: str = ENV_HOST
+    project_id_env: str = ENV_PROJECT_ID
     api_prefix: ApiPrefixName = "projects"
     exports: list[ExportConfig] = Field(default_factory=list)
     #: When a project of ``projects:`` leaves these out, the file's top-level sections apply.
@@ -315,7 +338,7 @@ class ProjectConfig(_Model):
     groups: GroupsConfig = Field(default_factory=GroupsConfig)
 
     _name = field_validator("name")(lambda v: matching(v, _NAME_RE, "lower_snake_case"))
-    _env = field_validator("api_key_env")(
+    _env = field_validator("api_key_env", "host_env", "project_id_env")(
         lambda v: matching(v, r"^[A-Za-z_][A-Za-z0-9_]*$", "an environment variable name")
     )
 
@@ -391,11 +414,21 @@ class Settings:
 
 def _format_error(path: Path, data: Any, err: ValidationError) -> str:
     lines = [f"{path}: invalid configuration"]
-    for e in err.errors():
-        loc = list(e["loc"])
-        where = _describe_loc(data, loc)
-        lines.append(f"  - {where}: {e['msg']}")
+    lines += [f"  - {line}" for line in error_lines(data, err)]
     return "\n".join(lines)
+
+
+def error_lines(data: Any, err: ValidationError, prefix: tuple[Any, ...] = ()) -> list[str]:
+    """One line per problem: where (entry and field, as the user wrote them) and why. Values are
+    never echoed (a mistyped field may hold a secret)."""
+    lines = []
+    for e in err.errors():
+        where = _describe_loc(data, [*prefix, *e["loc"]])
+        message = str(e["msg"]).removeprefix("Value error, ").removeprefix("Assertion failed, ")
+        if e["type"] == "extra_forbidden":
+            message = "not a known field (a typo?)"
+        lines.append(f"{where}: {message}")
+    return lines
 
 
 def _describe_loc(data: Any, loc: list[Any]) -> str:

@@ -114,13 +114,50 @@ def _requirements(config: Mapping[str, Any]) -> Sequence[ExecutorRequirement]:
 def _create(init_context: dg.InitExecutorContext) -> dg.Executor:
     config = init_context.executor_config
     if CELERY in config:
-        return _celery(config[CELERY])  # type: ignore[arg-type]
+        return PoolWatch(_celery(config[CELERY]))  # type: ignore[arg-type]
     if MULTIPROCESS in config:
         multiprocess = _forkserver_by_default(config[MULTIPROCESS])  # type: ignore[arg-type]
         config = {MULTIPROCESS: multiprocess}
     default = dg.multi_or_in_process_executor
     assert default.executor_creation_fn is not None
-    return default.executor_creation_fn(init_context._replace(executor_config=config))
+    return PoolWatch(default.executor_creation_fn(init_context._replace(executor_config=config)))
+
+
+_BLOCKED = ("Step blocked by limit for pool ", "Step still blocked by limit for pool ")
+
+
+class PoolWatch(dg.Executor):
+    """An executor that frees the pool slots runs no longer running hold (when the run starts,
+    and when a step finds its pool full), and says at INFO which runs hold a pool a step waits
+    for: Dagster itself says only "blocked", at DEBUG (:mod:`posthog_assets.pools`)."""
+
+    def __init__(self, inner: dg.Executor) -> None:
+        self.inner = inner
+
+    @property
+    def retries(self) -> Any:
+        return self.inner.retries
+
+    @property
+    def step_dependency_config(self) -> Any:
+        return self.inner.step_dependency_config
+
+    def execute(self, plan_context: Any, execution_plan: Any) -> Any:
+        from posthog_assets.pools import free_slots_of_ended_runs, slot_holders
+
+        instance = plan_context.instance
+        free_slots_of_ended_runs(instance, plan_context.log)
+        for event in self.inner.execute(plan_context, execution_plan):
+            yield event
+            message = event.message or ""
+            if event.is_engine_event and message.startswith(_BLOCKED):
+                pool = message.rsplit(" ", 1)[-1]
+                free_slots_of_ended_runs(instance, plan_context.log)
+                held = ", ".join(f"{r} ({s})" for r, s in slot_holders(instance, pool))
+                plan_context.log.info(
+                    f'Step "{event.step_key}" waits for a slot of pool {pool}, held by run(s) '
+                    f"{held or 'none now'}"
+                )
 
 
 # ------------------------------------------------------------------------------------------------

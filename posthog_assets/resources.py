@@ -14,6 +14,7 @@ import os
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import dagster as dg
 from dagster._utils.cached_method import cached_method
@@ -27,6 +28,7 @@ from posthog_assets.api.polling import (
     DEFAULT_POLL_TIMEOUT_S,
     PollPolicy,
 )
+from posthog_assets.api.private_files import open_private, private_dir
 from posthog_assets.api.ratelimit import (
     DEFAULT,
     ENV_RATE_LIMIT_URL,
@@ -43,8 +45,6 @@ from posthog_assets.common import DUCKDB_RESOURCE_KEY
 from posthog_assets.config import (
     DEFAULT_EXPORT_DIR,
     ENV_API_KEY,
-    ENV_HOST,
-    ENV_PROJECT_ID,
     ProjectConfig,
     is_insecure,
     parse_project_id,
@@ -62,18 +62,17 @@ RATE_LIMIT_URL_SETTING = f"rate_limit_url or ${ENV_RATE_LIMIT_URL}"
 class PostHogResource(dg.ConfigurableResource):
     """Credentials and HTTP settings for one PostHog project."""
 
-    host: str = Field(description="PostHog base URL, e.g. https://us.posthog.com.")
+    host: str = Field(
+        description="PostHog base URL, e.g. https://us.posthog.com. Pinned by the definitions: "
+        "a launch that sends the key elsewhere is refused."
+    )
     project_id: str = Field(description="Numeric project id (or '@current').")
     personal_api_key: str = Field(
-        description="Personal API key (phx_...); set it from an env var with dg.EnvVar.",
+        description="Personal API key (phx_...); set it from an env var with dg.EnvVar: a literal "
+        "value is stored in clear in run storage (the job snapshot). The launchpad's mask "
+        "('********') stands for the definitions' value.",
         json_schema_extra=SECRET_FIELD,
-    )
-    api_key_env: str = Field(
-        default=ENV_API_KEY,
-        description=(
-            "Env var holding the key. Used when the launchpad sends back the UI's masked value "
-            "('********') for personal_api_key, so a run launched from the UI keeps the real key."
-        ),
+        repr=False,
     )
     api_prefix: str = Field(
         default="projects",
@@ -118,8 +117,9 @@ class PostHogResource(dg.ConfigurableResource):
         default=True,
         description="Share the request log and Retry-After pauses with every process on this "
         "machine that uses the same key and host (the steps of a multiprocess run, concurrent "
-        "runs), through a hashed state file in $POSTHOG_ASSETS_RATE_LIMIT_DIR or the temp dir, "
-        "or across hosts through Redis (rate_limit_url). Off: each step process paces on its own.",
+        "runs), through a hashed state file in $POSTHOG_ASSETS_RATE_LIMIT_DIR or a per-user "
+        "folder, or across hosts through Redis (rate_limit_url). Off: each step process paces "
+        "on its own.",
     )
     rate_limit_url: str | None = Field(
         default=None,
@@ -143,8 +143,18 @@ class PostHogResource(dg.ConfigurableResource):
     )
 
     _run_id: str | None = PrivateAttr(default=None)
+    #: The key as the definitions give it (what the launchpad's mask stands for).
+    _defined_key: str | None = PrivateAttr(default=None)
 
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
+        defined = _as_defined(context)
+        if defined is not None:
+            self._defined_key = _resolved(defined.personal_api_key)
+            _check_pinned_host(self.host, defined.host)
+            _warn_if_literal("personal_api_key", defined.personal_api_key, context)
+            url = defined.rate_limit_url
+            if url and ("@" in url or "password=" in url):  # a Redis password written out
+                _warn_if_literal("rate_limit_url", url, context)
         self.validate_settings()
         self._run_id = context.run.run_id if context.run is not None else None
         if is_insecure(self.host) and self._first_in_run("insecure-http"):
@@ -156,19 +166,24 @@ class PostHogResource(dg.ConfigurableResource):
 
     def _run_marker(self, topic: str) -> Path | None:
         """A file whose creation claims this run's one message about ``topic`` (steps of a run
-        are separate processes)."""
+        are separate processes), in a folder only this user can write; None without a run or
+        when that folder is unsafe (then every step says it: noisy, never redirected)."""
         if not self._run_id:
             return None
         digest = hashlib.sha256(f"{self._run_id}\n{self.host}".encode()).hexdigest()[:24]
-        return default_state_dir() / "warned" / f"{topic}-{digest}"
+        try:
+            folder = private_dir(private_dir(default_state_dir()) / "warned")
+        except OSError as exc:
+            logging.getLogger(__name__).warning("not marking run messages: %s", exc)
+            return None
+        return folder / f"{topic}-{digest}"
 
     def _first_in_run(self, topic: str) -> bool:
         marker = self._run_marker(topic)
         if marker is None:
             return True
-        try:
-            marker.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-            os.close(os.open(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        try:  # O_EXCL: an existing name, symlink or not, means the message was claimed
+            os.close(open_private(marker, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
         except FileExistsError:
             return False
         except OSError:
@@ -181,8 +196,8 @@ class PostHogResource(dg.ConfigurableResource):
         parse_project_id(self.project_id, field_name="project_id")
         if not self.api_key.strip():
             raise ValueError(
-                "personal_api_key is empty: set the env var that holds the key "
-                f"({self.api_key_env})"
+                "personal_api_key is empty: set the environment variable that holds the key "
+                f"(e.g. {ENV_API_KEY})"
             )
         if self.api_prefix not in ("environments", "projects"):
             raise ValueError(
@@ -240,9 +255,10 @@ class PostHogResource(dg.ConfigurableResource):
 
     @property
     def api_key(self) -> str:
-        """The key; the UI's mask stands for "unchanged", i.e. the key from ``api_key_env``."""
+        """The key; the UI's mask stands for "unchanged", i.e. the definitions' key (never an
+        environment variable a launch could name)."""
         if self.personal_api_key == UI_SECRET_MASK:
-            return os.environ.get(self.api_key_env, "")
+            return self._defined_key or ""
         return self.personal_api_key or ""
 
     @cached_method
@@ -307,16 +323,76 @@ def build_posthog_resource(project: ProjectConfig, export_dir: str | Path) -> Po
     """The resource of one project: what the project does not give is read from the environment
     when a run starts (so the env of the process that runs decides), the key always is unless the
     caller resolved it already."""
-    host = project.host or dg.EnvVar(ENV_HOST)
-    project_id = str(project.project_id) if project.project_id else dg.EnvVar(ENV_PROJECT_ID)
+    host = project.host or dg.EnvVar(project.host_env)
+    project_id = (
+        str(project.project_id) if project.project_id else dg.EnvVar(project.project_id_env)
+    )
     return PostHogResource(
         host=host,
         project_id=project_id,
-        personal_api_key=project.personal_api_key or dg.EnvVar(project.api_key_env),
-        api_key_env=project.api_key_env,
+        personal_api_key=dg.EnvVar(project.api_key_env),
         api_prefix=project.api_prefix,
         allow_insecure_http=project.allow_insecure_http,
         export_dir=str(export_dir),
+    )
+
+
+def _as_defined(context: dg.InitResourceContext) -> PostHogResource | None:
+    """This resource as the definitions built it, before run config: Dagster initialises each
+    run's copy from the definitions' object (``resource_fn`` is its bound method)."""
+    resource_def = getattr(context, "resource_def", None)
+    defined = getattr(getattr(resource_def, "resource_fn", None), "__self__", None)
+    return defined if isinstance(defined, PostHogResource) else None
+
+
+def _resolved(value: str | None) -> str | None:
+    """A field's value as the definitions give it: an ``EnvVar`` is read here and now."""
+    if isinstance(value, dg.EnvVar):
+        return os.environ.get(value.env_var_name) or None
+    return value
+
+
+def _check_pinned_host(host: str, defined: str) -> None:
+    """Refuse a run whose config sends the key to another host than the definitions name: run
+    config comes from whoever can launch (the launchpad, a GraphQL call), the key does not."""
+    pinned = _resolved(defined)
+    source = (
+        f"the environment variable {defined.env_var_name}"
+        if isinstance(defined, dg.EnvVar)
+        else "the definitions"
+    )
+    if not pinned:
+        raise ValueError(
+            f"host: {source} is not set where this run executes, and a host given in run config "
+            "is not accepted in its place (it would decide where the PostHog key is sent)"
+        )
+    if _origin(host) != _origin(pinned):
+        raise ValueError(
+            f"host: this run's config would send the PostHog key to {host.strip()!r}, but "
+            f"{source} pins {pinned!r}. A launch may not change where the key goes: change the "
+            "host in the definitions (defs.yaml or code) and reload the code location."
+        )
+
+
+def _origin(host: str) -> str:
+    parts = urlsplit(host.strip())
+    return f"{parts.scheme}://{parts.netloc}".lower()
+
+
+_WARNED_LITERAL: set[str] = set()
+
+
+def _warn_if_literal(field: str, defined: str, context: dg.InitResourceContext) -> None:
+    """A literal secret is a config value Dagster stores in clear in run storage (the job
+    snapshot, the webserver's debug download): say so once per process, with the fix."""
+    if isinstance(defined, dg.EnvVar) or not defined or defined in _WARNED_LITERAL:
+        return
+    _WARNED_LITERAL.add(defined)
+    variable = "POSTHOG_PERSONAL_API_KEY" if field == "personal_api_key" else ENV_RATE_LIMIT_URL
+    (context.log or logging.getLogger(__name__)).warning(
+        f"{field} is written literally in the definitions: Dagster stores it in clear in run "
+        f"storage with every run. Set it from an environment variable instead: "
+        f"{field}=dg.EnvVar('{variable}')."
     )
 
 

@@ -99,7 +99,7 @@ def shipped_defs_state(standin: StandinProcess, tmp_path_factory: pytest.TempPat
 @pytest.fixture
 def control(standin: StandinProcess) -> StandinControl:
     """The stand-in's control plane, with state reset to the seed for this test."""
-    ctl = StandinControl(standin.url)
+    ctl = standin.control
     ctl.reset()
     return ctl
 

@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 
-from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets.standin.server import StandinProcess
 from posthog_assets_tests.support.reliability import api_requests, warm_python
 from posthog_assets_tests.support.session import standin_env
 
@@ -110,7 +110,7 @@ def outcomes(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory) 
             else:
                 env[name] = value
         batch.append({"id": case.id, "env": env, "launch": case.launch})
-    control = StandinControl(standin.url)
+    control = standin.control
     control.reset()
     warm = warm_python()
     results: dict[str, Any] = {}

@@ -325,9 +325,7 @@ def _assert_snapshots_match_standin(standin: StandinProcess, db: Path) -> None:
     insights = _get(standin, "insights/?created_by=2&limit=1").json()["count"]
     group_types = _get(standin, "groups_types/").json()
     project = next(
-        p
-        for p in StandinControl(standin.url).seed_info()["projects"]
-        if p["id"] == standin.project_id
+        p for p in standin.control.seed_info()["projects"] if p["id"] == standin.project_id
     )
     expected = {
         "insights": insights,

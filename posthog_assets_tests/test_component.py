@@ -100,9 +100,10 @@ def test_scaffold_refresh_check_load_offline_and_export_the_selection(
         "posthog/exports/dashboard_3_png",
     }  # fmt: skip
 
-    # PostHog unreachable: the definitions load from the stored state alone.
+    # PostHog unreachable (every API request dropped): the definitions load from the state alone.
     control.clear_requests_log()
-    monkeypatch.setenv("POSTHOG_HOST", f"http://127.0.0.1:{free_port()}")
+    control.add_fault(match=r"^/api/", kind="drop")
+    monkeypatch.setenv("POSTHOG_HOST", standin.url)
     monkeypatch.setenv("POSTHOG_PERSONAL_API_KEY", standin.key)
     offline = project.load()
     assert _export_keys(offline) == expected
@@ -110,7 +111,7 @@ def test_scaffold_refresh_check_load_offline_and_export_the_selection(
     assert not data.exists(), "loading wrote files"
 
     # PostHog reachable again: materialize the selected exports, check the files.
-    monkeypatch.setenv("POSTHOG_HOST", standin.url)
+    control.clear_faults()
     defs = project.load()
     exports = [a for a in defs.resolve_all_asset_specs() if a.key.to_user_string() in expected]
     job = defs.resolve_implicit_global_asset_job_def()
@@ -133,7 +134,8 @@ def test_scaffold_refresh_check_load_offline_and_export_the_selection(
         if e.materialization.asset_key.path[-1] == "signups_csv"
         for k, v in e.materialization.metadata.items()
     }
-    assert csv_md["dagster/row_count"] > 0 and csv_md["preview"].startswith("| series |")
+    assert csv_md["dagster/row_count"] > 0
+    assert csv_md["preview"].schema.columns[0].name == "series"
 
     # A mistake in the file: dg check names the field, and the stored state is untouched.
     before = state.read_bytes()
@@ -265,6 +267,31 @@ def test_a_second_project_leaves_the_first_ones_names_alone(
             ("project.host", "allow_insecure_http"),
             id="remote_plain_http",
         ),
+        pytest.param(
+            {"project": {"hots": "https://us.posthog.com"}},
+            ("project, field 'hots': not a known field (a typo?) (the fields are: name, host,",),
+            id="unknown_project_field",
+        ),
+        pytest.param(
+            {"insights": {"refresh": "sometimes"}},
+            ("insights, field 'refresh': Input should be 'async',",),
+            id="unknown_refresh_mode",
+        ),
+        pytest.param(
+            {"exports": [{"insight": 1, "format": "application/pdf"}]},
+            ("exports[0], field 'format': PostHog accepts application/pdf but never renders it",),
+            id="pdf",
+        ),
+        pytest.param(
+            {"project": {"personal_api_key": "phx_written_in_the_file", "api_prefix": "bogus"}},
+            ("project.personal_api_key must name the environment variable that holds the key",),
+            id="literal_key",
+        ),
+        pytest.param(
+            {"project": {"personal_api_key": "{{ env.POSTHOG_PERSONAL_API_KEY | trim }}"}},
+            ("project.personal_api_key must name the environment variable",),
+            id="key_template_with_a_filter",
+        ),
         pytest.param({"insights": {"schedule": "every day"}}, ("schedule", "cron"), id="bad_cron"),
     ],
 )
@@ -287,8 +314,141 @@ def test_bad_defs_yaml_names_the_field_and_creates_nothing(
     text = _messages(caught.value)
     for fragment in fragments:
         assert fragment in text, f"{fragment!r} not in:\n{text}"
-    assert standin.key not in text
+    assert standin.key not in text and "phx_written_in_the_file" not in text
     assert not data.exists(), "a failed load created files"
+
+
+def test_an_env_template_with_a_default_stays_a_reference_to_the_variable(
+    dev_project: UserProject, standin: StandinProcess, tmp_path: Path
+) -> None:
+    """``{{ env('X', '') }}`` once became a literal value (stored in run storage): now every
+    form that names a variable is that variable, read when a run starts."""
+    dev_project.write_component(
+        "posthog",
+        _base(
+            standin,
+            tmp_path / "data",
+            personal_api_key="{{ env('POSTHOG_PERSONAL_API_KEY', '') }}",
+            host="{{ env.POSTHOG_HOST }}",
+        ),
+    )
+    defs = dev_project.load()
+    resource = defs.resources["posthog"]
+    assert isinstance(resource.personal_api_key, dg.EnvVar)
+    assert resource.personal_api_key.env_var_name == "POSTHOG_PERSONAL_API_KEY"
+    assert isinstance(resource.host, dg.EnvVar) and resource.host.env_var_name == "POSTHOG_HOST"
+
+
+def test_the_state_of_another_project_fails_the_load_naming_both(
+    dev_project: UserProject,
+    standin: StandinProcess,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """After the project id or host changes, or its variable is unset, the stored selections
+    belong to another project: the load says so at once, not a launch minutes later."""
+    attributes = {
+        **_base(standin, tmp_path / "data", project_id="{{ env.MY_PROJECT_ID }}"),
+        "exports": [{"dashboards": "all"}],
+    }
+    monkeypatch.setenv("MY_PROJECT_ID", str(standin.project_id))
+    dev_project.write_component("posthog", attributes)
+    dev_project.dg("utils", "refresh-defs-state", MY_PROJECT_ID=str(standin.project_id))
+    assert _export_keys(dev_project.load())
+
+    monkeypatch.setenv("MY_PROJECT_ID", str(standin.project_id + 1))
+    with pytest.raises(Exception) as caught:
+        dev_project.load()
+    assert (
+        f"the stored PostHog state was read from {standin.url}, project {standin.project_id}, "
+        f"but this component is configured for {standin.url}, project {standin.project_id + 1}:"
+        " run `dg utils refresh-defs-state`"
+    ) in _messages(caught.value)
+
+    monkeypatch.delenv("MY_PROJECT_ID")
+    with pytest.raises(Exception) as caught:
+        dev_project.load()
+    assert (
+        "but the environment variable MY_PROJECT_ID (project.project_id) is not set, so nothing "
+        "says it is this project's"
+    ) in _messages(caught.value)
+
+
+@pytest.mark.parametrize("content", ["", '{"version": 2, "insights": []}', '{"version": 2, "ho'])
+def test_a_torn_or_foreign_state_file_names_itself_and_the_command_that_rewrites_it(
+    dev_project: UserProject, standin: StandinProcess, tmp_path: Path, content: str
+) -> None:
+    dev_project.write_component(
+        "posthog", {**_base(standin, tmp_path / "data"), "exports": [{"dashboards": "all"}]}
+    )
+    dev_project.dg("utils", "refresh-defs-state")
+    [state] = dev_project.state_files()
+    state.write_text(content)
+    with pytest.raises(Exception) as caught:
+        dev_project.load()
+    text = _messages(caught.value)
+    assert f"the stored PostHog state {state} cannot be read (" in text
+    assert "run `dg utils refresh-defs-state` to write it again" in text
+
+
+def test_a_failed_refresh_ends_with_its_reason_and_the_host_not_a_traceback(
+    dev_project: UserProject, standin: StandinProcess, tmp_path: Path
+) -> None:
+    unreachable = f"http://127.0.0.1:{free_port()}"
+    dev_project.write_component(
+        "posthog",
+        {**_base(standin, tmp_path / "data", host=unreachable), "exports": [{"dashboards": "all"}]},
+    )
+    done = dev_project.dg("utils", "refresh-defs-state", check=False)
+    out = done.stdout + done.stderr
+    assert done.returncode != 0 and "Traceback" not in out
+    assert (
+        "Error: the PostHog state of project 'default' was not refreshed (the stored one, if any, "
+        f"is kept): GET {unreachable}/api/projects/{standin.project_id}/insights/: connection "
+        "failed (NewConnectionError:"
+    ) in out
+    assert len(out.splitlines()) < 30
+
+
+def test_an_unset_host_variable_is_named_as_the_yaml_names_it(
+    dev_project: UserProject, standin: StandinProcess, tmp_path: Path
+) -> None:
+    """``{{ env.MY_POSTHOG_HOST }}`` unset was reported as POSTHOG_HOST, a variable the file
+    never mentions."""
+    dev_project.write_component(
+        "posthog",
+        {
+            **_base(standin, tmp_path / "data", host="{{ env.MY_POSTHOG_HOST }}"),
+            "exports": [{"dashboards": "all"}],
+        },
+    )
+    done = dev_project.dg("utils", "refresh-defs-state", check=False)
+    assert done.returncode != 0
+    assert (
+        "cannot read the project's insights and dashboards: the environment variable "
+        "MY_POSTHOG_HOST (project.host) not set"
+    ) in done.stdout + done.stderr
+
+
+@pytest.mark.parametrize(
+    ("params", "fragment"),
+    [
+        ({"host": "eu.posthog.com"}, "host must be an absolute URL"),
+        ({"project_id": "abc"}, "project_id must be an integer"),
+        ({"name": "Staging"}, "must be lower_snake_case"),
+    ],
+)
+def test_scaffold_checks_its_params_before_writing_anything(
+    dev_project: UserProject, params: dict[str, str], fragment: str
+) -> None:
+    import json
+
+    done = dev_project.dg(
+        "scaffold", "defs", "posthog_assets.PostHogProjectComponent", "posthog",
+        "--json-params", json.dumps(params), check=False,
+    )  # fmt: skip
+    assert done.returncode != 0 and fragment in done.stdout + done.stderr
+    assert not dev_project.defs_yaml("posthog").exists()
 
 
 def test_missing_state_outside_development_says_what_to_run(

@@ -85,7 +85,7 @@ BAD_INPUTS = [
     ),
     (
         "exports: [{name: x, insight: 1, export_format: text/csv, colour: red}]",
-        ["exports[0] (name 'x')", "field 'colour'", "Extra inputs"],
+        ["exports[0] (name 'x')", "field 'colour'", "not a known field"],
     ),
     (
         "exports: [{name: x, insight: one, export_format: text/csv}]",

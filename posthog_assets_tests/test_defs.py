@@ -12,8 +12,9 @@ import pytest
 
 from posthog_assets.standin.server import StandinControl, StandinProcess
 
-# On one worker: each worker that needs the shipped state refreshes it (seconds of `dg`).
-pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("shipped_defs_state")]
+# On one worker with every other user of the shipped state: it is one file in the repository,
+# and a worker refreshing it from its own stand-in would make it another project's for the rest.
+pytestmark = [pytest.mark.integration, pytest.mark.xdist_group("dagster_dev")]
 
 
 def test_definitions_load_without_any_http_call(
@@ -41,7 +42,17 @@ def test_definitions_load_without_any_http_call(
     assert [r for r in control.requests_log() if "/api/" in r["path"]] == []
 
 
-def test_definitions_hold_the_main_job_and_a_masked_key(shipped_defs_state: Path) -> None:
+@pytest.fixture
+def shipped_env(
+    standin: StandinProcess, shipped_defs_state: Path, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """The env the shipped state was read with: a load checks the state is of this project."""
+    monkeypatch.setenv("POSTHOG_HOST", standin.url)
+    monkeypatch.setenv("POSTHOG_PROJECT_ID", str(standin.project_id))
+    return shipped_defs_state
+
+
+def test_definitions_hold_the_main_job_and_a_masked_key(shipped_env: Path) -> None:
     from posthog_assets.definitions import ALL_ASSETS_JOB, defs
 
     assert defs.resolve_job_def(ALL_ASSETS_JOB) is not None
@@ -51,9 +62,7 @@ def test_definitions_hold_the_main_job_and_a_masked_key(shipped_defs_state: Path
     )
 
 
-def test_every_asset_sits_in_a_posthog_group_with_the_posthog_kind(
-    shipped_defs_state: Path,
-) -> None:
+def test_every_asset_sits_in_a_posthog_group_with_the_posthog_kind(shipped_env: Path) -> None:
     """The UI groups assets by these names; a graph-backed asset once fell into 'default'."""
     from posthog_assets.definitions import defs
 

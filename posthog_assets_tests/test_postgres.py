@@ -20,7 +20,8 @@ import pytest
 
 from posthog_assets.pools import POOL_LIMITS, apply_pool_limits
 
-pytestmark = pytest.mark.system
+# With the other users of the shipped state (one file in the repository): see test_defs.py.
+pytestmark = [pytest.mark.system, pytest.mark.xdist_group("dagster_dev")]
 
 # The UI tests register this module as a plugin; rewriting its asserts whoever imports it first.
 pytest.register_assert_rewrite("posthog_assets_tests.support.dagster_dev")

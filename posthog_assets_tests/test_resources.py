@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
 import dagster as dg
 import pytest
 
@@ -71,15 +75,114 @@ def test_resource_hands_out_one_client_per_run(posthog_resource: PostHogResource
     assert seen[0] is seen[1]
 
 
-def test_ui_mask_sent_back_by_the_launchpad_means_the_env_key(
+def test_ui_mask_sent_back_by_the_launchpad_means_the_definitions_key(
     posthog_resource: PostHogResource, monkeypatch: pytest.MonkeyPatch, standin: StandinProcess
 ) -> None:
-    """The launchpad shows the key as '********' and submits that: the run must use the env key."""
+    """The launchpad shows the key as '********' and submits that: the run uses the key the
+    definitions give (here an env var); the variable's name is not run config at all."""
     monkeypatch.setenv("POSTHOG_TEST_KEY_ENV", standin.key)
-    masked = posthog_resource.model_copy(
-        update={"personal_api_key": "********", "api_key_env": "POSTHOG_TEST_KEY_ENV"}
+    defined = with_fields(posthog_resource, personal_api_key=dg.EnvVar("POSTHOG_TEST_KEY_ENV"))
+    masked = {"resources": {"posthog": {"config": {"host": standin.url, "project_id": "1",
+                                                   "personal_api_key": "********"}}}}  # fmt: skip
+    result = dg.materialize([_probe_asset()], resources={"posthog": defined}, run_config=masked)
+    assert result.success
+
+    monkeypatch.setenv("DAGSTER_PG_PASSWORD", "hunter2")
+    steer = {"resources": {"posthog": {"config": {
+        "host": standin.url, "project_id": "1", "api_key_env": "DAGSTER_PG_PASSWORD",
+    }}}}  # fmt: skip
+    with pytest.raises(dg.DagsterInvalidConfigError, match="api_key_env"):
+        dg.materialize([_probe_asset()], resources={"posthog": defined}, run_config=steer)
+
+
+class _Capture(ThreadingHTTPServer):
+    """A server that records every request it gets (where a stolen key would arrive)."""
+
+    def __init__(self) -> None:
+        self.seen: list[dict[str, str]] = []
+        capture = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+                capture.seen.append(dict(self.headers))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.server_address[1]}"
+
+
+def test_a_launch_cannot_send_the_key_to_another_host(
+    posthog_resource: PostHogResource,
+    standin: StandinProcess,
+    control: StandinControl,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Run config comes from whoever can launch (the launchpad, a GraphQL call): a run whose
+    config names another host is refused before any request, whatever stands for the key."""
+    monkeypatch.setenv("POSTHOG_TEST_HOST", standin.url)
+    monkeypatch.setenv("POSTHOG_TEST_KEY_ENV", standin.key)
+    defined = with_fields(
+        posthog_resource,
+        host=dg.EnvVar("POSTHOG_TEST_HOST"),
+        personal_api_key=dg.EnvVar("POSTHOG_TEST_KEY_ENV"),
     )
-    assert dg.materialize([_probe_asset()], resources={"posthog": masked}).success
+    capture = _Capture()
+    try:
+        for key in ("********", {"env": "POSTHOG_TEST_KEY_ENV"}):
+            config = {"resources": {"posthog": {"config": {
+                "host": capture.url, "project_id": "1", "personal_api_key": key,
+            }}}}  # fmt: skip
+            with pytest.raises(Exception) as err:
+                dg.materialize([_probe_asset()], resources={"posthog": defined}, run_config=config)
+            text = str(err.value) + str(err.value.__cause__)
+            assert (
+                f"host: this run's config would send the PostHog key to '{capture.url}', but "
+                f"the environment variable POSTHOG_TEST_HOST pins '{standin.url}'. A launch may "
+                "not change where the key goes"
+            ) in text
+        assert capture.seen == []
+        same = {"resources": {"posthog": {"config": {"host": standin.url + "/",
+                "project_id": "1", "personal_api_key": "********"}}}}  # fmt: skip
+        result = dg.materialize([_probe_asset()], resources={"posthog": defined}, run_config=same)
+        assert result.success
+    finally:
+        capture.shutdown()
+
+    monkeypatch.delenv("POSTHOG_TEST_HOST")  # unset where the run executes: no stand-in for it
+    config = {"resources": {"posthog": {"config": {"host": standin.url, "project_id": "1",
+                                                   "personal_api_key": "********"}}}}  # fmt: skip
+    with pytest.raises(Exception) as err:
+        dg.materialize([_probe_asset()], resources={"posthog": defined}, run_config=config)
+    assert "POSTHOG_TEST_HOST is not set where this run executes" in (
+        str(err.value) + str(err.value.__cause__)
+    )
+
+
+def test_a_literal_key_is_hidden_from_repr_and_warned_about_once(
+    posthog_resource: PostHogResource,
+) -> None:
+    assert posthog_resource.personal_api_key not in repr(posthog_resource)
+    with dg.instance_for_test() as instance:
+        result = dg.materialize(
+            [_probe_asset()], resources={"posthog": posthog_resource}, instance=instance
+        )
+        warned = [
+            e.user_message
+            for e in instance.all_logs(result.run_id)
+            if "written literally" in e.user_message
+        ]
+    assert result.success and len(warned) <= 1  # once per process: an earlier test may have
+    if warned:
+        assert "dg.EnvVar('POSTHOG_PERSONAL_API_KEY')" in warned[0]
+        assert posthog_resource.personal_api_key not in warned[0]
 
 
 def test_projects_prefix_by_default_and_the_deprecated_one_warns_once_per_run(

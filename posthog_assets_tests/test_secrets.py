@@ -38,7 +38,8 @@ from posthog_assets_tests.support.reliability import (
     warm_python,
 )
 
-pytestmark = pytest.mark.system
+# With the other users of the shipped state (one file in the repository): see test_defs.py.
+pytestmark = [pytest.mark.system, pytest.mark.xdist_group("dagster_dev")]
 
 SECRET_KEY = f"phx_SeCrEtKeY_{secrets.token_hex(12)}"
 LIMITED_KEY = f"phx_LiMiTeDkEy_{secrets.token_hex(12)}"
@@ -122,7 +123,7 @@ def secret_runs(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactor
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
     (root / "posthog_assets.yaml").write_text(WORLD_YAML)
-    control = StandinControl(standin.url)
+    control = standin.control
     control.reset()
     control.add_key(SECRET_KEY, scopes=["*"])
     control.add_key(LIMITED_KEY, scopes=["insight:read"])  # exports and groups: 403
@@ -193,6 +194,7 @@ def test_ui_shows_the_key_field_as_secret(
     defs_file: str,
     expected: dict[str, str],
     standin: StandinProcess,
+    shipped_defs_state: Path,
     tmp_path: Path,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -272,3 +274,124 @@ def test_hostile_server_filename_stays_inside_the_asset_folder(
     assert outside == []
     content = requests.get(f"{exports_url}{next_id}/content/", headers=headers, timeout=30)
     assert written.read_bytes() == content.content
+
+
+LAUNCH = """
+mutation Launch($params: ExecutionParams!) {
+  launchPipelineExecution(executionParams: $params) {
+    __typename
+    ... on LaunchRunSuccess { run { runId } }
+    ... on PythonError { message }
+  }
+}
+"""
+
+
+def test_a_cross_site_launch_cannot_send_the_key_elsewhere_nor_leave_it_in_storage(
+    standin: StandinProcess,
+    shipped_defs_state: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Dagster's webserver takes a ``text/plain`` POST whose query sits in the URL, from any
+    Origin: a web page in the user's browser can launch a run. That run names a capture server
+    as ``host`` and sends back the launchpad's mask for the key; it is refused before any
+    request, and neither run storage nor the webserver's debug download holds the key."""
+    import gzip
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+    from threading import Thread
+
+    from dagster._core.workspace.context import WorkspaceProcessContext
+    from dagster._core.workspace.load_target import PythonFileTarget
+    from dagster_webserver.webserver import DagsterWebserver
+    from starlette.testclient import TestClient
+
+    seen: list[dict[str, str]] = []
+
+    class Capture(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            seen.append(dict(self.headers))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    capture = ThreadingHTTPServer(("127.0.0.1", 0), Capture)
+    Thread(target=capture.serve_forever, daemon=True).start()
+    evil_host = f"http://127.0.0.1:{capture.server_address[1]}"
+    standin.control.add_key(SECRET_KEY, scopes=["*"])
+    for name, value in standin_env(standin, tmp_path).items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("POSTHOG_PERSONAL_API_KEY", SECRET_KEY)
+    monkeypatch.delenv("POSTHOG_ASSETS_CONFIG", raising=False)
+    location = tmp_path / "location.py"
+    location.write_text(REAL_DEFS)
+    home = tmp_path / "home"
+    home.mkdir()
+    params = {
+        "selector": {
+            "repositoryLocationName": "posthog_assets",
+            "repositoryName": "__repository__",
+            "jobName": "posthog_insights_snapshot",
+        },
+        "runConfigData": {
+            "resources": {
+                "posthog": {
+                    "config": {
+                        "host": evil_host,
+                        "project_id": str(standin.project_id),
+                        "personal_api_key": "********",
+                    }
+                }
+            }
+        },  # fmt: skip
+    }
+    try:
+        direct = {"module": "dagster._core.run_coordinator", "class": "DefaultRunCoordinator"}
+        with dg.instance_for_test(
+            temp_dir=str(home), overrides={"run_coordinator": direct}
+        ) as instance:  # runs start at once, as the daemon of `make ui` starts queued ones
+            target = PythonFileTarget(
+                python_file=str(location), attribute="defs", location_name="posthog_assets",
+                working_directory=str(shipped_defs_state),
+            )  # fmt: skip
+            with WorkspaceProcessContext(instance, target) as context:
+                web = TestClient(DagsterWebserver(context).create_asgi_app())
+                answer = web.post(
+                    "/graphql",
+                    params={"query": LAUNCH, "variables": json.dumps({"params": params})},
+                    headers={
+                        "Content-Type": "text/plain",
+                        "Origin": "https://evil.example",
+                        "Host": "rebound.evil.example:3000",
+                    },
+                    content=b"",
+                ).json()
+                launched = answer["data"]["launchPipelineExecution"]
+                assert launched["__typename"] == "LaunchRunSuccess", launched  # Dagster's own
+                run_id = launched["run"]["runId"]
+                run = poll_finished(instance, run_id)
+                messages = "\n".join(repr(e) for e in instance.all_logs(run_id))  # + errors
+                debug = gzip.decompress(web.get(f"/download_debug/{run_id}").content)
+    finally:
+        capture.shutdown()
+
+    assert run.status == dg.DagsterRunStatus.FAILURE
+    assert f"this run's config would send the PostHog key to '{evil_host}'" in messages
+    assert seen == []  # nothing, key or not, ever reached the capture server
+    assert debug and SECRET_KEY.encode() not in debug
+    stored = [p for p in all_files(home) if any(n in p.read_bytes() for n in NEEDLES)]
+    assert stored == []
+
+
+def poll_finished(instance: dg.DagsterInstance, run_id: str, timeout_s: float = 120) -> Any:
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        run = instance.get_run_by_id(run_id)
+        if run is not None and run.is_finished:
+            return run
+        time.sleep(0.5)
+    raise AssertionError(f"run {run_id} did not finish within {timeout_s}s")

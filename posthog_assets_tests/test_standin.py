@@ -19,6 +19,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 import zlib
 from collections import Counter
 from datetime import datetime
@@ -29,7 +30,13 @@ import pytest
 import requests
 
 from posthog_assets.standin.__main__ import parse_args
-from posthog_assets.standin.server import StandinControl, StandinError, StandinProcess
+from posthog_assets.standin.control import host_name
+from posthog_assets.standin.server import (
+    CONTROL_TOKEN_HEADER,
+    StandinControl,
+    StandinError,
+    StandinProcess,
+)
 from posthog_assets_tests.support import openapi as openapi_contract
 from posthog_assets_tests.support.standin import Api, export_source, poll_until
 
@@ -45,7 +52,7 @@ STUCK = (
 @pytest.fixture
 def api(standin: StandinProcess) -> Api:
     """The session's stand-in, reset to its seed for this test."""
-    StandinControl(standin.url).reset()
+    standin.control.reset()
     return Api(standin)
 
 
@@ -82,8 +89,9 @@ def test_standin_imports_no_dagster() -> None:
 
 
 def test_cli_prints_ready_line_and_exits_cleanly_on_sigint() -> None:
+    cmd = [sys.executable, "-m", "posthog_assets.standin", "--port", "0", "--key", "phx_cli"]
     proc = subprocess.Popen(
-        [sys.executable, "-m", "posthog_assets.standin", "--port", "0", "--key", "phx_cli"],
+        [*cmd, "--control-token", "fixed-token"],
         stdout=subprocess.PIPE,
         text=True,
         start_new_session=True,
@@ -91,12 +99,17 @@ def test_cli_prints_ready_line_and_exits_cleanly_on_sigint() -> None:
     try:
         assert proc.stdout is not None
         ready = json.loads(proc.stdout.readline())
-        assert set(ready) == {"url", "storage_url", "key", "project_id"}
+        assert set(ready) == {"url", "storage_url", "key", "project_id", "control_token"}
         assert ready["key"] == "phx_cli" and ready["project_id"] == 1
+        assert ready["control_token"] == "fixed-token"
         assert ready["url"] != ready["storage_url"]
         human = proc.stdout.readline()
         assert human.startswith(f"PostHog stand-in serving {ready['url']} (project 1, key phx_cli)")
-        health = requests.get(f"{ready['url']}/_standin/health", timeout=5).json()
+        health = requests.get(
+            f"{ready['url']}/_standin/health",
+            headers={CONTROL_TOKEN_HEADER: "fixed-token"},
+            timeout=5,
+        ).json()
         assert health == {"ok": True, "storage_url": ready["storage_url"]}
         proc.send_signal(signal.SIGINT)
         assert proc.wait(timeout=10) == 0
@@ -104,6 +117,140 @@ def test_cli_prints_ready_line_and_exits_cleanly_on_sigint() -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- control plane access: token, JSON only, loopback Host ----------------------------------
+
+INTRUDER = "phx_intruder_full_scope"
+#: What a web page's ``fetch(url, {method: "POST", body})`` or form sends without a preflight.
+CROSS_SITE = {"Origin": "https://evil.example", "Content-Type": "text/plain;charset=UTF-8"}
+
+
+def _control_url(standin: StandinProcess, path: str) -> str:
+    return f"{standin.url}/_standin/{path}"
+
+
+def _intruder_body() -> str:
+    return json.dumps({"key": INTRUDER, "scopes": ["*"], "projects": None})
+
+
+def _assert_intruder_key_absent(api: Api) -> None:
+    """The control plane did not act: the key it was asked to add authenticates nothing."""
+    assert api.as_key(INTRUDER).get("insights/").status_code == 401
+
+
+def _assert_refused(response: requests.Response, status: int, needs: str) -> None:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"} and needs in body["error"], body
+
+
+@pytest.mark.unit
+def test_host_name_strips_the_port_and_rejects_malformed_headers() -> None:
+    assert host_name("127.0.0.1:8000") == "127.0.0.1"
+    assert host_name("LocalHost") == "localhost"
+    assert host_name("[::1]:8000") == host_name("[::1]") == "::1"
+    for bad in ("", "::1", "[::1]x", "localhost:", "localhost:80:80", "a:b"):
+        assert host_name(bad) not in {"127.0.0.1", "localhost", "::1"}, bad
+    with pytest.raises(SystemExit):
+        parse_args(["--control-token", ""])
+
+
+def test_control_plane_without_the_token_is_refused_and_changes_nothing(
+    api: Api, standin: StandinProcess
+) -> None:
+    """A random token per start, needed on every control request: without it (or with a wrong
+    one) nothing is added, and neither the seed (which shows the stand-in's key) nor the log
+    can be read."""
+    assert len(standin.control_token) >= 32
+    json_only = {"Content-Type": "application/json"}
+    for headers in (json_only, {**json_only, CONTROL_TOKEN_HEADER: "not-the-token"}):
+        added = requests.post(
+            _control_url(standin, "keys"), data=_intruder_body(), headers=headers, timeout=5
+        )
+        _assert_refused(added, 403, CONTROL_TOKEN_HEADER)
+        for path in ("seed", "requests", "health"):
+            read = requests.get(_control_url(standin, path), headers=headers, timeout=5)
+            _assert_refused(read, 403, CONTROL_TOKEN_HEADER)
+            assert standin.key not in read.text
+    with pytest.raises(StandinError, match="403"):
+        StandinControl(standin.url, token="not-the-token").add_key(INTRUDER, scopes=["*"])
+    _assert_intruder_key_absent(api)
+
+
+def test_cross_site_text_plain_posts_are_refused(api: Api, standin: StandinProcess) -> None:
+    """What a browser sends cross-site without a preflight (text/plain, a form) never acts:
+    without the token it is 403, and even with it anything but JSON is 415."""
+    token = {CONTROL_TOKEN_HEADER: standin.control_token}
+    form = {**CROSS_SITE, "Content-Type": "application/x-www-form-urlencoded"}
+    for headers, status, needs in [
+        (CROSS_SITE, 403, CONTROL_TOKEN_HEADER),
+        ({**CROSS_SITE, **token}, 415, "application/json"),
+        ({**form, **token}, 415, "application/json"),
+        ({"Origin": "https://evil.example", **token}, 415, "application/json"),  # no type at all
+    ]:
+        added = requests.post(
+            _control_url(standin, "keys"), data=_intruder_body(), headers=headers, timeout=5
+        )
+        _assert_refused(added, status, needs)
+        configured = requests.post(
+            _control_url(standin, "config"),
+            data='{"rate_limits": false}',
+            headers=headers,
+            timeout=5,
+        )
+        _assert_refused(configured, status, needs)
+        cleared = requests.delete(_control_url(standin, "faults"), headers=headers, timeout=5)
+        _assert_refused(cleared, status, needs)
+    _assert_intruder_key_absent(api)
+    assert api.control.config()["rate_limits"] is True
+
+
+def test_control_plane_answers_only_loopback_host_headers(
+    api: Api, standin: StandinProcess
+) -> None:
+    """A DNS-rebound name (even with the token) is refused; PostHog's own routes still answer
+    any Host, as PostHog does (its ALLOWED_HOSTS is ``*`` unless configured)."""
+    port = urllib.parse.urlsplit(standin.url).port
+    headers = {CONTROL_TOKEN_HEADER: standin.control_token, "Content-Type": "application/json"}
+    for host in ("evil.example", f"evil.example:{port}", f"127.0.0.1.evil.example:{port}"):
+        seed = requests.get(
+            _control_url(standin, "seed"), headers={**headers, "Host": host}, timeout=5
+        )
+        _assert_refused(seed, 403, "127.0.0.1")
+        added = requests.post(
+            _control_url(standin, "keys"),
+            data=_intruder_body(),
+            headers={**headers, "Host": host},
+            timeout=5,
+        )
+        _assert_refused(added, 403, "127.0.0.1")
+    _assert_intruder_key_absent(api)
+    for host in ("127.0.0.1", f"localhost:{port}", f"[::1]:{port}"):
+        health = requests.get(
+            _control_url(standin, "health"), headers={**headers, "Host": host}, timeout=5
+        )
+        assert health.status_code == 200, (host, health.text)
+    foreign = api.get("insights/", params={"limit": 1}, headers={"Host": "evil.example"})
+    assert foreign.status_code == 200
+
+
+def test_token_json_and_loopback_host_are_let_through(api: Api, standin: StandinProcess) -> None:
+    """The right token, a JSON body (charset allowed) and a loopback Host: the key is added."""
+    port = urllib.parse.urlsplit(standin.url).port
+    added = requests.post(
+        _control_url(standin, "keys"),
+        data=_intruder_body(),
+        headers={
+            CONTROL_TOKEN_HEADER: standin.control_token,
+            "Content-Type": "application/json; charset=utf-8",
+            "Host": f"localhost:{port}",
+        },
+        timeout=5,
+    )
+    assert added.status_code == 201, added.text
+    assert api.as_key(INTRUDER).get("insights/").status_code == 200
+    assert api.control.seed_info()["key"] == standin.key
 
 
 # ---- routing, auth, scopes, projects ---------------------------------------------------------

@@ -73,7 +73,7 @@ def tidy_run(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory) 
     PostHog serves for each kind is read from the cache the snapshot just filled, before any
     other test resets the stand-in."""
     root = tmp_path_factory.mktemp("tidy")
-    control = StandinControl(standin.url)
+    control = standin.control
     control.reset()
     control.configure(async_delay_s=0.1)
     env = {**standin_env(standin, root), "POSTHOG_PERSONAL_API_KEY": standin.key}

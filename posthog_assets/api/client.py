@@ -11,6 +11,7 @@ import itertools
 import json
 import logging
 import os
+import re
 import threading
 import time
 from collections import deque
@@ -365,16 +366,18 @@ class PostHogClient:
                 stream=stream,
                 allow_redirects=allow_redirects,
             )
-        except requests.exceptions.ConnectTimeout as exc:
+        except requests.exceptions.ConnectTimeout:
             raise PostHogConnectionError(
-                f"{method} {path}: connect timed out ({exc.__class__.__name__})",
+                f"{method} {_shown_origin(url)}{path}: no connection within {timeout[0]:g}s "
+                "(connect timeout)",
                 request_sent=False,
                 method=method,
                 path=path,
             ) from None
         except requests.exceptions.ReadTimeout:
             raise PostHogConnectionError(
-                f"{method} {path}: no answer within {timeout[1]:g}s (read timeout)",
+                f"{method} {_shown_origin(url)}{path}: no answer within {timeout[1]:g}s "
+                "(read timeout)",
                 method=method,
                 path=path,
                 read_timeout=True,
@@ -382,7 +385,7 @@ class PostHogClient:
         except requests.exceptions.ConnectionError as exc:
             sent = "NewConnectionError" not in repr(exc) and "Connection refused" not in repr(exc)
             raise PostHogConnectionError(
-                f"{method} {path}: connection failed ({type(exc).__name__})",
+                f"{method} {_shown_origin(url)}{path}: connection failed ({_cause(exc)})",
                 request_sent=sent,
                 method=method,
                 path=path,
@@ -395,6 +398,10 @@ class PostHogClient:
                 f"{method} {path}: connection dropped while reading the response body",
                 method=method,
                 path=path,
+            ) from None
+        except requests.exceptions.RequestException as exc:  # a URL requests cannot use
+            raise PostHogError(
+                f"{method} {_shown_origin(url)}{path}: {_cause(exc)}", method=method, path=path
             ) from None
         self._warn_on_sunset(resp)
         if resp.status_code < 400 or resp.status_code in accept:
@@ -600,7 +607,7 @@ class PostHogClient:
                     break
                 location = resp.headers["Location"]
                 resp.close()
-                url = urljoin(url, location)
+                url = _next_hop(url, urljoin(url, location), path)
                 redirected = True
             else:
                 raise PostHogDownloadError(f"GET {path}: more than {max_redirects} redirects")
@@ -838,12 +845,57 @@ def _utc(epoch: float) -> str:
 def _decode(resp: requests.Response) -> Any:
     try:
         return resp.json()
-    except ValueError as exc:
+    except ValueError:
         raise PostHogServerError(
-            f"PostHog answered {resp.status_code} with a body that is not JSON "
-            f"({resp.headers.get('Content-Type')})",
+            f"{_shown_origin(resp.url)} answered {resp.status_code} with a body that is not "
+            f"JSON ({resp.headers.get('Content-Type')}): is host the base URL of a PostHog "
+            "instance (e.g. https://us.posthog.com), not a login page or a proxy?",
             status=resp.status_code,
-        ) from exc
+        ) from None
+
+
+def _next_hop(current: str, target: str, path: str) -> str:
+    """Where a download redirect may go: http(s) only, and never from https down to plain http
+    (the export's bytes would cross the network in clear, open to change). The error shows only
+    scheme and host: the rest of a storage URL is a presigned signature."""
+    scheme = urlsplit(target).scheme.lower()
+    if scheme not in ("http", "https"):
+        reason = "not an http(s) URL"
+    elif urlsplit(current).scheme.lower() == "https" and scheme != "https":
+        reason = "from https down to plain http"
+    else:
+        return target
+    error = PostHogDownloadError(
+        f"GET {path}: the download was redirected to {_shown_origin(target)}, {reason}; refused"
+    )
+    error.retryable = False
+    raise error
+
+
+def _shown_origin(url: str | None) -> str:
+    """Scheme, host and port of a URL: what an error may show (never a path or query, which
+    can hold a presigned signature)."""
+    parts = urlsplit(url or "")
+    host = parts.hostname or ""
+    host = f"[{host}]" if ":" in host else host
+    port = f":{parts.port}" if parts.port else ""
+    return f"{parts.scheme}://{host}{port}" if parts.scheme else "<no URL>"
+
+
+def _cause(exc: BaseException) -> str:
+    """The innermost reason of a connection error (refused, DNS, TLS verification ...), without
+    the object reprs and URLs requests wraps it in."""
+    seen: BaseException = exc
+    for _ in range(8):
+        inner = getattr(seen, "reason", None)
+        if not isinstance(inner, BaseException):
+            inner = next((a for a in seen.args if isinstance(a, BaseException)), None)
+        if inner is None or inner is seen:
+            break
+        seen = inner
+    text = re.sub(r"<[^<>]* object at 0x[0-9a-f]+>:?\s*", "", str(seen))
+    text = re.sub(r"https?://[^\s'\")]+", lambda m: _shown_origin(m.group(0)), text)
+    return f"{type(seen).__name__}: {text}"[:300]
 
 
 def _retry_after(resp: requests.Response) -> float | None:

@@ -22,6 +22,7 @@ from pathlib import Path
 import requests
 
 from posthog_assets.api.errors import PostHogDownloadError
+from posthog_assets.api.private_files import is_local_disk_error
 
 DOWNLOAD_CHUNK_BYTES = 1 << 20
 #: Chunks read ahead of the writer at most (memory bound: this many chunks).
@@ -100,6 +101,8 @@ def stream_to_file(
             finally:
                 chunks.put(None)
                 writer.join()
+            if writer.error is not None and is_local_disk_error(writer.error):
+                raise writer.error  # the disk, not the download: a retry would fail the same way
             if writer.error is not None:
                 raise PostHogDownloadError(
                     f"writing {dest.name} failed after {written} bytes "
@@ -137,7 +140,8 @@ def remove_stale_parts(folder: Path) -> list[Path]:
     with _PART_LOCK:
         for part in folder.glob(".*.part"):
             try:
-                fd = os.open(part, os.O_RDONLY)
+                # a planted symlink or FIFO is neither followed nor waited on
+                fd = os.open(part, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
             except OSError:
                 continue
             try:

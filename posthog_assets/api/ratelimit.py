@@ -16,7 +16,9 @@ Why the state can live in a file: the steps of one Dagster run are separate proc
 multiprocess executor, each with its own client, all spending the same key's budget. A gate on a
 :class:`FileState` keeps the log and the pauses in a small file per (host, key), guarded by
 ``fcntl.flock``, so every process on the machine paces together. The file name is a hash: the key
-never touches disk.
+never touches disk. The file lives in a per-user folder that only its owner may write and is
+opened without following symlinks (:mod:`posthog_assets.api.private_files`): another local user
+must not be able to plant state that blocks runs or point our writes at the user's own files.
 
 Why the state can live in Redis: Celery workers on several hosts share no disk, so a file per
 machine would give each host its own budget and let each hammer PostHog after a 429. A gate on a
@@ -44,8 +46,19 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import parse_qs, unquote, urlsplit
 
-#: Where shared gate files live (default: a per-user folder in the system temp dir).
+from posthog_assets.api.private_files import (
+    MAX_READ_BYTES,
+    FileTooLarge,
+    open_private,
+    private_dir,
+    read_capped,
+)
+
+#: Where shared gate files live (default: ``$XDG_RUNTIME_DIR`` or ``~/.cache``, see
+#: :func:`default_state_dir`).
 ENV_RATE_LIMIT_DIR = "POSTHOG_ASSETS_RATE_LIMIT_DIR"
+#: The default gate folder below ``$XDG_RUNTIME_DIR``, ``$XDG_CACHE_HOME`` or ``~/.cache``.
+STATE_SUBDIR = ("posthog-assets", "ratelimit")
 #: A Redis shared by every host (``redis://host:6379/0``); unset, the gate is a file per machine.
 ENV_RATE_LIMIT_URL = "POSTHOG_ASSETS_RATE_LIMIT_URL"
 #: Throttle classes: PostHog's ClickHouse throttles (insights, query status) and the default ones.
@@ -58,6 +71,9 @@ DEFAULT_MARGIN_S = 1.0
 #: A pause further ahead than this is treated as corrupt (a clock jump, a broken file). PostHog's
 #: longest window is an hour, so a real ``Retry-After`` stays below it.
 MAX_BLOCK_S = 2 * 3600.0
+#: Logged requests dated further ahead than this are dropped: hosts sharing Redis disagree by
+#: seconds, while a clock that jumped back or a planted file would hold requests back for good.
+MAX_CLOCK_SKEW_S = 60.0
 
 #: The URL schemes redis-py connects with (TCP, TLS, a local socket).
 REDIS_SCHEMES = ("redis", "rediss", "unix")
@@ -143,44 +159,93 @@ class MemoryState:
 
 
 class FileState:
-    """State in a file shared by every process on this machine (``fcntl.flock``, mode 0600)."""
+    """State in a file shared by every process on this machine (``fcntl.flock``, mode 0600).
+
+    The folder must be this user's alone and the file a regular file of ours, never followed
+    through a symlink; what is read is capped. A problem with either fails with
+    :class:`SharedStateUnavailable` naming the path, never as a disk error of the caller's.
+    """
 
     def __init__(self, path: str | os.PathLike[str]) -> None:
         self.path = Path(path)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         self._thread_lock = threading.Lock()
+        try:
+            private_dir(self.path.parent)
+        except OSError as exc:
+            raise self._unavailable(exc) from None
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[dict[str, Any]]:
         with self._thread_lock:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+            fd = self._open()
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                raw = b""
-                while chunk := os.pread(fd, 1 << 20, len(raw)):
-                    raw += chunk
-                try:
-                    state = json.loads(raw) if raw else {}
-                except ValueError:
-                    state = {}  # a torn or foreign file: start afresh rather than fail a run
-                if not isinstance(state, dict):
-                    state = {}
+                state, rewrite = self._read(fd)
                 before = json.dumps(state, sort_keys=True)
                 yield state
                 data = json.dumps(state, sort_keys=True)
-                if data != before:
-                    os.ftruncate(fd, 0)
-                    os.pwrite(fd, data.encode(), 0)
+                if rewrite or data != before:
+                    self._write(fd, data)
             finally:
                 os.close(fd)  # closing releases the flock
 
+    def _open(self) -> int:
+        try:
+            fd = open_private(self.path, os.O_RDWR | os.O_CREAT)
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            os.close(fd)
+            raise self._unavailable(exc) from None
+        return fd
+
+    def _read(self, fd: int) -> tuple[dict[str, Any], bool]:
+        """The stored state, and whether it must be written back (a torn, foreign or oversized
+        file starts afresh rather than fail a run)."""
+        try:
+            raw = read_capped(fd, MAX_READ_BYTES)
+        except FileTooLarge:
+            logger.warning(
+                "the rate-limit state %s holds more than %d bytes: starting afresh",
+                self.path,
+                MAX_READ_BYTES,
+            )
+            return {}, True
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+        state = _decode_state(raw)
+        return state, bool(raw) and not state
+
+    def _write(self, fd: int, data: str) -> None:
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, data.encode(), 0)
+        except OSError as exc:
+            raise self._unavailable(exc) from None
+
+    def _unavailable(self, exc: OSError) -> SharedStateUnavailable:
+        return SharedStateUnavailable(
+            f"the shared rate-limit gate cannot use {self.path} (folder from "
+            f"${ENV_RATE_LIMIT_DIR}, else a per-user default): {exc}"
+        )
+
 
 def default_state_dir() -> Path:
-    """``$POSTHOG_ASSETS_RATE_LIMIT_DIR``, else ``<tmp>/posthog-assets-ratelimit-<uid>``."""
+    """``$POSTHOG_ASSETS_RATE_LIMIT_DIR``, else a per-user folder no other user can reach first:
+    ``$XDG_RUNTIME_DIR/posthog-assets/ratelimit``, else the same below ``$XDG_CACHE_HOME`` or
+    ``~/.cache`` (a shared temp dir would let another user create it before us)."""
     configured = os.environ.get(ENV_RATE_LIMIT_DIR)
     if configured:
         return Path(configured)
-    return Path(tempfile.gettempdir()) / f"posthog-assets-ratelimit-{os.getuid()}"
+    for variable in ("XDG_RUNTIME_DIR", "XDG_CACHE_HOME"):
+        base = os.environ.get(variable, "")
+        if os.path.isabs(base):  # the XDG spec says to ignore relative values
+            return Path(base).joinpath(*STATE_SUBDIR)
+    try:
+        return Path.home().joinpath(".cache", *STATE_SUBDIR)
+    except (RuntimeError, KeyError):  # no home at all: the checks of private_dir still apply
+        return Path(tempfile.gettempdir()) / f"posthog-assets-ratelimit-{os.getuid()}"
 
 
 def state_digest(host: str, key: str) -> str:
@@ -393,7 +458,7 @@ class RequestGate:
                 delay, reason = self._delay(state, klass, now)
                 if delay <= 0:
                     log = _log(state, klass)
-                    log.append(round(now, 3))
+                    bisect.insort(log, round(now, 3))  # another host's clock may run ahead
                     longest = max((w.period_s for w in self._windows(klass)), default=0.0)
                     del log[: bisect.bisect_right(log, now - longest - self.margin_s)]
                     return waited
@@ -412,7 +477,7 @@ class RequestGate:
                 pauses[name] = until = now  # corrupt, or the clock jumped back
             if until - now > delay:
                 delay, reason = until - now, "PostHog answered 429 (Retry-After)"
-        log = _log(state, klass)
+        log = _current_log(state, klass, now)
         for window in self._windows(klass):
             span = window.period_s + self.margin_s
             recent = len(log) - bisect.bisect_right(log, now - span)
@@ -462,6 +527,24 @@ def _log(state: dict[str, Any], klass: str) -> list[float]:
     log = logs.get(klass)
     if not isinstance(log, list) or not all(isinstance(t, int | float) for t in log):
         log = logs[klass] = []
+    return log
+
+
+def _current_log(state: dict[str, Any], klass: str, now: float) -> list[float]:
+    """The log of ``klass`` in order, without entries dated beyond :data:`MAX_CLOCK_SKEW_S`
+    from now: like a pause beyond :data:`MAX_BLOCK_S`, they would hold requests back for good."""
+    log = _log(state, klass)
+    log.sort()
+    future = bisect.bisect_right(log, now + MAX_CLOCK_SKEW_S)
+    if future < len(log):
+        logger.warning(
+            "dropped %d logged %s request(s) dated more than %gs ahead (a clock that jumped "
+            "back, or a corrupt rate-limit state)",
+            len(log) - future,
+            klass,
+            MAX_CLOCK_SKEW_S,
+        )
+        del log[future:]
     return log
 
 

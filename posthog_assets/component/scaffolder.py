@@ -3,15 +3,40 @@
 from __future__ import annotations
 
 from dagster.components import Scaffolder, ScaffoldRequest, scaffold_component
-from pydantic import BaseModel
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from posthog_assets.config import matching, parse_project_id, validate_host
 
 
 class PostHogScaffoldParams(BaseModel):
-    """Options of ``dg scaffold defs``; whatever is left out gets a placeholder to edit."""
+    """Options of ``dg scaffold defs``; whatever is left out gets a placeholder to edit. Checked
+    as the component checks them, so a scaffold never writes a ``defs.yaml`` that cannot load."""
+
+    model_config = ConfigDict(extra="forbid")
 
     host: str = "https://us.posthog.com"
     project_id: str = "{{ env.POSTHOG_PROJECT_ID }}"
     name: str = "default"
+
+    @field_validator("host")
+    @classmethod
+    def _host(cls, value: str) -> str:
+        return value if _is_template(value) else validate_host(value)
+
+    @field_validator("project_id", mode="before")
+    @classmethod
+    def _project_id(cls, value: object) -> str:
+        text = str(value)
+        return text if _is_template(text) else str(parse_project_id(text))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        return matching(value, r"^[a-z][a-z0-9_]*$", "lower_snake_case")
+
+
+def _is_template(value: str) -> bool:
+    return value.strip().startswith("{{")
 
 
 class PostHogProjectScaffolder(Scaffolder[PostHogScaffoldParams]):

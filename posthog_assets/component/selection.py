@@ -15,7 +15,15 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from posthog_assets.component.state import DashboardRecord, InsightRecord, ProjectState
-from posthog_assets.config import EXPORT_FORMATS, PNG, ExportConfig, ExportFormat, matching
+from posthog_assets.config import (
+    EXPORT_FORMATS,
+    PDF,
+    PDF_REFUSED,
+    PNG,
+    ExportConfig,
+    ExportFormat,
+    matching,
+)
 
 
 class _Strict(BaseModel):
@@ -77,6 +85,13 @@ class ExportSelection(_Strict):
     @classmethod
     def _name(cls, value: str | None) -> str | None:
         return None if value is None else matching(value, r"^[A-Za-z][A-Za-z0-9_]*$", "a name")
+
+    @field_validator("format", mode="before")
+    @classmethod
+    def _renderable(cls, value: Any) -> Any:
+        if value == PDF:
+            raise ValueError(PDF_REFUSED)
+        return value
 
     @model_validator(mode="after")
     def _one_selector(self) -> ExportSelection:

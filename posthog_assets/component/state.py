@@ -16,6 +16,8 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+import click
+
 from posthog_assets.api.client import PostHogClient
 
 STATE_VERSION = 2
@@ -83,6 +85,11 @@ class ProjectState:
             insight_tags={str(k): list(v) for k, v in (data.get("insight_tags") or {}).items()},
             dashboard_tags={str(k): list(v) for k, v in (data.get("dashboard_tags") or {}).items()},
         )
+
+
+class StateRefreshFailed(click.ClickException):
+    """The state could not be read: ``dg`` prints the message alone (a click error), without
+    the traceback around it."""
 
 
 class StateIncomplete(ValueError):
@@ -174,7 +181,16 @@ def write_state(path: Path, state: ProjectState) -> None:
 
 
 def read_state(path: Path) -> ProjectState:
-    return ProjectState.from_json(path.read_text())
+    """The stored state; a torn, empty or foreign file is named with the command that
+    rewrites it."""
+    try:
+        return ProjectState.from_json(path.read_text())
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        detail = f"missing {exc}" if isinstance(exc, KeyError) else str(exc)
+        raise ValueError(
+            f"the stored PostHog state {path} cannot be read ({type(exc).__name__}: {detail}): "
+            "run `dg utils refresh-defs-state` to write it again"
+        ) from None
 
 
 def state_summary(state: ProjectState) -> dict[str, Any]:

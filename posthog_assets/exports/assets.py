@@ -28,7 +28,7 @@ from posthog_assets.exports.runner import (
     ExportRunner,
     failure_kind,
 )
-from posthog_assets.pools import POSTHOG_API_POOL
+from posthog_assets.pools import POSTHOG_API_POOL, free_slots_of_ended_runs
 from posthog_assets.resources import PostHogResource
 from posthog_assets.translator import (
     DagsterPostHogTranslator,
@@ -105,6 +105,7 @@ def build_posthog_export_assets(
         "concurrently.",
     )
     def _posthog_exports(context: dg.AssetExecutionContext) -> Iterator[dg.MaterializeResult]:
+        free_slots_of_ended_runs(context.instance, context.log)  # e.g. the exports log's duckdb
         resource: PostHogResource = getattr(context.resources, resource_key)
         client = resource.get_client(log=context.log)
         runner = ExportRunner(

@@ -11,6 +11,7 @@ import dagster as dg
 import pandas as pd
 from dagster_duckdb import DuckDBResource
 
+from posthog_assets.api.private_files import owner_only_umask
 from posthog_assets.common import materialization_values
 from posthog_assets.config import ProjectConfig
 from posthog_assets.pools import DUCKDB_POOL
@@ -91,7 +92,8 @@ def build_posthog_exports_log_asset(
     def _exports_log(
         context: dg.AssetExecutionContext, duckdb: DuckDBResource
     ) -> dg.MaterializeResult:
-        with duckdb.get_connection() as conn:
+        # DuckDB creates the database and its WAL following the umask: keep them 0600
+        with owner_only_umask(), duckdb.get_connection() as conn:
             ensure_table(conn, EXPORTS_TABLE, EXPORTS_COLUMNS)
             ref = table_ref(conn, EXPORTS_TABLE)
             marks = dict(

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import csv
-import html
 import struct
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,7 +39,7 @@ def file_preview_metadata(path: Path, export_format: str) -> dict[str, Any]:
         else:
             return {}
     except Exception as exc:  # a preview must never fail the export itself
-        return {"preview": dg.MetadataValue.md(f"_No preview: {html.escape(str(exc))}_")}
+        return {"preview": dg.MetadataValue.text(f"No preview: {exc}")}
     rows = meta["dagster/row_count"].value
     meta["at_posthog_row_limit"] = dg.MetadataValue.bool(rows in POSTHOG_EXPORT_ROW_LIMITS)
     return meta
@@ -81,9 +80,7 @@ def _csv_preview(path: Path) -> dict[str, Any]:
         "dagster/row_count": dg.MetadataValue.int(rows),
         "row_count_method": dg.MetadataValue.text(method),
         "columns": dg.MetadataValue.int(len(head.columns)),
-        "preview": dg.MetadataValue.md(
-            markdown_table([str(c) for c in head.columns], head.values.tolist())
-        ),
+        "preview": preview_table([str(c) for c in head.columns], head.values.tolist()),
     }
 
 
@@ -124,29 +121,32 @@ def _xlsx_preview(path: Path) -> dict[str, Any]:
         "dagster/row_count": dg.MetadataValue.int(max(0, int(max_row) - 1)),
         "columns": dg.MetadataValue.int(int(max_col)),
         "sheets": dg.MetadataValue.int(len(wb.sheetnames)),
-        "preview": dg.MetadataValue.md(markdown_table(header, rows[1:])),
+        "preview": preview_table(header, rows[1:]),
     }
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
-    """A small markdown table: capped columns and cell width, pipes escaped."""
+def preview_table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> dg.MetadataValue:
+    """The head of a table as Dagster's table metadata: cells are shown as plain text.
 
-    def cell(value: Any) -> str:
-        text = "" if value is None else str(value)
-        text = text.replace("\r", " ").replace("\n", " ").replace("|", "\\|")
-        return text if len(text) <= PREVIEW_MAX_CELL else text[: PREVIEW_MAX_CELL - 1] + "…"
-
-    cols = list(header)[:PREVIEW_MAX_COLUMNS]
-    if not cols:
-        return "_Empty table._"
-    more = len(header) - len(cols)
-    lines = [
-        "| " + " | ".join(cell(c) for c in cols) + " |",
-        "|" + "---|" * len(cols),
+    Not Markdown: cells are insight results, and breakdown or property values come from anyone
+    who sends events with the project's public token, so a cell like ``![x](https://...)`` or
+    ``[Re-auth](https://...)`` would load a remote image (a beacon with the viewer's address)
+    or show a native-looking link. Columns and cell width are capped.
+    """
+    names: list[str] = []
+    for k, raw in enumerate(list(header)[:PREVIEW_MAX_COLUMNS]):
+        name = _cell(raw) or f"column_{k}"
+        while name in names:
+            name = f"{name}_"
+        names.append(name)
+    records = [
+        dg.TableRecord({n: _cell(row[k] if k < len(row) else None) for k, n in enumerate(names)})
+        for row in list(rows)[:PREVIEW_ROWS]
     ]
-    for row in list(rows)[:PREVIEW_ROWS]:
-        values = list(row)[: len(cols)] + [""] * max(0, len(cols) - len(row))
-        lines.append("| " + " | ".join(cell(v) for v in values) + " |")
-    if more > 0:
-        lines.append(f"\n_{more} more column(s) not shown._")
-    return "\n".join(lines)
+    schema = dg.TableSchema(columns=[dg.TableColumn(name=n, type="string") for n in names])
+    return dg.MetadataValue.table(records=records, schema=schema)
+
+
+def _cell(value: Any) -> str:
+    text = "" if value is None else str(value).replace("\r", " ").replace("\n", " ")
+    return text if len(text) <= PREVIEW_MAX_CELL else text[: PREVIEW_MAX_CELL - 1] + "…"

@@ -13,7 +13,11 @@ Why the extra care:
   ``max_interval_s``; a total ``timeout_s`` after which we fail with the id, elapsed time and last
   state (the next attempt resumes the same export); one log line per poll.
 - **Safe paths.** The server's filename never decides where a file lands: it is reduced to a plain
-  name inside ``<export_dir>/<asset name>/``.
+  name inside ``<export_dir>/<asset name>/``, a folder we make (0700) and never follow as a
+  symlink; pending markers are 0600 files in a folder only this user can write.
+- **Local disk errors fail at once.** A full or read-only disk, or an ``export_dir`` that is not a
+  folder, fails the export with :class:`ExportDiskError` naming ``export_dir`` and the folder: a
+  retry would only fail again.
 """
 
 from __future__ import annotations
@@ -43,6 +47,14 @@ from posthog_assets.api.errors import (
     PostHogServerError,
 )
 from posthog_assets.api.polling import PollPolicy
+from posthog_assets.api.private_files import (
+    disk_error_message,
+    is_local_disk_error,
+    make_dir,
+    private_dir,
+    read_private,
+    replace_private,
+)
 from posthog_assets.common import parse_time
 from posthog_assets.config import EXPORT_FORMATS, TABULAR_FORMATS
 
@@ -59,6 +71,11 @@ _WRAPPER_KINDS = frozenset({"InsightVizNode", "DataVisualizationNode"})
 #: Exports older than this are never resumed (PostHog's envelope for PNG/CSV/XLSX is ~10 min).
 DEFAULT_LOOKUP_MAX_AGE_S = 2 * 24 * 3600.0
 PENDING_MARKER_DIR = ".posthog-pending"
+#: A pending marker's ``.tmp`` older than this was left by a killed writer (writing one takes
+#: microseconds): the next export into the folder removes it.
+STALE_MARKER_TMP_S = 60.0
+#: The setting named when an export file cannot be written.
+EXPORT_DIR_SETTING = "export_dir"
 
 #: Lower-cased fragments of PostHog ``exception`` texts that are worth another attempt: the
 #: synthetic stuck-export text, render/query timeouts, transient infrastructure failures.
@@ -229,6 +246,26 @@ def safe_dirname(name: str) -> str:
     return cleaned[:150]
 
 
+class ExportDiskError(OSError):
+    """An export's folder or files cannot be written (full, read-only, not a folder, refused);
+    a retry would fail the same way. ``export_id`` is the PostHog export already created, if any.
+    """
+
+    retryable = False
+
+    def __init__(self, message: str, *, export_id: int | None = None) -> None:
+        super().__init__(message)
+        self.export_id = export_id
+
+    @classmethod
+    def of(cls, folder: Path, cause: OSError, export_id: int | None) -> ExportDiskError:
+        """Names ``export_dir``, the folder, the cause and the export PostHog made meanwhile."""
+        message = disk_error_message(EXPORT_DIR_SETTING, folder, cause)
+        if export_id is not None:
+            message += f" (PostHog export {export_id} was created but could not be saved)"
+        return cls(message, export_id=export_id)
+
+
 def _describe(export: Mapping[str, Any]) -> str:
     if export.get("exception"):
         return "failed"
@@ -298,6 +335,11 @@ class ExportRunner:
             # Let callers (failure metadata, the retry sensor) name the export that failed.
             exc.export_id = current.get("id")  # type: ignore[attr-defined]
             raise
+        except OSError as exc:
+            if not is_local_disk_error(exc):
+                raise
+            folder = self.export_dir / safe_dirname(request.asset_name)
+            raise ExportDiskError.of(folder, exc, current.get("id")) from exc
 
     def _run(
         self,
@@ -307,8 +349,8 @@ class ExportRunner:
         scan_list: bool,
     ) -> ExportOutcome:
         started = self._clock()
-        folder = self.export_dir / safe_dirname(request.asset_name)
-        folder.mkdir(parents=True, exist_ok=True)
+        folder = make_dir(self.export_dir / safe_dirname(request.asset_name))
+        self._remove_stale_marker_tmps(folder)
         posts = 0
         export = self.find_resumable(request, exclude_ids=exclude_ids, scan_list=scan_list)
         resumed = export is not None
@@ -322,8 +364,8 @@ class ExportRunner:
                 export["id"],
                 _describe(export),
             )
-        self._record_pending(request, export)
         current["id"] = export["id"]
+        self._record_pending(request, export)
 
         recreated = False
         polls = 0
@@ -350,8 +392,8 @@ class ExportRunner:
                 recreated = True
                 export = self._create(request)
                 posts += 1
-                self._record_pending(request, export)
                 current["id"] = export["id"]
+                self._record_pending(request, export)
             except PostHogExportFailed:
                 self._forget_pending(request)
                 raise
@@ -568,17 +610,35 @@ class ExportRunner:
 
     def _record_pending(self, request: ExportRequest, export: Mapping[str, Any]) -> None:
         marker = self._marker(request)
-        marker.parent.mkdir(parents=True, exist_ok=True)
-        tmp = marker.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"export_id": int(export["id"]), "tag": request.tag}))
-        os.replace(tmp, marker)
+        private_dir(marker.parent)
+        data = json.dumps({"export_id": int(export["id"]), "tag": request.tag})
+        replace_private(marker, data.encode())
 
     def _read_pending(self, request: ExportRequest) -> int | None:
+        """The recorded id; a missing, foreign, planted (symlink) or oversized marker is none."""
         try:
-            data = json.loads(self._marker(request).read_text())
+            data = json.loads(read_private(self._marker(request)))
             return int(data["export_id"]) if data.get("tag") == request.tag else None
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return None
+
+    def _remove_stale_marker_tmps(self, folder: Path) -> None:
+        """Delete pending-marker ``.tmp`` files left by a write that failed (an empty one: the
+        disk was full) or was killed (an old one), as stale ``.part`` files are.
+
+        Only another run of the same asset writes here meanwhile, and its ``.tmp`` is empty for
+        microseconds; losing that race fails its export as retryable, nothing worse.
+        """
+        pending = folder / PENDING_MARKER_DIR
+        if pending.is_symlink() or not pending.is_dir():
+            return
+        cutoff = time.time() - STALE_MARKER_TMP_S
+        for tmp in pending.glob("*.tmp"):
+            with contextlib.suppress(OSError):
+                info = tmp.lstat()
+                if info.st_size == 0 or info.st_mtime < cutoff:
+                    tmp.unlink()
+                    self.log.warning("Removed %s, left by a failed pending-marker write", tmp)
 
     def _forget_pending(self, request: ExportRequest) -> None:
         marker = self._marker(request)
@@ -591,6 +651,8 @@ def failure_kind(exc: BaseException) -> tuple[str, bool]:
     """(kind, retryable) of an exception raised while running an export."""
     if isinstance(exc, PostHogError):
         return type(exc).__name__, bool(exc.retryable)
+    if isinstance(exc, ExportDiskError):
+        return type(exc).__name__, False
     if isinstance(exc, OSError):
-        return "OSError", True
+        return "OSError", not is_local_disk_error(exc)
     return type(exc).__name__, False

@@ -229,11 +229,27 @@ def _stop_on_signal(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def _is_loopback(host: str) -> bool:
+    import ipaddress
+
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m posthog_assets.local.ui", description=__doc__)
     parser.add_argument("--host", default=DEFAULT_HOST, help="webserver address (loopback)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="webserver port")
     args = parser.parse_args(argv)
+    if not _is_loopback(args.host):
+        parser.error(
+            f"--host {args.host}: the UI has no login and launches runs with your PostHog key; "
+            "serve it on loopback, and behind an authenticating proxy for anyone else"
+        )
 
     # SIGTERM (from a service manager or a test) takes the same clean path as Ctrl-C.
     signal.signal(signal.SIGINT, _stop_on_signal)
@@ -266,7 +282,9 @@ def main(argv: list[str] | None = None) -> int:
             stack.enter_context(dev)
             print(
                 f"Dagster UI: {dev.url}  (ready in {time.monotonic() - started:.0f} s; "
-                "Ctrl-C stops the UI and the stand-in)",
+                "Ctrl-C stops the UI and the stand-in)\n"
+                "Anyone who can reach this UI (a web page in your browser too) can launch runs "
+                "with your PostHog key: keep it on this machine and stop it when done.",
                 flush=True,
             )
             assert dev.proc is not None

@@ -404,7 +404,7 @@ def build_group_checks(
         @_duckdb_check(
             tracked_key,
             "tracked_groups_present",
-            "Every group listed under groups.tracked still exists in PostHog.",
+            "Every group listed under groups.tracked is found in PostHog.",
             keys,
         )
         def tracked_groups_present(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
@@ -422,8 +422,10 @@ def build_group_checks(
                 passed=not missing,
                 metadata={"tracked": len(tracked), "missing": len(missing)},
                 description=(
-                    "Tracked group(s) disappeared (group_type_index:group_key): "
+                    "Tracked group(s) not found in PostHog (group_type_index:group_key): "
                     + ", ".join(missing)
+                    + ". Check each key in groups.tracked (keys match exactly) and its "
+                    "group_type_index; a group PostHog deleted is not found either."
                     if missing
                     else None
                 ),

@@ -8,21 +8,25 @@ snapshot's rows in one transaction. Only a small :class:`StagedSnapshot` passes 
 
 from __future__ import annotations
 
+import os
 import shutil
 import time
 from collections.abc import Iterator, Mapping
-from contextlib import ExitStack
+from contextlib import ExitStack, contextmanager
+from pathlib import Path
 from typing import Any
 
 import dagster as dg
 
 from posthog_assets.api.errors import PostHogError
+from posthog_assets.api.private_files import disk_error_message, is_local_disk_error, open_private
 from posthog_assets.common import DUCKDB_RESOURCE_KEY, utc_now_iso
-from posthog_assets.pools import DUCKDB_POOL, POSTHOG_API_POOL
+from posthog_assets.pools import DUCKDB_POOL, POSTHOG_API_POOL, free_slots_of_ended_runs
 from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshots.source import SnapshotSource, StageRequest
 from posthog_assets.snapshots.staging import (
     STAGED_MARKER,
+    STAGING_DIRNAME,
     StagedPart,
     StagedRows,
     StagedSnapshot,
@@ -33,6 +37,9 @@ from posthog_assets.snapshots.staging import (
 from posthog_assets.snapshots.writer import SnapshotTable, replace_snapshot, writer_connection
 from posthog_assets.tables import SCHEMA
 from posthog_assets.translator import column_schema
+
+#: The setting named when the DuckDB file or its staging folder cannot be written.
+DUCKDB_PATH_SETTING = "duckdb_path"
 
 #: Step retries for transient PostHog trouble that outlived the client's own request retries.
 FETCH_RETRY_POLICY = dg.RetryPolicy(
@@ -45,6 +52,29 @@ def fatal_failure(exc: PostHogError) -> dg.Failure:
     retry_at = getattr(exc, "retry_at", None)
     metadata = {"retry_at": dg.MetadataValue.float(float(retry_at))} if retry_at else {}
     return dg.Failure(description=str(exc), allow_retries=False, metadata=metadata)
+
+
+def disk_failure(path: str | os.PathLike[str], exc: OSError) -> dg.Failure:
+    """A full, read-only or refused local disk: a step retry would fail the same way."""
+    return dg.Failure(
+        description=disk_error_message(DUCKDB_PATH_SETTING, path, exc), allow_retries=False
+    )
+
+
+@contextmanager
+def duckdb_disk_errors(path: str | os.PathLike[str]) -> Iterator[None]:
+    """Local disk errors inside become :func:`disk_failure` naming ``path``; others pass."""
+    try:
+        yield
+    except OSError as exc:
+        if not is_local_disk_error(exc):
+            raise
+        raise disk_failure(path, exc) from None
+
+
+def _staging_path(database: str | os.PathLike[str]) -> Path:
+    """The staging folder as messages name it (``staging_root`` would refuse a symlink)."""
+    return Path(database).resolve().parent / STAGING_DIRNAME
 
 
 def with_table_metadata(spec: dg.AssetSpec, table: SnapshotTable) -> dg.AssetSpec:
@@ -86,10 +116,13 @@ def build_snapshot_asset(
 
     def fetch(context: dg.OpExecutionContext, config: Any) -> StagedSnapshot:
         duck = getattr(context.resources, DUCKDB_RESOURCE_KEY)
-        stale = remove_stale_staging(duck.database, context.instance)
-        if stale:
-            context.log.info("Removed %d staging folder(s) of finished runs", len(stale))
-        folder = staging_dir(duck.database, context.run_id, base)
+        with duckdb_disk_errors(_staging_path(duck.database)):
+            stale = remove_stale_staging(duck.database, context.instance)
+            if stale:
+                context.log.info("Removed %d staging folder(s) of finished runs", len(stale))
+            folder = staging_dir(duck.database, context.run_id, base)
+        # before this run's write step asks for the single duckdb slot a dead run may hold
+        free_slots_of_ended_runs(context.instance, context.log)
         started = time.monotonic()
         resource: PostHogResource = getattr(context.resources, resource_key)
         try:
@@ -113,10 +146,16 @@ def build_snapshot_asset(
             # Auth, scope, not-found, validation and "not before <time>" rate limits will not
             # heal within a step retry: fail now.
             raise fatal_failure(exc) from None
+        except OSError as exc:
+            shutil.rmtree(folder, ignore_errors=True)
+            if is_local_disk_error(exc):
+                raise disk_failure(folder, exc) from None
+            raise
         except BaseException:
             shutil.rmtree(folder, ignore_errors=True)
             raise
-        (folder / STAGED_MARKER).touch()
+        with duckdb_disk_errors(folder):
+            os.close(open_private(folder / STAGED_MARKER, os.O_WRONLY | os.O_CREAT))
         return StagedSnapshot(
             files=list(staging.files),
             rows=staging.rows,
@@ -159,12 +198,13 @@ def build_snapshot_asset(
     def write(context: dg.OpExecutionContext, staged: StagedSnapshot) -> Iterator[dg.Output[None]]:
         started = time.monotonic()
         duck = getattr(context.resources, DUCKDB_RESOURCE_KEY)
-        with writer_connection(duck) as conn:
+        with duckdb_disk_errors(duck.database), writer_connection(duck) as conn:
             inserted = replace_snapshot(
                 conn, table, staged, views=source.views, companions=source.companions
             )
             described = dict(source.describe(conn, staged))
-        remove_staging(staged.all_files)
+        with duckdb_disk_errors(_staging_path(duck.database)):
+            remove_staging(staged.all_files)
         write_seconds = round(time.monotonic() - started, 3)
         figures = {**staged.scope, **staged.stats, **described}
         if companions:

@@ -3,12 +3,14 @@
 The fetch step appends each page's rows to newline-delimited JSON files as the page arrives, so
 memory stays flat however many rows there are; only the small :class:`StagedSnapshot` (file names,
 counts, scope) passes between the steps. Staging lives next to the DuckDB file, one folder per run
-and asset; what finished runs leave behind is removed by the next fetch.
+and asset; what finished runs leave behind is removed by the next fetch. The rows are customer
+data: folders are made 0700 and never followed as symlinks, files are 0600.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import threading
 import time
@@ -19,6 +21,8 @@ from pathlib import Path
 from typing import IO, Any
 
 import dagster as dg
+
+from posthog_assets.api.private_files import UnsafePath, make_dir, open_private
 
 #: Folder (next to the DuckDB file) that holds staging files between the fetch and write steps.
 STAGING_DIRNAME = ".posthog_staging"
@@ -47,7 +51,7 @@ class StagedRows:
         rotate_bytes: int = STAGING_ROTATE_BYTES,
     ) -> None:
         self.stem = Path(stem)
-        self.stem.parent.mkdir(parents=True, exist_ok=True)
+        make_dir(self.stem.parent)
         self._columns = tuple(columns)
         self._rotate_bytes = rotate_bytes
         self._lock = threading.Lock()
@@ -63,7 +67,8 @@ class StagedRows:
         path = self.stem.with_name(f"{self.stem.name}-{len(self.files):05d}.ndjson")
         self.files.append(str(path))
         self._size = 0
-        self._fh = path.open("w", encoding="utf-8", buffering=1 << 20)
+        fd = open_private(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC)
+        self._fh = os.fdopen(fd, "w", encoding="utf-8", buffering=1 << 20)
         return self._fh
 
     def write(self, rows: Iterable[Mapping[str, Any]]) -> int:
@@ -127,19 +132,26 @@ class StagedSnapshot:
 
 
 def staging_root(database: str | Path) -> Path:
-    """Staging lives next to the DuckDB file, on the same disk as the data it becomes."""
+    """Staging lives next to the DuckDB file, on the same disk as the data it becomes; a
+    symlink in its place is refused (the package made no such thing)."""
     if str(database) in (":memory:", ""):
         raise ValueError("snapshot assets need a DuckDB file path, not ':memory:'")
-    return Path(database).resolve().parent / STAGING_DIRNAME
+    root = Path(database).resolve().parent / STAGING_DIRNAME
+    if root.is_symlink():
+        raise UnsafePath(root, "is a symlink")
+    return root
 
 
 def staging_dir(database: str | Path, run_id: str, name: str) -> Path:
-    """A fresh per-run, per-asset folder (a retried fetch starts from an empty folder)."""
-    folder = staging_root(database) / run_id / name
-    if folder.exists():
-        shutil.rmtree(folder)
-    folder.mkdir(parents=True)
-    return folder
+    """A fresh per-run, per-asset folder, 0700 (a retried fetch starts from an empty folder).
+
+    Every level is checked before use, so neither the removal of a retried fetch's folder nor
+    the new files can be pointed elsewhere by a symlink."""
+    run_folder = make_dir(make_dir(staging_root(database)) / run_id)
+    folder = run_folder / name
+    if os.path.lexists(folder):
+        shutil.rmtree(make_dir(folder))
+    return make_dir(folder)
 
 
 def remove_staging(files: Sequence[str | Path]) -> None:
@@ -170,11 +182,11 @@ def remove_stale_staging(
         return []
     now = time.time() if now is None else now
     removed: list[Path] = []
-    for run_dir in sorted(p for p in root.iterdir() if p.is_dir()):
+    for run_dir in sorted(p for p in root.iterdir() if p.is_dir() and not p.is_symlink()):
         run = instance.get_run_by_id(run_dir.name)
         if run is None or not run.is_finished:
             continue
-        for folder in [p for p in run_dir.iterdir() if p.is_dir()]:
+        for folder in [p for p in run_dir.iterdir() if p.is_dir() and not p.is_symlink()]:
             marker = folder / STAGED_MARKER
             fetched = marker.exists()
             if (

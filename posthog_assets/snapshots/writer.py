@@ -13,6 +13,9 @@ place first, so a schema change never loses rows.
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -21,6 +24,7 @@ from typing import Any
 
 import duckdb
 
+from posthog_assets.api.private_files import owner_only_umask
 from posthog_assets.snapshots.staging import StagedSnapshot
 from posthog_assets.tables import SCHEMA, ensure_table, quote, table_ref
 
@@ -59,21 +63,50 @@ WRITE_SETTINGS = {"threads": "1", "memory_limit": "'64MB'"}
 
 
 @contextmanager
-def writer_connection(duckdb_resource: Any) -> Iterator[duckdb.DuckDBPyConnection]:
-    """A read-write connection from ``DuckDBResource`` that is closed even when the write fails.
+def private_connection(duckdb_resource: Any) -> Iterator[duckdb.DuckDBPyConnection]:
+    """A read-write connection from ``DuckDBResource``, closed even when the caller fails, whose
+    new files (the database, its WAL, spill files) only this user can read.
 
-    ``DuckDBResource.get_connection`` closes only on success; a failed write in a long-lived
-    process would otherwise keep the file lock.
+    DuckDB creates them following the umask (0644 by default) and refuses a pre-created empty
+    database file, so the umask is narrowed while the connection is open. A database that
+    already exists keeps its mode (it may be shared on purpose). ``get_connection`` closes only
+    on success; a failed write in a long-lived process would otherwise keep the file lock.
     """
-    configured = getattr(duckdb_resource, "connection_config", None) or {}
-    with duckdb_resource.get_connection() as conn:
+    _check_database_folder(str(duckdb_resource.database))
+    with owner_only_umask(), duckdb_resource.get_connection() as conn:
         try:
-            for name, value in WRITE_SETTINGS.items():
-                if name not in configured:
-                    conn.execute(f"SET {name} = {value}")
             yield conn
         finally:
             conn.close()
+
+
+@contextmanager
+def writer_connection(duckdb_resource: Any) -> Iterator[duckdb.DuckDBPyConnection]:
+    """:func:`private_connection` with the write step's settings (:data:`WRITE_SETTINGS`)."""
+    configured = getattr(duckdb_resource, "connection_config", None) or {}
+    with private_connection(duckdb_resource) as conn:
+        for name, value in WRITE_SETTINGS.items():
+            if name not in configured:
+                conn.execute(f"SET {name} = {value}")
+        yield conn
+
+
+def _check_database_folder(database: str) -> None:
+    """Fail at once, as an ``OSError``, where DuckDB would retry its connect for ~100 s: the
+    folder is not a folder, is read-only, or is not ours to write."""
+    if database == ":memory:":
+        return
+    folder = os.path.dirname(os.path.abspath(database))
+    try:
+        info = os.stat(folder)
+    except FileNotFoundError:
+        return  # DuckDB says so itself
+    if not stat.S_ISDIR(info.st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, os.strerror(errno.ENOTDIR), folder)
+    if os.statvfs(folder).f_flag & os.ST_RDONLY:
+        raise OSError(errno.EROFS, os.strerror(errno.EROFS), folder)
+    if not os.access(folder, os.W_OK | os.X_OK):
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder)
 
 
 def _read_json_sql(schema: SnapshotTable) -> str:

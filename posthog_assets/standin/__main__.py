@@ -1,6 +1,7 @@
 """``python -m posthog_assets.standin``: run the PostHog stand-in until SIGTERM/SIGINT.
 
-On ready it prints one JSON line (url, storage_url, key, project_id) and a human line to stdout.
+On ready it prints one JSON line (url, storage_url, key, project_id, control_token) and a human
+line to stdout.
 """
 
 from __future__ import annotations
@@ -8,6 +9,13 @@ from __future__ import annotations
 import argparse
 
 from .runner import Options, run
+
+
+def _token(value: str) -> str:
+    """A fixed control token travels in an HTTP header, and an empty one would lock nothing."""
+    if not value or not (value.isascii() and value.isprintable()) or " " in value:
+        raise argparse.ArgumentTypeError("must be non-empty printable ASCII without spaces")
+    return value
 
 
 def parse_args(argv: list[str] | None = None) -> Options:
@@ -38,6 +46,12 @@ def parse_args(argv: list[str] | None = None) -> Options:
         help="seconds a PNG/CSV/XLSX/PDF export takes to render (the POST waits for it)",
     )
     parser.add_argument("--log-level", default="warning")
+    parser.add_argument(
+        "--control-token",
+        type=_token,
+        default=None,
+        help="the token /_standin/ requests must send (default: a random one per start)",
+    )
     args = parser.parse_args(argv)
     return Options(
         host=args.host,
@@ -53,6 +67,7 @@ def parse_args(argv: list[str] | None = None) -> Options:
         rate_limits=args.rate_limits,
         export_delay=args.export_delay,
         log_level=args.log_level,
+        control_token=args.control_token,
     )
 
 

@@ -16,7 +16,7 @@ from starlette.routing import Route
 
 from . import errors, exports, groups, insights, projects
 from .auth import Ctx, authenticate, read_json_body, require_scopes, resolve_project
-from .control import control_routes
+from .control import ControlAccess, ControlGate, control_routes
 from .middleware import ApiMiddleware
 from .state import State
 
@@ -152,8 +152,9 @@ async def _not_found(request: Request, exc: Exception) -> Response:
     return errors.not_found().response()
 
 
-def build_api_app(state: State) -> ApiMiddleware:
-    """The ASGI app of the main listener: PostHog routes, the control plane, and the middleware."""
+def build_api_app(state: State, access: ControlAccess) -> ControlGate:
+    """The ASGI app of the main listener: PostHog routes, the control plane (behind ``access``),
+    and the middleware."""
     routes: list[Route] = [
         Route("/api/projects", endpoint(state, PROJECT_LIST, False), methods=_ALL_METHODS),
     ]
@@ -166,4 +167,4 @@ def build_api_app(state: State) -> ApiMiddleware:
     routes.extend(control_routes(state))
     app = Starlette(routes=routes, exception_handlers={404: _not_found})
     app.router.redirect_slashes = False
-    return ApiMiddleware(app, state)
+    return ControlGate(ApiMiddleware(app, state), access)

@@ -1,22 +1,97 @@
 """The control plane under ``/_standin/`` (not PostHog): tests and benches reshape the stand-in's
-behaviour here. No auth; JSON in and out; a bad request answers 400 ``{"error": "..."}``."""
+behaviour here. JSON in and out; a bad request answers 400 ``{"error": "..."}``.
+
+It can add a full-scope key and shows the stand-in's own, so :class:`ControlGate` lets through only
+requests that carry the token printed at start-up, name a loopback host (or ``--host``) and send
+JSON. A web page cannot know the token, cannot send that header or a JSON body without a CORS
+preflight (never granted here), and cannot reach the plane under a rebound DNS name.
+"""
 
 from __future__ import annotations
 
+import hmac
 import json
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from .group_seed import group_index
 from .seed import INSIGHT_KIND_RULES, Insight, Project
+from .server import CONTROL_TOKEN_HEADER
 from .state import CACHE_STATES, KeyInfo, State
 
 Handler = Callable[[Request], Awaitable[Response]]
+LOOPBACK_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+_WRITE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+_TOKEN_HEADER = CONTROL_TOKEN_HEADER.lower().encode("latin-1")
+_TOKEN_HINT = "send the control_token the stand-in printed on its ready line at start-up"
+
+
+def host_name(header: str) -> str:
+    """The name in a ``Host`` header without its port (``[::1]:80`` → ``::1``); ``""`` if the
+    header is malformed, so it matches no allowed name."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        name, _, rest = header[1:].partition("]")
+        return name if rest == "" or (rest[:1] == ":" and rest[1:].isdigit()) else ""
+    name, colon, port = header.rpartition(":")
+    if not colon:
+        return header
+    return name if port.isdigit() and ":" not in name else ""
+
+
+@dataclass(frozen=True)
+class ControlAccess:
+    """What a control request must show: the start-up token and a host we answer to."""
+
+    token: str
+    host: str = "127.0.0.1"
+
+    @property
+    def hosts(self) -> frozenset[str]:
+        return LOOPBACK_HOSTS | {self.host.strip("[]").lower()}
+
+    def refusal(self, method: str, headers: dict[bytes, bytes]) -> Response | None:
+        """Why this request may not use the control plane (403/415), or ``None`` if it may."""
+        host = headers.get(b"host", b"").decode("latin-1")
+        if host_name(host) not in self.hosts:
+            allowed = ", ".join(sorted(self.hosts))
+            return _refuse(403, f"Host {host!r} is not served here; use one of: {allowed}")
+        sent = headers.get(_TOKEN_HEADER)
+        if sent is None or not hmac.compare_digest(sent, self.token.encode()):
+            problem = "missing" if sent is None else "wrong"
+            return _refuse(403, f"{problem} {CONTROL_TOKEN_HEADER} header: {_TOKEN_HINT}")
+        media = headers.get(b"content-type", b"").decode("latin-1").split(";")[0].strip().lower()
+        if method in _WRITE_METHODS and media != "application/json":
+            return _refuse(415, f"JSON only: send Content-Type: application/json, not {media!r}")
+        return None
+
+
+def _refuse(status: int, message: str) -> Response:
+    return JSONResponse({"error": message}, status_code=status)
+
+
+class ControlGate:
+    """In front of the whole listener: ``/_standin`` requests pass only if :class:`ControlAccess`
+    allows them; PostHog's routes pass untouched (their own auth is PostHog's)."""
+
+    def __init__(self, app: ASGIApp, access: ControlAccess) -> None:
+        self.app = app
+        self.access = access
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["path"].startswith("/_standin"):
+            refusal = self.access.refusal(scope["method"], dict(scope.get("headers", [])))
+            if refusal is not None:
+                await refusal(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
 
 
 class ControlError(Exception):

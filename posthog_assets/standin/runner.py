@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import secrets
 import signal
 import socket
 import sys
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from .app import build_api_app
+from .control import ControlAccess
 from .seed import Seed
 from .state import Config, State
 from .storage import build_storage_app
@@ -38,6 +40,8 @@ class Options:
     rate_limits: bool = True
     export_delay: float = 0.0
     log_level: str = "warning"
+    #: Needed on every ``/_standin/`` request; ``None`` draws a random one per start.
+    control_token: str | None = None
 
 
 class _Server(uvicorn.Server):
@@ -72,6 +76,7 @@ def build_state(options: Options) -> State:
 async def serve(options: Options) -> None:
     """Serve until SIGTERM/SIGINT; prints the ready JSON line once both listeners accept."""
     state = build_state(options)
+    access = ControlAccess(options.control_token or secrets.token_urlsafe(32), options.host)
     api_sock = _bind(options.host, options.port)
     storage_sock = _bind(options.host, options.storage_port)
     url = f"http://{options.host}:{api_sock.getsockname()[1]}"
@@ -88,7 +93,7 @@ async def serve(options: Options) -> None:
         )
         return _Server(config)
 
-    api, storage = server(build_api_app(state)), server(build_storage_app(state))
+    api, storage = server(build_api_app(state, access)), server(build_storage_app(state))
     loop = asyncio.get_running_loop()
 
     def stop() -> None:
@@ -107,7 +112,7 @@ async def serve(options: Options) -> None:
         await asyncio.sleep(0.01)
     else:
         ready = {"url": url, "storage_url": state.storage_url, "key": options.key,
-                 "project_id": options.project_id}  # fmt: skip
+                 "project_id": options.project_id, "control_token": access.token}  # fmt: skip
         sys.stdout.write(json.dumps(ready) + "\n")
         sys.stdout.write(
             f"PostHog stand-in serving {url} (project {options.project_id}, key {options.key})\n"

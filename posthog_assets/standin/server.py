@@ -22,6 +22,8 @@ from types import TracebackType
 from typing import Any
 
 DEFAULT_KEY = "phx_standin_key"
+#: The header that carries the control token (printed on the ready line) to ``/_standin/``.
+CONTROL_TOKEN_HEADER = "X-Standin-Token"
 
 
 class StandinError(RuntimeError):
@@ -32,7 +34,8 @@ class StandinProcess:
     """``python -m posthog_assets.standin`` in its own session, on free ports.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. After start, ``url``,
-    ``storage_url``, ``key``, ``project_id`` and ``pid`` describe the running server.
+    ``storage_url``, ``key``, ``project_id``, ``control_token`` and ``pid`` describe the running
+    server; :attr:`control` drives its control plane.
     """
 
     def __init__(
@@ -68,6 +71,7 @@ class StandinProcess:
         self.storage_url = ""
         self.key = key
         self.project_id = project_id
+        self.control_token = ""
         self._lines: queue.Queue[str | None] = queue.Queue()
 
     @property
@@ -78,7 +82,7 @@ class StandinProcess:
 
     @property
     def control(self) -> StandinControl:
-        return StandinControl(self.url)
+        return StandinControl(self.url, token=self.control_token)
 
     def _pump(self) -> None:
         """Read stdout forever (so the pipe never fills and blocks the server)."""
@@ -108,6 +112,7 @@ class StandinProcess:
         ready = json.loads(line)
         self.url, self.storage_url = ready["url"], ready["storage_url"]
         self.key, self.project_id = ready["key"], ready["project_id"]
+        self.control_token = ready["control_token"]
         return self
 
     def stop(self, timeout: float = 5.0) -> int | None:
@@ -137,10 +142,15 @@ class StandinProcess:
 
 
 class StandinControl:
-    """Client for ``/_standin/``: reset, config, faults, keys, request log, stats."""
+    """Client for ``/_standin/``: reset, config, faults, keys, request log, stats.
 
-    def __init__(self, url: str, timeout: float = 10.0) -> None:
+    ``token`` is the stand-in's control token (``StandinProcess.control_token``, or the ready
+    line's ``control_token``); without it every call is refused with 403.
+    """
+
+    def __init__(self, url: str, *, token: str, timeout: float = 10.0) -> None:
         self.url = url.rstrip("/")
+        self.token = token
         self.timeout = timeout
 
     def _call(self, method: str, path: str, body: dict[str, Any] | None = None) -> Any:
@@ -149,7 +159,7 @@ class StandinControl:
             f"{self.url}/_standin/{path}",
             data=data,
             method=method,
-            headers={"Content-Type": "application/json"} if data is not None else {},
+            headers={CONTROL_TOKEN_HEADER: self.token, "Content-Type": "application/json"},
         )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout) as response:

@@ -441,7 +441,7 @@ class Reference:
 
 def run_reference(standin: StandinProcess, root: Path) -> Reference:
     """Materialize the whole world with no fault and sanity-check what it wrote."""
-    reset(StandinControl(standin.url))
+    reset(standin.control)
     world = build_world(standin_env(standin, root), root)
     # Its own request log (in memory): the tests' per-test gate folders do not exist yet here.
     resource = fast_resource(standin, world.export_dir, shared_rate_limit=False)

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import requests
 
-from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets.standin.server import StandinProcess
 
 T = TypeVar("T")
 
@@ -21,7 +21,7 @@ class Api:
         self.base = standin.url
         self.project_id = standin.project_id
         self.key = key or standin.key
-        self.control = StandinControl(standin.url)
+        self.control = standin.control
         self.session = requests.Session()
         self.session.headers["Authorization"] = f"Bearer {self.key}"
 
