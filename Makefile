@@ -19,6 +19,9 @@ $(UV):
 $(STAMP): requirements.txt pyproject.toml | $(UV)
 	test -x $(VENV)/bin/python || $(UV) venv -q -p $(PYTHON) $(VENV)
 	VIRTUAL_ENV=$(VENV) $(UV) pip install -q -r requirements.txt -e .
+	# this repository's own code location (posthog_project) is not part of the package: make
+	# it importable in the development environment only, for dg and the processes it starts
+	$(VENV)/bin/python -c "import site; open(site.getsitepackages()[0] + '/posthog_repository.pth', 'w').write('$(CURDIR)\n')"
 	touch $(STAMP)
 
 install: $(STAMP) $(DAGSTER_HOME)/dagster.yaml
@@ -28,16 +31,16 @@ $(DAGSTER_HOME)/dagster.yaml: dagster.yaml
 	cp dagster.yaml $@
 
 demo: install
-	$(VENV)/bin/python -m posthog_assets.local.demo
+	$(VENV)/bin/python -m posthog_project.demo
 
 # Two workers: most of the suite waits on the stand-in, PostHog-style renders and Dagster runs.
 # The UI and daemon tests share one `dg dev` and stay on one worker (xdist group).
 PYTEST := $(VENV)/bin/python -m pytest -q -n 2 --dist loadgroup
 
 test: install system-deps
-	$(VENV)/bin/ruff check posthog_assets posthog_assets_tests bench
+	$(VENV)/bin/ruff check posthog_assets posthog_standin posthog_project posthog_assets_tests bench
 	$(PYTEST) posthog_assets_tests
-	$(VENV)/bin/python -m posthog_assets.local.check
+	$(VENV)/bin/python -m posthog_project.check
 
 # The first two tiers only (unit, integration against the stand-in), in 80-110 s: they mostly
 # wait on HTTP, so a third worker overlaps those waits even on two cores.
@@ -47,7 +50,7 @@ test-quick: install
 # The Dagster UI with the daemon (schedules, sensors, queued runs) on http://127.0.0.1:3000, against
 # the local stand-in unless POSTHOG_HOST is set. Ctrl-C stops everything it started.
 ui: install
-	$(VENV)/bin/python -m posthog_assets.local.ui
+	$(VENV)/bin/python -m posthog_project.ui
 
 # Debian's chromium (browser test; Playwright's driver also needs libatomic1), postgresql
 # (deploy/ Postgres test) and redis-server (Celery broker, shared rate-limit gate), installed only
@@ -79,10 +82,10 @@ bench: install system-deps
 	$(VENV)/bin/python bench/chaos.py
 
 lint: install
-	$(VENV)/bin/ruff check posthog_assets posthog_assets_tests bench
+	$(VENV)/bin/ruff check posthog_assets posthog_standin posthog_project posthog_assets_tests bench
 
 check-defs: install
-	$(VENV)/bin/python -m posthog_assets.local.check
+	$(VENV)/bin/python -m posthog_project.check
 
 clean:
 	rm -rf data .dagster_home .tmp_dagster_home_* .pytest_cache

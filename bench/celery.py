@@ -4,7 +4,7 @@ Twenty exports (PNG, CSV, XLSX of insights 1-20) whose rendering takes 3 s each 
 materialized by the code location's exports group (the export step, the exports log, the export
 checks) with ``deploy/celery/run_config.yaml``, on a deployment as ``deploy/celery/`` describes it
 (PostgreSQL, Redis, workers started as its README says, a run worker with its own
-``DAGSTER_HOME``; the test suite's process management, ``posthog_assets_tests/support/celery.py``).
+``DAGSTER_HOME``: ``bench/harness.py``).
 
 Expect little difference: the package runs all of a project's exports in ONE step with a thread
 per export, so a second worker has nothing of the export step to take; only the log and the
@@ -24,20 +24,20 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' helpers
-
-from posthog_assets.standin.server import StandinProcess  # noqa: E402
-from posthog_assets.translator import EXPORTS_GROUP  # noqa: E402
-from posthog_assets_tests.support.celery import (  # noqa: E402
+from harness import (
+    PostgresServer,
+    RedisServer,
     celery_workers,
     deployment,
     prepare_instance,
     start_run,
     step_spans,
 )
-from posthog_assets_tests.support.postgres import remove_postgres, start_postgres  # noqa: E402
-from posthog_assets_tests.support.redis import RedisServer  # noqa: E402
+
+from posthog_assets.tables import EXPORTS_GROUP
+from posthog_standin.server import StandinProcess
 
 EXPORTS = 20
 RENDER_S = 3.0
@@ -49,13 +49,13 @@ FORMATS = (
 RUN_TIMEOUT_S = 300.0
 
 
-def world_yaml() -> str:
-    lines = ["exports:"]
+def world() -> dict[str, Any]:
+    """The project of the deployment's configuration file: exports of insights 1-20 only."""
+    exports = []
     for i in range(1, EXPORTS + 1):
         ext, mime = FORMATS[i % len(FORMATS)]
-        lines.append(f"  - {{name: insight_{i}_{ext}, insight: {i}, export_format: {mime}}}")
-    lines += ["insights: {enabled: false}", "groups: {enabled: false}"]
-    return "\n".join(lines) + "\n"
+        exports.append({"insight": i, "format": mime, "name": f"insight_{i}_{ext}"})
+    return {"exports": exports, "insights": {"enabled": False}, "groups": {"enabled": False}}
 
 
 def progress(message: str) -> None:
@@ -67,15 +67,15 @@ def measure(
     rounds: int,
     root: Path,
     standin: StandinProcess,
-    postgres: object,
+    postgres: PostgresServer,
     redis: RedisServer,
 ) -> dict[str, float]:
     dep = deployment(
         shared=root / "shared",
         standin=standin,
-        postgres=postgres,  # type: ignore[arg-type]
+        postgres=postgres,
         redis=redis,
-        config_yaml=world_yaml(),
+        attributes=world(),
     )
     instance = prepare_instance(dep, root / "bench_home")
     runs: list[dict[str, float]] = []
@@ -124,7 +124,7 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="posthog-bench-celery-"))
     progress(f"working in {tmp}")
     redis = RedisServer(tmp / "redis").start()
-    postgres = start_postgres()
+    postgres = PostgresServer.start()
     standin = StandinProcess(export_delay=RENDER_S).start()
     results: dict[int, dict[str, float]] = {}
     try:
@@ -137,7 +137,7 @@ def main() -> None:
             )
     finally:
         standin.stop()
-        remove_postgres(postgres)
+        postgres.remove()
         redis.stop()
 
     print(f"{EXPORTS} exports x {RENDER_S:.0f} s render, medians of {args.rounds} runs")

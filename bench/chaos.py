@@ -1,6 +1,6 @@
 """Chaos benchmark: the whole pipeline under 20% random API faults, several seeded rounds.
 
-The longer variant of ``posthog_assets_tests/test_chaos.py``: six exports (PNG, CSV, XLSX, a
+The longer variant of the test suite's chaos test: six exports (PNG, CSV, XLSX, a
 dashboard), every insight of the stand-in (blocking, pages of 25) and every group asset. One
 fault-free run is the reference; each chaos round materializes everything again into a fresh
 DuckDB file and export folder while seeded rules fault ``--rate`` of all API requests (429,
@@ -30,11 +30,7 @@ from typing import Any
 
 import dagster as dg
 import requests
-
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the tests' helpers
-
-from posthog_assets.standin.server import StandinProcess  # noqa: E402
-from posthog_assets_tests.support.reliability import (  # noqa: E402
+from harness import (
     ALL_FAMILIES,
     CHAOS_KINDS,
     World,
@@ -47,32 +43,33 @@ from posthog_assets_tests.support.reliability import (  # noqa: E402
     failure_texts,
     fast_resource,
     materialized,
-    world_env,
 )
 
+from posthog_standin.server import StandinProcess
+
 KEY = "phx_bench_chaos_key"
-BENCH_YAML = """
-exports:
-  - {name: insight_1_png, insight: 1, export_format: image/png}
-  - {name: insight_2_csv, insight: 2, export_format: text/csv}
-  - {name: insight_3_xlsx, insight: 3,
-     export_format: application/vnd.openxmlformats-officedocument.spreadsheetml.sheet}
-  - {name: dashboard_1_png, dashboard: 1, export_format: image/png}
-  - {name: insight_4_csv, insight: 4, export_format: text/csv}
-  - {name: insight_5_png, insight: 5, export_format: image/png}
-insights:
-  refresh: blocking
-  page_size: 25
-groups:
-  property_values: true
-  tracked:
-    - {group_type_index: 0, group_key: organization-3}
-"""
-QUICK_YAML = BENCH_YAML.replace("  page_size: 25", "  page_size: 100\n  created_by: [2]")
-EXPORT_NAMES = [
-    "insight_1_png", "insight_2_csv", "insight_3_xlsx", "dashboard_1_png", "insight_4_csv",
-    "insight_5_png",
-]  # fmt: skip
+XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+#: The project, as a ``defs.yaml`` (or its configuration file) gives it.
+BENCH: dict[str, Any] = {
+    "exports": [
+        {"insight": 1, "format": "image/png", "name": "insight_1_png"},
+        {"insight": 2, "format": "text/csv", "name": "insight_2_csv"},
+        {"insight": 3, "format": XLSX, "name": "insight_3_xlsx"},
+        {"dashboard": 1, "format": "image/png", "name": "dashboard_1_png"},
+        {"insight": 4, "format": "text/csv", "name": "insight_4_csv"},
+        {"insight": 5, "format": "image/png", "name": "insight_5_png"},
+    ],
+    "insights": {"refresh": "blocking", "page_size": 25},
+    "groups": {
+        "property_values": True,
+        "tracked": [{"group_type_index": 0, "group_key": "organization-3"}],
+    },
+}
+QUICK: dict[str, Any] = {
+    **BENCH,
+    "insights": {"refresh": "blocking", "page_size": 100, "created_by": [2]},
+}
+EXPORT_NAMES = [e["name"] for e in BENCH["exports"]]
 CHAOS_CLIENT = {"max_attempts": 8, "backoff_initial_s": 0.02, "backoff_max_s": 0.2}
 CHAOS_STEP_RETRY = dg.RetryPolicy(max_retries=4, delay=0.05)
 
@@ -82,13 +79,11 @@ def progress(message: str) -> None:
 
 
 def run_world(
-    standin: StandinProcess, root: Path, yaml_text: str, **client: Any
+    standin: StandinProcess, root: Path, attributes: dict[str, Any], **client: Any
 ) -> tuple[World, dg.ExecuteInProcessResult, float]:
-    world = build_world(
-        world_env(standin, root), root, yaml_text=yaml_text, step_retry=CHAOS_STEP_RETRY
-    )
+    world = build_world(root, attributes, step_retry=CHAOS_STEP_RETRY)
     started = time.monotonic()
-    result = world.materialize(ALL_FAMILIES, fast_resource(standin, world.export_dir, **client))
+    result = world.materialize(fast_resource(standin, world.export_dir, **client))
     return world, result, time.monotonic() - started
 
 
@@ -127,7 +122,7 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true", help="fewer insights, one round")
     args = parser.parse_args()
     rounds = 1 if args.quick else args.rounds
-    yaml_text = QUICK_YAML if args.quick else BENCH_YAML
+    attributes = QUICK if args.quick else BENCH
 
     rows: list[dict[str, Any]] = []
     with (
@@ -137,7 +132,7 @@ def main() -> int:
         control = standin.control
         control.reset()
         progress("fault-free reference run")
-        ref, result, ref_wall = run_world(standin, Path(tmp) / "reference", yaml_text)
+        ref, result, ref_wall = run_world(standin, Path(tmp) / "reference", attributes)
         if not result.success:
             print("\n".join(failure_texts(result)), file=sys.stderr)
             return 1
@@ -151,7 +146,7 @@ def main() -> int:
                 control.add_fault(**rule)
             progress(f"chaos round {n + 1}/{rounds} (seed {seed}, {args.rate:.0%} faulted)")
             world, result, wall = run_world(
-                standin, Path(tmp) / f"chaos{n}", yaml_text, **CHAOS_CLIENT
+                standin, Path(tmp) / f"chaos{n}", attributes, **CHAOS_CLIENT
             )
             log = control.requests_log()
             control.clear_faults()

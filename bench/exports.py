@@ -27,11 +27,11 @@ import psutil
 import requests
 
 from posthog_assets.api.client import PostHogClient
-from posthog_assets.config import ExportConfig, ProjectConfig
+from posthog_assets.config import ExportConfig, PostHogProject
 from posthog_assets.exports.assets import build_posthog_export_assets
 from posthog_assets.exports.runner import tabular_context
 from posthog_assets.resources import PostHogResource
-from posthog_assets.standin.server import StandinProcess
+from posthog_standin.server import StandinProcess
 
 MB = 1024 * 1024
 CHUNK = 1 << 20
@@ -41,12 +41,11 @@ def progress(message: str) -> None:
     print(f"[bench] {message}", file=sys.stderr, flush=True)
 
 
-def _project(n: int) -> ProjectConfig:
+def _project(resource: PostHogResource, n: int) -> PostHogProject:
     exports = tuple(
-        ExportConfig(name=f"chart_{i:02d}", insight=1 + i, export_format="image/png")
-        for i in range(n)
+        ExportConfig(name=f"chart_{i:02d}", insight=1 + i, format="image/png") for i in range(n)
     )
-    return ProjectConfig(name="default", exports=list(exports))  # resource key "posthog"
+    return PostHogProject(resource=resource, exports=exports)  # "default": resource key "posthog"
 
 
 def run_exports(standin: StandinProcess, n: int, export_dir: Path) -> float:
@@ -57,7 +56,7 @@ def run_exports(standin: StandinProcess, n: int, export_dir: Path) -> float:
         personal_api_key=standin.key,
         export_dir=str(export_dir),
     )
-    assets = build_posthog_export_assets(project=_project(n), retry_policy=None)
+    assets = build_posthog_export_assets(project=_project(resource, n), retry_policy=None)
     started = time.monotonic()
     result = dg.materialize(assets, resources={"posthog": resource})
     wall = time.monotonic() - started

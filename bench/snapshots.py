@@ -112,7 +112,7 @@ def _first_short_id(args: argparse.Namespace) -> str:
 
 
 def _reset(args: argparse.Namespace) -> None:
-    from posthog_assets.standin.server import StandinControl
+    from posthog_standin.server import StandinControl
 
     StandinControl(args.url, token=args.control_token).reset()
 
@@ -132,28 +132,27 @@ def child_ours(args: argparse.Namespace) -> dict[str, Any]:
     import dagster as dg
     from dagster_duckdb import DuckDBResource
 
-    from posthog_assets.config import load_settings
-    from posthog_assets.resources import PostHogResource, build_resources
+    from posthog_assets.config import GroupsConfig, InsightsConfig, PostHogProject
+    from posthog_assets.resources import PostHogResource
     from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
 
     work = Path(args.workdir)
-    config = work / "posthog_assets.yaml"
-    config.write_text(
-        "insights: {refresh: blocking, page_size: 100}\ngroups: {property_values: false}\n"
-    )
     _child_env(args)
-    settings = load_settings(config, env={**os.environ, "POSTHOG_ASSETS_DUCKDB": args.db})
-    defs = build_posthog_snapshot_definitions(settings.projects)
+    # The comparison runs without throttles: measure the package, not PostHog's rate limits.
+    posthog = PostHogResource(
+        host=args.url, project_id=str(args.project_id), personal_api_key=args.key,
+        export_dir=str(work / "exports"), pace_requests=False,
+    )  # fmt: skip
+    project = PostHogProject(
+        resource=posthog,
+        insights=InsightsConfig(refresh="blocking", page_size=100),
+        groups=GroupsConfig(property_values=False),
+        duckdb_path=args.db,
+    )
+    defs = build_posthog_snapshot_definitions([project])
     by_name = {a.node_def.name.rsplit("__", 1)[-1]: a for a in defs.assets or []}
     assets = [by_name["insights"], by_name["groups"]]
-    resources = build_resources(
-        settings.projects, duckdb_path=settings.duckdb_path, export_dir=settings.export_dir
-    )
-    # The comparison runs without throttles: measure the package, not PostHog's rate limits.
-    resources["posthog"] = PostHogResource(
-        host=args.url, project_id=str(args.project_id), personal_api_key=args.key,
-        pace_requests=False,
-    )  # fmt: skip
+    resources = {"posthog": posthog, "duckdb": DuckDBResource(database=args.db)}
 
     warm = {**resources, "duckdb": DuckDBResource(database=str(work / "warmup.duckdb"))}
     node = by_name["insights"].node_def.name
@@ -434,11 +433,12 @@ def request_economy(
     """
     import dagster as dg
     import duckdb
+    from dagster_duckdb import DuckDBResource
 
-    from posthog_assets.config import load_settings
-    from posthog_assets.resources import build_resources
+    from posthog_assets.config import GroupsConfig, PostHogProject
+    from posthog_assets.resources import PostHogResource
     from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
-    from posthog_assets.standin.server import StandinProcess
+    from posthog_standin.server import StandinProcess
 
     folder = workdir / f"economy_{insights}_{recalc_s:g}"
     folder.mkdir(parents=True, exist_ok=True)
@@ -449,29 +449,28 @@ def request_economy(
         stale = int(insights * STALE_SHARE)
         for k in range(stale):  # every other one of the stale share cold, the rest stale
             control.set_insight_cache(1 + k * insights // stale, "cold" if k % 2 else "stale")
-        config = folder / "posthog_assets.yaml"
-        config.write_text("insights: {}\ngroups: {enabled: false}\n")
-        env = {
-            **os.environ,
-            "POSTHOG_HOST": standin.url,
-            "POSTHOG_PROJECT_ID": str(standin.project_id),
-            "POSTHOG_PERSONAL_API_KEY": standin.key,
-            "POSTHOG_ASSETS_DUCKDB": str(folder / "economy.duckdb"),
-            "POSTHOG_ASSETS_RATE_LIMIT_DIR": str(folder / "gates"),
-        }
-        os.environ.update({k: v for k, v in env.items() if k.startswith("POSTHOG")})
-        settings = load_settings(config, env=env)
-        defs = build_posthog_snapshot_definitions(settings.projects)
+        os.environ.update(
+            POSTHOG_PERSONAL_API_KEY=standin.key,
+            POSTHOG_ASSETS_RATE_LIMIT_DIR=str(folder / "gates"),
+        )
+        # The default snapshot (async), no groups; the key read from the env, as deployed.
+        posthog = PostHogResource(
+            host=standin.url,
+            project_id=str(standin.project_id),
+            personal_api_key=dg.EnvVar("POSTHOG_PERSONAL_API_KEY"),
+            export_dir=str(folder / "exports"),
+        )
+        duckdb_path = str(folder / "economy.duckdb")
+        project = PostHogProject(
+            resource=posthog, groups=GroupsConfig(enabled=False), duckdb_path=duckdb_path
+        )
+        defs = build_posthog_snapshot_definitions([project])
         control.clear_requests_log()
         started = time.perf_counter()
         with dg.DagsterInstance.ephemeral() as instance:
             result = dg.materialize(
                 list(defs.assets or []),
-                resources=build_resources(
-                    settings.projects,
-                    duckdb_path=settings.duckdb_path,
-                    export_dir=settings.export_dir,
-                ),
+                resources={"posthog": posthog, "duckdb": DuckDBResource(database=duckdb_path)},
                 instance=instance,
             )
         seconds = time.perf_counter() - started
@@ -521,7 +520,7 @@ def main() -> int:
         run_child(args)
         return 0
 
-    from posthog_assets.standin.server import StandinProcess
+    from posthog_standin.server import StandinProcess
 
     insights, groups = (1_000, 5_000) if args.quick else (10_000, 50_000)
     rows: dict[str, dict[str, Any]] = {}

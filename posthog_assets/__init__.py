@@ -5,19 +5,36 @@ load without Dagster:
 
 - ``PostHogProjectComponent``: a PostHog project in a ``defs.yaml`` (``dg scaffold defs``);
 - ``build_posthog_assets_definitions``: the same definitions from Python;
-- ``ProjectConfig``, ``ExportConfig``, ``InsightsConfig``, ``GroupsConfig``: what they take;
+- ``load_definitions_from_yaml``: a file in ``defs.yaml``'s format, for a deployment without ``dg``;
+- ``PostHogProject``, ``ExportConfig``, ``InsightsConfig``, ``GroupsConfig``: what they take;
 - ``PostHogResource``, ``DagsterPostHogTranslator``, ``PostHogClient``.
 """
 
 from __future__ import annotations
 
 import importlib
-from typing import Any
+from importlib.metadata import PackageNotFoundError, version
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each is imported on first use
+    from posthog_assets.api.client import PostHogClient
+    from posthog_assets.build import build_posthog_assets_definitions
+    from posthog_assets.component.component import PostHogProjectComponent
+    from posthog_assets.component.yaml_file import load_definitions_from_yaml
+    from posthog_assets.config import ExportConfig, GroupsConfig, InsightsConfig, PostHogProject
+    from posthog_assets.resources import PostHogResource
+    from posthog_assets.translator import DagsterPostHogTranslator
+
+try:
+    __version__ = version("posthog-assets")
+except PackageNotFoundError:  # imported from a source tree that was never installed
+    __version__ = "0.0.0+unknown"
 
 _PUBLIC: dict[str, str] = {
     "PostHogProjectComponent": "posthog_assets.component.component",
     "build_posthog_assets_definitions": "posthog_assets.build",
-    "ProjectConfig": "posthog_assets.config",
+    "load_definitions_from_yaml": "posthog_assets.component.yaml_file",
+    "PostHogProject": "posthog_assets.config",
     "ExportConfig": "posthog_assets.config",
     "InsightsConfig": "posthog_assets.config",
     "GroupsConfig": "posthog_assets.config",
@@ -26,7 +43,19 @@ _PUBLIC: dict[str, str] = {
     "PostHogClient": "posthog_assets.api.client",
 }
 
-__all__ = sorted(_PUBLIC)
+__all__ = [
+    "DagsterPostHogTranslator",
+    "ExportConfig",
+    "GroupsConfig",
+    "InsightsConfig",
+    "PostHogClient",
+    "PostHogProject",
+    "PostHogProjectComponent",
+    "PostHogResource",
+    "__version__",
+    "build_posthog_assets_definitions",
+    "load_definitions_from_yaml",
+]
 
 
 def __getattr__(name: str) -> Any:

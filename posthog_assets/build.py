@@ -1,74 +1,98 @@
-"""Everything of some PostHog projects as one ``dg.Definitions``: what the component builds for
-its project, what the code location loads, and what a Python user calls. Makes no HTTP call."""
+"""Everything of a PostHog project as one ``dg.Definitions``: what the component builds, what a
+YAML file (``POSTHOG_ASSETS_CONFIG``) builds, and what a Python user calls. Makes no HTTP call."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 
+from posthog_assets.common import DUCKDB_RESOURCE_KEY
 from posthog_assets.config import (
     DEFAULT_DUCKDB_PATH,
-    DEFAULT_EXPORT_DIR,
-    ProjectConfig,
-    Settings,
+    DEFAULT_PROJECT_NAME,
+    ExportConfig,
+    GroupsConfig,
+    InsightsConfig,
+    PostHogProject,
 )
-from posthog_assets.executor import DEFAULT_EXECUTOR
+from posthog_assets.exports.assets import ExportExecute
 from posthog_assets.exports.definitions import build_posthog_export_definitions
-from posthog_assets.resources import build_resources
-from posthog_assets.schedules import build_posthog_schedules
+from posthog_assets.resources import PostHogResource, duckdb_resource
 from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
 from posthog_assets.translator import DagsterPostHogTranslator
 
-ALL_ASSETS_JOB = "posthog_all"
-__all__ = ["ALL_ASSETS_JOB", "DEFAULT_EXECUTOR", "MAIN_JOB", "build_posthog_assets_definitions"]
-
-#: The main job: every PostHog asset of the code location.
-MAIN_JOB = dg.define_asset_job(
-    ALL_ASSETS_JOB,
-    selection=dg.AssetSelection.all(),
-    description="Materialize every PostHog asset (the main job).",
-)
+__all__ = ["build_posthog_assets_definitions", "build_project_definitions"]
 
 
 def build_posthog_assets_definitions(
-    projects: ProjectConfig | Sequence[ProjectConfig],
+    resource: PostHogResource,
     *,
+    name: str = DEFAULT_PROJECT_NAME,
+    exports: Sequence[ExportConfig | Mapping[str, Any]] = (),
+    insights: InsightsConfig | Mapping[str, Any] | None = None,
+    groups: GroupsConfig | Mapping[str, Any] | None = None,
     duckdb_path: str | Path = DEFAULT_DUCKDB_PATH,
-    export_dir: str | Path = DEFAULT_EXPORT_DIR,
     translator: DagsterPostHogTranslator | None = None,
-    main_job: bool = True,
 ) -> dg.Definitions:
-    """Resources, exports, snapshots, their checks, sensors, jobs and schedules of ``projects``.
+    """The assets, checks, sensors, jobs and schedules of one PostHog project, with its resource.
+
+    Example:
+        .. code-block:: python
+
+            import dagster as dg
+            from posthog_assets import PostHogResource, build_posthog_assets_definitions
+
+            defs = build_posthog_assets_definitions(
+                PostHogResource(
+                    host="https://eu.posthog.com",
+                    project_id="12345",
+                    personal_api_key=dg.EnvVar("POSTHOG_PERSONAL_API_KEY"),
+                ),
+                exports=[{"insight": 42, "format": "text/csv", "name": "signups_csv"}],
+                insights={"refresh": "async"},
+            )
 
     Args:
-        projects: One project or several (see :class:`~posthog_assets.config.ProjectConfig`).
+        resource: The project's connection (host, project id, key, HTTP and rate-limit settings).
+        name: ``default`` keeps the unprefixed names (``posthog/...``); another name gives
+            ``posthog/<name>/...`` and resource ``posthog_<name>``, for a second project.
+        exports: What to export, by id (no stored state needed).
+        insights: The insights snapshot (refresh mode, schedule, ...).
+        groups: The group snapshots (property values, tracked groups, schedule).
         duckdb_path: The DuckDB file every snapshot and the exports log write.
-        export_dir: Where export files land (``<export_dir>/<asset name>/``).
         translator: Customises every asset spec (keys, groups, tags, owners, ...).
-        main_job: Add ``posthog_all``, every asset of the code location, and the executor.
     """
-    projects = [projects] if isinstance(projects, ProjectConfig) else list(projects)
-    return dg.Definitions.merge(
-        dg.Definitions(
-            resources=build_resources(projects, duckdb_path=duckdb_path, export_dir=export_dir),
-            schedules=build_posthog_schedules(projects),
-            jobs=[MAIN_JOB] if main_job else [],
-            executor=DEFAULT_EXECUTOR if main_job else None,
-        ),
-        build_posthog_export_definitions(projects, translator=translator),
-        build_posthog_snapshot_definitions(projects, translator=translator),
+    project = PostHogProject(
+        resource=resource,
+        name=name,
+        exports=tuple(ExportConfig.model_validate(e) for e in exports),
+        insights=InsightsConfig.model_validate(insights or {}),
+        groups=GroupsConfig.model_validate(groups or {}),
+        duckdb_path=str(duckdb_path),
     )
+    return build_project_definitions(project, translator=translator)
 
 
-def build_definitions_from_settings(
-    settings: Settings, *, translator: DagsterPostHogTranslator | None = None
+def build_project_definitions(
+    project: PostHogProject,
+    *,
+    translator: DagsterPostHogTranslator | None = None,
+    execute: ExportExecute | None = None,
 ) -> dg.Definitions:
-    """The YAML route (``posthog_assets.yaml`` and the env): the same code underneath."""
-    return build_posthog_assets_definitions(
-        settings.projects,
-        duckdb_path=settings.duckdb_path,
-        export_dir=settings.export_dir,
-        translator=translator,
-    )
+    """The definitions of a resolved project (the component and the YAML file end here);
+    ``execute`` runs each export step (default: every selected export, concurrently)."""
+    resources = {
+        project.resource_key: project.resource,
+        DUCKDB_RESOURCE_KEY: duckdb_resource(project.duckdb_path),
+    }
+    parts = [dg.Definitions(resources=resources)]
+    if project.exports:
+        parts.append(
+            build_posthog_export_definitions([project], translator=translator, execute=execute)
+        )
+    if project.insights.enabled or project.groups.enabled:
+        parts.append(build_posthog_snapshot_definitions([project], translator=translator))
+    return dg.Definitions.merge(*parts)

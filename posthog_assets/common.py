@@ -1,5 +1,5 @@
 """The vocabulary several parts of the package share: run tags, metadata keys, resource keys,
-and the few helpers that read them (time stamps, file hashes, recorded metadata).
+and the few helpers that read them (time stamps, file hashes).
 
 It sits below the exports and snapshots folders and imports nothing of theirs, so no two of them
 need each other. Pool names live in :mod:`posthog_assets.pools`.
@@ -11,10 +11,7 @@ import hashlib
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:  # only for annotations: the HTTP-side users of this module load no Dagster
-    import dagster as dg
+from typing import Any
 
 #: The DuckDB resource every writer and check uses.
 DUCKDB_RESOURCE_KEY = "duckdb"
@@ -43,13 +40,6 @@ def dedup_root_from_tags(tags: Mapping[str, str], run_id: str) -> str:
     ``dg.execute_job(..., reexecution_options=...)`` records its root there and sets no tag.
     """
     return tags.get(TAG_DEDUP_ROOT) or tags.get(TAG_ROOT_RUN_ID) or run_id
-
-
-def materialization_values(event: dg.EventLogEntry | None) -> dict[str, Any]:
-    """Raw values of a materialization's metadata (``MetadataValue.value``)."""
-    if event is None or event.asset_materialization is None:
-        return {}
-    return {k: v.value for k, v in event.asset_materialization.metadata.items()}
 
 
 def parse_time(value: Any) -> datetime | None:

@@ -1,39 +1,38 @@
-"""The YAML configuration (``posthog_assets.yaml``) and the environment contract.
+"""The configuration model: a project's exports, its insights snapshot and its group snapshots,
+as ``defs.yaml``, a YAML file of the same format (``POSTHOG_ASSETS_CONFIG``) or Python give them.
 
-Everything here is validated with pydantic when definitions load, so a wrong field fails before any
-run starts, with a message naming the file, the entry and the field. No Dagster import here.
+Validated with pydantic when definitions load, so a wrong field fails before any run starts, with
+a message naming the entry and the field; the host and the project id are judged here, once,
+wherever they are written. No Dagster import here (the resource, which holds the connection
+settings, is Dagster's: :mod:`posthog_assets.resources`).
 """
 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from pathlib import Path
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, Self
 from urllib.parse import SplitResult, urlsplit
 
-import yaml
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
     ValidationError,
-    ValidationInfo,
     field_validator,
     model_validator,
 )
+
+if TYPE_CHECKING:
+    from posthog_assets.resources import PostHogResource
 
 ENV_HOST = "POSTHOG_HOST"
 ENV_PROJECT_ID = "POSTHOG_PROJECT_ID"
 ENV_API_KEY = "POSTHOG_PERSONAL_API_KEY"
 ENV_CONFIG = "POSTHOG_ASSETS_CONFIG"
-ENV_DUCKDB = "POSTHOG_ASSETS_DUCKDB"
-ENV_EXPORT_DIR = "POSTHOG_ASSETS_EXPORT_DIR"
 
-DEFAULT_CONFIG_PATH = "posthog_assets.yaml"
 DEFAULT_DUCKDB_PATH = "data/posthog.duckdb"
 DEFAULT_EXPORT_DIR = "data/exports"
 DEFAULT_PROJECT_NAME = "default"
@@ -93,11 +92,29 @@ PDF_REFUSED = (
 _NAME_RE = r"^[a-z][a-z0-9_]*$"
 #: Asset names of exports may carry a PostHog short id, which is case-sensitive.
 _EXPORT_NAME_RE = r"^[A-Za-z][A-Za-z0-9_]*$"
-ApiPrefixName = Literal["projects", "environments"]
 
 
-class ConfigError(ValueError):
-    """The configuration is wrong; the message names the file, the entry and the field."""
+def matching(value: str, pattern: str, what: str) -> str:
+    """``value`` if it matches ``pattern``, else a message saying what it must be."""
+    if not re.fullmatch(pattern.strip("^$"), value):
+        raise ValueError(f"must be {what}, got {value!r}")
+    return value
+
+
+def positive(value: float) -> float:
+    if value <= 0:
+        raise ValueError(f"must be greater than 0, got {value}")
+    return value
+
+
+def validate_cron(value: str) -> str:
+    """Five cron fields, as Dagster schedules take them."""
+    if len(value.split()) != 5 or not re.fullmatch(r"[\d*/,\- A-Za-z]+", value):
+        raise ValueError(f"schedule must be a cron expression of five fields, got {value!r}")
+    return value
+
+
+# ------------------------------------------------------------------ where PostHog is
 
 
 def validate_host(host: str, *, field_name: str = "host", allow_http: bool = False) -> str:
@@ -149,26 +166,6 @@ def is_insecure(host: str) -> bool:
     return parts.scheme == "http" and not _is_loopback(parts.hostname or "")
 
 
-def matching(value: str, pattern: str, what: str) -> str:
-    """``value`` if it matches ``pattern``, else a message saying what it must be."""
-    if not re.fullmatch(pattern.strip("^$"), value):
-        raise ValueError(f"must be {what}, got {value!r}")
-    return value
-
-
-def positive(value: float) -> float:
-    if value <= 0:
-        raise ValueError(f"must be greater than 0, got {value}")
-    return value
-
-
-def validate_cron(value: str) -> str:
-    """Five cron fields, as Dagster schedules take them."""
-    if len(value.split()) != 5 or not re.fullmatch(r"[\d*/,\- A-Za-z]+", value):
-        raise ValueError(f"schedule must be a cron expression of five fields, got {value!r}")
-    return value
-
-
 def _is_loopback(hostname: str) -> bool:
     if hostname == "localhost":
         return True
@@ -204,7 +201,7 @@ class ExportConfig(_Model):
     name: str = Field(description="Asset name (letters, digits, _).")
     insight: int | None = Field(default=None, description="Insight id to export.")
     dashboard: int | None = Field(default=None, description="Dashboard id to export.")
-    export_format: ExportFormat = Field(description="MIME type: PNG, CSV or XLSX.")
+    format: ExportFormat = Field(description="MIME type: PNG, CSV or XLSX.")
     export_context: dict[str, Any] | None = Field(
         default=None,
         description="Sent to PostHog; its keys win over what the package builds (for a CSV/XLSX "
@@ -215,7 +212,7 @@ class ExportConfig(_Model):
     _name = field_validator("name")(lambda v: matching(v, _EXPORT_NAME_RE, "letters, digits, _"))
     _ids = field_validator("insight", "dashboard")(lambda v: v if v is None else positive(v))
 
-    @field_validator("export_format", mode="before")
+    @field_validator("format", mode="before")
     @classmethod
     def _renderable(cls, value: Any) -> Any:
         if value == PDF:
@@ -226,10 +223,10 @@ class ExportConfig(_Model):
     def _one_target(self) -> ExportConfig:
         if (self.insight is None) == (self.dashboard is None):
             raise ValueError("give exactly one of 'insight' or 'dashboard'")
-        if self.dashboard is not None and self.export_format in TABULAR_FORMATS:
+        if self.dashboard is not None and self.format in TABULAR_FORMATS:
             raise ValueError(
                 "PostHog exports a dashboard only as image/png; export its insights as "
-                f"{EXPORT_FORMATS[self.export_format].upper()} instead"
+                f"{EXPORT_FORMATS[self.format].upper()} instead"
             )
         return self
 
@@ -238,22 +235,106 @@ class ExportConfig(_Model):
 #: where not, followed in bulk. A blocking mode computes every stale insight of a page inside
 #: one request, one after another; async costs about one request per 100 insights per round.
 DEFAULT_REFRESH: RefreshMode = "async"
+#: PostHog's insights endpoints silently treat this mode as ``force_cache`` (``posthog/utils.py``,
+#: ``refresh_requested_by_client``); only ``POST /query/`` honours it.
+ASYNC_EXCEPT_ON_CACHE_MISS = "async_except_on_cache_miss"
+DEFAULT_PAGE_SIZE = 100
+#: In a blocking mode PostHog computes each stale insight of a page inside the request, one after
+#: another: a few per request keeps each request short.
+DEFAULT_BLOCKING_PAGE_SIZE = 5
 
 
-class InsightsConfig(_Model):
-    """How insight snapshots are taken."""
+class InsightFetchOptions(_Model):
+    """How the insights snapshot reads insights. The project's ``insights:`` section gives them;
+    a run may override any of them (:meth:`merged`, the one merge rule)."""
 
-    enabled: bool = True
     refresh: RefreshMode = Field(default=DEFAULT_REFRESH, description="PostHog refresh mode.")
-    short_id: str | None = None
-    created_by: list[int] | None = None
-    basic: bool = False
+    short_id: str | None = Field(default=None, description="Only the insight of this short id.")
+    created_by: list[int] | None = Field(
+        default=None, description="Only insights created by these user ids."
+    )
+    basic: bool = Field(default=False, description="Metadata only: no results are computed.")
     page_size: int | None = Field(
         default=None,
         description="Insights per list request (default: 100, or 5 in blocking modes, where "
         "PostHog computes every stale insight of a page inside the request).",
     )
-    query_poll_timeout_s: float = 300.0
+    query_poll_timeout_s: float = Field(
+        default=300.0, description="Give up following background queries after this long."
+    )
+    poll_workers: int = Field(
+        default=4, description="Threads asking about stalled queries (GET /query/:id/) at once."
+    )
+    concurrency_limit_retries: int = Field(
+        default=2,
+        description="Re-read an insight refused with concurrency_limit_exceeded this many times.",
+    )
+    prefetch_pages: int = Field(
+        default=2, description="Insight pages requested ahead of the one being staged (1: none)."
+    )
+    #: A unique sort field (PostHog's default order has ties, so unordered pages overlap and
+    #: skip rows); "" sends none.
+    order: str = Field(default="id", description="Sort field of the list ('' sends none).")
+
+    @field_validator("page_size")
+    @classmethod
+    def _page_size(cls, value: int | None) -> int | None:
+        if value is not None and not 0 < value <= 1000:
+            raise ValueError(f"must be 1 to 1000, got {value}")
+        return value
+
+    @field_validator("query_poll_timeout_s", "poll_workers", "prefetch_pages")
+    @classmethod
+    def _positive(cls, value: float) -> float:
+        return positive(value)
+
+    @field_validator("concurrency_limit_retries")
+    @classmethod
+    def _not_negative(cls, value: int) -> int:
+        if value < 0:
+            raise ValueError(f"must be 0 or more, got {value}")
+        return value
+
+    def merged(self, overrides: Mapping[str, Any]) -> Self:
+        """These options with every given (non-None) override, validated again."""
+        given = {k: v for k, v in overrides.items() if v is not None}
+        return self.model_validate({**self.model_dump(), **given}) if given else self
+
+    @property
+    def effective_refresh(self) -> str:
+        """What PostHog's insights endpoints actually do with the mode."""
+        return "force_cache" if self.refresh == ASYNC_EXCEPT_ON_CACHE_MISS else self.refresh
+
+    @property
+    def recorded_refresh(self) -> str | None:
+        """The ``refresh`` column: the mode, or NULL for metadata-only (basic) runs."""
+        return None if self.basic else self.refresh
+
+    @property
+    def effective_page_size(self) -> int:
+        if self.page_size:
+            return self.page_size
+        if not self.basic and self.refresh in BLOCKING_REFRESH_MODES:
+            return DEFAULT_BLOCKING_PAGE_SIZE
+        return DEFAULT_PAGE_SIZE
+
+    @property
+    def follows_queries(self) -> bool:
+        return not self.basic and self.effective_refresh in ASYNC_REFRESH_MODES
+
+    def filters(self) -> dict[str, Any]:
+        """The list filters sent with every insights request."""
+        return {
+            "short_id": self.short_id,
+            "created_by": self.created_by or None,
+            "order": self.order,
+        }
+
+
+class InsightsConfig(InsightFetchOptions):
+    """The project's ``insights:`` section: the snapshot's options, its schedule, on or off."""
+
+    enabled: bool = True
     schedule: str = Field(
         default=INSIGHTS_SCHEDULE_CRON,
         description="Cron (UTC) of the daily snapshot schedule (stopped until turned on): 06:00, "
@@ -264,15 +345,6 @@ class InsightsConfig(_Model):
     @classmethod
     def _cron(cls, value: str) -> str:
         return validate_cron(value)
-
-    @field_validator("page_size")
-    @classmethod
-    def _page_size(cls, value: int | None) -> int | None:
-        if value is not None and not 0 < value <= 1000:
-            raise ValueError(f"must be 1 to 1000, got {value}")
-        return value
-
-    _timeout = field_validator("query_poll_timeout_s")(lambda v: positive(v))
 
 
 class TrackedGroup(_Model):
@@ -311,52 +383,29 @@ class GroupsConfig(_Model):
         return validate_cron(value)
 
 
-class ProjectConfig(_Model):
-    """One PostHog project (e.g. production, staging): one resource and one asset-key prefix.
+@dataclass(frozen=True)
+class PostHogProject:
+    """One PostHog project as the definitions are built from it: its name, its resource, what it
+    exports and snapshots, and where the DuckDB tables live.
 
-    The project named ``default`` keeps the unprefixed names (asset keys ``posthog/...``,
-    resource ``posthog``); any other gets ``posthog/<name>/...`` and ``posthog_<name>``. So a
-    second project added later never renames the first. Host, project id and key come from the
-    environment when the run starts (``POSTHOG_HOST``, ``POSTHOG_PROJECT_ID``, ``api_key_env``)
-    unless given here.
+    The project named ``default`` keeps the unprefixed names (asset keys ``posthog/...``, resource
+    ``posthog``); any other gets ``posthog/<name>/...`` and ``posthog_<name>``, so a second project
+    added later never renames the first.
     """
 
+    resource: PostHogResource
     name: str = DEFAULT_PROJECT_NAME
-    #: Before ``host``, whose check reads it.
-    allow_insecure_http: bool = False
-    host: str | None = None
-    project_id: int | str | None = None
-    api_key_env: str = ENV_API_KEY
-    #: The variables read for the host and project id when they are left out (``{{ env.X }}``
-    #: in a component names another one).
-    host_env: str = ENV_HOST
-    project_id_env: str = ENV_PROJECT_ID
-    api_prefix: ApiPrefixName = "projects"
-    exports: list[ExportConfig] = Field(default_factory=list)
-    #: When a project of ``projects:`` leaves these out, the file's top-level sections apply.
-    insights: InsightsConfig = Field(default_factory=InsightsConfig)
-    groups: GroupsConfig = Field(default_factory=GroupsConfig)
+    exports: tuple[ExportConfig, ...] = ()
+    insights: InsightsConfig = field(default_factory=lambda: InsightsConfig())
+    groups: GroupsConfig = field(default_factory=lambda: GroupsConfig())
+    duckdb_path: str = DEFAULT_DUCKDB_PATH
 
-    _name = field_validator("name")(lambda v: matching(v, _NAME_RE, "lower_snake_case"))
-    _env = field_validator("api_key_env", "host_env", "project_id_env")(
-        lambda v: matching(v, r"^[A-Za-z_][A-Za-z0-9_]*$", "an environment variable name")
-    )
-
-    @field_validator("project_id", mode="before")
-    @classmethod
-    def _check_project_id(cls, value: Any) -> int | str | None:
-        return None if value is None else parse_project_id(value)
-
-    @field_validator("host")
-    @classmethod
-    def _check_host(cls, value: str | None, info: ValidationInfo) -> str | None:
-        allow_http = bool(info.data.get("allow_insecure_http"))
-        return None if value is None else validate_host(value, allow_http=allow_http)
-
-    @model_validator(mode="after")
-    def _unique_exports(self) -> ProjectConfig:
-        _require_unique([e.name for e in self.exports], f"project '{self.name}' exports")
-        return self
+    def __post_init__(self) -> None:
+        matching(self.name, _NAME_RE, "lower_snake_case")
+        names = [e.name for e in self.exports]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"project '{self.name}': two exports named {', '.join(dupes)}")
 
     @property
     def is_default(self) -> bool:
@@ -367,55 +416,14 @@ class ProjectConfig(_Model):
         return "posthog" if self.is_default else f"posthog_{self.name}"
 
     @property
+    def project_id(self) -> str | None:
+        """The project id as written (None when it is read from the environment at run time)."""
+        value = self.resource.project_id
+        return value if type(value) is str else None
+
+    @property
     def key_prefix(self) -> tuple[str, ...]:
         return ("posthog",) if self.is_default else ("posthog", self.name)
-
-
-class PostHogAssetsConfig(_Model):
-    """The whole file."""
-
-    projects: list[ProjectConfig] | None = None
-    exports: list[ExportConfig] = Field(default_factory=list)
-    insights: InsightsConfig = Field(default_factory=InsightsConfig)
-    groups: GroupsConfig = Field(default_factory=GroupsConfig)
-
-    @model_validator(mode="after")
-    def _unique_names(self) -> PostHogAssetsConfig:
-        if self.projects is not None:
-            if self.exports:
-                raise ValueError(
-                    "with 'projects:' set, list exports under each project ('projects[i].exports')"
-                )
-            _require_unique([p.name for p in self.projects], "projects")
-            for p in self.projects:
-                missing = [f for f in ("host", "project_id") if getattr(p, f) is None]
-                if missing and not p.is_default:
-                    raise ValueError(f"project '{p.name}' needs {' and '.join(missing)}")
-        _require_unique([e.name for e in self.exports], "exports")
-        return self
-
-
-def _require_unique(names: list[str], where: str) -> None:
-    dupes = sorted({n for n in names if names.count(n) > 1})
-    if dupes:
-        raise ValueError(f"duplicate name(s) in {where}: {', '.join(dupes)}")
-
-
-@dataclass(frozen=True)
-class Settings:
-    """The resolved configuration: projects plus where data lands."""
-
-    config_path: Path
-    projects: tuple[ProjectConfig, ...]
-    duckdb_path: Path
-    export_dir: Path
-    raw: PostHogAssetsConfig = field(repr=False)
-
-
-def _format_error(path: Path, data: Any, err: ValidationError) -> str:
-    lines = [f"{path}: invalid configuration"]
-    lines += [f"  - {line}" for line in error_lines(data, err)]
-    return "\n".join(lines)
 
 
 def error_lines(data: Any, err: ValidationError, prefix: tuple[Any, ...] = ()) -> list[str]:
@@ -456,59 +464,3 @@ def _describe_loc(data: Any, loc: list[Any]) -> str:
     if fields:
         where += f", field '{'.'.join(fields)}'"
     return where
-
-
-def load_settings(
-    path: str | os.PathLike[str] | None = None, env: Mapping[str, str] | None = None
-) -> Settings:
-    """Read and validate the YAML config and the env vars. No network access."""
-    env = os.environ if env is None else env
-    config_path = Path(path or env.get(ENV_CONFIG) or DEFAULT_CONFIG_PATH)
-    if config_path.exists():
-        try:
-            data = yaml.safe_load(config_path.read_text()) or {}
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"{config_path}: not valid YAML: {exc}") from None
-    elif path is not None or env.get(ENV_CONFIG):
-        raise ConfigError(f"{config_path}: configuration file not found ({ENV_CONFIG})")
-    else:
-        data = {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{config_path}: the top level must be a mapping of sections")
-    try:
-        raw = PostHogAssetsConfig.model_validate(data)
-    except ValidationError as err:
-        raise ConfigError(_format_error(config_path, data, err)) from None
-
-    env_host = env.get(ENV_HOST)
-    env_pid = env.get(ENV_PROJECT_ID)
-    try:  # checked now, read again when a run starts (the env of the process that runs)
-        if env_host:
-            validate_host(env_host, field_name=ENV_HOST)
-        if env_pid:
-            parse_project_id(env_pid, field_name=ENV_PROJECT_ID)
-    except ValueError as exc:
-        raise ConfigError(f"environment: {exc}") from None
-
-    if raw.projects is None:
-        projects: tuple[ProjectConfig, ...] = (
-            ProjectConfig(exports=raw.exports, insights=raw.insights, groups=raw.groups),
-        )
-    else:
-        projects = tuple(
-            p.model_copy(
-                update={
-                    name: getattr(raw, name)
-                    for name in ("insights", "groups")
-                    if name not in p.model_fields_set
-                }
-            )
-            for p in raw.projects
-        )
-    return Settings(
-        config_path=config_path,
-        projects=projects,
-        duckdb_path=Path(env.get(ENV_DUCKDB) or DEFAULT_DUCKDB_PATH),
-        export_dir=Path(env.get(ENV_EXPORT_DIR) or DEFAULT_EXPORT_DIR),
-        raw=raw,
-    )

@@ -11,7 +11,6 @@ import hashlib
 import logging
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlsplit
@@ -41,11 +40,9 @@ from posthog_assets.api.ratelimit import (
     shared_state_path,
     validate_redis_url,
 )
-from posthog_assets.common import DUCKDB_RESOURCE_KEY
 from posthog_assets.config import (
     DEFAULT_EXPORT_DIR,
     ENV_API_KEY,
-    ProjectConfig,
     is_insecure,
     parse_project_id,
     validate_host,
@@ -149,7 +146,7 @@ class PostHogResource(dg.ConfigurableResource):
     def setup_for_execution(self, context: dg.InitResourceContext) -> None:
         defined = _as_defined(context)
         if defined is not None:
-            self._defined_key = _resolved(defined.personal_api_key)
+            self._defined_key = resolved_value(defined.personal_api_key)
             _check_pinned_host(self.host, defined.host)
             _warn_if_literal("personal_api_key", defined.personal_api_key, context)
             url = defined.rate_limit_url
@@ -190,16 +187,35 @@ class PostHogResource(dg.ConfigurableResource):
             return True
         return True
 
+    def __init__(self, **fields: Any) -> None:
+        """Settings written in defs.yaml or code are checked where they are written; a value
+        from the environment when a run starts (:meth:`validate_settings`)."""
+        super().__init__(**fields)
+        self._check_settings(skip_env=True)
+
     def validate_settings(self) -> None:
         """Fail with the field's name before any request is sent."""
-        validate_host(self.host, field_name="host", allow_http=self.allow_insecure_http)
-        parse_project_id(self.project_id, field_name="project_id")
+        self._check_settings(skip_env=False)
         if not self.api_key.strip():
             raise ValueError(
                 "personal_api_key is empty: set the environment variable that holds the key "
                 f"(e.g. {ENV_API_KEY})"
             )
-        if self.api_prefix not in ("environments", "projects"):
+
+    def _check_settings(self, *, skip_env: bool) -> None:
+        def given(value: Any) -> bool:
+            return not (skip_env and isinstance(value, dg.EnvVar))
+
+        try:
+            if given(self.host):
+                validate_host(self.host, allow_http=self.allow_insecure_http)
+            if given(self.project_id):
+                parse_project_id(self.project_id)
+        except ValueError as exc:
+            field = "host" if str(exc).startswith("host") else "project_id"
+            variable = _variable_holding(getattr(self, field))
+            raise ValueError(f"{exc} (read from {variable})" if variable else str(exc)) from None
+        if given(self.api_prefix) and self.api_prefix not in ("environments", "projects"):
             raise ValueError(
                 f"api_prefix must be 'environments' or 'projects', got {self.api_prefix!r}"
             )
@@ -218,8 +234,8 @@ class PostHogResource(dg.ConfigurableResource):
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
         self.rate_limits()
-        url = self.resolved_rate_limit_url()
-        if url is not None:
+        url = self.rate_limit_url if skip_env else self.resolved_rate_limit_url()
+        if url and given(url) and url != UI_SECRET_MASK:
             validate_redis_url(url, RATE_LIMIT_URL_SETTING)
 
     def resolved_rate_limit_url(self) -> str | None:
@@ -319,33 +335,25 @@ class PostHogResource(dg.ConfigurableResource):
         return Path(self.export_dir)
 
 
-def build_posthog_resource(project: ProjectConfig, export_dir: str | Path) -> PostHogResource:
-    """The resource of one project: what the project does not give is read from the environment
-    when a run starts (so the env of the process that runs decides), the key always is unless the
-    caller resolved it already."""
-    host = project.host or dg.EnvVar(project.host_env)
-    project_id = (
-        str(project.project_id) if project.project_id else dg.EnvVar(project.project_id_env)
-    )
-    return PostHogResource(
-        host=host,
-        project_id=project_id,
-        personal_api_key=dg.EnvVar(project.api_key_env),
-        api_prefix=project.api_prefix,
-        allow_insecure_http=project.allow_insecure_http,
-        export_dir=str(export_dir),
-    )
-
-
 def _as_defined(context: dg.InitResourceContext) -> PostHogResource | None:
     """This resource as the definitions built it, before run config: Dagster initialises each
     run's copy from the definitions' object (``resource_fn`` is its bound method)."""
-    resource_def = getattr(context, "resource_def", None)
+    try:
+        resource_def = context.resource_def
+    except dg.DagsterInvariantViolationError:  # initialised outside a run (the state refresh)
+        return None
     defined = getattr(getattr(resource_def, "resource_fn", None), "__self__", None)
     return defined if isinstance(defined, PostHogResource) else None
 
 
-def _resolved(value: str | None) -> str | None:
+def _variable_holding(value: Any) -> str | None:
+    """The environment variable holding exactly ``value``: Dagster builds a run's resource from
+    the variables' values, and the person fixes the variable, not the definitions."""
+    found = sorted(k for k, v in os.environ.items() if isinstance(value, str) and v == value)
+    return f"the environment variable {found[0]}" if found else None
+
+
+def resolved_value(value: str | None) -> str | None:
     """A field's value as the definitions give it: an ``EnvVar`` is read here and now."""
     if isinstance(value, dg.EnvVar):
         return os.environ.get(value.env_var_name) or None
@@ -355,7 +363,7 @@ def _resolved(value: str | None) -> str | None:
 def _check_pinned_host(host: str, defined: str) -> None:
     """Refuse a run whose config sends the key to another host than the definitions name: run
     config comes from whoever can launch (the launchpad, a GraphQL call), the key does not."""
-    pinned = _resolved(defined)
+    pinned = resolved_value(defined)
     source = (
         f"the environment variable {defined.env_var_name}"
         if isinstance(defined, dg.EnvVar)
@@ -401,14 +409,3 @@ def duckdb_resource(database: str) -> DuckDBResource:
     """One resource object per file: every project (and every component instance) writing the
     same DuckDB file shares it, as Dagster requires of one resource key."""
     return DuckDBResource(database=database)
-
-
-def build_resources(
-    projects: Sequence[ProjectConfig], *, duckdb_path: str | Path, export_dir: str | Path
-) -> dict[str, Any]:
-    """One ``PostHogResource`` per project plus the shared ``duckdb`` resource."""
-    resources: dict[str, Any] = {
-        p.resource_key: build_posthog_resource(p, export_dir) for p in projects
-    }
-    resources[DUCKDB_RESOURCE_KEY] = duckdb_resource(str(duckdb_path))
-    return resources

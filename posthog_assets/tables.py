@@ -1,4 +1,10 @@
-"""Small DuckDB helpers shared by every writer: explicit columns, schema evolution, atomic swaps.
+"""DuckDB tables: each declared once (:class:`Table`), and the helpers every writer shares.
+
+A declaration holds everything about a table: its columns with their descriptions, the key that
+identifies a row within one snapshot, its description and asset group, the table its rows are
+computed from, its views and its checks. The translator (asset specs, column schema, lineage),
+the staging, the writer and the checks all read it; adding a table is one declaration plus the
+function that turns PostHog's objects into its rows.
 
 Writers never rely on column order (the pandas IO manager's positional insert corrupts tables when
 columns move) and never lose rows when a column is added: missing columns are added in place.
@@ -6,12 +12,134 @@ columns move) and never lose rows when a column is added: missing columns are ad
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import textwrap
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import duckdb
 
 SCHEMA = "posthog"
+#: The asset groups of the UI.
+EXPORTS_GROUP = "posthog_exports"
+INSIGHTS_GROUP = "posthog_insights"
+GROUPS_GROUP = "posthog_groups"
+
+#: A view (re)created in the write's transaction, as SQL built for the connection.
+ViewSql = Callable[[duckdb.DuckDBPyConnection], str]
+
+
+@dataclass(frozen=True)
+class Column:
+    """One column: its DuckDB type, what it holds, and (for a table computed from another) the
+    upstream columns its values come from (``dagster/column_lineage``)."""
+
+    name: str
+    type: str
+    description: str
+    lineage: tuple[str, ...] = ()
+
+
+def columns(spec: str) -> tuple[Column, ...]:
+    """Columns written as a table, one per line: ``name  TYPE  description``, where an indented
+    line continues the description and ``<- a, b`` at its end names the upstream columns."""
+    found: list[list[str]] = []
+    for line in textwrap.dedent(spec).strip("\n").splitlines():
+        if line[:1].isspace():
+            found[-1][2] += " " + line.strip()
+        elif line.strip():
+            name, sql_type, description = line.split(None, 2)
+            found.append([name, sql_type, description])
+    made = []
+    for name, sql_type, description in found:
+        text, _, upstream = description.partition(" <- ")
+        lineage = tuple(u.strip() for u in upstream.split(",") if u.strip())
+        made.append(Column(name, sql_type, text.strip(), lineage))
+    return tuple(made)
+
+
+#: The columns every snapshot row carries, written by the write step as constants.
+PROJECT_ID = Column("project_id", "VARCHAR", "The PostHog project the row was read from.")
+SNAPSHOT_DATE = Column(
+    "snapshot_date", "DATE", "UTC date of the snapshot; taking it again that day replaces it."
+)
+SNAPSHOT_AT = Column("snapshot_at", "TIMESTAMPTZ", "When the snapshot was taken (UTC).")
+
+
+@dataclass(frozen=True)
+class Table:
+    """A DuckDB table of ``posthog``, declared once.
+
+    Attributes:
+        name: ``posthog.<name>``.
+        description: What a row is; the asset's description.
+        group: The asset group.
+        columns: The columns the rows carry (the snapshot columns are added in front).
+        key: What identifies a row within one snapshot (a check fails on duplicates).
+        daily: One snapshot a day is kept (scope: project and date); else a snapshot replaces
+            the project's previous rows.
+        asset_name: The asset's last key part (default: ``name``).
+        upstream: The table these rows are computed from, in the same transaction: the asset
+            is shown downstream of it, with the lineage of each column.
+        views: Views (re)created in the write's transaction.
+        checks: Further checks, each built as ``check(project, table, asset_key)``.
+        renamed: Columns renamed since an earlier version (old -> new), renamed in place.
+    """
+
+    name: str
+    description: str
+    group: str
+    columns: tuple[Column, ...]
+    key: tuple[str, ...] = ()
+    daily: bool = False
+    asset_name: str = ""
+    upstream: str | None = None
+    views: tuple[ViewSql, ...] = ()
+    checks: tuple[Callable[..., Any], ...] = ()
+    renamed: Mapping[str, str] = field(default_factory=dict)
+    snapshot_columns: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.asset_name:
+            object.__setattr__(self, "asset_name", self.name)
+        if self.snapshot_columns:
+            front = (
+                (PROJECT_ID, SNAPSHOT_DATE, SNAPSHOT_AT)
+                if self.daily
+                else (PROJECT_ID, SNAPSHOT_AT)
+            )
+            object.__setattr__(self, "columns", (*front, *self.columns))
+        missing = [k for k in self.key if k not in self.types]
+        if missing:
+            raise ValueError(f"{self.name}: key column(s) {missing} not declared")
+
+    @property
+    def types(self) -> dict[str, str]:
+        """Column name -> DuckDB type, in table order."""
+        return {c.name: c.type for c in self.columns}
+
+    @property
+    def scope(self) -> tuple[str, ...]:
+        """The columns whose values one snapshot replaces."""
+        return ("project_id", "snapshot_date") if self.daily else ("project_id",)
+
+    @property
+    def constants(self) -> tuple[str, ...]:
+        """The columns the write step fills (the rest come from the staged rows)."""
+        return (*self.scope, "snapshot_at") if self.snapshot_columns else ()
+
+    @property
+    def staged_columns(self) -> dict[str, str]:
+        return {c: t for c, t in self.types.items() if c not in self.constants}
+
+    @property
+    def qualified_name(self) -> str:
+        return f"{SCHEMA}.{self.name}"
+
+    def ref(self, conn: duckdb.DuckDBPyConnection) -> str:
+        """Catalog-qualified name (a file called posthog.duckdb makes ``posthog.x`` ambiguous)."""
+        return table_ref(conn, self.name)
 
 
 def quote(identifier: str) -> str:

@@ -7,63 +7,21 @@ execution reads the remote ids back from the spec's :class:`PostHogMetadataSet`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import json
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
 import dagster as dg
 
 # Not re-exported by ``dagster`` in 1.13.27 (dagster-fivetran imports it from here too).
 from dagster._core.definitions.metadata.metadata_set import NamespacedMetadataSet
 
-from posthog_assets.config import EXPORT_FORMATS, ExportConfig, ProjectConfig
-
-EXPORTS_GROUP = "posthog_exports"
-INSIGHTS_GROUP = "posthog_insights"
-GROUPS_GROUP = "posthog_groups"
-
-#: The DuckDB tables a project can have (each one asset, ``posthog/<name>``).
-SnapshotName = Literal[
-    "exports_log",
-    "insights",
-    "group_types",
-    "groups",
-    "group_property_definitions",
-    "group_property_values",
-    "tracked_groups",
-    "insight_series",
-    "funnel_steps",
-    "retention_cells",
-    "path_edges",
-    "insight_rows",
-]
-#: Tables written with ``insights`` (flattened from its results), in the insights group.
-INSIGHT_TIDY_NAMES = (
-    "insight_series",
-    "funnel_steps",
-    "retention_cells",
-    "path_edges",
-    "insight_rows",
+from posthog_assets.config import (
+    EXPORT_FORMATS,
+    ExportConfig,
+    PostHogProject,
 )
-
-_SNAPSHOT_DESCRIPTIONS: dict[str, str] = {
-    "exports_log": "One row per PostHog export (file path, bytes, sha256, expiry), in DuckDB.",
-    "insights": "Daily snapshot of every PostHog insight with its result, in DuckDB.",
-    "group_types": "PostHog group types (groups_types), in DuckDB.",
-    "groups": "Every PostHog group of every type (cursor pages), in DuckDB.",
-    "group_property_definitions": "Group property names and counts per group type, in DuckDB.",
-    "group_property_values": "Top values of each group property with counts, in DuckDB.",
-    "tracked_groups": "Configured groups looked up by key (without side effects), in DuckDB.",
-    "insight_series": "Every data point of Trends, Stickiness and Lifecycle insights (and funnel "
-    "trends/time to convert), one row each, per daily snapshot, in DuckDB.",
-    "funnel_steps": "Every funnel step (per breakdown value) with counts, conversion rates and "
-    "times, per daily snapshot, in DuckDB.",
-    "retention_cells": "Every cohort x period count of retention insights, per daily snapshot, "
-    "in DuckDB.",
-    "path_edges": "Every edge of paths insights, per daily snapshot, in DuckDB.",
-    "insight_rows": "Every result row of HogQL/DataTable insights as a JSON object keyed by "
-    "column name, per daily snapshot, in DuckDB.",
-}
+from posthog_assets.tables import EXPORTS_GROUP, Table
 
 
 class PostHogMetadataSet(NamespacedMetadataSet):
@@ -76,6 +34,8 @@ class PostHogMetadataSet(NamespacedMetadataSet):
     insight_id: int | None = None
     dashboard_id: int | None = None
     export_format: str | None = None
+    #: The export's ``export_context`` as JSON text (metadata sets hold no dicts).
+    export_context: str | None = None
     table: str | None = None
 
     @classmethod
@@ -87,20 +47,21 @@ class PostHogMetadataSet(NamespacedMetadataSet):
 class PostHogExportProps:
     """One configured export, as the translator sees it."""
 
-    project: ProjectConfig
+    project: PostHogProject
     export: ExportConfig
 
 
 @dataclass(frozen=True)
 class PostHogSnapshotProps:
-    """One DuckDB snapshot table of a project."""
+    """One DuckDB table of a project (its declaration: columns, description, group)."""
 
-    project: ProjectConfig
-    name: SnapshotName
+    project: PostHogProject
+    table: Table
 
     @property
-    def table(self) -> str:
-        return "posthog.exports" if self.name == "exports_log" else f"posthog.{self.name}"
+    def name(self) -> str:
+        """The asset's name (``insights``, ``groups``, ``exports_log``, ...)."""
+        return self.table.asset_name
 
 
 class DagsterPostHogTranslator:
@@ -118,7 +79,7 @@ class DagsterPostHogTranslator:
             if export.insight is not None
             else f"dashboard {export.dashboard}"
         )
-        ext = EXPORT_FORMATS[export.export_format]
+        ext = EXPORT_FORMATS[export.format]
         description = export.description or (
             f"{ext.upper()} export of PostHog {target} (project '{project.name}'), "
             "created through the exports API and streamed to disk."
@@ -126,12 +87,17 @@ class DagsterPostHogTranslator:
         metadata: dict[str, Any] = {
             **PostHogMetadataSet(
                 project_name=project.name,
-                project_id=_str_or_none(project.project_id),
+                project_id=project.project_id,
                 resource_key=project.resource_key,
                 export_name=export.name,
                 insight_id=export.insight,
                 dashboard_id=export.dashboard,
-                export_format=export.export_format,
+                export_format=export.format,
+                export_context=(
+                    json.dumps(export.export_context, sort_keys=True)
+                    if export.export_context
+                    else None
+                ),
             )
         }
         return dg.AssetSpec(
@@ -144,31 +110,31 @@ class DagsterPostHogTranslator:
         )
 
     def _snapshot_spec(self, props: PostHogSnapshotProps) -> dg.AssetSpec:
-        project = props.project
-        group = {"insights": INSIGHTS_GROUP, "exports_log": EXPORTS_GROUP}.get(
-            props.name, INSIGHTS_GROUP if props.name in INSIGHT_TIDY_NAMES else GROUPS_GROUP
-        )
+        project, table = props.project, props.table
         metadata: dict[str, Any] = {
             **PostHogMetadataSet(
                 project_name=project.name,
-                project_id=_str_or_none(project.project_id),
+                project_id=project.project_id,
                 resource_key=project.resource_key,
-                table=props.table,
-            )
+                table=table.qualified_name,
+            ),
+            "dagster/table_name": table.qualified_name,
+            "dagster/column_schema": table_schema(table),
         }
         return dg.AssetSpec(
-            key=dg.AssetKey([*project.key_prefix, props.name]),
-            description=_SNAPSHOT_DESCRIPTIONS[props.name],
-            group_name=group,
+            key=dg.AssetKey([*project.key_prefix, table.asset_name]),
+            description=table.description,
+            group_name=table.group,
             kinds={"posthog", "duckdb"},
             metadata=metadata,
         )
 
 
-def column_schema(columns: Mapping[str, str]) -> dg.TableSchema:
-    """A DuckDB table's columns (name -> SQL type) as Dagster shows them (the Columns tab)."""
-    return dg.TableSchema(columns=[dg.TableColumn(name=n, type=t) for n, t in columns.items()])
-
-
-def _str_or_none(value: object) -> str | None:
-    return None if value is None else str(value)
+def table_schema(table: Table) -> dg.TableSchema:
+    """A table's columns as Dagster shows them (the Columns tab), each with its description."""
+    return dg.TableSchema(
+        columns=[
+            dg.TableColumn(name=c.name, type=c.type, description=c.description)
+            for c in table.columns
+        ]
+    )

@@ -17,12 +17,17 @@ import pytest
 from posthog_assets.api.client import PostHogClient
 from posthog_assets.api.ratelimit import ENV_RATE_LIMIT_DIR
 from posthog_assets.config import ENV_CONFIG
-from posthog_assets.local.demo import refresh_defs_state
 from posthog_assets.resources import PostHogResource
-from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.support.resources import make_resource
-from posthog_assets_tests.support.session import TEST_RETRY, standin_env, start_session_standin
-from posthog_assets_tests.support.snapshots import resources_for, snapshot_defs, snapshot_settings
+from posthog_assets_tests.support.session import (
+    TEST_RETRY,
+    standin_env,
+    start_session_standin,
+    with_code_location,
+)
+from posthog_assets_tests.support.snapshots import resources_for, snapshot_defs, snapshot_project
+from posthog_project.demo import refresh_defs_state
+from posthog_standin.server import StandinControl, StandinProcess
 
 #: The shared ``dg dev`` of the UI and daemon tests, a Redis and a PostgreSQL (each started only
 #: when a test asks for it).
@@ -82,15 +87,19 @@ def standin() -> Iterator[StandinProcess]:
 
 @pytest.fixture(scope="session")
 def shipped_defs_state(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The shipped component's state (``posthog_assets/defs``), refreshed from the session's
+    """The shipped component's state (``posthog_project/defs``), refreshed from the session's
     stand-in with ``dg utils refresh-defs-state``, as ``make demo`` and ``make ui`` do: tests
-    that load the code location (``posthog_assets.definitions``) in-process need it."""
+    that load the code location (``posthog_project.definitions``) in-process need it."""
     root = Path(__file__).resolve().parents[1]
-    env = {
-        **os.environ,
-        **standin_env(standin, tmp_path_factory.mktemp("state")),
-        "POSTHOG_PERSONAL_API_KEY": standin.key,
-    }
+    # The repository on PYTHONPATH: `dg utils refresh-defs-state` imports the code location
+    # (posthog_project, not installed with the package) in its own process.
+    env = with_code_location(
+        {
+            **os.environ,
+            **standin_env(standin, tmp_path_factory.mktemp("state")),
+            "POSTHOG_PERSONAL_API_KEY": standin.key,
+        }
+    )
     env.pop(ENV_CONFIG, None)
     refresh_defs_state(root, env)
     return root
@@ -145,8 +154,8 @@ def db(posthog_env: dict[str, str]) -> Path:
 
 @pytest.fixture
 def defs(posthog_env: dict[str, str], tmp_path: Path) -> dg.Definitions:
-    """Snapshot definitions from an empty YAML (every default) against the stand-in."""
-    return snapshot_defs(snapshot_settings(posthog_env, tmp_path))
+    """Snapshot definitions of a project with every default, against the stand-in."""
+    return snapshot_defs(snapshot_project(posthog_env))
 
 
 @pytest.fixture

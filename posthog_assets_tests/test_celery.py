@@ -7,7 +7,7 @@ environment of nothing but what the README lists (two "hosts" sharing only Redis
 folder of exports, DuckDB file and step outputs), and a run worker process with its own
 ``DAGSTER_HOME`` executing the code location's main job with ``deploy/celery/run_config.yaml``.
 
-1. The main job over a YAML config (four exports in three formats, the insights and groups
+1. The main job over a configuration file (four exports in three formats, the insights and groups
    snapshots) succeeds; its steps ran on both workers (each step's ``STEP_START`` pid belongs to
    one worker's process tree, and the worker's own engine event names the same worker); the
    ``duckdb`` pool held across the hosts (no two of its steps overlapped, while other steps did);
@@ -32,8 +32,8 @@ import pytest
 import requests
 
 from posthog_assets.pools import DUCKDB_POOL, POOL_LIMITS
-from posthog_assets.standin.server import StandinControl, StandinProcess
-from posthog_assets.translator import EXPORTS_GROUP
+from posthog_assets.tables import EXPORTS_GROUP
+from posthog_standin.server import StandinControl, StandinProcess
 
 pytestmark = [pytest.mark.system, pytest.mark.xdist_group("celery")]
 
@@ -64,19 +64,17 @@ from posthog_assets_tests.support.reliability import (  # noqa: E402
 )
 
 XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
-WORLD_YAML = f"""
-exports:
-  - {{name: insight_1_png, insight: 1, export_format: image/png}}
-  - {{name: insight_2_csv, insight: 2, export_format: text/csv}}
-  - {{name: insight_3_xlsx, insight: 3, export_format: {XLSX}}}
-  - {{name: dashboard_1_png, dashboard: 1, export_format: image/png}}
-insights:
-  refresh: blocking
-  created_by: [2]
-  page_size: 100
-groups:
-  property_values: false
-"""
+#: The project of the deployment's configuration file (``POSTHOG_ASSETS_CONFIG``).
+WORLD: dict[str, Any] = {
+    "exports": [
+        {"insight": 1, "format": "image/png", "name": "insight_1_png"},
+        {"insight": 2, "format": "text/csv", "name": "insight_2_csv"},
+        {"insight": 3, "format": XLSX, "name": "insight_3_xlsx"},
+        {"dashboard": 1, "name": "dashboard_1_png"},
+    ],
+    "insights": {"refresh": "blocking", "created_by": [2], "page_size": 100},
+    "groups": {"property_values": False},
+}
 EXPORT_NAMES = ["dashboard_1_png", "insight_1_png", "insight_2_csv", "insight_3_xlsx"]
 RUN_TIMEOUT_S = 240.0
 OVERLAP_RENDER_S = 3.0
@@ -102,7 +100,7 @@ def celery_deployment(
         standin=standin,
         postgres=postgres,
         redis=redis_server,
-        config_yaml=WORLD_YAML,
+        attributes=WORLD,
     )
 
 

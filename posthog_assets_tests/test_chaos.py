@@ -16,7 +16,6 @@ import dagster as dg
 import pytest
 import requests
 
-from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.support.reliability import (
     ALL_FAMILIES,
     WORLD_EXPORTS,
@@ -31,9 +30,9 @@ from posthog_assets_tests.support.reliability import (
     materialized,
     reset,
     shared_reference,
-    standin_env,
 )
 from posthog_assets_tests.support.snapshots import errors
+from posthog_standin.server import StandinControl, StandinProcess
 
 pytestmark = pytest.mark.system
 
@@ -55,9 +54,7 @@ def test_chaos_run_ends_with_the_same_data_as_a_fault_free_run(
     reset(control)
     for rule in chaos_rules(FAULT_RATE, SEED):
         control.add_fault(**rule)
-    chaos = build_world(
-        standin_env(standin, tmp_path / "chaos"), tmp_path / "chaos", step_retry=CHAOS_STEP_RETRY
-    )
+    chaos = build_world(tmp_path / "chaos", step_retry=CHAOS_STEP_RETRY)
     result = chaos.materialize(
         ALL_FAMILIES, fast_resource(standin, chaos.export_dir, **CHAOS_CLIENT)
     )

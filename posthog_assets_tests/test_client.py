@@ -24,8 +24,8 @@ from posthog_assets.api.errors import (
     PostHogValidationError,
 )
 from posthog_assets.exports.runner import tabular_context
-from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.support.session import TEST_GROUPS_PER_TYPE, TEST_INSIGHTS, TEST_RETRY
+from posthog_standin.server import StandinControl, StandinProcess
 
 pytestmark = pytest.mark.integration
 

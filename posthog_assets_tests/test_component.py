@@ -4,6 +4,8 @@ load without PostHog, export what the selections chose; a second project; bad ``
 from __future__ import annotations
 
 import hashlib
+import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,10 +13,10 @@ import dagster as dg
 import pytest
 import requests
 
-from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets.config import CSV, PNG, XLSX
 from posthog_assets_tests.support.dagster_dev import free_port
-from posthog_assets_tests.support.exports import CSV, PNG, XLSX, server_content
 from posthog_assets_tests.support.projects import UserProject
+from posthog_standin.server import StandinControl, StandinProcess
 
 pytestmark = pytest.mark.integration
 
@@ -25,6 +27,14 @@ def _insight(standin: StandinProcess, insight_id: int) -> dict[str, Any]:
     resp = requests.get(url, headers={"Authorization": f"Bearer {standin.key}"}, timeout=30)
     resp.raise_for_status()
     return resp.json()
+
+
+def _served(standin: StandinProcess, export_id: int) -> bytes:
+    """What PostHog serves for an export, fetched independently of the package's client."""
+    url = f"{standin.url}/api/projects/{standin.project_id}/exports/{export_id}/content/"
+    resp = requests.get(url, headers={"Authorization": f"Bearer {standin.key}"}, timeout=30)
+    resp.raise_for_status()
+    return resp.content
 
 
 def _export_keys(defs: dg.Definitions) -> set[str]:
@@ -61,14 +71,24 @@ def test_scaffold_refresh_check_load_offline_and_export_the_selection(
     )  # fmt: skip
     scaffolded = project.read_attributes("posthog")
     assert scaffolded["project"] == {
-        "name": "default",
+        "name": "default",  # the first PostHog project: unprefixed keys
         "host": standin.url,
         "project_id": str(standin.project_id),
         "personal_api_key": "{{ env.POSTHOG_PERSONAL_API_KEY }}",
-        "api_prefix": "projects",
     }
-    assert {"exports", "insights", "groups", "translation"} <= set(scaffolded)
-    assert scaffolded["insights"]["refresh"] == "async"
+    # What loads as written against any project: every dashboard, and the insights snapshot;
+    # the other selections, groups, paths and translation as commented examples.
+    assert scaffolded["exports"] == [{"dashboards": "all"}]
+    assert scaffolded["insights"] == {"refresh": "async", "schedule": "0 6 * * *"}
+    text = project.defs_yaml("posthog").read_text()
+    for example in ("# - insight: 42", "# - insights: {tag: weekly}", "# - dashboard: Growth",
+                    "# groups:", "# duckdb_path:", "# translation:"):  # fmt: skip
+        assert example in text, example
+
+    # A second PostHog component is named after its folder: it never takes the first one's keys.
+    project.dg("scaffold", "defs", "posthog_assets.PostHogProjectComponent", "staging_eu")
+    assert project.read_attributes("staging_eu")["project"]["name"] == "staging_eu"
+    shutil.rmtree(project.defs_yaml("staging_eu").parent)
 
     # The user picks what to export: by short id, by dashboard name and tag, every dashboard.
     signups = _insight(standin, 2)
@@ -82,8 +102,8 @@ def test_scaffold_refresh_check_load_offline_and_export_the_selection(
             {"dashboards": "all", "format": PNG},
         ],
         "duckdb_path": str(data / "posthog.duckdb"),
-        "export_dir": str(data / "exports"),
     }
+    attributes["project"]["export_dir"] = str(data / "exports")
     project.write_component("posthog", attributes)
     project.dg("utils", "refresh-defs-state")
     [state] = project.state_files()
@@ -125,7 +145,7 @@ def test_scaffold_refresh_check_load_offline_and_export_the_selection(
         ]  # fmt: skip
         md = {k: v.value for k, v in event.materialization.metadata.items()}
         content = Path(md["path"]).read_bytes()
-        assert content == server_content(standin, md["export_id"])
+        assert content == _served(standin, md["export_id"])
         assert md["sha256"] == hashlib.sha256(content).hexdigest()
         assert Path(md["path"]).is_relative_to(data / "exports" / spec.key.path[-1])
     csv_md = {
@@ -153,10 +173,10 @@ def _base(standin: StandinProcess, data: Path, **project: Any) -> dict[str, Any]
             "host": standin.url,
             "project_id": standin.project_id,
             "personal_api_key": "{{ env.POSTHOG_PERSONAL_API_KEY }}",
+            "export_dir": str(data / "exports"),
             **project,
         },
         "duckdb_path": str(data / "posthog.duckdb"),
-        "export_dir": str(data / "exports"),
     }
 
 
@@ -238,14 +258,19 @@ def test_a_second_project_leaves_the_first_ones_names_alone(
         ),
         pytest.param({"insights": {"page_size": "many"}}, ("page_size",), id="wrong_type"),
         pytest.param(
-            {"exports": [{"insights": {"tag": "no-such-tag"}, "format": CSV}]},
-            ("exports[0] (insights: {'tag': 'no-such-tag'}) matches no insight",),
-            id="selector_matches_nothing",
-        ),
-        pytest.param(
             {"exports": [{"dashboard": "No such board"}]},
             ("exports[0] (dashboard: No such board) matches no dashboard",),
             id="unknown_dashboard",
+        ),
+        pytest.param(
+            {"exports": [{"insight": "Zz99Zz99", "format": CSV}]},
+            ("exports[0] (insight: Zz99Zz99) matches no insight",),
+            id="unknown_short_id",
+        ),
+        pytest.param(
+            {"export_dir": "/tmp/exports"},
+            ("export_dir",),
+            id="export_dir_at_the_top_level",
         ),
         pytest.param(
             {"exports": [{"dashboard": "Growth", "format": CSV}]},
@@ -316,6 +341,56 @@ def test_bad_defs_yaml_names_the_field_and_creates_nothing(
         assert fragment in text, f"{fragment!r} not in:\n{text}"
     assert standin.key not in text and "phx_written_in_the_file" not in text
     assert not data.exists(), "a failed load created files"
+
+
+def test_a_filter_that_matches_nothing_warns_and_builds_no_asset(
+    dev_project: UserProject,
+    standin: StandinProcess,
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A tag removed in PostHog (or never there) must not take the code location down: the
+    entry builds nothing and the load says so at WARNING, naming the file and the entry; the
+    other entries build as usual."""
+    path = dev_project.write_component(
+        "posthog",
+        {
+            **_base(standin, tmp_path / "data"),
+            "exports": [
+                {"insights": {"tag": "no-such-tag"}, "format": CSV},
+                {"dashboards": {"search": "no such board"}},
+                {"dashboard": 1},
+            ],
+        },
+    )
+    with caplog.at_level(logging.WARNING, logger="posthog_assets"):
+        defs = dev_project.load()
+    assert _export_keys(defs) == {"posthog/exports/dashboard_1_png"}
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for entry, kind in (
+        ("exports[0] (insights: {'tag': 'no-such-tag'})", "insight"),
+        ("exports[1] (dashboards: {'search': 'no such board'})", "dashboard"),
+    ):
+        [message] = [m for m in warned if entry in m]
+        assert message.startswith(f"{path.parent}: {entry} matches no {kind} of the state")
+        assert "so it builds no asset" in message and "dg utils refresh-defs-state" in message
+
+
+def test_two_components_of_one_project_name_fail_naming_both_files(
+    dev_project: UserProject, standin: StandinProcess, tmp_path: Path
+) -> None:
+    """They would share a resource key, asset keys and a stored state."""
+    for folder in ("posthog", "posthog_again"):
+        dev_project.write_component(
+            folder, {**_base(standin, tmp_path / "data"), "exports": [{"insight": 1}]}
+        )
+    with pytest.raises(Exception) as caught:
+        dev_project.load()
+    text = _messages(caught.value)
+    first, second = (dev_project.defs_yaml(f).parent for f in ("posthog", "posthog_again"))
+    assert "both configure the PostHog project named 'default'" in text
+    assert str(first) in text and str(second) in text
+    assert "give one of them another project.name" in text
 
 
 def test_an_env_template_with_a_default_stays_a_reference_to_the_variable(
@@ -492,7 +567,7 @@ def test_a_translator_subclass_reaches_every_asset_check_and_job(tmp_path: Path)
         DagsterPostHogTranslator,
         ExportConfig,
         GroupsConfig,
-        ProjectConfig,
+        PostHogResource,
         build_posthog_assets_definitions,
     )
 
@@ -503,14 +578,16 @@ def test_a_translator_subclass_reaches_every_asset_check_and_job(tmp_path: Path)
                 key=spec.key.with_prefix("analytics"), group_name="analytics"
             ).merge_attributes(owners=["team:data"])
 
-    project = ProjectConfig(
-        exports=[ExportConfig(name="signups_csv", insight=2, export_format=CSV)],
-        groups=GroupsConfig(tracked=[{"group_type_index": 0, "group_key": "organization-1"}]),
-    )
     defs = build_posthog_assets_definitions(
-        project,
+        PostHogResource(
+            host="https://us.posthog.com",
+            project_id="1",
+            personal_api_key=dg.EnvVar("POSTHOG_PERSONAL_API_KEY"),
+            export_dir=str(tmp_path / "exports"),
+        ),
+        exports=[ExportConfig(name="signups_csv", insight=2, format=CSV)],
+        groups=GroupsConfig(tracked=[{"group_type_index": 0, "group_key": "organization-1"}]),
         duckdb_path=tmp_path / "p.duckdb",
-        export_dir=tmp_path / "exports",
         translator=Analytics(),
     )
     repo = defs.get_repository_def()  # validates: every check and job finds its asset

@@ -15,42 +15,45 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from posthog_assets.config import load_settings
 from posthog_assets.exports.definitions import build_posthog_export_definitions
 from posthog_assets.exports.sensors import build_posthog_export_expiry_sensor
 from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
-from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets_tests.support.config_file import (
+    project_document,
+    resolve_document,
+    write_config_file,
+)
 from posthog_assets_tests.support.openapi import ContractError, validate_request
 from posthog_assets_tests.support.resources import make_resource
 from posthog_assets_tests.support.snapshots import resources_for
+from posthog_standin.server import StandinControl, StandinProcess
 
 pytestmark = pytest.mark.integration
 
-EVERYTHING_YAML = """
-exports:
-  - {name: insight_png, insight: 1, export_format: image/png}
-  - {name: trends_csv, insight: 2, export_format: text/csv}
-  - {name: legacy_xlsx, insight: 8, export_format: application/vnd.openxmlformats-officedocument.spreadsheetml.sheet}
-  - {name: hogql_csv, insight: 10, export_format: text/csv}
-  - {name: board_png, dashboard: 1, export_format: image/png}
-insights:
-  refresh: async
-  created_by: [3]
-groups:
-  property_values: true
-  tracked:
-    - {group_type_index: 0, group_key: organization-3}
-"""  # noqa: E501
+XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
+EVERYTHING = project_document(
+    exports=[
+        {"insight": 1, "format": "image/png", "name": "insight_png"},
+        {"insight": 2, "format": "text/csv", "name": "trends_csv"},
+        {"insight": 8, "format": XLSX, "name": "legacy_xlsx"},
+        {"insight": 10, "format": "text/csv", "name": "hogql_csv"},
+        {"dashboard": 1, "format": "image/png", "name": "board_png"},
+    ],
+    insights={"refresh": "async", "created_by": [3]},
+    groups={
+        "property_values": True,
+        "tracked": [{"group_type_index": 0, "group_key": "organization-3"}],
+    },
+)
 
 
 def _run_everything(
     standin: StandinProcess, control: StandinControl, tmp_path: Path, prefix: str
 ) -> list[dict[str, Any]]:
-    (tmp_path / "posthog_assets.yaml").write_text(EVERYTHING_YAML)
-    env = {"POSTHOG_HOST": standin.url, "POSTHOG_PROJECT_ID": str(standin.project_id)}
-    settings = load_settings(tmp_path / "posthog_assets.yaml", env=env)
-    exports = build_posthog_export_definitions(settings.projects)
-    snapshots = build_posthog_snapshot_definitions(settings.projects)
+    config = write_config_file(tmp_path / "posthog_assets.yaml", EVERYTHING)
+    project = resolve_document(EVERYTHING, config)
+    exports = build_posthog_export_definitions([project])
+    snapshots = build_posthog_snapshot_definitions([project])
     posthog = make_resource(standin, tmp_path / "exports", api_prefix=prefix)
     resources = resources_for(posthog, tmp_path / "posthog.duckdb")
     # one async query that fails, so the follow-up asks GET /query/:id/ about it
@@ -64,7 +67,7 @@ def _run_everything(
         )
         assert result.success
         keys = [k for a in exports.assets or [] for k in a.keys if "exports_log" not in k.path]
-        sensor = build_posthog_export_expiry_sensor(project=settings.projects[0], export_keys=keys)
+        sensor = build_posthog_export_expiry_sensor(project=project, export_keys=keys)
         with dg.build_sensor_context(instance=instance, resources=resources) as context:
             sensor.evaluate_tick(context)
     return [r for r in control.requests_log() if r["server"] == "api"]

@@ -7,7 +7,7 @@ become a file and must be cleaned up, and re-executing the run must resume the e
 process had created instead of asking PostHog for another one.
 
 The killed process is a real, separate process (its own session, forked from a warm interpreter
-so it starts in milliseconds) running the real code location (``posthog_assets.definitions``
+so it starts in milliseconds) running the real code location (``posthog_project.definitions``
 imported afresh with ``POSTHOG_ASSETS_CONFIG``) on a real ``DAGSTER_HOME``.
 """
 
@@ -18,6 +18,7 @@ import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import dagster as dg
 import duckdb
@@ -26,7 +27,7 @@ import requests
 from dagster._core.instance.ref import InstanceRef
 
 from posthog_assets.snapshots.results import TIDY_TABLES
-from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets_tests.support.config_file import write_config_file
 from posthog_assets_tests.support.reliability import (
     Child,
     all_files,
@@ -37,22 +38,21 @@ from posthog_assets_tests.support.reliability import (
     fast_resource,
     materialized,
     select,
-    standin_env,
     warm_python,
+    world_document,
 )
+from posthog_assets_tests.support.session import standin_env
 from posthog_assets_tests.support.snapshots import errors
+from posthog_standin.server import StandinControl, StandinProcess
 
 pytestmark = pytest.mark.system
 
-CRASH_YAML = """
-exports:
-  - {name: big_csv, insight: 2, export_format: text/csv}
-insights:
-  refresh: blocking
-  created_by: [2]
-  page_size: 100
-groups: {enabled: false}
-"""
+#: The project both the killed child (through its configuration file) and the test run.
+CRASH: dict[str, Any] = {
+    "exports": [{"insight": 2, "format": "text/csv", "name": "big_csv"}],
+    "insights": {"refresh": "blocking", "created_by": [2], "page_size": 100},
+    "groups": {"enabled": False},
+}
 #: ~26 MB of CSV (about 88 bytes a row): caught mid-stream once past 1 MB.
 BIG_CSV_ROWS = 300_000
 
@@ -84,7 +84,7 @@ if hook == "pause_in_write":
 
     factory.replace_snapshot = lambda conn, *a, **k: real(Paused(conn), *a, **k)
 
-from posthog_assets.definitions import defs
+from posthog_project.definitions import defs
 
 assets = [
     a for a in defs.assets if a.node_def.name.endswith("__insights") == (family == "insights")
@@ -128,12 +128,12 @@ def crash_env(standin: StandinProcess, tmp_path: Path) -> dict[str, str]:
     home = tmp_path / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    (tmp_path / "posthog_assets.yaml").write_text(CRASH_YAML)
+    config = write_config_file(tmp_path / "posthog_assets.yaml", world_document(tmp_path, CRASH))
     return {
         **os.environ,
         **standin_env(standin, tmp_path),
         "POSTHOG_PERSONAL_API_KEY": standin.key,
-        "POSTHOG_ASSETS_CONFIG": str(tmp_path / "posthog_assets.yaml"),
+        "POSTHOG_ASSETS_CONFIG": str(config),
         "DAGSTER_HOME": str(home),
         "POSTHOG_ASSETS_RATE_LIMIT_DIR": str(tmp_path / "gates"),
     }
@@ -164,7 +164,7 @@ def test_kill_mid_download_then_reexecution_resumes_the_same_export(
     instance.report_run_failed(killed)  # what run monitoring does after a worker vanishes
 
     # Re-execute the killed run (same root run id), as the UI's "Re-execute" does.
-    world = build_world(standin_env(standin, tmp_path), tmp_path, yaml_text=CRASH_YAML)
+    world = build_world(tmp_path, attributes=CRASH)
     result = dg.materialize(
         world.definitions_for(["exports"], checks=True),
         resources=world.resources(fast_resource(standin, world.export_dir)),
@@ -188,7 +188,7 @@ def test_kill_mid_download_then_reexecution_resumes_the_same_export(
 def test_kill_inside_the_duckdb_transaction_keeps_the_previous_snapshot(
     standin: StandinProcess, control: StandinControl, tmp_path: Path, crash_env: dict[str, str]
 ) -> None:
-    world = build_world(standin_env(standin, tmp_path), tmp_path, yaml_text=CRASH_YAML)
+    world = build_world(tmp_path, attributes=CRASH)
     resource = fast_resource(standin, world.export_dir)
     first = world.materialize(["insights"], resource, checks=False)
     assert first.success, failure_texts(first)

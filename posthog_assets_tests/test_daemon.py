@@ -22,7 +22,7 @@ import pytest
 from dagster._core.instance.ref import InstanceRef
 from dagster._core.scheduler.instigation import InstigatorType, ScheduleInstigatorData
 
-from posthog_assets.standin.server import StandinControl
+from posthog_standin.server import StandinControl
 
 pytestmark = [pytest.mark.system, pytest.mark.xdist_group("dagster_dev")]
 

@@ -14,7 +14,8 @@ import dagster as dg
 import pytest
 import yaml
 
-from posthog_assets.executor import (
+from posthog_assets_tests.support.dagster_dev import ROOT
+from posthog_project.executor import (
     CELERY,
     ENV_EXECUTOR,
     PRELOAD_MODULES,
@@ -23,7 +24,6 @@ from posthog_assets.executor import (
     build_executor,
     default_mode,
 )
-from posthog_assets_tests.support.dagster_dev import ROOT
 
 pytestmark = pytest.mark.unit
 
@@ -73,7 +73,7 @@ def test_in_process_and_default_multiprocess_still_run() -> None:
     assert result.success
     # The multiprocess mode gets the forkserver preload unless the run config picks a method.
     assert job.executor_def.config_schema.default_value == {"multiprocess": {}}
-    assert PRELOAD_MODULES == ["posthog_assets.definitions"]
+    assert PRELOAD_MODULES == ["posthog_project.definitions"]
 
 
 class FakeClock:

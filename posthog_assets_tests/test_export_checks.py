@@ -35,9 +35,9 @@ def _evaluations(result: dg.ExecuteInProcessResult) -> dict[tuple[str, str], boo
 
 def test_checks_pass_on_downloads_and_fail_after_truncation(posthog_resource, control, tmp_path):
     project = make_project(
-        {"name": "chart", "insight": 1, "export_format": PNG},
-        {"name": "table", "insight": 2, "export_format": CSV},
-        {"name": "sheet", "insight": 3, "export_format": XLSX},
+        {"name": "chart", "insight": 1, "format": PNG},
+        {"name": "table", "insight": 2, "format": CSV},
+        {"name": "sheet", "insight": 3, "format": XLSX},
     )
     assets = build_posthog_export_assets(project=project, retry_policy=None)
     checks = build_posthog_export_checks(project=project, export_assets=assets)
@@ -72,7 +72,7 @@ def test_checks_pass_on_downloads_and_fail_after_truncation(posthog_resource, co
 
 
 def test_checks_fail_when_the_file_is_gone(posthog_resource, control, tmp_path):
-    project = make_project({"name": "chart", "insight": 1, "export_format": PNG})
+    project = make_project({"name": "chart", "insight": 1, "format": PNG})
     assets = build_posthog_export_assets(project=project, retry_policy=None)
     checks = build_posthog_export_checks(project=project, export_assets=assets)
     res = resources(posthog_resource, tmp_path)

@@ -1,21 +1,37 @@
-"""Expiry and retry sensors, evaluated as the daemon does (``evaluate_tick``) on a real instance."""
+"""Expiry and retry sensors, evaluated as the daemon does (``evaluate_tick``) on a real instance,
+and their per-export decisions as plain functions."""
 
 from __future__ import annotations
 
 import json
 import time
+from datetime import UTC, datetime
 from pathlib import Path
 
 import dagster as dg
 import pytest
 from dagster._core.definitions.sensor_definition import SensorExecutionData
+from dagster._core.storage.dagster_run import RunRecord
 
-from posthog_assets.common import TAG_DEDUP_ROOT, TAG_REFRESH_OF, TAG_RETRY_ATTEMPT, TAG_RETRY_OF
+from posthog_assets.common import (
+    TAG_DEDUP_ROOT,
+    TAG_REFRESH_OF,
+    TAG_RETRY_ATTEMPT,
+    TAG_RETRY_OF,
+    file_sha256,
+)
 from posthog_assets.exports.assets import build_posthog_export_assets
 from posthog_assets.exports.log import build_posthog_exports_log_asset, exports_log_key
+from posthog_assets.exports.records import ExportFailure, ExportMaterialization
 from posthog_assets.exports.sensors import (
+    HashedFile,
+    RefreshRequested,
+    RetryPlan,
     build_posthog_export_expiry_sensor,
     build_posthog_export_retry_sensor,
+    check_expiry,
+    plan_refresh,
+    plan_retry,
 )
 from posthog_assets_tests.support.exports import (
     CSV,
@@ -50,11 +66,11 @@ def test_expiry_sensor_requests_expiring_missing_and_changed_files_once(
     posthog_resource, control, tmp_path
 ):
     project = make_project(
-        {"name": "table", "insight": 2, "export_format": CSV},  # expires in 7 days
-        {"name": "gone", "insight": 1, "export_format": PNG},  # 180 days
-        {"name": "changed", "insight": 3, "export_format": PNG},
-        {"name": "fine", "insight": 4, "export_format": PNG},
-        {"name": "early", "insight": 5, "export_format": PNG},  # PostHog drops it early
+        {"name": "table", "insight": 2, "format": CSV},  # expires in 7 days
+        {"name": "gone", "insight": 1, "format": PNG},  # 180 days
+        {"name": "changed", "insight": 3, "format": PNG},
+        {"name": "fine", "insight": 4, "format": PNG},
+        {"name": "early", "insight": 5, "format": PNG},  # PostHog drops it early
     )
     assets = build_posthog_export_assets(project=project, retry_policy=None)
     keys = list(assets[0].keys)
@@ -162,7 +178,7 @@ def test_expiry_sensor_stops_within_its_time_budget_and_continues_next_tick(tmp_
 def test_expiry_sensor_rides_out_posthog_errors_and_names_a_missing_scope(
     posthog_resource, control, tmp_path
 ):
-    project = make_project({"name": "weekly_png", "insight": 1, "export_format": PNG})
+    project = make_project({"name": "weekly_png", "insight": 1, "format": PNG})
     assets = build_posthog_export_assets(project=project, retry_policy=None)
     sensor = build_posthog_export_expiry_sensor(project=project, export_keys=list(assets[0].keys))
     res = resources(posthog_resource, tmp_path)
@@ -191,8 +207,8 @@ def test_retry_sensor_retries_timeouts_after_backoff_and_never_user_errors(
 ):
     control.configure(export_post_held=False, export_delay_by_format={PNG: 1.0})
     project = make_project(
-        {"name": "slow_png", "insight": 1, "export_format": PNG},
-        {"name": "empty_csv", "insight": 40, "export_format": CSV},
+        {"name": "slow_png", "insight": 1, "format": PNG},
+        {"name": "empty_csv", "insight": 40, "format": CSV},
     )
     assets = build_posthog_export_assets(project=project, retry_policy=None)
     log = build_posthog_exports_log_asset(project=project, export_keys=list(assets[0].keys))
@@ -249,7 +265,7 @@ def test_retry_sensor_retries_timeouts_after_backoff_and_never_user_errors(
 
 def test_retry_sensor_gives_up_after_max_attempts(posthog_resource, control, tmp_path):
     control.add_fault(match=r"/exports/?$", method="POST", kind="status", status=503)
-    project = make_project({"name": "weekly_png", "insight": 1, "export_format": PNG})
+    project = make_project({"name": "weekly_png", "insight": 1, "format": PNG})
     assets = build_posthog_export_assets(project=project, retry_policy=None)
     sensor = build_posthog_export_retry_sensor(
         project=project, export_assets=assets, max_attempts=2, backoff_s=0
@@ -290,7 +306,7 @@ def test_retry_sensor_waits_until_posthogs_rate_limit_lets_requests_through(
     """The hourly window is full: the step fails at once saying when PostHog will accept
     requests again, is not retried within the run, and the sensor waits until that time."""
     control.configure(rate_limits=True, rate_limit_overrides={"sustained": "1/hour"})
-    project = make_project({"name": "weekly_png", "insight": 1, "export_format": PNG})
+    project = make_project({"name": "weekly_png", "insight": 1, "format": PNG})
     assets = build_posthog_export_assets(project=project)
     now = [time.time()]
     sensor = build_posthog_export_retry_sensor(
@@ -315,3 +331,148 @@ def test_retry_sensor_waits_until_posthogs_rate_limit_lets_requests_through(
         now[0] = recorded["retry_at"] + 1
         tick = _evaluate(sensor, instance, tick.cursor)
         assert [r.tags[TAG_RETRY_ATTEMPT] for r in tick.run_requests] == ["1"]
+
+
+# ---------------------------------------------------------------------- decisions, no server
+
+NOW = 1_000_000_000.0
+LOG = "posthog/exports_log"
+
+
+def _recorded(path: Path, **kw) -> ExportMaterialization:
+    size, sha256 = path.stat().st_size, file_sha256(path)
+    values = {"export_id": 7, "path": str(path), "bytes": size, "sha256": sha256}
+    return ExportMaterialization(**{**values, **kw})
+
+
+@pytest.mark.unit
+def test_check_expiry_reads_the_recorded_time_then_the_file(tmp_path):
+    path = tmp_path / "chart.png"
+    path.write_bytes(b"chart")
+    soon = _recorded(path, expires_after="2001-09-09T12:00:00Z")  # ten hours after NOW
+    fine = check_expiry(soon, NOW, margin_s=3600)
+    assert fine.reason is None and fine.hashed is not None and fine.hashed.matches
+    assert check_expiry(soon, NOW, DAY).reason == "expires at 2001-09-09T12:00:00+00:00"
+    assert check_expiry(soon, NOW + DAY, 0).reason == "expired at 2001-09-09T12:00:00+00:00"
+
+    recorded = _recorded(path)
+    path.write_bytes(b"CHART")  # same size, other bytes
+    changed = check_expiry(recorded, NOW, 0, fine.hashed)
+    assert changed.reason == "file sha256 differs from the recorded download"
+    assert changed.hashed is not None and not changed.hashed.matches
+    path.write_bytes(b"chart!")
+    assert check_expiry(recorded, NOW, 0).reason == "file size 6 differs from recorded 5"
+    path.unlink()
+    gone = check_expiry(recorded, NOW, 0, fine.hashed)
+    assert gone.reason == f"file {path} is missing" and gone.hashed is None
+
+
+@pytest.mark.unit
+def test_check_expiry_hashes_a_file_only_when_it_changed(tmp_path):
+    path = tmp_path / "table.csv"
+    path.write_bytes(b"a,b\n1,2\n")
+    stat = path.stat()
+    # What an earlier tick found for this very file (its answer is trusted, not recomputed).
+    cached = HashedFile(export_id=7, size=stat.st_size, mtime_ns=stat.st_mtime_ns, matches=False)
+    assert check_expiry(_recorded(path), NOW, 0, cached).hashed == cached
+    # A new export of the same file: hashed again.
+    rehashed = check_expiry(_recorded(path, export_id=8), NOW, 0, cached)
+    assert rehashed.reason is None and rehashed.hashed is not None and rehashed.hashed.matches
+
+
+def _run(tags: dict[str, str] | None = None, **kw) -> dg.DagsterRun:
+    return dg.DagsterRun(job_name="__ASSET_JOB", run_id="failed-run", tags=tags or {}, **kw)
+
+
+def _last_run(status: dg.DagsterRunStatus, end_time: float | None = None) -> RunRecord:
+    at = datetime.fromtimestamp(NOW, UTC)
+    return RunRecord(1, _run(status=status), at, at, end_time=end_time)
+
+
+@pytest.mark.unit
+def test_plan_refresh_asks_once_then_cools_down():
+    first = plan_refresh(7, NOW, None, None, launched=0)
+    assert first == RefreshRequested(export_id=7, attempt=1, at=NOW)
+
+    hour, after = 3600.0, 6 * 3600.0
+    assert plan_refresh(7, NOW + hour, first, None, 1, after) is None  # asked an hour ago
+    running = _last_run(dg.DagsterRunStatus.STARTED)
+    assert plan_refresh(7, NOW + 7 * hour, first, running, 1, after) is None
+    ended = _last_run(dg.DagsterRunStatus.SUCCESS, end_time=NOW + 5 * hour)
+    assert plan_refresh(7, NOW + 7 * hour, first, ended, 1, after) is None  # just ended
+    again = plan_refresh(7, NOW + 12 * hour, first, ended, 2, after)
+    assert again == RefreshRequested(export_id=7, attempt=3, at=NOW + 12 * hour)
+
+
+def _failure(name: str, **kw) -> ExportFailure:
+    return ExportFailure(asset_key=f"posthog/exports/{name}", export_name=name, **kw)
+
+
+@pytest.mark.unit
+def test_plan_retry_retries_passing_failures_after_backoff_never_user_errors():
+    slow = _failure("slow_png", kind="PostHogPollTimeout")
+    final = _failure("empty_csv", kind="PostHogExportFailed", retryable=False, message="no")
+    failed = [slow.asset_key, final.asset_key, "posthog/exports/crashed", LOG]
+    failures = {f.asset_key: f for f in (slow, final)}
+
+    plan = plan_retry(_run(), failed, failures, NOW, log_key=LOG, backoff_s=30)
+
+    assert plan.pending is not None
+    assert plan.pending.assets == ["posthog/exports/crashed", slow.asset_key, LOG]
+    assert plan.pending.due == NOW + 30
+    assert plan.pending.run_key == "posthog-retry:failed-run:1"
+    assert plan.pending.tags == {
+        TAG_RETRY_ATTEMPT: "1",
+        TAG_RETRY_OF: "failed-run",
+        TAG_DEDUP_ROOT: "failed-run",
+    }
+    assert plan.warnings == (
+        "Not retrying posthog/exports/empty_csv (failed run failed-run): PostHogExportFailed is "
+        "not retryable: no",
+    )
+    # Every export failure final: no run, not even for the log.
+    only_final = plan_retry(_run(), [final.asset_key, LOG], failures, NOW, log_key=LOG)
+    assert only_final.pending is None and len(only_final.warnings) == 1
+    assert plan_retry(_run(), [], {}, NOW) == RetryPlan()  # nothing of ours failed
+
+
+@pytest.mark.unit
+def test_plan_retry_backs_off_waits_for_the_rate_limit_and_gives_up():
+    limited = _failure("weekly_png", retryable=False, retry_at=NOW + 3600)
+    chain = {TAG_RETRY_ATTEMPT: "1", TAG_DEDUP_ROOT: "first-run"}
+    failed = [limited.asset_key]
+
+    plan = plan_retry(_run(chain), failed, {limited.asset_key: limited}, NOW, backoff_s=60)
+    assert plan.pending is not None and plan.pending.tags[TAG_RETRY_ATTEMPT] == "2"
+    assert plan.pending.due == NOW + 3600  # PostHog's time, later than the 120 s backoff
+    assert plan.pending.tags[TAG_DEDUP_ROOT] == "first-run"
+    capped = plan_retry(_run(chain), failed, {}, NOW, backoff_s=3000, backoff_max_s=4000)
+    assert capped.pending is not None and capped.pending.due == NOW + 4000
+
+    used_up = plan_retry(_run({TAG_RETRY_ATTEMPT: "3"}), failed, {}, NOW, max_attempts=3)
+    assert used_up == RetryPlan(
+        warnings=(
+            "Giving up on posthog/exports/weekly_png: run failed-run was already retry 3 of 3",
+        )
+    )
+
+
+@pytest.mark.unit
+def test_sensors_start_afresh_from_an_unreadable_cursor(tmp_path):
+    project = make_project()
+    key = _key("chart")
+    expiry = build_posthog_export_expiry_sensor(
+        project=project, export_keys=[key], check_posthog=False
+    )
+    retry = build_posthog_export_retry_sensor(project=project, export_assets=[])
+    with dg.instance_for_test() as instance:
+        instance.report_runless_asset_event(
+            dg.AssetMaterialization(
+                asset_key=key, metadata={"export_id": 1, "path": str(tmp_path / "gone.png")}
+            )
+        )
+        for cursor in ("not json", '{"offset": 3, "hashed": []}', '{"__class__": "Other"}'):
+            tick = _evaluate(expiry, instance, cursor)
+            assert [r.run_key for r in tick.run_requests] == ["expiry:posthog/exports/chart:1:1"]
+            assert _evaluate(expiry, instance, tick.cursor).run_requests == []
+            assert _evaluate(retry, instance, cursor).skip_message

@@ -10,13 +10,13 @@ import dagster as dg
 import duckdb
 import pytest
 
+from posthog_assets.build import build_posthog_assets_definitions
 from posthog_assets.common import FAILURES_METADATA_KEY
-from posthog_assets.config import load_settings
+from posthog_assets.component.yaml_file import load_definitions_from_yaml
 from posthog_assets.exports.assets import build_posthog_export_assets
 from posthog_assets.exports.checks import build_posthog_export_checks
-from posthog_assets.exports.definitions import build_posthog_export_definitions
 from posthog_assets.exports.log import build_posthog_exports_log_asset, exports_log_key
-from posthog_assets.resources import build_resources
+from posthog_assets.resources import PostHogResource
 from posthog_assets.tables import table_ref
 from posthog_assets.translator import DagsterPostHogTranslator, PostHogExportProps
 from posthog_assets_tests.support.exports import (
@@ -55,10 +55,10 @@ def test_every_format_end_to_end_with_metadata_and_duckdb_row(
     posthog_resource, control, standin, tmp_path
 ):
     project = make_project(
-        {"name": "weekly_png", "insight": 1, "export_format": PNG},
-        {"name": "signups_csv", "insight": 2, "export_format": CSV},
-        {"name": "signups_xlsx", "insight": 3, "export_format": XLSX},
-        {"name": "board_png", "dashboard": 1, "export_format": PNG},
+        {"name": "weekly_png", "insight": 1, "format": PNG},
+        {"name": "signups_csv", "insight": 2, "format": CSV},
+        {"name": "signups_xlsx", "insight": 3, "format": XLSX},
+        {"name": "board_png", "dashboard": 1, "format": PNG},
     )
     assets, log = _defs(project)
 
@@ -103,7 +103,7 @@ def test_every_format_end_to_end_with_metadata_and_duckdb_row(
 def test_large_csv_counts_rows_without_loading_it(posthog_resource, control, tmp_path, rows):
     """A file of exactly PostHog's export row limit (50,000) may have been cut: it says so."""
     control.configure(csv_rows=rows)
-    project = make_project({"name": "big_csv", "insight": 2, "export_format": CSV})
+    project = make_project({"name": "big_csv", "insight": 2, "format": CSV})
     assets, _ = _defs(project)
 
     result = dg.materialize(assets, resources=resources(posthog_resource, tmp_path))
@@ -117,7 +117,7 @@ def test_large_csv_counts_rows_without_loading_it(posthog_resource, control, tmp
 def test_twenty_slow_exports_wait_together_not_in_a_queue(posthog_resource, control, tmp_path):
     control.configure(export_post_held=False, export_delay_s=1.0)
     project = make_project(
-        *({"name": f"e{i:02d}", "insight": 1 + i, "export_format": PNG} for i in range(20))
+        *({"name": f"e{i:02d}", "insight": 1 + i, "format": PNG} for i in range(20))
     )
     assets, _ = _defs(project)
 
@@ -133,8 +133,8 @@ def test_twenty_slow_exports_wait_together_not_in_a_queue(posthog_resource, cont
 def test_a_user_error_surfaces_and_is_not_retried(posthog_resource, control, tmp_path):
     """A table of an insight with nothing to render is final: named, not retried, no POST."""
     project = make_project(
-        {"name": "empty_csv", "insight": 40, "export_format": CSV},
-        {"name": "weekly_png", "insight": 1, "export_format": PNG},
+        {"name": "empty_csv", "insight": 40, "format": CSV},
+        {"name": "weekly_png", "insight": 1, "format": PNG},
     )
     assets, _ = _defs(project, retry=FAST_RETRY)
 
@@ -160,9 +160,9 @@ def test_a_user_error_surfaces_and_is_not_retried(posthog_resource, control, tmp
 def test_csv_and_xlsx_of_every_insight_kind_render(posthog_resource, control, tmp_path):
     """Trends (query source), legacy filters (path) and HogQL tables all give files."""
     project = make_project(
-        {"name": "trends_csv", "insight": 2, "export_format": CSV},
-        {"name": "legacy_xlsx", "insight": 8, "export_format": XLSX},
-        {"name": "hogql_csv", "insight": 10, "export_format": CSV},
+        {"name": "trends_csv", "insight": 2, "format": CSV},
+        {"name": "legacy_xlsx", "insight": 8, "format": XLSX},
+        {"name": "hogql_csv", "insight": 10, "format": CSV},
     )
     assets, _ = _defs(project)
     checks = build_posthog_export_checks(project=project, export_assets=assets)
@@ -179,7 +179,7 @@ def test_csv_and_xlsx_of_every_insight_kind_render(posthog_resource, control, tm
 
 def test_step_retry_after_timeout_resumes_the_same_export(posthog_resource, control, tmp_path):
     control.configure(export_post_held=False, export_delay_s=1.2)
-    project = make_project({"name": "slow_png", "insight": 1, "export_format": PNG})
+    project = make_project({"name": "slow_png", "insight": 1, "format": PNG})
     assets, _ = _defs(project, retry=dg.RetryPolicy(max_retries=3, delay=0.05))
 
     result = dg.materialize(
@@ -201,8 +201,8 @@ def test_step_retry_does_not_redo_exports_finished_by_an_earlier_attempt(
     control.add_fault(match=r"/exports/?$", method="POST", kind="status", status=503, times=1)
     control.configure(export_post_held=False, export_delay_by_format={PNG: 0.0, CSV: 0.3})
     project = make_project(
-        {"name": "a_csv", "insight": 2, "export_format": CSV},
-        {"name": "b_png", "insight": 1, "export_format": PNG},
+        {"name": "a_csv", "insight": 2, "format": CSV},
+        {"name": "b_png", "insight": 1, "format": PNG},
     )
     assets, _ = _defs(project, retry=FAST_RETRY)
 
@@ -214,7 +214,7 @@ def test_step_retry_does_not_redo_exports_finished_by_an_earlier_attempt(
 
 
 def test_exports_log_upsert_is_idempotent(posthog_resource, control, tmp_path):
-    project = make_project({"name": "weekly_png", "insight": 1, "export_format": PNG})
+    project = make_project({"name": "weekly_png", "insight": 1, "format": PNG})
     assets, log = _defs(project)
     res = resources(posthog_resource, tmp_path)
     with dg.instance_for_test() as instance:
@@ -243,7 +243,7 @@ def test_translator_override_changes_keys_and_execution_reads_ids_from_spec(
                 )
             return spec
 
-    project = make_project({"name": "weekly_png", "insight": 4, "export_format": PNG})
+    project = make_project({"name": "weekly_png", "insight": 4, "format": PNG})
     assets = build_posthog_export_assets(project=project, translator=Custom(), retry_policy=None)
 
     result = dg.materialize(assets, resources=resources(posthog_resource, tmp_path))
@@ -254,14 +254,18 @@ def test_translator_override_changes_keys_and_execution_reads_ids_from_spec(
 
 
 def test_definitions_load_without_any_http_call(posthog_env, control, tmp_path):
-    config = tmp_path / "posthog_assets.yaml"
+    config = tmp_path / "posthog.yaml"
     config.write_text(
-        "exports:\n"
-        "  - {name: weekly_png, insight: 1, export_format: image/png}\n"
-        "  - {name: signups_csv, insight: 2, export_format: text/csv}\n"
+        "type: posthog_assets.PostHogProjectComponent\n"
+        "attributes:\n"
+        "  exports:\n"
+        "    - {name: weekly_png, insight: 1, format: image/png}\n"
+        "    - {name: signups_csv, insight: 2, format: text/csv}\n"
+        "  insights: {enabled: false}\n"
+        "  groups: {enabled: false}\n"
     )
 
-    defs = build_posthog_export_definitions(load_settings(config).projects)
+    defs = load_definitions_from_yaml(config)
 
     keys = {k.to_user_string() for a in defs.assets for k in a.keys}
     assert keys == {
@@ -280,8 +284,8 @@ def test_definitions_load_without_any_http_call(posthog_env, control, tmp_path):
 @pytest.mark.parametrize("secret", ["phx_test_key_0123456789abcdef"])
 def test_secret_never_in_metadata_or_failure(posthog_resource, control, tmp_path, secret):
     project = make_project(
-        {"name": "weekly_png", "insight": 1, "export_format": PNG},
-        {"name": "empty_csv", "insight": 40, "export_format": CSV},
+        {"name": "weekly_png", "insight": 1, "format": PNG},
+        {"name": "empty_csv", "insight": 40, "format": CSV},
     )
     assets, _ = _defs(project)
 
@@ -295,28 +299,19 @@ def test_secret_never_in_metadata_or_failure(posthog_resource, control, tmp_path
 
 
 def test_two_projects_get_separate_steps_sensors_and_logs(posthog_env, control, tmp_path):
-    config = tmp_path / "posthog_assets.yaml"
-    config.write_text(
-        "projects:\n"
-        "  - name: prod\n"
-        "    host: http://127.0.0.1:1\n"
-        "    project_id: 1\n"
-        "    exports: [{name: weekly_png, insight: 1, export_format: image/png}]\n"
-        "  - name: staging\n"
-        "    host: http://127.0.0.1:1\n"
-        "    project_id: 2\n"
-        "    exports: [{name: weekly_png, insight: 5, export_format: image/png}]\n"
-    )
-    settings = load_settings(config)
+    def project(name: str, project_id: int, insight: int) -> dg.Definitions:
+        return build_posthog_assets_definitions(
+            PostHogResource(
+                host="http://127.0.0.1:1", project_id=str(project_id), personal_api_key="phx_k"
+            ),
+            name=name,
+            exports=[{"name": "weekly_png", "insight": insight, "format": PNG}],
+            insights={"enabled": False},
+            groups={"enabled": False},
+            duckdb_path=tmp_path / "p.duckdb",
+        )
 
-    defs = dg.Definitions.merge(
-        build_posthog_export_definitions(settings.projects),
-        dg.Definitions(
-            resources=build_resources(
-                settings.projects, duckdb_path=tmp_path / "p.duckdb", export_dir=tmp_path
-            )
-        ),
-    )
+    defs = dg.Definitions.merge(project("prod", 1, 1), project("staging", 2, 5))
     dg.Definitions.validate_loadable(defs)
 
     keys = {k.to_user_string() for a in defs.assets for k in a.keys}

@@ -19,7 +19,6 @@ import dagster as dg
 import pytest
 import requests
 
-from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.support.reliability import (
     EXPORTS,
     FAST_STEP_RETRY,
@@ -38,11 +37,11 @@ from posthog_assets_tests.support.reliability import (
     select,
     sha256_of,
     shared_reference,
-    standin_env,
     step_retries,
     table_rows,
     wait_violations,
 )
+from posthog_standin.server import StandinControl, StandinProcess
 
 pytestmark = pytest.mark.integration
 
@@ -187,7 +186,7 @@ def test_fault(
     control: StandinControl,
     tmp_path: Path,
 ) -> None:
-    world = build_world(standin_env(standin, tmp_path), tmp_path, step_retry=case.step_retry)
+    world = build_world(tmp_path, step_retry=case.step_retry)
     case.setup(control, reference)
     resource = fast_resource(standin, world.export_dir, **case.resource)
 

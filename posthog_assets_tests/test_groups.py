@@ -27,23 +27,23 @@ from posthog_assets_tests.support.snapshots import (
     resources_for,
     scalar,
     snapshot_defs,
-    snapshot_settings,
+    snapshot_project,
 )
 
 pytestmark = pytest.mark.integration
 
-TRACKED_YAML = """
-groups:
-  tracked:
-    - {group_type_index: 0, group_key: organization-3}
-    - {group_type_index: 1, group_key: company-7}
-"""
+TRACKED = {
+    "tracked": [
+        {"group_type_index": 0, "group_key": "organization-3"},
+        {"group_type_index": 1, "group_key": "company-7"},
+    ]
+}
 TOTAL_GROUPS = TEST_GROUP_TYPES * TEST_GROUPS_PER_TYPE
 
 
 @pytest.fixture
 def defs(posthog_env: dict[str, str], tmp_path: Path) -> dg.Definitions:
-    return snapshot_defs(snapshot_settings(posthog_env, tmp_path, TRACKED_YAML))
+    return snapshot_defs(snapshot_project(posthog_env, groups=TRACKED))
 
 
 def test_every_group_of_every_type_across_many_cursor_pages(
@@ -158,13 +158,10 @@ def test_two_projects_share_one_duckdb_file(
     posthog_env: dict[str, str], tmp_path: Path, standin: Any, db: Path
 ) -> None:
     main_id, staging_id = standin.project_id, standin.project_id + 1
-    yaml_text = f"""
-projects:
-  - {{name: prod, host: "{standin.url}", project_id: {main_id}}}
-  - {{name: staging, host: "{standin.url}", project_id: {staging_id}}}
-"""
-    settings = snapshot_settings(posthog_env, tmp_path, yaml_text)
-    defs = snapshot_defs(settings)
+    defs = snapshot_defs(
+        snapshot_project(posthog_env, name="prod", project_id=main_id),
+        snapshot_project(posthog_env, name="staging", project_id=staging_id),
+    )
     resources = {
         f"posthog_{name}": make_resource(standin, tmp_path / "exports", project_id=str(pid))
         for name, pid in (("prod", main_id), ("staging", staging_id))

@@ -1,5 +1,8 @@
 """The one-way import rule: the HTTP layer and the stand-in load without Dagster, folders import
-one way, and no module imports itself through others."""
+one way, and no module imports itself through others. Between the repository's packages: the
+stand-in (``posthog_standin``) imports nothing of the library, the library nothing of this
+repository's code location (``posthog_project``), the stand-in or the tests, and the benchmarks
+nothing of the tests."""
 
 from __future__ import annotations
 
@@ -20,8 +23,8 @@ pytestmark = pytest.mark.unit
         "posthog_assets.api.polling",
         "posthog_assets.exports.runner",
         "posthog_assets.config",
-        "posthog_assets.standin.server",
-        "posthog_assets.standin.app",
+        "posthog_standin.server",
+        "posthog_standin.app",
     ],
 )
 def test_module_imports_without_dagster(module: str) -> None:
@@ -42,11 +45,14 @@ def test_the_public_api_imports_lazily() -> None:
         "from posthog_assets import PostHogClient\n"
         "print('dagster' in sys.modules)\n"
         "from posthog_assets import (PostHogProjectComponent, PostHogResource,\n"
-        "    DagsterPostHogTranslator, build_posthog_assets_definitions, ProjectConfig)\n"
+        "    DagsterPostHogTranslator, build_posthog_assets_definitions, PostHogProject,\n"
+        "    ExportConfig, InsightsConfig, GroupsConfig, load_definitions_from_yaml)\n"
         "import dagster as dg\n"
         "assert issubclass(PostHogProjectComponent, dg.Component)\n"
         "assert issubclass(PostHogResource, dg.ConfigurableResource)\n"
         "assert callable(build_posthog_assets_definitions) and DagsterPostHogTranslator\n"
+        "assert callable(load_definitions_from_yaml) and PostHogProject and GroupsConfig\n"
+        "assert ExportConfig(name='a', insight=1, format='text/csv') and InsightsConfig()\n"
         "print(set(posthog_assets.__all__) <= set(dir(posthog_assets)))\n"
         "try:\n"
         "    posthog_assets.nothing\n"
@@ -64,38 +70,87 @@ def test_the_public_api_imports_lazily() -> None:
 
 def test_standin_imports_nothing_from_the_package_runtime() -> None:
     code = (
-        "import sys, posthog_assets.standin.server, posthog_assets.standin.app\n"
-        "bad = sorted(m for m in sys.modules if m.startswith('posthog_assets.')"
-        " and not m.startswith('posthog_assets.standin'))\n"
+        "import sys, posthog_standin.server, posthog_standin.app, posthog_standin.__main__\n"
+        "bad = sorted(m for m in sys.modules if m.split('.')[0] in"
+        " ('posthog_assets', 'posthog_project', 'posthog_assets_tests'))\n"
         "print(','.join(bad))\n"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == ""
 
 
+REPOSITORY = Path(__file__).resolve().parents[1]
+#: What each of the repository's folders of Python may not import (at any depth of a file).
+FORBIDDEN: dict[str, tuple[str, ...]] = {
+    "posthog_standin": ("posthog_assets", "posthog_project", "posthog_assets_tests", "bench"),
+    "posthog_assets": ("posthog_project", "posthog_standin", "posthog_assets_tests", "bench"),
+    "bench": ("posthog_assets_tests",),
+}
+
+
+def _imported_packages(path: Path) -> set[str]:
+    """The top-level packages a file imports, anywhere in it (a function body included)."""
+    found: set[str] = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            found |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module.split(".")[0])
+    return found
+
+
+@pytest.mark.parametrize("folder", sorted(FORBIDDEN))
+def test_packages_import_one_way(folder: str) -> None:
+    """The library is what a user installs: it cannot lean on this repository's code location,
+    its stand-in or its tests; the stand-in stays independent of what it stands in for; the
+    benchmarks use the library and the stand-in, never the tests' helpers."""
+    files = sorted((REPOSITORY / folder).rglob("*.py"))
+    assert files, folder
+    wrong = [
+        f"{path.relative_to(REPOSITORY)} imports {package}"
+        for path in files
+        for package in sorted(_imported_packages(path) & set(FORBIDDEN[folder]))
+    ]
+    assert wrong == []
+
+
+def test_the_one_way_check_can_fail(tmp_path: Path) -> None:
+    (tmp_path / "bad.py").write_text(
+        "def f():\n    from posthog_assets_tests.support import session\n"
+    )
+    assert _imported_packages(tmp_path / "bad.py") == {"posthog_assets_tests"}
+
+
 PACKAGE = Path(__file__).resolve().parents[1] / "posthog_assets"
 #: Which folders a module may import from, by its own folder (the one-way rule):
-#: the HTTP layer <- the Dagster glue <- exports, snapshots <- definitions, schedules, local
-#: <- the component (which builds what the builder builds, from its stored state).
+#: the HTTP layer <- the Dagster glue <- exports, snapshots <- build, schedules
+#: <- the component (which builds what the builder builds, from its stored state or a file).
 LAYERS: dict[str, set[str]] = {
     "api": {"api"},
     "glue": {"api", "glue"},
     "exports": {"api", "glue", "exports"},
     "snapshots": {"api", "glue", "snapshots"},
     "top": {"api", "glue", "exports", "snapshots", "top"},
-    "local": {"api", "glue", "exports", "snapshots", "top", "local", "standin"},
     "component": {"api", "glue", "exports", "snapshots", "top", "component"},
-    "standin": {"standin"},
 }
 #: The top-level modules that compose everything; every other top-level module is glue.
-TOP = {"definitions", "build", "schedules"}
+TOP = {"build", "schedules"}
 
 
 def _layer(module: str) -> str:
     parts = module.split(".")[1:]
-    if parts and parts[0] in ("api", "exports", "snapshots", "local", "standin", "component"):
+    if parts and parts[0] in ("api", "exports", "snapshots", "component"):
         return parts[0]
     return "top" if parts and parts[0] in TOP else "glue"
+
+
+def _type_checking_only(tree: ast.Module) -> set[int]:
+    """Ids of the import nodes under ``if TYPE_CHECKING:`` (never run, so never a cycle)."""
+    skipped: set[int] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            skipped |= {id(n) for child in node.body for n in ast.walk(child)}
+    return skipped
 
 
 def _imports() -> dict[str, set[str]]:
@@ -105,7 +160,11 @@ def _imports() -> dict[str, set[str]]:
         rel = path.relative_to(PACKAGE.parent).with_suffix("")
         module = ".".join(p for p in rel.parts if p != "__init__")
         found: set[str] = set()
-        for node in ast.walk(ast.parse(path.read_text())):
+        tree = ast.parse(path.read_text())
+        skipped = _type_checking_only(tree)
+        for node in ast.walk(tree):
+            if id(node) in skipped:
+                continue
             names: list[str] = []
             if isinstance(node, ast.Import):
                 names = [a.name for a in node.names]

@@ -16,15 +16,12 @@ import dagster as dg
 import duckdb
 import pytest
 
-from posthog_assets.config import REFRESH_MODES
-from posthog_assets.snapshots.insights import (
-    DEFAULT_BLOCKING_PAGE_SIZE,
-    INSIGHTS_TABLE,
-    InsightFetchOptions,
+from posthog_assets.config import DEFAULT_BLOCKING_PAGE_SIZE, REFRESH_MODES, InsightFetchOptions
+from posthog_assets.snapshots.insight_fetcher import (
     InsightSnapshotFetcher,
     InsightSnapshotIncomplete,
-    insights_config_class,
 )
+from posthog_assets.snapshots.insights import INSIGHTS_TABLE, InsightsRunConfig
 from posthog_assets.snapshots.staging import StagedRows
 from posthog_assets_tests.support.resources import with_fields
 from posthog_assets_tests.support.session import TEST_INSIGHTS
@@ -36,7 +33,8 @@ from posthog_assets_tests.support.snapshots import (
     query,
     resources_for,
     scalar,
-    snapshot_settings,
+    snapshot_defs,
+    snapshot_project,
 )
 
 pytestmark = pytest.mark.integration
@@ -466,16 +464,20 @@ def test_short_id_and_basic_filters(
 
 
 def test_launchpad_config_offers_every_refresh_mode_with_its_meaning(
-    posthog_env: dict[str, str], tmp_path: Path
+    posthog_env: dict[str, str], db: Path, posthog_resource: Any
 ) -> None:
-    settings = snapshot_settings(posthog_env, tmp_path, "insights:\n  refresh: lazy_async\n")
-    cls = insights_config_class(settings.projects[0])
-    field = cls.to_config_schema().as_field().config_type.fields["refresh"]
-    choices = {v.config_value for v in field.config_type.enum_values}
+    field = InsightsRunConfig.to_config_schema().as_field().config_type.fields["refresh"]
+    choices = {v.config_value for v in field.config_type.inner_type.enum_values}
     assert choices == set(REFRESH_MODES)
-    assert field.default_value == "lazy_async"
     for mode in REFRESH_MODES:
         assert f"{mode}:" in field.description
+    # left empty, a run takes the project's mode; given, the run's
+    defs = snapshot_defs(snapshot_project(posthog_env, insights={"refresh": "force_cache"}))
+    resources = resources_for(posthog_resource, db)
+    result = materialize_insights(defs, resources, basic=True, page_size=500)
+    assert materialization_metadata(result, "insights")["refresh"] == "force_cache"
+    result = materialize_insights(defs, resources, refresh="lazy_async", basic=True, page_size=500)
+    assert materialization_metadata(result, "insights")["refresh"] == "lazy_async"
 
 
 def test_older_tables_keep_their_rows_new_columns_and_the_renamed_date(
@@ -505,7 +507,7 @@ def test_older_tables_keep_their_rows_new_columns_and_the_renamed_date(
             "WHERE table_name = 'insights' ORDER BY ordinal_position",
         )
     ]
-    assert set(cols) == set(INSIGHTS_TABLE.columns)
+    assert set(cols) == set(INSIGHTS_TABLE.types)
     old = query(db, "SELECT id, name FROM insights WHERE snapshot_date = '2026-01-02'")
     assert old == [(7, "old")]
     assert scalar(db, "SELECT count(*) FROM insights") == TEST_INSIGHTS + 1

@@ -12,8 +12,8 @@ import dagster as dg
 import pytest
 from dagster._core.storage.dagster_run import DagsterRun, DagsterRunStatus
 
-from posthog_assets.executor import DEFAULT_EXECUTOR
 from posthog_assets.pools import DUCKDB_POOL, apply_pool_limits
+from posthog_project.executor import DEFAULT_EXECUTOR
 
 pytestmark = pytest.mark.integration
 

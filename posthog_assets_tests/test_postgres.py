@@ -33,7 +33,7 @@ DEPLOY_CONFIG = ROOT / "deploy" / "dagster.yaml"
 #: the Postgres storage once: a fresh interpreter per step spends 5-20 s on imports on two busy
 #: cores (dagster_postgres alone pulls in 450 modules).
 PRELOAD_MODULES = [
-    "posthog_assets.definitions",
+    "posthog_project.definitions",
     "posthog_assets_tests.support.dagster_dev",
     "dagster_postgres",
     "psycopg2",

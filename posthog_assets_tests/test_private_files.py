@@ -58,10 +58,10 @@ from posthog_assets_tests.support.exports import (
     FAST_RETRY,
     PNG,
     export_posts,
-    make_project,
     part_files,
     resources,
 )
+from posthog_assets_tests.support.projects import python_project
 from posthog_assets_tests.support.redis import RedisServer
 from posthog_assets_tests.support.snapshots import defs_assets, resources_for
 
@@ -425,7 +425,7 @@ def _request() -> ExportRequest:
 
 
 def _export_assets() -> list[dg.AssetsDefinition]:
-    project = make_project({"name": "weekly_png", "insight": 1, "export_format": PNG})
+    project = python_project({"name": "weekly_png", "insight": 1, "format": PNG})
     return build_posthog_export_assets(project=project, retry_policy=FAST_RETRY)
 
 
@@ -441,7 +441,7 @@ def test_export_files_markers_and_the_log_database_are_private(
 ) -> None:
     assets = _export_assets()
     log = build_posthog_exports_log_asset(
-        project=make_project({"name": "weekly_png", "insight": 1, "export_format": PNG}),
+        project=python_project({"name": "weekly_png", "insight": 1, "format": PNG}),
         export_keys=[k for a in assets for k in a.keys],
     )
     result = dg.materialize([*assets, log], resources=resources(posthog_resource, tmp_path))

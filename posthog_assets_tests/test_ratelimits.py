@@ -48,7 +48,6 @@ from posthog_assets.api.ratelimit import (
     throttle_class,
 )
 from posthog_assets.resources import PostHogResource
-from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.support.dagster_dev import free_port
 from posthog_assets_tests.support.redis import RedisServer
 from posthog_assets_tests.support.reliability import (
@@ -59,11 +58,11 @@ from posthog_assets_tests.support.reliability import (
     failure_texts,
     fast_resource,
     shared_reference,
-    standin_env,
     table_rows,
     wait_violations,
 )
 from posthog_assets_tests.support.resources import make_resource
+from posthog_standin.server import StandinControl, StandinProcess
 
 pytestmark = pytest.mark.integration
 
@@ -100,7 +99,7 @@ def test_full_snapshot_completes_under_real_sliding_windows(
     default, insights = LOOSE_LIMITS if paced else TIGHT_LIMITS
     overrides = {"burst": default, "clickhouse_burst": insights}
     control.configure(rate_limits=True, rate_limit_overrides=overrides)
-    world = build_world(standin_env(standin, tmp_path), tmp_path)
+    world = build_world(tmp_path)
     resource = fast_resource(
         standin,
         world.export_dir,
@@ -380,9 +379,9 @@ def test_routes_count_against_posthogs_throttle_classes() -> None:
 
 
 def test_bad_rate_settings_are_refused_naming_the_field(standin: StandinProcess) -> None:
-    resource = fast_resource(standin, Path("unused"), insight_rate_limits=["lots/minute"])
+    """Where the resource is written (the definitions load), before any run."""
     with pytest.raises(ValueError, match="insight_rate_limits"):
-        resource.validate_settings()
+        fast_resource(standin, Path("unused"), insight_rate_limits=["lots/minute"])
 
 
 # ------------------------------------------------------------------------------------------------
@@ -682,10 +681,11 @@ def test_the_redis_url_is_secret_checked_and_the_env_decides(
     assert gate(rate_limit_url="unix:///run/redis.sock").where == "unix:///run/redis.sock"
 
     resource = PostHogResource(host=REDIS_HOST, project_id="1", personal_api_key=REDIS_KEY,
-                               rate_limit_url="http://:pw@cache:6379/0")  # fmt: skip
+                               rate_limit_url="redis://:pw@cache:6379/0")  # fmt: skip
     assert "pw@cache" not in repr(resource)
-    with pytest.raises(ValueError, match="rate_limit_url") as err:
-        resource.validate_settings()
+    with pytest.raises(ValueError, match="rate_limit_url") as err:  # refused where written
+        PostHogResource(host=REDIS_HOST, project_id="1", personal_api_key=REDIS_KEY,
+                        rate_limit_url="http://:pw@cache:6379/0")  # fmt: skip
     assert "pw@cache" not in str(err.value)
     monkeypatch.setenv(ENV_RATE_LIMIT_URL, "cache:6379")
     with pytest.raises(ValueError, match=r"\$POSTHOG_ASSETS_RATE_LIMIT_URL"):

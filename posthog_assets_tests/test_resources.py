@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -10,8 +11,8 @@ import dagster as dg
 import pytest
 
 from posthog_assets.resources import PostHogResource
-from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets_tests.support.resources import make_resource, with_fields
+from posthog_standin.server import StandinControl, StandinProcess
 
 pytestmark = pytest.mark.integration
 
@@ -24,25 +25,79 @@ def _probe_asset() -> dg.AssetsDefinition:
     return probe
 
 
-@pytest.mark.parametrize(
-    ("overrides", "fragment"),
-    [
-        ({"host": "http://posthog.example.com"}, "host must use https"),
-        ({"host": "posthog.example.com"}, "host must be an absolute URL"),
-        ({"project_id": "production"}, "project_id must be an integer or '@current'"),
-        ({"personal_api_key": "  "}, "personal_api_key is empty"),
-        ({"api_prefix": "v2"}, "api_prefix must be"),
-        ({"poll_timeout_s": -1}, "poll_timeout_s must be greater than 0"),
-    ],
-)
-def test_bad_resource_config_fails_at_launch_before_any_request(
-    standin: StandinProcess, control: StandinControl, overrides: dict, fragment: str
+BAD_SETTINGS = [
+    ("host", "http://posthog.example.com", "host must use https"),
+    ("host", "posthog.example.com", "host must be an absolute URL"),
+    ("project_id", "production", "project_id must be an integer or '@current'"),
+    ("api_prefix", "v2", "api_prefix must be"),
+    ("poll_timeout_s", -1, "poll_timeout_s must be greater than 0"),
+]
+
+
+@pytest.mark.parametrize(("field", "value", "fragment"), BAD_SETTINGS)
+def test_bad_resource_config_written_in_the_definitions_fails_where_it_is_written(
+    standin: StandinProcess, field: str, value: Any, fragment: str
 ) -> None:
-    resource = make_resource(standin, "exports", **overrides)
+    """A literal setting is checked when the resource is built (the definitions load)."""
+    with pytest.raises(ValueError, match=re.escape(fragment)):
+        make_resource(standin, "exports", **{field: value})
+
+
+ENV_LAUNCH, RUN_CONFIG_LAUNCH = "environment", "run_config"
+LAUNCH_CASES = [
+    pytest.param(ENV_LAUNCH, "host", "http://posthog.example.com", "host must use https"),
+    pytest.param(ENV_LAUNCH, "host", "posthog.example.com", "host must be an absolute URL"),
+    pytest.param(ENV_LAUNCH, "project_id", "production", "project_id must be an integer"),
+    pytest.param(ENV_LAUNCH, "personal_api_key", "  ", "personal_api_key is empty"),
+    pytest.param(
+        ENV_LAUNCH,
+        "api_prefix",
+        "v2",
+        "api_prefix must be",
+    ),
+    pytest.param(RUN_CONFIG_LAUNCH, "project_id", "production", "project_id must be an integer"),
+    pytest.param(RUN_CONFIG_LAUNCH, "api_prefix", "v2", "api_prefix must be"),
+    pytest.param(RUN_CONFIG_LAUNCH, "poll_timeout_s", -1, "poll_timeout_s must be greater than 0"),
+    pytest.param(RUN_CONFIG_LAUNCH, "personal_api_key", "  ", "personal_api_key is empty"),
+]
+
+
+@pytest.mark.parametrize(("given_by", "field", "value", "fragment"), LAUNCH_CASES)
+def test_bad_resource_config_given_at_launch_fails_before_any_request(
+    standin: StandinProcess,
+    control: StandinControl,
+    monkeypatch: pytest.MonkeyPatch,
+    given_by: str,
+    field: str,
+    value: Any,
+    fragment: str,
+) -> None:
+    """A value read when the run starts (an env var, the launchpad's run config) is checked then,
+    before the first request."""
+    run_config: dict[str, Any] = {}
+    if given_by == ENV_LAUNCH:
+        monkeypatch.setenv("POSTHOG_TEST_SETTING", value)
+        resource = make_resource(standin, "exports", **{field: dg.EnvVar("POSTHOG_TEST_SETTING")})
+    else:
+        resource = make_resource(standin, "exports")
+        required = {"host": standin.url, "project_id": "1", "personal_api_key": "********"}
+        run_config = {"resources": {"posthog": {"config": {**required, field: value}}}}
     with pytest.raises(Exception) as err:
-        dg.materialize([_probe_asset()], resources={"posthog": resource})
+        dg.materialize([_probe_asset()], resources={"posthog": resource}, run_config=run_config)
     assert fragment in str(err.value) or fragment in str(err.value.__cause__)
     assert [r for r in control.requests_log() if "/api/" in r["path"]] == []
+
+
+def test_a_bad_value_from_the_environment_names_the_variable(
+    standin: StandinProcess, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """As the plain YAML route once said "POSTHOG_HOST must use https": the person fixes the
+    variable, not the definitions."""
+    monkeypatch.setenv("POSTHOG_TEST_HOST", "http://posthog.example.com")
+    resource = make_resource(standin, "exports", host=dg.EnvVar("POSTHOG_TEST_HOST"))
+    with pytest.raises(Exception) as err:
+        dg.materialize([_probe_asset()], resources={"posthog": resource})
+    assert "POSTHOG_TEST_HOST" in str(err.value) + str(err.value.__cause__)
 
 
 def test_missing_key_env_var_names_the_variable(
@@ -220,7 +275,7 @@ def test_projects_prefix_by_default_and_the_deprecated_one_warns_once_per_run(
 
 
 def test_plain_http_to_a_private_host_needs_the_attribute_and_warns_once_per_run(
-    posthog_resource: PostHogResource,
+    posthog_resource: PostHogResource, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """A self-hosted PostHog on a private network over http: refused unless allowed; allowed,
     a run says once that the key crosses the network in clear."""
@@ -233,12 +288,16 @@ def test_plain_http_to_a_private_host_needs_the_attribute_and_warns_once_per_run
     def second(posthog: PostHogResource) -> None:
         pass
 
-    private = with_fields(posthog_resource, host="http://10.255.0.1:8000")
-    with pytest.raises(Exception) as err:
-        dg.materialize([first, second], resources={"posthog": private})
+    private = "http://10.255.0.1:8000"
+    with pytest.raises(ValueError, match="allow_insecure_http"):  # where it is written
+        with_fields(posthog_resource, host=private)
+    monkeypatch.setenv("POSTHOG_TEST_HOST", private)
+    from_env = with_fields(posthog_resource, host=dg.EnvVar("POSTHOG_TEST_HOST"))
+    with pytest.raises(Exception) as err:  # read when the run starts
+        dg.materialize([first, second], resources={"posthog": from_env})
     assert "allow_insecure_http" in str(err.value) + str(err.value.__cause__)
 
-    allowed = with_fields(private, allow_insecure_http=True)
+    allowed = with_fields(posthog_resource, host=private, allow_insecure_http=True)
     with dg.instance_for_test() as instance:
         result = dg.materialize([first, second], resources={"posthog": allowed}, instance=instance)
         assert result.success

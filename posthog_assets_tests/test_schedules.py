@@ -9,29 +9,16 @@ from typing import Any
 import dagster as dg
 import pytest
 
-from posthog_assets.build import build_definitions_from_settings
-from posthog_assets.schedules import GROUPS_SCHEDULE_CRON, INSIGHTS_SCHEDULE_CRON
-from posthog_assets_tests.support.snapshots import snapshot_settings
+from posthog_assets.build import build_project_definitions
+from posthog_assets.config import GROUPS_SCHEDULE_CRON, INSIGHTS_SCHEDULE_CRON
+from posthog_assets_tests.support.snapshots import snapshot_project
 
 pytestmark = pytest.mark.integration
 
-MULTI_PROJECT_YAML = """
-projects:
-  - name: prod
-    host: "{url}"
-    project_id: {pid}
-    groups: {{tracked: [{{group_type_index: 0, group_key: organization-1}}]}}
-  - name: staging
-    host: "{url}"
-    project_id: {staging}
-    groups: {{enabled: false}}
-"""
-
 
 @pytest.fixture
-def defs(posthog_env: dict[str, str], tmp_path: Path) -> dg.Definitions:
-    settings = snapshot_settings(posthog_env, tmp_path)
-    return build_definitions_from_settings(settings)
+def defs(posthog_env: dict[str, str]) -> dg.Definitions:
+    return build_project_definitions(snapshot_project(posthog_env))
 
 
 def test_both_schedules_exist_and_are_stopped_by_default(defs: dg.Definitions) -> None:
@@ -70,11 +57,23 @@ def test_groups_job_selects_every_group_asset_and_its_checks(defs: dg.Definition
 def test_one_job_and_schedule_per_project(
     posthog_env: dict[str, str], tmp_path: Path, standin: Any
 ) -> None:
-    yaml_text = MULTI_PROJECT_YAML.format(
-        url=standin.url, pid=standin.project_id, staging=standin.project_id + 1
+    defs = dg.Definitions.merge(
+        build_project_definitions(
+            snapshot_project(
+                posthog_env,
+                name="prod",
+                groups={"tracked": [{"group_type_index": 0, "group_key": "organization-1"}]},
+            )
+        ),
+        build_project_definitions(
+            snapshot_project(
+                posthog_env,
+                name="staging",
+                project_id=standin.project_id + 1,
+                groups={"enabled": False},
+            )
+        ),
     )
-    settings = snapshot_settings(posthog_env, tmp_path, yaml_text)
-    defs = build_definitions_from_settings(settings)
     names = {s.name for s in defs.schedules or []}
     assert names == {
         "posthog_prod_insights_snapshot_daily",
@@ -92,9 +91,11 @@ def test_building_the_definitions_makes_no_http_call(
     posthog_env: dict[str, str], control: Any, tmp_path: Path
 ) -> None:
     control.clear_requests_log()
-    yaml_text = "groups:\n  tracked: [{group_type_index: 0, group_key: x}]\n"
-    settings = snapshot_settings(posthog_env, tmp_path, yaml_text)
-    defs = build_definitions_from_settings(settings)
+    defs = build_project_definitions(
+        snapshot_project(
+            posthog_env, groups={"tracked": [{"group_type_index": 0, "group_key": "x"}]}
+        )
+    )
     repo = defs.get_repository_def()
     assert len(repo.asset_graph.get_all_asset_keys()) == 11  # insights + 5 tidy tables + groups
     assert control.requests_log() == []

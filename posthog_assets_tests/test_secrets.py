@@ -24,9 +24,8 @@ import dagster as dg
 import pytest
 import requests
 
-from posthog_assets.standin.server import StandinControl, StandinProcess
+from posthog_assets_tests.support.config_file import write_config_file
 from posthog_assets_tests.support.reliability import (
-    WORLD_YAML,
     all_files,
     api_requests,
     assert_export_folder,
@@ -34,9 +33,11 @@ from posthog_assets_tests.support.reliability import (
     failure_texts,
     fast_resource,
     materialized,
-    standin_env,
     warm_python,
+    world_document,
 )
+from posthog_assets_tests.support.session import standin_env
+from posthog_standin.server import StandinControl, StandinProcess
 
 # With the other users of the shipped state (one file in the repository): see test_defs.py.
 pytestmark = [pytest.mark.system, pytest.mark.xdist_group("dagster_dev")]
@@ -52,7 +53,7 @@ NEEDLES = [k.encode() for k in (SECRET_KEY, LIMITED_KEY)] + [
 RUNNER = r"""
 import json, os, sys
 import dagster as dg
-from posthog_assets.definitions import ALL_ASSETS_JOB, defs
+from posthog_project.definitions import ALL_ASSETS_JOB, defs
 
 job = defs.resolve_job_def(ALL_ASSETS_JOB)
 out = []
@@ -83,7 +84,7 @@ defs = dg.Definitions(
     )}},
 )
 """
-REAL_DEFS = 'import runpy\n\ndefs = runpy.run_module("posthog_assets.definitions")["defs"]\n'
+REAL_DEFS = 'import runpy\n\ndefs = runpy.run_module("posthog_project.definitions")["defs"]\n'
 RESOURCE_QUERY = """
 query Resource($selector: ResourceSelector!) {
   topLevelResourceDetailsOrError(resourceSelector: $selector) {
@@ -122,7 +123,7 @@ def secret_runs(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactor
     home = root / "dagster_home"
     home.mkdir()
     (home / "dagster.yaml").write_text("telemetry:\n  enabled: false\n")
-    (root / "posthog_assets.yaml").write_text(WORLD_YAML)
+    config = write_config_file(root / "posthog_assets.yaml", world_document(root))
     control = standin.control
     control.reset()
     control.add_key(SECRET_KEY, scopes=["*"])
@@ -131,7 +132,7 @@ def secret_runs(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactor
     env = {
         **os.environ,
         **standin_env(standin, root),
-        "POSTHOG_ASSETS_CONFIG": str(root / "posthog_assets.yaml"),
+        "POSTHOG_ASSETS_CONFIG": str(config),
         "POSTHOG_ASSETS_RATE_LIMIT_DIR": str(root / "gates"),
         "DAGSTER_HOME": str(home),
     }
@@ -240,11 +241,12 @@ def test_hostile_server_filename_stays_inside_the_asset_folder(
     """PostHog's ``filename`` comes from the server; it must never choose where bytes land."""
     tag = secrets.token_hex(4)
     name = hostile.format(tag=tag, root=tmp_path)
-    yaml_text = (
-        "exports:\n  - {name: chart_png, insight: 1, export_format: image/png}\n"
-        "insights: {enabled: false}\ngroups: {enabled: false}\n"
-    )
-    world = build_world(standin_env(standin, tmp_path), tmp_path, yaml_text=yaml_text)
+    attributes = {
+        "exports": [{"insight": 1, "format": "image/png", "name": "chart_png"}],
+        "insights": {"enabled": False},
+        "groups": {"enabled": False},
+    }
+    world = build_world(tmp_path, attributes=attributes)
     # The stand-in numbers exports in order: create one to learn the id the run will get.
     headers = {"Authorization": f"Bearer {standin.key}"}
     exports_url = f"{standin.url}/api/projects/{standin.project_id}/exports/"

@@ -83,7 +83,8 @@ def test_duplicate_snapshot_id_rows_fail_the_duplicates_check(
     results = _run_checks_only(defs, resources, "insights")
     check = results["insights_no_duplicates"]
     today = dt.datetime.now(dt.UTC).date().isoformat()
-    assert not check.passed and f"({today}, " in check.description
+    assert not check.passed and f"snapshot of {today}" in check.description
+    assert " x2" in check.description
     assert results["insights_not_empty"].passed
 
 

@@ -29,16 +29,16 @@ import psutil
 import pytest
 import requests
 
-from posthog_assets.standin.__main__ import parse_args
-from posthog_assets.standin.control import host_name
-from posthog_assets.standin.server import (
+from posthog_assets_tests.support import openapi as openapi_contract
+from posthog_assets_tests.support.standin import Api, export_source, poll_until
+from posthog_standin.__main__ import parse_args
+from posthog_standin.control import host_name
+from posthog_standin.server import (
     CONTROL_TOKEN_HEADER,
     StandinControl,
     StandinError,
     StandinProcess,
 )
-from posthog_assets_tests.support import openapi as openapi_contract
-from posthog_assets_tests.support.standin import Api, export_source, poll_until
 
 pytestmark = pytest.mark.integration
 
@@ -80,8 +80,8 @@ def _error(response: requests.Response) -> dict[str, Any]:
 def test_standin_imports_no_dagster() -> None:
     """The stand-in is a separate house: importing it must not pull in Dagster."""
     code = (
-        "import sys, posthog_assets.standin.app, posthog_assets.standin.server, "
-        "posthog_assets.standin.__main__; "
+        "import sys, posthog_standin.app, posthog_standin.server, "
+        "posthog_standin.__main__; "
         "bad = [m for m in sys.modules if m == 'dagster' or m.startswith('dagster.')]; "
         "assert not bad, bad"
     )
@@ -89,7 +89,7 @@ def test_standin_imports_no_dagster() -> None:
 
 
 def test_cli_prints_ready_line_and_exits_cleanly_on_sigint() -> None:
-    cmd = [sys.executable, "-m", "posthog_assets.standin", "--port", "0", "--key", "phx_cli"]
+    cmd = [sys.executable, "-m", "posthog_standin", "--port", "0", "--key", "phx_cli"]
     proc = subprocess.Popen(
         [*cmd, "--control-token", "fixed-token"],
         stdout=subprocess.PIPE,
@@ -1319,7 +1319,7 @@ FUNNEL_CSV_HEADER = (
 @pytest.mark.unit
 def test_every_insight_kind_is_among_the_first_40() -> None:
     """The demo seeds 40 insights: each kind must be there, and indexes 0-9 keep their kinds."""
-    from posthog_assets.standin.seed import INSIGHT_KIND_RULES, Insight, Seed
+    from posthog_standin.seed import INSIGHT_KIND_RULES, Insight, Seed
 
     seed = Seed(seed=7, project_id=1, insights=40, dashboards=3, group_types=2, groups=10)
     kinds = [Insight(seed.main, i).kind for i in range(40)]

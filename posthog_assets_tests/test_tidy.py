@@ -13,11 +13,11 @@ import dagster as dg
 import pytest
 
 from posthog_assets.api.client import PostHogClient
+from posthog_assets.config import CSV
 from posthog_assets.exports.definitions import build_posthog_export_definitions
 from posthog_assets.snapshots.results import EMPTY_RESULT, TIDY_TABLES, UNFLATTENED_DISPLAYS
-from posthog_assets.standin.server import StandinControl, StandinProcess
-from posthog_assets_tests.support.exports import CSV, make_project, resources
-from posthog_assets_tests.support.exports import materialization_metadata as export_metadata
+from posthog_assets_tests.support.projects import python_project
+from posthog_assets_tests.support.reliability import materialized
 from posthog_assets_tests.support.resources import make_resource
 from posthog_assets_tests.support.session import TEST_INSIGHTS, TEST_RETRY, standin_env
 from posthog_assets_tests.support.snapshots import (
@@ -27,8 +27,9 @@ from posthog_assets_tests.support.snapshots import (
     query,
     resources_for,
     snapshot_defs,
-    snapshot_settings,
+    snapshot_project,
 )
+from posthog_standin.server import StandinControl, StandinProcess
 
 pytestmark = pytest.mark.integration
 
@@ -81,7 +82,7 @@ def tidy_run(standin: StandinProcess, tmp_path_factory: pytest.TempPathFactory) 
         for name, value in env.items():
             mp.setenv(name, value)
         db = Path(env["POSTHOG_ASSETS_DUCKDB"])
-        defs = snapshot_defs(snapshot_settings(env, root))
+        defs = snapshot_defs(snapshot_project(env))
         resources = resources_for(make_resource(standin, root / "exports"), db)
         result = materialize_insights(defs, resources)
     client = PostHogClient(standin.url, standin.project_id, standin.key, retry=TEST_RETRY)
@@ -147,7 +148,9 @@ def test_every_insight_is_flattened_or_counted_with_its_reason(tidy_run: TidyRun
             tidy_run.db, f"SELECT count(*) FROM {table} WHERE snapshot_date = ?", [_today()]
         )
         assert tidy["dagster/row_count"] == meta["rows_by_table"][table] == counted[0][0] > 0
-        schema = tidy["dagster/column_schema"]
+        # The column schema is the asset's (its definition), shown by the UI for every run.
+        node = tidy_run.result.job_def.asset_layer.asset_graph.get(dg.AssetKey(["posthog", table]))
+        schema = node.metadata["dagster/column_schema"]
         assert [c.name for c in schema.columns][:5] == [
             "project_id",
             "snapshot_date",
@@ -188,13 +191,15 @@ def test_a_csv_export_of_a_truncated_sql_insight_has_every_row(
 ) -> None:
     """What the README tells a user to do for every row: export the insight as CSV (PostHog
     runs its source again under the export's row limit)."""
-    project = make_project({"name": "all_rows", "insight": KIND_IDS["sql_truncated"],
-                            "export_format": CSV})  # fmt: skip
+    project = python_project({"name": "all_rows", "insight": KIND_IDS["sql_truncated"],
+                              "format": CSV})  # fmt: skip
     defs = build_posthog_export_definitions([project])
     result = dg.materialize(
-        list(defs.assets or []), resources=resources(posthog_resource, tmp_path)
+        list(defs.assets or []),
+        resources=resources_for(posthog_resource, tmp_path / "posthog.duckdb"),
     )
-    md = export_metadata(result, dg.AssetKey(["posthog", "exports", "all_rows"]))
+    assert result.success
+    md = materialized(result)["all_rows"]
     lines = Path(md["path"]).read_text().splitlines()
     assert lines[0] == "distinct_id,events" and len(lines) - 1 == 250 == md["dagster/row_count"]
 

@@ -4,7 +4,7 @@ shared ``dg dev`` + daemon and the session's PostHog stand-in.
 Each test does in the browser what a person does (open the graph, click Materialize, open the
 launchpad, edit the YAML, read the metadata) and uses GraphQL only to wait for runs and to check
 what the UI cannot show reliably. Screenshots of every step land in ``test-artifacts/``.
-Names (asset keys, schedules, sensors) come from ``posthog_assets.definitions``.
+Names (asset keys, schedules, sensors) come from ``posthog_project.definitions``.
 """
 
 from __future__ import annotations
@@ -21,8 +21,8 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from posthog_assets.config import REFRESH_MODES
 from posthog_assets.snapshots.results import TIDY_TABLES
-from posthog_assets.standin.server import StandinControl
-from posthog_assets.translator import EXPORTS_GROUP, GROUPS_GROUP, INSIGHTS_GROUP
+from posthog_assets.tables import EXPORTS_GROUP, GROUPS_GROUP, INSIGHTS_GROUP
+from posthog_standin.server import StandinControl
 
 pytestmark = [pytest.mark.system, pytest.mark.xdist_group("dagster_dev")]
 
@@ -198,13 +198,19 @@ def test_launchpad_runs_the_insights_snapshot_with_another_refresh_mode(
     shot(page, "07a-launchpad-additional-assets")
     notice.get_by_role("button").filter(has_not_text="Cancel").last.click()
     dialog = page.get_by_role("dialog")
-    line = dialog.locator(".CodeMirror-line").filter(has_text=f"refresh: {default_mode}")
+    # Nothing of the snapshot is pre-filled: an empty field keeps the project's setting
+    # (defs.yaml's refresh mode), so a run launched as is takes that one.
+    line = dialog.locator(".CodeMirror-line").filter(has_text=re.compile(r"^ops: \{\}$"))
     expect(line).to_have_count(1)
+    assert not dialog.locator(".CodeMirror-line").filter(has_text="refresh:").count()
     shot(page, "07-launchpad")
-    # Edit the YAML as a person does: select the mode's word, type another one.
-    line.locator("span", has_text=default_mode).last.dblclick()
-    page.keyboard.type(mode)
-    expect(dialog.locator(".CodeMirror-line").filter(has_text=mode)).to_have_count(1)
+    # Edit the YAML as a person does: replace the line with the op's config, another mode.
+    op = load_defs().resolve_assets_def(key).node_def.name
+    line.click()
+    page.keyboard.press("End")
+    page.keyboard.press("Shift+Home")
+    page.keyboard.insert_text(f"ops: {{{op}: {{config: {{refresh: {mode}}}}}}}")
+    expect(dialog.locator(".CodeMirror-line").filter(has_text=f"refresh: {mode}")).to_have_count(1)
     shot(page, "08-launchpad-edited")
     dialog.locator("button:enabled").filter(has_text="Materialize").last.click()
     page.wait_for_url(re.compile(r"/runs/[0-9a-f-]{36}"))
@@ -247,5 +253,5 @@ def test_schedules_and_sensors_are_listed(page: Page, dagster_ui: DagsterDevUI) 
 
 def _shipped_insights_config() -> dict[str, Any]:
     """The insights snapshot of the shipped ``defs.yaml``, as the UI's launchpad pre-fills it."""
-    text = (ROOT / "posthog_assets" / "defs" / "posthog" / "defs.yaml").read_text()
+    text = (ROOT / "posthog_project" / "defs" / "posthog" / "defs.yaml").read_text()
     return yaml.safe_load(text)["attributes"]["insights"]

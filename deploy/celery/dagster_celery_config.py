@@ -15,7 +15,7 @@ result_backend = os.environ["DAGSTER_CELERY_BACKEND_URL"]
 worker_prefetch_multiplier = 1
 worker_disable_prefetch = True
 # The result records the worker that started the step; the run worker pings it and fails the
-# step when it stays silent (posthog_assets/executor.py, `lost_worker_timeout`).
+# step when it stays silent (posthog_project/executor.py, `lost_worker_timeout`).
 task_track_started = True
 # Acknowledge on start (Celery's default), not on completion: with acks_late the message of a
 # step whose worker died would come back after the broker's visibility timeout (1 h) and run the

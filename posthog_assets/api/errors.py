@@ -14,9 +14,16 @@ _SCOPE_RE = re.compile(r"scope '([a-z_]+:(?:read|write))'")
 
 
 class PostHogError(Exception):
-    """Base class: an HTTP call to PostHog did not give what was asked for."""
+    """Base class: an HTTP call to PostHog did not give what was asked for.
+
+    ``retry_after`` (seconds) and ``retry_at`` (epoch seconds) say when PostHog asked to be called
+    again, if it did; ``export_id`` names the PostHog export an export run had made, if any.
+    """
 
     retryable: bool = False
+    retry_after: float | None = None
+    retry_at: float | None = None
+    export_id: int | None = None
 
     def __init__(
         self,
@@ -28,6 +35,9 @@ class PostHogError(Exception):
         attr: str | None = None,
         method: str | None = None,
         path: str | None = None,
+        retry_after: float | None = None,
+        retry_at: float | None = None,
+        export_id: int | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -36,6 +46,9 @@ class PostHogError(Exception):
         self.attr = attr
         self.method = method
         self.path = path
+        self.retry_after = retry_after
+        self.retry_at = retry_at
+        self.export_id = export_id
 
 
 class PostHogAuthError(PostHogError):
@@ -68,20 +81,16 @@ class PostHogRateLimitError(PostHogError):
 
     retryable = True
 
-    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
+    def __init__(self, message: str, **kw: object) -> None:
         super().__init__(message, **kw)  # type: ignore[arg-type]
-        self.retry_after = retry_after
-        self.retry_at = time.time() + retry_after if retry_after is not None else None
+        if self.retry_at is None and self.retry_after is not None:
+            self.retry_at = time.time() + self.retry_after
 
 
 class PostHogServerError(PostHogError):
     """5xx: PostHog (or something in front of it) failed; worth another try."""
 
     retryable = True
-
-    def __init__(self, message: str, *, retry_after: float | None = None, **kw: object) -> None:
-        super().__init__(message, **kw)  # type: ignore[arg-type]
-        self.retry_after = retry_after
 
 
 class PostHogConnectionError(PostHogError):

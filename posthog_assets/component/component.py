@@ -3,16 +3,26 @@
 A state-backed component: what it must know about the project (its insights and dashboards, to
 resolve export selections) is fetched by ``dg utils refresh-defs-state`` and stored; loading the
 definitions reads only that, so a reload makes no API call and works with PostHog unreachable.
-When the state is missing, a ``dg`` command (development) fetches it once; anywhere else the load
-fails saying which command to run.
+When a selection needs the state and it is missing, a ``dg`` command (development) fetches it
+once; anywhere else the load fails saying which command to run. Selections by id need no state.
+
+``project:`` is the project's :class:`PostHogResource`: every resource setting can be written
+there. A setting written as ``{{ env.NAME }}`` (or ``{{ env('NAME') }}``, with or without a
+default) stays a ``dg.EnvVar``: read where it is used (a run, the state refresh) and named in every
+message about it; the UI and run storage see the variable's name, never its value. A secret
+written literally is refused. Sections are validated by their own resolvers rather than by the
+schema check, so an error names the entry, the field and the reason.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import os
 import re
-from collections.abc import Callable
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Any
@@ -33,23 +43,15 @@ from dagster.components.resolved.errors import ResolutionException
 from dagster.components.scaffold.scaffold import scaffold_with
 from dagster.components.utils.translation import TranslationFnResolver
 from dagster_shared.serdes.objects.models.defs_state_info import DefsStateManagementType
-from pydantic import (
-    BaseModel,
-    ConfigDict,
-    Field,
-    TypeAdapter,
-    ValidationError,
-    field_validator,
-    model_validator,
-)
+from pydantic import Field, TypeAdapter, ValidationError
 
-from posthog_assets.api.client import PostHogClient
 from posthog_assets.api.errors import PostHogError
-from posthog_assets.build import build_posthog_assets_definitions
+from posthog_assets.build import build_project_definitions
 from posthog_assets.component.scaffolder import PostHogProjectScaffolder
 from posthog_assets.component.selection import (
     ExportSelection,
     SelectionError,
+    needs_state,
     select_exports,
     selected_tags,
 )
@@ -62,56 +64,136 @@ from posthog_assets.component.state import (
 )
 from posthog_assets.config import (
     DEFAULT_DUCKDB_PATH,
-    DEFAULT_EXPORT_DIR,
     DEFAULT_PROJECT_NAME,
     ENV_API_KEY,
     ENV_HOST,
     ENV_PROJECT_ID,
-    ApiPrefixName,
     GroupsConfig,
     InsightsConfig,
-    ProjectConfig,
+    PostHogProject,
     error_lines,
     matching,
     parse_project_id,
     validate_host,
 )
+from posthog_assets.exports.assets import posthog_exports
+from posthog_assets.resources import PostHogResource, resolved_value
 from posthog_assets.translator import (
     DagsterPostHogTranslator,
     PostHogExportProps,
     PostHogSnapshotProps,
 )
 
-PostHogProps = PostHogExportProps | PostHogSnapshotProps
-TranslationFn = Callable[[dg.AssetSpec, PostHogProps], dg.AssetSpec]
-
-
 #: ``{{ env.NAME }}``, ``{{ env('NAME') }}`` or ``{{ env('NAME', 'default') }}``.
 _ENV_TEMPLATE = re.compile(
     r"""^\{\{\s*env(?:\.([A-Za-z_][A-Za-z0-9_]*)|\(\s*['"]([A-Za-z_][A-Za-z0-9_]*)['"]\s*"""
     r"""(?:,\s*(?:'[^']*'|"[^"]*"|None)\s*)?\))\s*\}\}$"""
 )
+#: Read from the environment when left out (the resource's ``host`` and ``project_id``).
+_ENV_DEFAULTS = {"host": ENV_HOST, "project_id": ENV_PROJECT_ID}
+#: Settings that stay a reference to their variable (read when a run starts); others written
+#: as a template are rendered when the definitions load, as Dagster renders them.
+_BY_REFERENCE = frozenset({"host", "project_id", "personal_api_key", "rate_limit_url"})
 LITERAL_KEY_REFUSED = (
     "project.personal_api_key must name the environment variable that holds the key, as "
     "'{{ env.POSTHOG_PERSONAL_API_KEY }}' (or {{ env('NAME') }}): a key written in defs.yaml "
     "would be stored in clear in Dagster's run storage with every run, and templates that "
     "transform the value cannot stay a reference to the variable. The value is not shown."
 )
+LITERAL_REDIS_PASSWORD_REFUSED = (
+    "project.rate_limit_url holds a password: write it as '{{ env.POSTHOG_ASSETS_RATE_LIMIT_URL "
+    "}}' (a password in defs.yaml would be stored in clear in run storage). The value is not shown."
+)
+
+
+@dataclass(frozen=True)
+class ProjectSettings:
+    """``project:`` resolved: the project's name (its keys' prefix) and its resource."""
+
+    name: str
+    resource: PostHogResource
+
+    def current(self, field: str) -> str | None:
+        """A setting's value now: as written, or read from its variable (None when unset)."""
+        value = resolved_value(getattr(self.resource, field))
+        return None if value in (None, "") else str(value)
+
+    def source(self, field: str) -> str:
+        """How a message names a setting: the field, or the variable it is read from."""
+        value = getattr(self.resource, field)
+        if isinstance(value, dg.EnvVar):
+            return f"the environment variable {value.env_var_name} (project.{field})"
+        return f"project.{field}"
 
 
 def env_name(raw: Any) -> str | None:
     """The variable an ``{{ env.NAME }}`` template names, else None."""
-    match = _ENV_TEMPLATE.match(str(raw).strip()) if isinstance(raw, str) else None
+    match = _ENV_TEMPLATE.match(raw.strip()) if isinstance(raw, str) else None
     return (match.group(1) or match.group(2)) if match else None
 
 
-def resolve_setting(context: ResolutionContext, raw: Any) -> Any:
-    """A value, or a ``dg.EnvVar`` for a template naming one environment variable: read where
-    it is used (a run, the state refresh), and named in every message about it."""
-    name = env_name(raw)
-    if name is not None:
-        return dg.EnvVar(name)
-    return context.resolve_value(raw) if isinstance(raw, str) else raw
+def resolve_project(context: ResolutionContext, raw: Any) -> ProjectSettings:
+    """``project:`` as :class:`ProjectSettings`; errors name the field, never a value."""
+    if not isinstance(raw, dict):
+        raise ResolutionException("project must be a mapping (host, project_id, ...)")
+    values = dict(raw)
+    name = str(values.pop("name", DEFAULT_PROJECT_NAME))
+    key_env = values.pop("api_key_env", None)  # the variable, when personal_api_key is left out
+    key_written = "personal_api_key" in values
+    values.setdefault("personal_api_key", "{{ env.%s }}" % (key_env or ENV_API_KEY))
+    unknown = sorted(set(values) - set(PostHogResource.model_fields))
+    if unknown:
+        raise ResolutionException(
+            f"project, field '{unknown[0]}': not a known field (a typo?) (the fields are: "
+            f"name, {', '.join(_resource_fields())})"
+        )
+    fields: dict[str, Any] = {}
+    for field, value in values.items():
+        variable = env_name(value) if field in _BY_REFERENCE else None
+        if variable is not None:
+            if field == "personal_api_key" and key_written and not os.environ.get(variable):
+                raise ResolutionException(
+                    f"project.personal_api_key: environment variable {variable} is not set (it "
+                    "holds the PostHog personal API key)"
+                )
+            fields[field] = dg.EnvVar(variable)
+        elif field == "personal_api_key":
+            raise ResolutionException(LITERAL_KEY_REFUSED)
+        elif field == "rate_limit_url" and isinstance(value, str) and "@" in value:
+            raise ResolutionException(LITERAL_REDIS_PASSWORD_REFUSED)
+        else:
+            fields[field] = context.resolve_value(value) if isinstance(value, str) else value
+    for field, variable in _ENV_DEFAULTS.items():
+        if fields.get(field) in (None, ""):
+            fields[field] = dg.EnvVar(variable)
+    if isinstance(fields.get("project_id"), int):
+        fields["project_id"] = str(fields["project_id"])
+    try:
+        matching(name, r"^[a-z][a-z0-9_]*$", "lower_snake_case")
+    except ValueError as exc:
+        raise ResolutionException(f"project.name {exc}") from None
+    try:
+        return ProjectSettings(name=name, resource=PostHogResource(**fields))
+    except (ValidationError, ValueError, TypeError) as err:
+        shown = {"project": {k: v for k, v in raw.items() if k != "personal_api_key"}}
+        lines = (
+            error_lines(shown, err, ("project",))
+            if isinstance(err, ValidationError)
+            else [f"project.{err}"]
+        )
+        raise ResolutionException(
+            "; ".join(lines) + f" (the fields are: name, {', '.join(_resource_fields())})"
+        ) from None
+
+
+def default_project() -> ProjectSettings:
+    """``project:`` left out: the project named ``default``, everything from the environment
+    (``POSTHOG_HOST``, ``POSTHOG_PROJECT_ID``, ``POSTHOG_PERSONAL_API_KEY``)."""
+    return resolve_project(ResolutionContext.default(), {})
+
+
+def _resource_fields() -> list[str]:
+    return list(PostHogResource.model_fields)
 
 
 def validated(section: str, adapter: TypeAdapter[Any]) -> Callable[[ResolutionContext, Any], Any]:
@@ -129,142 +211,19 @@ def validated(section: str, adapter: TypeAdapter[Any]) -> Callable[[ResolutionCo
     return resolve
 
 
-_SECRET_SETTINGS = ("personal_api_key",)
-_ENV_SETTINGS = ("host", "project_id")
+PostHogProps = PostHogExportProps | PostHogSnapshotProps
+TranslationFn = Callable[[dg.AssetSpec, PostHogProps], dg.AssetSpec]
+logger = logging.getLogger(__name__)
 
-
-def resolve_project(context: ResolutionContext, raw: Any) -> PostHogProjectModel:
-    """``project:``: settings naming an environment variable stay references to it (the key
-    must), the rest is rendered; errors name the field, never a value."""
-    if not isinstance(raw, dict):
-        raise ResolutionException("project must be a mapping (host, project_id, ...)")
-    values: dict[str, Any] = {}
-    from_env: dict[str, dg.EnvVar] = {}
-    for name, value in raw.items():
-        if name in _SECRET_SETTINGS:
-            values[name] = resolve_api_key(context, value)
-        elif name in _ENV_SETTINGS and isinstance(
-            setting := resolve_setting(context, value), dg.EnvVar
-        ):
-            from_env[name] = setting
-        elif name in _ENV_SETTINGS:
-            values[name] = setting
-        else:
-            values[name] = context.resolve_value(value) if isinstance(value, str) else value
-    try:
-        # an EnvVar stays one (validation would make it a plain string): set after the checks
-        return PostHogProjectModel.model_validate(values).model_copy(update=from_env)
-    except ValidationError as err:
-        shown = {"project": {k: v for k, v in raw.items() if k not in _SECRET_SETTINGS}}
-        raise ResolutionException(
-            "; ".join(error_lines(shown, err, ("project",)))
-            + f" (the fields are: {', '.join(PostHogProjectModel.model_fields)})"
-        ) from None
-
-
-def resolve_api_key(context: ResolutionContext, raw: Any) -> str | None:
-    """The name of the environment variable holding the key: it stays a ``dg.EnvVar`` (the UI
-    and run storage see the name, never the value); a literal key is refused."""
-    if raw is None:
-        return None
-    name = env_name(raw)
-    if name is None:
-        raise ResolutionException(LITERAL_KEY_REFUSED)
-    if not os.environ.get(name):
-        raise ResolutionException(
-            f"project.personal_api_key: environment variable {name} is not set (it holds "
-            "the PostHog personal API key)"
-        )
-    return name
-
-
-class PostHogProjectModel(BaseModel):
-    """The project: where it is and how to authenticate."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    name: str = Field(
-        default=DEFAULT_PROJECT_NAME,
-        description="'default' keeps the unprefixed names (posthog/...); any other name gets "
-        "posthog/<name>/... and its own resource, jobs and sensors.",
-    )
-    host: str | None = Field(
-        default=None,
-        description="https://us.posthog.com, https://eu.posthog.com or a self-hosted URL, or "
-        "'{{ env.NAME }}' (read when a run starts or the state is refreshed); unset: "
-        "POSTHOG_HOST.",
-    )
-    project_id: int | str | None = Field(
-        default=None,
-        description="Numeric project id (Settings > Project), or '{{ env.NAME }}'; unset: "
-        "POSTHOG_PROJECT_ID.",
-    )
-    personal_api_key: str | None = Field(
-        default=None,
-        description="The personal API key as '{{ env.POSTHOG_PERSONAL_API_KEY }}': the "
-        "variable must be set when the definitions load, and runs read it then (the UI shows "
-        "its name, never its value); a literal key is refused. Left out: api_key_env.",
-    )
-    api_key_env: str = Field(
-        default=ENV_API_KEY,
-        description="Env var holding the key, when personal_api_key is left out.",
-    )
-    api_prefix: ApiPrefixName = Field(
-        default="projects", description="'projects', or the deprecated 'environments'."
-    )
-    allow_insecure_http: bool = Field(
-        default=False,
-        description="Allow plain http to a self-hosted PostHog inside a private network.",
-    )
-
-    @field_validator("project_id", mode="before")
-    @classmethod
-    def _project_id(cls, value: Any) -> Any:
-        if isinstance(value, dg.EnvVar):
-            return value
-        return None if value in (None, "") else parse_project_id(value)
-
-    @field_validator("host", mode="before")
-    @classmethod
-    def _empty_host(cls, value: Any) -> Any:
-        return None if value == "" else value
-
-    @property
-    def host_env(self) -> str:
-        return self.host.env_var_name if isinstance(self.host, dg.EnvVar) else ENV_HOST
-
-    @property
-    def project_id_env(self) -> str:
-        found = self.project_id
-        return found.env_var_name if isinstance(found, dg.EnvVar) else ENV_PROJECT_ID
-
-    @property
-    def literal_host(self) -> str | None:
-        return None if isinstance(self.host, dg.EnvVar) else self.host
-
-    @property
-    def literal_project_id(self) -> int | str | None:
-        return None if isinstance(self.project_id, dg.EnvVar) else self.project_id
-
-    def current_host(self) -> str | None:
-        """The host now: written in defs.yaml, or read from its variable."""
-        return self.literal_host or os.environ.get(self.host_env) or None
-
-    def current_project_id(self) -> str | None:
-        found = self.literal_project_id or os.environ.get(self.project_id_env)
-        return None if found in (None, "") else str(found)
-
-    @field_validator("name")
-    @classmethod
-    def _name(cls, value: str) -> str:
-        return matching(value, r"^[a-z][a-z0-9_]*$", "lower_snake_case")
+#: Project names taken by the components of the latest loads (one component tree each): a second
+#: component of the same name would share its resource, keys and stored state. Bounded: a
+#: long-running server reloads many times, and component trees cannot be weakly referenced.
+_NAMES: OrderedDict[int, tuple[Any, dict[str, Path]]] = OrderedDict()
+_NAMES_KEPT = 8
 
 
 def _translation_vars(props: PostHogProps) -> dict[str, Any]:
     return {"props": props, "project": props.project}
-
-
-_TRANSLATION_RESOLVER = TranslationFnResolver(template_vars_for_translation_fn=_translation_vars)
 
 
 @scaffold_with(PostHogProjectScaffolder)
@@ -272,25 +231,44 @@ class PostHogProjectComponent(StateBackedComponent, Model, Resolvable):
     """A PostHog project: export assets chosen by selection, the daily insights snapshot, the
     group snapshots, their checks, sensors and schedules.
 
+    Example:
+        .. code-block:: yaml
+
+            type: posthog_assets.PostHogProjectComponent
+            attributes:
+              project:                       # the project's PostHogResource: every field
+                host: https://eu.posthog.com
+                project_id: 12345
+                personal_api_key: "{{ env.POSTHOG_PERSONAL_API_KEY }}"
+              exports:
+                - dashboards: all            # every dashboard, as PNG
+                - insight: 42                # by id: needs no stored state
+                  format: text/csv
+              insights: {refresh: async, schedule: "0 6 * * *"}
+
     Attributes:
-        project: Host, project id, key and API prefix.
+        project: The project's name and its :class:`PostHogResource` (host, project id, key,
+            timeouts, retries, rate limits, export folder).
         exports: What to export, by id, short id, tag, dashboard, name search, favourites, or
             every dashboard, each with a format.
         insights: The insights snapshot (refresh mode, schedule, filters).
         groups: The group snapshots (property values, tracked groups, schedule).
+        duckdb_path: The DuckDB file of the snapshots and the exports log.
         translation: Asset attributes for every asset (``key``, ``group_name``, ``tags``, ...).
     """
 
     project: Annotated[
-        PostHogProjectModel,
+        ProjectSettings,
         dg.Resolver(
             resolve_project,
             model_field_type=dict[str, Any],
             inject_before_resolve=False,
-            description="name, host, project_id, personal_api_key, api_key_env, api_prefix, "
-            "allow_insecure_http.",
+            description="name (default: 'default'), and any PostHogResource field: host, "
+            "project_id, personal_api_key ('{{ env.NAME }}'), api_prefix, allow_insecure_http, "
+            "export_dir, timeouts, retries, rate limits. Left out: everything from "
+            "POSTHOG_HOST, POSTHOG_PROJECT_ID and POSTHOG_PERSONAL_API_KEY.",
         ),
-    ]
+    ] = Field(default_factory=default_project)
     exports: Annotated[
         list[ExportSelection],
         dg.Resolver(
@@ -318,8 +296,13 @@ class PostHogProjectComponent(StateBackedComponent, Model, Resolvable):
         ),
     ] = Field(default_factory=GroupsConfig)
     duckdb_path: str = DEFAULT_DUCKDB_PATH
-    export_dir: str = DEFAULT_EXPORT_DIR
-    translation: Annotated[TranslationFn, _TRANSLATION_RESOLVER] | None = Field(
+    translation: (
+        Annotated[
+            TranslationFn,
+            TranslationFnResolver(template_vars_for_translation_fn=_translation_vars),
+        ]
+        | None
+    ) = Field(
         default=None,
         description="Asset attributes for every asset this component builds (key, group_name, "
         "tags, owners, ...); templates see 'props' and 'project'.",
@@ -332,15 +315,46 @@ class PostHogProjectComponent(StateBackedComponent, Model, Resolvable):
         "only by `dg utils refresh-defs-state` (or once, when missing, by a dg command).",
     )
 
-    @model_validator(mode="after")
-    def _check_host(self) -> PostHogProjectComponent:
-        if self.project.literal_host is not None:
-            validate_host(
-                self.project.literal_host,
-                field_name="project.host",
-                allow_http=self.project.allow_insecure_http,
-            )
-        return self
+    # ---------------------------------------------------------------- hooks
+
+    def get_asset_spec(self, props: PostHogProps) -> dg.AssetSpec:
+        """The spec of every asset this component builds (exports, snapshot tables); checks,
+        jobs and sensors follow the keys it gives. Override to customise in Python, or set
+        ``translation:`` in ``defs.yaml``.
+
+        Example:
+            .. code-block:: python
+
+                class MyPostHog(PostHogProjectComponent):
+                    def get_asset_spec(self, props):
+                        spec = super().get_asset_spec(props)
+                        return spec.replace_attributes(owners=["team:analytics"])
+        """
+        spec = DagsterPostHogTranslator().get_asset_spec(props)
+        return self.translation(spec, props) if self.translation is not None else spec
+
+    def execute(
+        self, context: dg.AssetExecutionContext, posthog: PostHogResource
+    ) -> Iterable[dg.MaterializeResult]:
+        """Runs the export step: every selected export, concurrently. Override to add work
+        before or after, or to post-process what it yields.
+
+        Example:
+            .. code-block:: python
+
+                class MyPostHog(PostHogProjectComponent):
+                    def execute(self, context, posthog):
+                        for result in super().execute(context, posthog):
+                            context.log.info(f"exported {result.asset_key}")
+                            yield result
+        """
+        return posthog_exports(context, posthog)
+
+    @cached_property
+    def translator(self) -> DagsterPostHogTranslator:
+        return _ComponentTranslator(self)
+
+    # ---------------------------------------------------------------- state
 
     @property
     def defs_state_config(self) -> DefsStateConfig:
@@ -348,97 +362,88 @@ class PostHogProjectComponent(StateBackedComponent, Model, Resolvable):
             self.defs_state, default_key=f"PostHogProjectComponent[{self.project.name}]"
         )
 
-    @cached_property
-    def translator(self) -> DagsterPostHogTranslator:
-        if self.translation is None:
-            return DagsterPostHogTranslator()
-        return TranslatedPostHogTranslator(self.translation)
-
-    def client(self) -> PostHogClient:
-        """A client for refreshing the state; what ``project`` leaves out comes from the env."""
-        project = self.project
-        host = project.current_host()
-        project_id = project.current_project_id()
-        key = self.api_key_value()
-        missing = [
-            name
-            for name, value in (
-                (_where("project.host", project.literal_host, project.host_env), host),
-                (
-                    _where(
-                        "project.project_id", project.literal_project_id, project.project_id_env
-                    ),
-                    project_id,
-                ),
-                (f"the environment variable {self.api_key_env} (the personal API key)", key),
-            )
-            if not value
-        ]
-        if missing:
-            raise ValueError(
-                f"cannot read the project's insights and dashboards: {', '.join(missing)} not set"
-            )
-        return PostHogClient(
-            validate_host(str(host), allow_http=project.allow_insecure_http),
-            parse_project_id(project_id),
-            key,
-            api_prefix=project.api_prefix,
-        )
-
-    @property
-    def api_key_env(self) -> str:
-        """The variable the key is read from."""
-        return self.project.personal_api_key or self.project.api_key_env
-
-    def api_key_value(self) -> str:
-        return os.environ.get(self.api_key_env, "")
-
     def write_state_to_path(self, state_path: Path) -> None:
-        """Read the project's insights and dashboards; a failure ends ``dg utils
-        refresh-defs-state`` with its reason, not a traceback, and keeps the old state."""
+        """Read the project's insights and dashboards with the project's own client (its
+        retries, timeouts and rate limits); a failure ends ``dg utils refresh-defs-state`` with
+        its reason, not a traceback, and keeps the old state."""
         insight_tags, dashboard_tags = selected_tags(self.exports)
+        project = self.project
         try:
-            client = self.client()
+            missing = [
+                project.source(f) for f in ("host", "project_id") if project.current(f) is None
+            ]
+            if missing:
+                raise ValueError(
+                    "cannot read the project's insights and dashboards: "
+                    f"{' and '.join(missing)} not set"
+                )
+            client = project.resource.process_config_and_initialize().get_client(log=logger)
             try:
                 state = fetch_project_state(
                     client, insight_tags=insight_tags, dashboard_tags=dashboard_tags
                 )
             finally:
                 client.close()
-        except (PostHogError, ValueError) as exc:
+        except (PostHogError, ValueError, dg.DagsterError) as exc:
             raise StateRefreshFailed(
-                f"the PostHog state of project '{self.project.name}' was not refreshed (the "
+                f"the PostHog state of project '{project.name}' was not refreshed (the "
                 f"stored one, if any, is kept): {exc}"
             ) from None
         write_state(state_path, state)
 
-    def project_config(
+    def build_defs_from_state(
         self, context: ComponentLoadContext, state_path: Path | None
-    ) -> ProjectConfig:
-        """The project with its exports resolved against the stored state."""
-        exports = []
-        if self.exports:
+    ) -> dg.Definitions:
+        self._claim_name(context)
+        state = None
+        if any(needs_state(e) for e in self.exports):
             if state_path is None or not state_path.exists():
                 state_path = self._state_when_missing(context)
             state = read_state(state_path)
             self._check_state_is_of_this_project(context, state)
-            try:
-                exports = select_exports(self.exports, state)
-            except SelectionError as exc:
-                raise ValueError(f"{context.path}: {exc}") from None
-        return ProjectConfig(
+        return build_project_definitions(
+            self.build_project(state, where=str(context.path)),
+            translator=self.translator,
+            execute=self.execute,
+        )
+
+    def build_project(self, state: ProjectState | None, *, where: str) -> PostHogProject:
+        """The project, its selections resolved (against ``state`` where they need it)."""
+        warnings: list[str] = []
+        try:
+            exports = select_exports(self.exports, state, warnings) if self.exports else []
+        except SelectionError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        for warning in warnings:
+            logger.warning("%s: %s", where, warning)
+        return PostHogProject(
+            resource=self.project.resource,
             name=self.project.name,
-            host=self.project.literal_host,
-            project_id=self.project.literal_project_id,
-            host_env=self.project.host_env,
-            project_id_env=self.project.project_id_env,
-            api_key_env=self.api_key_env,
-            api_prefix=self.project.api_prefix,
-            allow_insecure_http=self.project.allow_insecure_http,
-            exports=exports,
+            exports=tuple(exports),
             insights=self.insights,
             groups=self.groups,
+            duckdb_path=self.duckdb_path,
         )
+
+    def _claim_name(self, context: ComponentLoadContext) -> None:
+        """Two components of one name would share a resource key, asset keys and a stored
+        state: fail naming both files."""
+        tree = getattr(context, "component_tree", None)
+        if tree is None:
+            return
+        if id(tree) not in _NAMES or _NAMES[id(tree)][0] is not tree:
+            _NAMES[id(tree)] = (tree, {})
+            while len(_NAMES) > _NAMES_KEPT:
+                _NAMES.popitem(last=False)
+        taken = _NAMES[id(tree)][1]
+        here = context.path / "defs.yaml" if context.path.is_dir() else context.path
+        other = taken.setdefault(self.project.name, here)
+        if other != here:
+            raise ValueError(
+                f"{here} and {other} both configure the PostHog project named "
+                f"'{self.project.name}': give one of them another project.name (each project "
+                "gets its own resource, asset keys and stored state)"
+            )
 
     def _check_state_is_of_this_project(
         self, context: ComponentLoadContext, state: ProjectState
@@ -447,29 +452,20 @@ class PostHogProjectComponent(StateBackedComponent, Model, Resolvable):
         project id changed (or its variable is unset) they would name another project's
         objects, and the first launch would fail minutes later."""
         project = self.project
-        host, project_id = project.current_host(), project.current_project_id()
-        unset = [
-            _where(name, literal, env)
-            for name, literal, env, value in (
-                ("project.host", project.literal_host, project.host_env, host),
-                (
-                    "project.project_id",
-                    project.literal_project_id,
-                    project.project_id_env,
-                    project_id,
-                ),
-            )  # fmt: skip
-            if value is None
-        ]
         fix = "run `dg utils refresh-defs-state` to read the state of the project configured now"
+        unset = [project.source(f) for f in ("host", "project_id") if project.current(f) is None]
         if unset:
+            verb = "are" if len(unset) > 1 else "is"
             raise ValueError(
                 f"{context.path}: the stored PostHog state was read from {state.host}, project "
-                f"{state.project_id}, but {' and '.join(unset)} is not set, so nothing says it is "
-                f"this project's: set it, or {fix}"
+                f"{state.project_id}, but {' and '.join(unset)} {verb} not set, so nothing says "
+                f"it is this project's: set it, or {fix}"
             )
-        now = (_normal_host(str(host)), str(parse_project_id(project_id)))
-        then = (_normal_host(state.host), str(state.project_id))
+        now = (
+            _normal_host(str(project.current("host"))),
+            _normal_project_id(str(project.current("project_id"))),
+        )
+        then = (_normal_host(state.host), _normal_project_id(str(state.project_id)))
         if now != then:
             raise ValueError(
                 f"{context.path}: the stored PostHog state was read from {then[0]}, project "
@@ -481,29 +477,18 @@ class PostHogProjectComponent(StateBackedComponent, Model, Resolvable):
         """In development (a ``dg`` command) fetch the missing state once; elsewhere say what to
         run, rather than load an empty asset graph."""
         if not using_dagster_dev():
+            project = self.project
             raise ValueError(
                 f"{context.path}: the stored PostHog state of this component is missing, so its "
                 "export selections cannot be resolved. Run `dg utils refresh-defs-state` where "
                 "the code location is built (it reads the project's insights and dashboards "
-                f"from {self.project.literal_host or self.project.host_env}, project "
-                f"{self.project.literal_project_id or self.project.project_id_env})."
+                f"from {project.current('host') or project.source('host')}, project "
+                f"{project.current('project_id') or project.source('project_id')})."
             )
         asyncio.run(self.refresh_state(context.project_root))
         from dagster.components.utils.project_paths import get_local_state_path
 
         return get_local_state_path(self.defs_state_config.key, context.project_root)
-
-    def build_defs_from_state(
-        self, context: ComponentLoadContext, state_path: Path | None
-    ) -> dg.Definitions:
-        project = self.project_config(context, state_path)
-        return build_posthog_assets_definitions(
-            project,
-            duckdb_path=self.duckdb_path,
-            export_dir=self.export_dir,
-            translator=self.translator,
-            main_job=False,
-        )
 
 
 def _normal_host(host: str) -> str:
@@ -513,16 +498,18 @@ def _normal_host(host: str) -> str:
         return host.strip().rstrip("/").lower()
 
 
-def _where(field_name: str, literal: Any, env: str) -> str:
-    """How a message names a setting: the field, or the variable it is read from."""
-    return field_name if literal is not None else f"the environment variable {env} ({field_name})"
+def _normal_project_id(value: str) -> str:
+    try:
+        return str(parse_project_id(value))
+    except ValueError:
+        return value
 
 
-class TranslatedPostHogTranslator(DagsterPostHogTranslator):
-    """The default specs, then the component's ``translation:`` applied to each."""
+class _ComponentTranslator(DagsterPostHogTranslator):
+    """Every spec through the component's :meth:`~PostHogProjectComponent.get_asset_spec`."""
 
-    def __init__(self, fn: TranslationFn) -> None:
-        self.fn = fn
+    def __init__(self, component: PostHogProjectComponent) -> None:
+        self.component = component
 
     def get_asset_spec(self, props: PostHogProps) -> dg.AssetSpec:
-        return self.fn(super().get_asset_spec(props), props)
+        return self.component.get_asset_spec(props)

@@ -4,7 +4,8 @@ Each entry of a component's ``exports:`` selects one or more objects of the stor
 (by id, short id, tag, dashboard membership, name search, favourites, or every dashboard) and
 gives their format; each selected object becomes one export asset. Asset names are stable: an
 insight's comes from its short id (a renamed insight keeps its asset), a dashboard's from its id,
-unless the entry names a single object itself.
+unless the entry names a single object itself. An entry naming its object by numeric id
+(``insight: 42``, ``dashboard: 7``) needs no stored state: its asset is named from that id.
 """
 
 from __future__ import annotations
@@ -93,9 +94,17 @@ class ExportSelection(_Strict):
             raise ValueError(PDF_REFUSED)
         return value
 
+    @field_validator("insight", "dashboard")
+    @classmethod
+    def _positive_id(cls, value: int | str | None) -> int | str | None:
+        if isinstance(value, int) and value <= 0:
+            raise ValueError(f"an id must be a positive integer, got {value}")
+        return value
+
     @model_validator(mode="after")
     def _one_selector(self) -> ExportSelection:
-        given = [k for k in ("insight", "insights", "dashboard", "dashboards") if getattr(self, k)]
+        kinds = ("insight", "insights", "dashboard", "dashboards")
+        given = [k for k in kinds if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
                 "give exactly one of insight, insights, dashboard, dashboards"
@@ -108,7 +117,7 @@ class ExportSelection(_Strict):
     @property
     def selector(self) -> str:
         kinds = ("insight", "insights", "dashboard", "dashboards")
-        return next(k for k in kinds if getattr(self, k))
+        return next(k for k in kinds if getattr(self, k) is not None)
 
     def describe(self) -> str:
         value = getattr(self, self.selector)
@@ -132,37 +141,38 @@ def selected_tags(selections: Sequence[ExportSelection]) -> tuple[set[str], set[
     return insight_tags, dashboard_tags
 
 
+def needs_state(entry: ExportSelection) -> bool:
+    """Whether resolving the entry needs the stored state (everything but a numeric id)."""
+    if entry.selector == "insight":
+        return not isinstance(entry.insight, int)
+    if entry.selector == "dashboard":
+        return not isinstance(entry.dashboard, int)
+    return True
+
+
 def select_exports(
-    selections: Sequence[ExportSelection], state: ProjectState
+    selections: Sequence[ExportSelection],
+    state: ProjectState | None,
+    warnings: list[str] | None = None,
 ) -> list[ExportConfig]:
-    """Resolve every entry against the stored state into export configurations (one per object).
+    """Resolve every entry into export configurations (one per object), against ``state``
+    where the entry needs it.
+
+    A filter that matches nothing adds a line to ``warnings`` and no asset: a tag removed in
+    PostHog must not take the code location down. A single object the state does not have is an
+    error, as is a name given twice.
 
     Raises:
-        SelectionError: An entry matched nothing, or a name that is not unique (the message
-            names the entry, and what could explain it).
+        SelectionError: A single object is missing, or a name is not unique (the message names
+            the entry, and what could explain it).
     """
     exports: dict[str, ExportConfig] = {}
     origin: dict[str, str] = {}
     for index, entry in enumerate(selections):
         where = f"exports[{index}] ({entry.describe()})"
-        if entry.selector in ("insight", "insights"):
-            insights = _insights(entry, state, where)
-            if not insights:
-                raise SelectionError(
-                    f"{where} matches no insight of the state of {state.fetched_at}. "
-                    + _why_no_insight(entry, state)
-                )
-            targets = [("insight", i.id, _insight_name(i, entry)) for i in insights]
-        else:
-            if entry.format != PNG:
-                raise SelectionError(f"{where}: PostHog exports a dashboard only as image/png")
-            boards = _dashboards(entry, state, where)
-            if not boards:
-                raise SelectionError(
-                    f"{where} matches no dashboard of the state of {state.fetched_at}. "
-                    + _why_no_dashboard(entry, state)
-                )
-            targets = [("dashboard", d.id, _dashboard_name(d, entry)) for d in boards]
+        if entry.selector in ("dashboard", "dashboards") and entry.format != PNG:
+            raise SelectionError(f"{where}: PostHog exports a dashboard only as image/png")
+        targets = _targets(entry, state, where, warnings if warnings is not None else [])
         for kind, object_id, name in targets:
             if name in exports:
                 earlier = exports[name]
@@ -180,12 +190,38 @@ def select_exports(
             origin[name] = f"exports[{index}]"
             exports[name] = ExportConfig(
                 name=name,
-                export_format=entry.format,
+                format=entry.format,
                 export_context=entry.export_context,
                 description=entry.description,
                 **{kind: object_id},
             )
     return list(exports.values())
+
+
+def _targets(
+    entry: ExportSelection, state: ProjectState | None, where: str, warnings: list[str]
+) -> list[tuple[str, int, str]]:
+    """(kind, id, asset name) of every object the entry selects."""
+    ext = EXPORT_FORMATS[entry.format]
+    if isinstance(entry.insight, int):
+        return [("insight", entry.insight, entry.name or f"insight_{entry.insight}_{ext}")]
+    if isinstance(entry.dashboard, int):
+        return [("dashboard", entry.dashboard, entry.name or f"dashboard_{entry.dashboard}_{ext}")]
+    if state is None:
+        raise SelectionError(f"{where} needs the stored state, and none was read")
+    kind = "insight" if entry.selector in ("insight", "insights") else "dashboard"
+    if kind == "insight":
+        targets = [(kind, i.id, _insight_name(i, entry)) for i in _insights(entry, state, where)]
+    else:
+        boards = _dashboards(entry, state, where)
+        targets = [(kind, d.id, _dashboard_name(d, entry)) for d in boards]
+    if not targets:
+        empty = f"{where} matches no {kind} of the state of {state.fetched_at}"
+        why = _why_nothing(entry, state, kind)
+        if entry.selector == kind:  # one object, named: a mistake in the file
+            raise SelectionError(f"{empty}. {why}")
+        warnings.append(f"{empty}, so it builds no asset. {why}")
+    return targets
 
 
 def _insights(entry: ExportSelection, state: ProjectState, where: str) -> list[InsightRecord]:
@@ -251,59 +287,38 @@ def _one_dashboard(wanted: int | str, state: ProjectState, where: str) -> list[D
     return named
 
 
-def _why_no_insight(entry: ExportSelection, state: ProjectState) -> str:
-    """What could explain an empty selection, for the criteria it uses."""
+def _why_nothing(entry: ExportSelection, state: ProjectState, kind: str) -> str:
+    """What could explain an empty selection of ``kind`` (insight or dashboard), for the
+    criteria it uses."""
+    single = entry.insight if kind == "insight" else entry.dashboard
+    f = entry.insights if kind == "insight" else entry.dashboards
+    known_tags = state.insight_tags if kind == "insight" else state.dashboard_tags
     reasons = []
-    f = entry.insights
-    if entry.insight is not None:
-        reasons.append(f"no insight has the id or short id {entry.insight!r}")
-    if f is not None:
-        if f.tag is not None:
-            if f.tag in state.insight_tags:
-                reasons.append(f"no insight carries the tag {f.tag!r} (tags match exactly)")
-            else:
-                reasons.append(
-                    f"the state was read before a selection named the tag {f.tag!r}, so it "
-                    "does not know which insights carry it"
-                )
-        if f.dashboard is not None:
-            reasons.append(f"no dashboard with id or exact name {f.dashboard!r} holds an insight")
-        if f.search is not None:
-            reasons.append(f"no insight's name contains {f.search!r} (names only)")
-        if f.ids is not None or f.short_ids is not None:
-            reasons.append("none of the listed ids exists")
-        if f.favorited is not None:
-            reasons.append(f"no insight is {'a' if f.favorited else 'not a'} favourite")
-        if len([v for v in f.model_dump().values() if v is not None]) > 1:
-            reasons.append("no insight meets every criterion at once (they are AND-ed)")
-    reasons.append("the object was created after the state was read")
-    return (
-        "Possible reasons: "
-        + "; ".join(reasons)
-        + ". Run `dg utils refresh-defs-state` after changing the selection or the project."
-    )
-
-
-def _why_no_dashboard(entry: ExportSelection, state: ProjectState) -> str:
-    reasons = []
-    if entry.dashboard is not None:
-        reasons.append(f"no dashboard has the id or exact name {entry.dashboard!r}")
-    f = entry.dashboards
-    if isinstance(f, DashboardFilter):
-        if f.tag is not None and f.tag not in state.dashboard_tags:
-            reasons.append(
-                f"the state was read before a selection named the tag {f.tag!r}, so it does "
-                "not know which dashboards carry it"
-            )
-        elif f.tag is not None:
-            reasons.append(f"no dashboard carries the tag {f.tag!r} (tags match exactly)")
-        if f.search is not None:
-            reasons.append(f"no dashboard's name contains {f.search!r}")
-        if f.ids is not None:
-            reasons.append("none of the listed ids exists")
+    if single is not None:
+        named = "id or short id" if kind == "insight" else "id or exact name"
+        reasons.append(f"no {kind} has the {named} {single!r}")
     if f == "all":
         reasons.append("the project has no dashboard")
-    reasons.append("the dashboard was created after the state was read")
+    elif isinstance(f, BaseModel):
+        given = {k: v for k, v in f.model_dump().items() if v is not None}
+        if "tag" in given and given["tag"] in known_tags:
+            reasons.append(f"no {kind} carries the tag {given['tag']!r} (tags match exactly)")
+        elif "tag" in given:
+            reasons.append(
+                f"the state was read before a selection named the tag {given['tag']!r}, so it "
+                f"does not know which {kind}s carry it"
+            )
+        if "dashboard" in given:
+            reasons.append(f"no dashboard with id or exact name {given['dashboard']!r} holds one")
+        if "search" in given:
+            reasons.append(f"no {kind}'s name contains {given['search']!r} (names only)")
+        if "ids" in given or "short_ids" in given:
+            reasons.append("none of the listed ids exists")
+        if "favorited" in given:
+            reasons.append(f"no insight is {'a' if given['favorited'] else 'not a'} favourite")
+        if len(given) > 1:
+            reasons.append(f"no {kind} meets every criterion at once (they are AND-ed)")
+    reasons.append(f"the {kind} was created after the state was read")
     return (
         "Possible reasons: "
         + "; ".join(reasons)

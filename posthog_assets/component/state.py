@@ -14,7 +14,6 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
 
 import click
 
@@ -191,11 +190,3 @@ def read_state(path: Path) -> ProjectState:
             f"the stored PostHog state {path} cannot be read ({type(exc).__name__}: {detail}): "
             "run `dg utils refresh-defs-state` to write it again"
         ) from None
-
-
-def state_summary(state: ProjectState) -> dict[str, Any]:
-    return {
-        "insights": len(state.insights),
-        "dashboards": len(state.dashboards),
-        "fetched_at": state.fetched_at,
-    }

@@ -5,6 +5,8 @@ instance and compare the file on disk with it, so they also catch files that wer
 replaced or deleted after the run. They never call PostHog.
 """
 
+import contextlib
+import os
 import zipfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -13,9 +15,10 @@ from typing import Any
 import dagster as dg
 import pandas as pd
 
-from posthog_assets.common import file_sha256, materialization_values
-from posthog_assets.config import ProjectConfig
-from posthog_assets.exports.previews import PNG_SIGNATURE
+from posthog_assets.common import file_sha256
+from posthog_assets.config import PostHogProject
+from posthog_assets.exports.previews import png_size
+from posthog_assets.exports.records import ExportMaterialization
 
 CHECK_FILE_PRESENT = "file_present"
 CHECK_SHA256 = "sha256_matches"
@@ -27,13 +30,11 @@ def validate_format(path: Path, export_format: str) -> tuple[bool, str]:
     """Whether the bytes are what the MIME type says; (ok, reason)."""
     try:
         if export_format == "image/png":
-            size = path.stat().st_size
-            with path.open("rb") as fh:
-                head = fh.read(16)
-                fh.seek(max(0, size - len(PNG_IEND)))
-                tail = fh.read()
-            if not head.startswith(PNG_SIGNATURE) or head[12:16] != b"IHDR":
+            if png_size(path) is None:
                 return False, "no PNG signature/IHDR header"
+            with path.open("rb") as fh:
+                fh.seek(-len(PNG_IEND), os.SEEK_END)  # png_size read 24 bytes: 12 are there
+                tail = fh.read()
             if tail != PNG_IEND:
                 return False, "PNG has no IEND chunk at the end (truncated?)"
             return True, "PNG signature, IHDR and IEND present"
@@ -47,29 +48,23 @@ def validate_format(path: Path, export_format: str) -> tuple[bool, str]:
                 return False, "not a zip container (truncated XLSX?)"
             import openpyxl
 
-            wb = openpyxl.load_workbook(path, read_only=True)
-            try:
+            with contextlib.closing(openpyxl.load_workbook(path, read_only=True)) as wb:
                 sheets = len(wb.sheetnames)
-            finally:
-                wb.close()
-            return (sheets > 0), f"XLSX opens ({sheets} sheet(s))"
+            return sheets > 0, f"XLSX opens ({sheets} sheet(s))"
     except Exception as exc:
         return False, f"could not read as {export_format}: {type(exc).__name__}: {exc}"
     return True, f"no validator for {export_format}"
 
 
 def verify_export(
-    metadata: dict[str, Any] | None,
+    recorded: ExportMaterialization | None,
 ) -> Iterator[tuple[str, bool, str, dict[str, Any]]]:
-    """(check name, passed, description, metadata) for each check, from recorded metadata."""
-    if not metadata or not metadata.get("path"):
+    """(check name, passed, description, metadata) for each check, from what was recorded."""
+    if recorded is None or not recorded.path:
         for name in (CHECK_FILE_PRESENT, CHECK_SHA256, CHECK_FORMAT):
             yield name, False, "No materialization with a file path is recorded yet.", {}
         return
-    path = Path(str(metadata["path"]))
-    recorded_bytes = metadata.get("bytes")
-    recorded_sha = metadata.get("sha256")
-    export_format = str(metadata.get("export_format") or "")
+    path, export_format = Path(recorded.path), recorded.export_format or ""
     facts: dict[str, Any] = {"path": dg.MetadataValue.path(str(path))}
     if not path.is_file():
         yield CHECK_FILE_PRESENT, False, f"{path} does not exist.", facts
@@ -77,30 +72,25 @@ def verify_export(
         yield CHECK_FORMAT, False, "File missing; nothing to validate.", facts
         return
     size = path.stat().st_size
-    size_facts = {**facts, "bytes_on_disk": size, "bytes_recorded": recorded_bytes}
+    size_facts = {**facts, "bytes_on_disk": size, "bytes_recorded": recorded.bytes}
     if size <= 0:
         yield CHECK_FILE_PRESENT, False, f"{path} is empty.", size_facts
-    elif isinstance(recorded_bytes, int) and size != recorded_bytes:
-        yield (
-            CHECK_FILE_PRESENT,
-            False,
-            f"{path} has {size} bytes, the export recorded {recorded_bytes}.",
-            size_facts,
-        )
+    elif recorded.bytes is not None and size != recorded.bytes:
+        problem = f"{path} has {size} bytes, the export recorded {recorded.bytes}."
+        yield CHECK_FILE_PRESENT, False, problem, size_facts
     else:
         yield CHECK_FILE_PRESENT, True, f"{path} exists ({size} bytes).", size_facts
     actual = file_sha256(path)
-    sha_facts = {**facts, "sha256_on_disk": actual, "sha256_recorded": str(recorded_sha)}
-    if actual == recorded_sha:
-        yield CHECK_SHA256, True, "sha256 matches the recorded download.", sha_facts
-    else:
-        yield CHECK_SHA256, False, "sha256 differs from the recorded download.", sha_facts
+    sha_facts = {**facts, "sha256_on_disk": actual, "sha256_recorded": str(recorded.sha256)}
+    same = actual == recorded.sha256
+    verb = "matches" if same else "differs from"
+    yield CHECK_SHA256, same, f"sha256 {verb} the recorded download.", sha_facts
     ok, reason = validate_format(path, export_format)
     yield CHECK_FORMAT, ok, reason, {**facts, "export_format": export_format}
 
 
 def build_posthog_export_checks(
-    *, project: ProjectConfig, export_assets: Sequence[dg.AssetsDefinition]
+    *, project: PostHogProject, export_assets: Sequence[dg.AssetsDefinition]
 ) -> list[dg.AssetChecksDefinition]:
     """Three checks per export asset (file present, sha256, format) in one subsettable op."""
     keys = [k for a in export_assets for k in a.keys]
@@ -127,17 +117,16 @@ def build_posthog_export_checks(
         asset_keys = sorted({ck.asset_key for ck in selected}, key=lambda k: k.to_user_string())
         latest = context.instance.get_latest_materialization_events(asset_keys)
         for key in asset_keys:
-            recorded = materialization_values(latest.get(key))
+            recorded = ExportMaterialization.from_event(latest.get(key))
             for name, passed, description, facts in verify_export(recorded):
-                if dg.AssetCheckKey(key, name) not in selected:
-                    continue
-                yield dg.AssetCheckResult(
-                    asset_key=key,
-                    check_name=name,
-                    passed=passed,
-                    description=description,
-                    metadata=facts,
-                    severity=dg.AssetCheckSeverity.ERROR,
-                )
+                if dg.AssetCheckKey(key, name) in selected:
+                    yield dg.AssetCheckResult(
+                        asset_key=key,
+                        check_name=name,
+                        passed=passed,
+                        description=description,
+                        metadata=facts,
+                        severity=dg.AssetCheckSeverity.ERROR,
+                    )
 
     return [_export_checks]

@@ -6,8 +6,8 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-from posthog_assets.config import ProjectConfig
-from posthog_assets.exports.assets import build_posthog_export_assets
+from posthog_assets.config import PostHogProject
+from posthog_assets.exports.assets import ExportExecute, build_posthog_export_assets
 from posthog_assets.exports.checks import build_posthog_export_checks
 from posthog_assets.exports.log import build_posthog_exports_log_asset
 from posthog_assets.exports.sensors import (
@@ -18,18 +18,21 @@ from posthog_assets.translator import DagsterPostHogTranslator
 
 
 def build_posthog_export_definitions(
-    projects: Sequence[ProjectConfig], *, translator: DagsterPostHogTranslator | None = None
+    projects: Sequence[PostHogProject],
+    *,
+    translator: DagsterPostHogTranslator | None = None,
+    execute: ExportExecute | None = None,
 ) -> dg.Definitions:
-    """Export assets, the DuckDB log, checks and sensors for every configured project.
-
-    Resources (``posthog``/``posthog_<project>`` and ``duckdb``) come from
-    :func:`posthog_assets.resources.build_resources`. No HTTP call happens here.
-    """
+    """Export assets, the DuckDB log, checks and sensors for every configured project; the
+    resources come with the project (:func:`posthog_assets.build.build_project_definitions`).
+    No HTTP call happens here."""
     assets: list[dg.AssetsDefinition] = []
     checks: list[dg.AssetChecksDefinition] = []
     sensors: list[dg.SensorDefinition] = []
     for project in projects:
-        export_assets = build_posthog_export_assets(project=project, translator=translator)
+        export_assets = build_posthog_export_assets(
+            project=project, translator=translator, execute=execute
+        )
         if not export_assets:
             continue
         keys = [k for a in export_assets for k in a.keys]

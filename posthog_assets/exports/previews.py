@@ -4,6 +4,7 @@ table, row and column counts. Read from the head of the file only, never the who
 from __future__ import annotations
 
 import base64
+import contextlib
 import csv
 import struct
 from collections.abc import Sequence
@@ -104,8 +105,7 @@ def count_csv_rows(path: Path) -> tuple[int, str]:
 def _xlsx_preview(path: Path) -> dict[str, Any]:
     import openpyxl
 
-    wb = openpyxl.load_workbook(path, read_only=True, data_only=True)
-    try:
+    with contextlib.closing(openpyxl.load_workbook(path, read_only=True, data_only=True)) as wb:
         ws = wb.active
         if ws is None:
             return {}
@@ -114,8 +114,6 @@ def _xlsx_preview(path: Path) -> dict[str, Any]:
         if max_row is None or max_col is None:  # no <dimension>: count by streaming
             max_row = sum(1 for _ in ws.iter_rows(values_only=True))
             max_col = max((len(r) for r in rows), default=0)
-    finally:
-        wb.close()
     header = [str(c) if c is not None else "" for c in (rows[0] if rows else [])]
     return {
         "dagster/row_count": dg.MetadataValue.int(max(0, int(max_row) - 1)),

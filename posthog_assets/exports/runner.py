@@ -24,12 +24,11 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import itertools
 import json
 import logging
 import os
-import random
 import re
-import threading
 import time
 from collections.abc import Callable, Collection, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -61,7 +60,7 @@ from posthog_assets.config import EXPORT_FORMATS, TABULAR_FORMATS
 logger = logging.getLogger(__name__)
 
 #: How many of our own exports (newest first) to scan for a resumable one before creating anew.
-DEFAULT_LOOKUP_LIMIT = 300
+LOOKUP_LIMIT = 300
 #: After a POST that got no answer: look for the export in the list this often, this far apart.
 #: PostHog creates the row before it renders, so the first look nearly always finds it.
 POST_LOOKUP_ATTEMPTS = 3
@@ -69,13 +68,11 @@ POST_LOOKUP_WAIT_S = 1.0
 #: Saved-query kinds whose ``source`` is what the tabular exporter runs (posthog/schema.py).
 _WRAPPER_KINDS = frozenset({"InsightVizNode", "DataVisualizationNode"})
 #: Exports older than this are never resumed (PostHog's envelope for PNG/CSV/XLSX is ~10 min).
-DEFAULT_LOOKUP_MAX_AGE_S = 2 * 24 * 3600.0
+LOOKUP_MAX_AGE_S = 2 * 24 * 3600.0
 PENDING_MARKER_DIR = ".posthog-pending"
 #: A pending marker's ``.tmp`` older than this was left by a killed writer (writing one takes
 #: microseconds): the next export into the folder removes it.
 STALE_MARKER_TMP_S = 60.0
-#: The setting named when an export file cannot be written.
-EXPORT_DIR_SETTING = "export_dir"
 
 #: Lower-cased fragments of PostHog ``exception`` texts that are worth another attempt: the
 #: synthetic stuck-export text, render/query timeouts, transient infrastructure failures.
@@ -198,18 +195,13 @@ def tabular_context(insight: Mapping[str, Any], project_id: int | str) -> dict[s
 
 @dataclass(frozen=True)
 class ExportOutcome:
-    """Everything an asset records about one downloaded export."""
+    """What happened to one export, besides its request: the file, and how it was got."""
 
-    asset_name: str
     export_id: int
-    export_format: str
-    insight: int | None
-    dashboard: int | None
     server_filename: str | None
     path: Path
     bytes: int
     sha256: str
-    content_type: str | None
     created_at: str | None
     expires_after: str | None
     downloaded_at: str
@@ -217,7 +209,6 @@ class ExportOutcome:
     wait_s: float
     resumed: bool
     recreated: bool
-    redirected: bool
     post_count: int = 0
     states: tuple[str, ...] = field(default=(), repr=False)
 
@@ -260,7 +251,7 @@ class ExportDiskError(OSError):
     @classmethod
     def of(cls, folder: Path, cause: OSError, export_id: int | None) -> ExportDiskError:
         """Names ``export_dir``, the folder, the cause and the export PostHog made meanwhile."""
-        message = disk_error_message(EXPORT_DIR_SETTING, folder, cause)
+        message = disk_error_message("export_dir", folder, cause)
         if export_id is not None:
             message += f" (PostHog export {export_id} was created but could not be saved)"
         return cls(message, export_id=export_id)
@@ -289,27 +280,14 @@ class ExportRunner:
         *,
         poll: PollPolicy | None = None,
         log: logging.Logger | None = None,
-        lookup_limit: int = DEFAULT_LOOKUP_LIMIT,
-        lookup_max_age_s: float = DEFAULT_LOOKUP_MAX_AGE_S,
-        post_lookup_attempts: int = POST_LOOKUP_ATTEMPTS,
-        post_lookup_wait_s: float = POST_LOOKUP_WAIT_S,
         sleep: Callable[[float], None] = time.sleep,
-        clock: Callable[[], float] = time.monotonic,
-        rng: random.Random | None = None,
     ) -> None:
         self.client = client
         self.export_dir = Path(export_dir).absolute()  # recorded paths must not depend on cwd
         self.poll = poll or PollPolicy()
         self.log = log or logger
-        self.lookup_limit = lookup_limit
-        self.lookup_max_age_s = lookup_max_age_s
-        self.post_lookup_attempts = max(1, post_lookup_attempts)
-        self.post_lookup_wait_s = post_lookup_wait_s
         self._sleep = sleep
-        self._contexts: dict[int, dict[str, Any]] = {}
-        self._contexts_lock = threading.Lock()
-        self._clock = clock
-        self._rng = rng or random.Random()
+        self._contexts: dict[int, dict[str, Any]] = {}  # by insight id
 
     # ------------------------------------------------------------------ public
 
@@ -333,7 +311,7 @@ class ExportRunner:
             return self._run(request, exclude_ids, current, scan_list)
         except PostHogError as exc:
             # Let callers (failure metadata, the retry sensor) name the export that failed.
-            exc.export_id = current.get("id")  # type: ignore[attr-defined]
+            exc.export_id = current.get("id")
             raise
         except OSError as exc:
             if not is_local_disk_error(exc):
@@ -348,15 +326,13 @@ class ExportRunner:
         current: dict[str, Any],
         scan_list: bool,
     ) -> ExportOutcome:
-        started = self._clock()
+        started = time.monotonic()
         folder = make_dir(self.export_dir / safe_dirname(request.asset_name))
         self._remove_stale_marker_tmps(folder)
-        posts = 0
         export = self.find_resumable(request, exclude_ids=exclude_ids, scan_list=scan_list)
         resumed = export is not None
         if export is None:
             export = self._create(request)
-            posts += 1
         else:
             self.log.info(
                 "%s: resuming PostHog export %s (%s) instead of creating a new one",
@@ -364,13 +340,12 @@ class ExportRunner:
                 export["id"],
                 _describe(export),
             )
-        current["id"] = export["id"]
-        self._record_pending(request, export)
-
         recreated = False
         polls = 0
         states: list[str] = []
         while True:
+            current["id"] = export["id"]
+            self._record_pending(request, export)
             try:
                 export, n, seen = self._wait_for_content(request, export)
                 polls += n
@@ -391,33 +366,24 @@ class ExportRunner:
                 )
                 recreated = True
                 export = self._create(request)
-                posts += 1
-                current["id"] = export["id"]
-                self._record_pending(request, export)
             except PostHogExportFailed:
                 self._forget_pending(request)
                 raise
         self._forget_pending(request)
         return ExportOutcome(
-            asset_name=request.asset_name,
             export_id=int(export["id"]),
-            export_format=request.export_format,
-            insight=request.insight,
-            dashboard=request.dashboard,
             server_filename=export.get("filename"),
             path=download.path,
             bytes=download.bytes,
             sha256=download.sha256,
-            content_type=download.content_type,
             created_at=export.get("created_at"),
             expires_after=export.get("expires_after"),
             downloaded_at=datetime.now(UTC).isoformat(timespec="seconds").replace("+00:00", "Z"),
             poll_count=polls,
-            wait_s=round(self._clock() - started, 3),
+            wait_s=round(time.monotonic() - started, 3),
             resumed=resumed,
             recreated=recreated,
-            redirected=download.redirected,
-            post_count=posts,
+            post_count=int(not resumed) + int(recreated),
             states=tuple(states),
         )
 
@@ -433,20 +399,9 @@ class ExportRunner:
         Looks at the id recorded by an earlier attempt first (one GET), then scans the exports
         list (newest first, bounded by count and age).
         """
-        recorded = self._read_pending(request)
-        if recorded is not None and recorded not in exclude_ids:
-            try:
-                export = self.client.get_export(recorded)
-            except PostHogNotFoundError:
-                export = None
-            if export is not None and self._usable(export, request, exclude_ids):
-                return export
-        if not scan_list:
-            return None
-        for export in self._iter_own(request):
-            if self._usable(export, request, exclude_ids):
-                return export
-        return None
+        listed = self._iter_own(request) if scan_list else ()
+        candidates = itertools.chain(self._recorded(request, exclude_ids), listed)
+        return next((e for e in candidates if self._usable(e, request, exclude_ids)), None)
 
     # ------------------------------------------------------------------ create / poll
 
@@ -454,14 +409,10 @@ class ExportRunner:
         """The ``source``/``path`` PostHog needs for a CSV/XLSX of an insight (one basic GET)."""
         if not request.needs_source or request.insight is None:
             return None
-        with self._contexts_lock:
-            cached = self._contexts.get(request.insight)
-        if cached is None:
+        if request.insight not in self._contexts:  # dict reads and writes are thread-safe
             insight = self.client.get_insight(request.insight, basic=True)
-            cached = tabular_context(insight, self.client.project_id)
-            with self._contexts_lock:
-                self._contexts[request.insight] = cached
-        return cached
+            self._contexts[request.insight] = tabular_context(insight, self.client.project_id)
+        return self._contexts[request.insight]
 
     def _create(self, request: ExportRequest) -> dict[str, Any]:
         try:
@@ -505,9 +456,9 @@ class ExportRunner:
         return export
 
     def _find_after_post(self, request: ExportRequest) -> dict[str, Any] | None:
-        for attempt in range(self.post_lookup_attempts):
+        for attempt in range(POST_LOOKUP_ATTEMPTS):
             if attempt:
-                self._sleep(self.post_lookup_wait_s)
+                self._sleep(POST_LOOKUP_WAIT_S)
             found = self.find_resumable(request)
             if found is not None:
                 return found
@@ -517,8 +468,8 @@ class ExportRunner:
         self, request: ExportRequest, export: dict[str, Any]
     ) -> tuple[dict[str, Any], int, list[str]]:
         """Poll until ``has_content`` or ``exception``; return (export, polls, states seen)."""
-        start = self._clock()
-        waits = self.poll.waits(self._rng)
+        start = time.monotonic()
+        waits = self.poll.waits()
         polls = 0
         states = [_describe(export)]
         export_id = int(export["id"])
@@ -527,7 +478,7 @@ class ExportRunner:
                 raise self._failed(request, export)
             if export.get("has_content"):
                 return export, polls, states
-            elapsed = self._clock() - start
+            elapsed = time.monotonic() - start
             remaining = self.poll.timeout_s - elapsed
             if remaining <= 0:
                 raise PostHogPollTimeout(
@@ -547,7 +498,7 @@ class ExportRunner:
                 request.asset_name,
                 export_id,
                 polls,
-                self._clock() - start,
+                time.monotonic() - start,
                 _describe(export),
             )
 
@@ -572,10 +523,10 @@ class ExportRunner:
     def _iter_own(self, request: ExportRequest) -> Iterator[dict[str, Any]]:
         now = datetime.now(UTC)
         for n, export in enumerate(self.client.iter_exports(export_format=request.export_format)):
-            if n >= self.lookup_limit:
+            if n >= LOOKUP_LIMIT:
                 return
             created = parse_time(export.get("created_at"))
-            if created is not None and (now - created).total_seconds() > self.lookup_max_age_s:
+            if created is not None and (now - created).total_seconds() > LOOKUP_MAX_AGE_S:
                 return  # newest first: everything after this is older still
             yield export
 
@@ -601,12 +552,8 @@ class ExportRunner:
     # ------------------------------------------------------------------ recorded id
 
     def _marker(self, request: ExportRequest) -> Path:
-        return (
-            self.export_dir
-            / safe_dirname(request.asset_name)
-            / PENDING_MARKER_DIR
-            / f"{request.tag.rsplit('-dg', 1)[-1]}.json"
-        )
+        name = f"{request.tag.rsplit('-dg', 1)[-1]}.json"
+        return self.export_dir / safe_dirname(request.asset_name) / PENDING_MARKER_DIR / name
 
     def _record_pending(self, request: ExportRequest, export: Mapping[str, Any]) -> None:
         marker = self._marker(request)
@@ -614,13 +561,19 @@ class ExportRunner:
         data = json.dumps({"export_id": int(export["id"]), "tag": request.tag})
         replace_private(marker, data.encode())
 
-    def _read_pending(self, request: ExportRequest) -> int | None:
-        """The recorded id; a missing, foreign, planted (symlink) or oversized marker is none."""
+    def _recorded(
+        self, request: ExportRequest, exclude_ids: Collection[int]
+    ) -> Iterator[dict[str, Any]]:
+        """The export whose id is recorded, if PostHog still has it; a missing, foreign, planted
+        (symlink) or oversized marker records none."""
         try:
             data = json.loads(read_private(self._marker(request)))
-            return int(data["export_id"]) if data.get("tag") == request.tag else None
+            recorded = int(data["export_id"]) if data.get("tag") == request.tag else None
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
-            return None
+            return
+        if recorded is not None and recorded not in exclude_ids:
+            with contextlib.suppress(PostHogNotFoundError):
+                yield self.client.get_export(recorded)
 
     def _remove_stale_marker_tmps(self, folder: Path) -> None:
         """Delete pending-marker ``.tmp`` files left by a write that failed (an empty one: the
@@ -649,10 +602,8 @@ class ExportRunner:
 
 def failure_kind(exc: BaseException) -> tuple[str, bool]:
     """(kind, retryable) of an exception raised while running an export."""
-    if isinstance(exc, PostHogError):
+    if isinstance(exc, PostHogError | ExportDiskError):
         return type(exc).__name__, bool(exc.retryable)
-    if isinstance(exc, ExportDiskError):
-        return type(exc).__name__, False
     if isinstance(exc, OSError):
         return "OSError", not is_local_disk_error(exc)
     return type(exc).__name__, False

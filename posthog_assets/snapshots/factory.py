@@ -6,8 +6,6 @@ op (pool ``posthog_api``) stages rows to disk; the write op (pool ``duckdb``) re
 snapshot's rows in one transaction. Only a small :class:`StagedSnapshot` passes between them.
 """
 
-from __future__ import annotations
-
 import os
 import shutil
 import time
@@ -34,9 +32,8 @@ from posthog_assets.snapshots.staging import (
     remove_stale_staging,
     staging_dir,
 )
-from posthog_assets.snapshots.writer import SnapshotTable, replace_snapshot, writer_connection
+from posthog_assets.snapshots.writer import replace_snapshot, writer_connection
 from posthog_assets.tables import SCHEMA
-from posthog_assets.translator import column_schema
 
 #: The setting named when the DuckDB file or its staging folder cannot be written.
 DUCKDB_PATH_SETTING = "duckdb_path"
@@ -49,7 +46,7 @@ FETCH_RETRY_POLICY = dg.RetryPolicy(
 
 def fatal_failure(exc: PostHogError) -> dg.Failure:
     """A failure a step retry cannot heal; says when PostHog accepts requests again, if known."""
-    retry_at = getattr(exc, "retry_at", None)
+    retry_at = exc.retry_at
     metadata = {"retry_at": dg.MetadataValue.float(float(retry_at))} if retry_at else {}
     return dg.Failure(description=str(exc), allow_retries=False, metadata=metadata)
 
@@ -77,44 +74,25 @@ def _staging_path(database: str | os.PathLike[str]) -> Path:
     return Path(database).resolve().parent / STAGING_DIRNAME
 
 
-def with_table_metadata(spec: dg.AssetSpec, table: SnapshotTable) -> dg.AssetSpec:
-    """The spec with its DuckDB table's name and column schema, known before any run."""
-    return spec.merge_attributes(
-        metadata={
-            "dagster/column_schema": column_schema(table.columns),
-            "dagster/table_name": f"{SCHEMA}.{table.name}",
-        }
-    )
-
-
 def build_snapshot_asset(
-    *,
-    source: SnapshotSource,
-    spec: dg.AssetSpec,
-    resource_key: str,
-    companion_specs: Mapping[str, dg.AssetSpec] | None = None,
+    *, source: SnapshotSource, specs: Mapping[str, dg.AssetSpec], resource_key: str
 ) -> dg.AssetsDefinition:
     """The graph-backed asset of ``source``: fetch (stages rows to disk), then write.
 
-    With companion tables, the one graph materializes them all (one asset each, given by
-    ``companion_specs`` keyed by table name): they come from the same fetch and are written in
-    the same transaction, so they cannot be materialized apart.
+    ``specs`` holds one spec per table, by table name: the source's table and its companions,
+    which come from the same fetch and are written in the same transaction, so they cannot be
+    materialized apart. A spec may depend on another of the same asset (a tidy table on
+    ``insights``).
     """
-    base = "__".join(spec.key.path)
     table = source.table
-    companions = {c.name: c for c in source.companions}
-    companion_specs = dict(companion_specs or {})
-    if set(companion_specs) != set(companions):
-        raise ValueError(
-            f"{base}: specs for {sorted(companions)} needed, got {sorted(companion_specs)}"
-        )
-    specs = {spec.key.path[-1]: with_table_metadata(spec, table)}
-    out_tables = {spec.key.path[-1]: table}
-    for name, companion_spec in companion_specs.items():
-        specs[companion_spec.key.path[-1]] = with_table_metadata(companion_spec, companions[name])
-        out_tables[companion_spec.key.path[-1]] = companions[name]
+    tables = {t.name: t for t in (table, *source.companions)}
+    if set(specs) != set(tables):
+        raise ValueError(f"{table.name}: specs for {sorted(tables)} needed, got {sorted(specs)}")
+    base = "__".join(specs[table.name].key.path)
+    config_cls = source.config_cls
 
-    def fetch(context: dg.OpExecutionContext, config: Any) -> StagedSnapshot:
+    def fetch(context: dg.OpExecutionContext) -> StagedSnapshot:
+        config = config_cls(**context.op_config) if config_cls is not None else None
         duck = getattr(context.resources, DUCKDB_RESOURCE_KEY)
         with duckdb_disk_errors(_staging_path(duck.database)):
             stale = remove_stale_staging(duck.database, context.instance)
@@ -130,14 +108,15 @@ def build_snapshot_asset(
             before = client.request_count
             snapshot_at = utc_now_iso()
             with ExitStack() as stack:
-                staging = stack.enter_context(StagedRows(folder / table.name, table.staged_columns))
-                companion_staging = {
-                    name: stack.enter_context(StagedRows(folder / name, c.staged_columns))
-                    for name, c in companions.items()
+                staging = {
+                    name: stack.enter_context(StagedRows(folder / name, t.staged_columns))
+                    for name, t in tables.items()
                 }
+                companions = {n: rows for n, rows in staging.items() if n != table.name}
                 request = StageRequest(
-                    client, staging, resource, config, context.log, snapshot_at, companion_staging
-                )
+                    client, staging[table.name], resource, config, context.log, snapshot_at,
+                    companions,
+                )  # fmt: skip
                 stats = dict(source.stage(request))
         except PostHogError as exc:
             shutil.rmtree(folder, ignore_errors=True)
@@ -156,14 +135,18 @@ def build_snapshot_asset(
             raise
         with duckdb_disk_errors(folder):
             os.close(open_private(folder / STAGED_MARKER, os.O_WRONLY | os.O_CREAT))
+        main = staging[table.name]
         return StagedSnapshot(
-            files=list(staging.files),
-            rows=staging.rows,
+            files=list(main.files),
+            rows=main.rows,
             companions={
                 name: StagedPart(files=list(rows.files), rows=rows.rows)
-                for name, rows in companion_staging.items()
+                for name, rows in companions.items()
             },
-            scope={"project_id": resource.stored_project_id, **source.scope(snapshot_at)},
+            scope={
+                "project_id": resource.stored_project_id,
+                **({"snapshot_date": snapshot_at[:10]} if table.daily else {}),
+            },
             snapshot_at=snapshot_at,
             stats={
                 "requests": client.request_count - before,
@@ -172,59 +155,41 @@ def build_snapshot_asset(
             },
         )
 
-    # Dagster reads an op's parameters from real annotations (with postponed ones it cannot).
-    annotations: dict[str, Any] = {"context": dg.OpExecutionContext, "return": StagedSnapshot}
-    if source.config_cls is None:
-
-        def fetch_fn(context):  # type: ignore[no-untyped-def]
-            return fetch(context, None)
-
-    else:
-        annotations["config"] = source.config_cls
-
-        def fetch_fn(context, config):  # type: ignore[no-untyped-def]
-            return fetch(context, config)
-
-    fetch_fn.__annotations__ = annotations
     fetch_op = dg.op(
         name=f"{base}__fetch",
-        description=f"Fetch {spec.key.to_user_string()} from PostHog and stage it on disk.",
+        description=f"Fetch {table.qualified_name} from PostHog and stage it on disk.",
+        config_schema=config_cls.to_config_schema() if config_cls is not None else None,
+        out=dg.Out(StagedSnapshot),
         pool=POSTHOG_API_POOL,
         required_resource_keys={resource_key, DUCKDB_RESOURCE_KEY},
         retry_policy=FETCH_RETRY_POLICY,
         tags={"posthog/step": "fetch"},
-    )(fetch_fn)
+    )(fetch)
 
     def write(context: dg.OpExecutionContext, staged: StagedSnapshot) -> Iterator[dg.Output[None]]:
         started = time.monotonic()
         duck = getattr(context.resources, DUCKDB_RESOURCE_KEY)
         with duckdb_disk_errors(duck.database), writer_connection(duck) as conn:
-            inserted = replace_snapshot(
-                conn, table, staged, views=source.views, companions=source.companions
-            )
+            inserted = replace_snapshot(conn, table, staged, companions=source.companions)
             described = dict(source.describe(conn, staged))
         with duckdb_disk_errors(_staging_path(duck.database)):
             remove_staging(staged.all_files)
         write_seconds = round(time.monotonic() - started, 3)
         figures = {**staged.scope, **staged.stats, **described}
-        if companions:
+        if source.companions:
             figures["rows_by_table"] = dict(inserted)
-        for out_name, out_table in out_tables.items():
+        for name, out_table in tables.items():
             common = {
-                "dagster/row_count": dg.MetadataValue.int(inserted[out_table.name]),
-                "dagster/table_name": dg.MetadataValue.text(f"{SCHEMA}.{out_table.name}"),
-                "dagster/column_schema": dg.MetadataValue.table_schema(
-                    column_schema(out_table.columns)
-                ),
+                "dagster/row_count": dg.MetadataValue.int(inserted[name]),
                 "snapshot_at": dg.MetadataValue.text(staged.snapshot_at),
                 **{k: _metadata_value(v) for k, v in staged.scope.items()},
             }
             if out_table is not table:
-                yield dg.Output(None, out_name, metadata=common)
+                yield dg.Output(None, name, metadata=common)
                 continue
             yield dg.Output(
                 None,
-                out_name,
+                name,
                 metadata={
                     **common,
                     **{k: _metadata_value(v) for k, v in figures.items()},
@@ -239,18 +204,15 @@ def build_snapshot_asset(
             inserted, SCHEMA, staged.scope, write_seconds,
         )  # fmt: skip
 
-    write.__annotations__ = {
-        "context": dg.OpExecutionContext,
-        "staged": StagedSnapshot,
-        "return": Iterator[dg.Output[None]],
-    }
-    written = [f"{SCHEMA}.{t.name}" for t in out_tables.values()]
     write_op = dg.op(
         name=f"{base}__write",
-        description=f"Replace the snapshot rows of {', '.join(written)} in one DuckDB transaction.",
+        description="Replace the snapshot rows of "
+        + ", ".join(t.qualified_name for t in tables.values())
+        + " in one DuckDB transaction.",
+        ins={"staged": dg.In(StagedSnapshot)},
+        out={name: dg.Out(dg.Nothing) for name in tables},
         pool=DUCKDB_POOL,
         required_resource_keys={DUCKDB_RESOURCE_KEY},
-        out={name: dg.Out(dg.Nothing) for name in out_tables},
         tags={"posthog/step": "write"},
     )(write)
 
@@ -258,24 +220,25 @@ def build_snapshot_asset(
     config_mapping = (
         dg.ConfigMapping(
             config_fn=lambda cfg: {fetch_op.name: {"config": cfg}},
-            config_schema=source.config_cls.to_config_schema(),
+            config_schema=config_cls.to_config_schema(),
         )
-        if source.config_cls is not None
+        if config_cls is not None
         else None
     )
 
-    @dg.graph_multi_asset(
-        name=base,
-        outs={name: dg.AssetOut.from_spec(s, dagster_type=dg.Nothing) for name, s in specs.items()},
-        config=config_mapping,
-        group_name=spec.group_name,  # graph_multi_asset drops the out spec's group otherwise
+    @dg.graph(name=base, out={name: dg.GraphOut() for name in tables}, config=config_mapping)
+    def graph():  # type: ignore[no-untyped-def]
+        outputs = write_op(fetch_op())
+        return dict(zip(tables, outputs, strict=True)) if len(tables) > 1 else {table.name: outputs}
+
+    # Built from the graph and the specs, not with graph_multi_asset: only this keeps the deps a
+    # spec has on another spec of the same asset (the tidy tables' edge from insights).
+    return dg.AssetsDefinition(
+        node_def=graph,
+        keys_by_output_name={name: spec.key for name, spec in specs.items()},
+        specs=list(specs.values()),
         can_subset=False,
     )
-    def _graph():  # type: ignore[no-untyped-def]
-        outputs = write_op(fetch_op())
-        return dict(zip(out_tables, outputs, strict=True)) if len(out_tables) > 1 else outputs
-
-    return _graph
 
 
 def _metadata_value(value: Any) -> Any:

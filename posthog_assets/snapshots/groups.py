@@ -20,72 +20,87 @@ import duckdb
 from pydantic import Field
 
 from posthog_assets.api.client import PostHogClient
-from posthog_assets.config import ProjectConfig
-from posthog_assets.snapshots.source import SnapshotSource, StageRequest
+from posthog_assets.config import PostHogProject
+from posthog_assets.snapshots.checks import (
+    groups_count_per_type_matches_api,
+    tracked_groups_present,
+)
+from posthog_assets.snapshots.source import ListSource, SnapshotSource, StageRequest
 from posthog_assets.snapshots.staging import StagedRows, StagedSnapshot
-from posthog_assets.snapshots.writer import SnapshotTable
+from posthog_assets.tables import GROUPS_GROUP, Table, columns
 
 DEFAULT_TYPE_CONCURRENCY = 5
 DEFAULT_PROPERTY_VALUES_CONCURRENCY = 4
 
-GROUP_TYPES_TABLE = SnapshotTable(
+_TYPE_INDEX = (
+    "group_type_index  INTEGER  The group type's index (0 to 4), as in posthog.group_types."
+)
+GROUP_TYPES_TABLE = Table(
     name="group_types",
-    columns={
-        "project_id": "VARCHAR",
-        "snapshot_at": "TIMESTAMPTZ",
-        "group_type_index": "INTEGER",
-        "group_type": "VARCHAR",
-        "name_singular": "VARCHAR",
-        "name_plural": "VARCHAR",
-        "detail_dashboard": "BIGINT",
-        "default_columns": "JSON",
-        "created_at": "TIMESTAMPTZ",
-    },
+    description="The project's group types (groups_types), in DuckDB.",
+    group=GROUPS_GROUP,
+    key=("group_type_index",),
+    columns=columns(f"""
+        {_TYPE_INDEX}
+        group_type        VARCHAR      The type's name in events ($group_<index>), e.g. company.
+        name_singular     VARCHAR      The singular name shown in PostHog.
+        name_plural       VARCHAR      The plural name shown in PostHog.
+        detail_dashboard  BIGINT       The dashboard shown on a group's page.
+        default_columns   JSON         The columns PostHog's groups list shows.
+        created_at        TIMESTAMPTZ  When the type was first seen.
+    """),
 )
-GROUPS_TABLE = SnapshotTable(
+GROUPS_TABLE = Table(
     name="groups",
-    columns={
-        "project_id": "VARCHAR",
-        "snapshot_at": "TIMESTAMPTZ",
-        "group_type_index": "INTEGER",
-        "group_key": "VARCHAR",
-        "group_properties": "JSON",
-        "created_at": "TIMESTAMPTZ",
-    },
+    description="Every PostHog group of every type (cursor pages), in DuckDB.",
+    group=GROUPS_GROUP,
+    key=("group_type_index", "group_key"),
+    columns=columns(f"""
+        {_TYPE_INDEX}
+        group_key         VARCHAR      The group's key (the value of $group_<index>).
+        group_properties  JSON         The group's properties.
+        created_at        TIMESTAMPTZ  When PostHog first saw the group.
+    """),
+    checks=(groups_count_per_type_matches_api,),
 )
-GROUP_PROPERTY_DEFINITIONS_TABLE = SnapshotTable(
+GROUP_PROPERTY_DEFINITIONS_TABLE = Table(
     name="group_property_definitions",
-    columns={
-        "project_id": "VARCHAR",
-        "snapshot_at": "TIMESTAMPTZ",
-        "group_type_index": "INTEGER",
-        "name": "VARCHAR",
-        "count": "BIGINT",
-    },
+    description="Group property names and counts per group type, in DuckDB.",
+    group=GROUPS_GROUP,
+    key=("group_type_index", "name"),
+    columns=columns(f"""
+        {_TYPE_INDEX}
+        name              VARCHAR  The property's name.
+        count             BIGINT   Groups of the type that have the property.
+    """),
 )
-GROUP_PROPERTY_VALUES_TABLE = SnapshotTable(
+GROUP_PROPERTY_VALUES_TABLE = Table(
     name="group_property_values",
-    columns={
-        "project_id": "VARCHAR",
-        "snapshot_at": "TIMESTAMPTZ",
-        "group_type_index": "INTEGER",
-        "key": "VARCHAR",
-        "value": "VARCHAR",
-        "count": "BIGINT",
-    },
+    description="Top values of each group property with counts, in DuckDB.",
+    group=GROUPS_GROUP,
+    key=("group_type_index", "key", "value"),
+    columns=columns(f"""
+        {_TYPE_INDEX}
+        key               VARCHAR  The property's name.
+        value             VARCHAR  One of its values (non-text values as JSON text).
+        count             BIGINT   Groups with this value.
+    """),
 )
-TRACKED_GROUPS_TABLE = SnapshotTable(
+TRACKED_GROUPS_TABLE = Table(
     name="tracked_groups",
-    columns={
-        "project_id": "VARCHAR",
-        "snapshot_at": "TIMESTAMPTZ",
-        "group_type_index": "INTEGER",
-        "group_key": "VARCHAR",
-        "found": "BOOLEAN",
-        "group_properties": "JSON",
-        "created_at": "TIMESTAMPTZ",
-        "error": "VARCHAR",
-    },
+    description="Configured groups (groups.tracked) looked up by key without side effects, "
+    "in DuckDB.",
+    group=GROUPS_GROUP,
+    key=("group_type_index", "group_key"),
+    columns=columns(f"""
+        {_TYPE_INDEX}
+        group_key         VARCHAR      The key listed under groups.tracked.
+        found             BOOLEAN      PostHog has a group of this type with exactly this key.
+        group_properties  JSON         The group's properties (found groups).
+        created_at        TIMESTAMPTZ  When PostHog first saw the group.
+        error             VARCHAR      Why the group was not found.
+    """),
+    checks=(tracked_groups_present,),
 )
 
 
@@ -174,19 +189,13 @@ def stage_groups(
     return dict(sorted(counts.items(), key=lambda kv: int(kv[0]))), pages
 
 
-def definition_rows(definitions: Mapping[str, Any]) -> list[dict[str, Any]]:
-    """``{"0": [{"name", "count"}, ...]}`` (keys are the type index as a string) to rows."""
-    rows = []
-    for index, entries in definitions.items():
-        for entry in entries or []:
-            rows.append(
-                {
-                    "group_type_index": int(index),
-                    "name": entry.get("name"),
-                    "count": entry.get("count"),
-                }
-            )
-    return rows
+def definition_rows(item: tuple[str, Any]) -> list[dict[str, Any]]:
+    """One entry of ``{"0": [{"name", "count"}, ...]}`` (the type index as a string) as rows."""
+    index, entries = item
+    return [
+        {"group_type_index": int(index), "name": e.get("name"), "count": e.get("count")}
+        for e in entries or []
+    ]
 
 
 def stage_property_values(
@@ -197,7 +206,11 @@ def stage_property_values(
     concurrency: int = DEFAULT_PROPERTY_VALUES_CONCURRENCY,
 ) -> tuple[int, int]:
     """``property_values`` for each defined property, ``concurrency`` requests at a time."""
-    pairs = [(int(r["group_type_index"]), str(r["name"])) for r in definition_rows(definitions)]
+    pairs = [
+        (int(r["group_type_index"]), str(r["name"]))
+        for item in definitions.items()
+        for r in definition_rows(item)
+    ]
 
     def one(pair: tuple[int, str]) -> int:
         index, key = pair
@@ -244,21 +257,9 @@ def tracked_group_row(client: PostHogClient, type_index: int, key: str) -> dict[
 # The sources
 
 
-class GroupTypesSource(SnapshotSource):
-    """``posthog.group_types``: the project's group types (``groups_types``, a plain array)."""
-
-    name = "group_types"
-    table = GROUP_TYPES_TABLE
-
-    def stage(self, request: StageRequest) -> dict[str, Any]:
-        types = request.client.list_group_types()
-        return {"group_types": request.staging.write(group_type_row(t) for t in types)}
-
-
 class GroupsSource(SnapshotSource):
     """``posthog.groups``: every group of every type (cursor pages; types in parallel)."""
 
-    name = "groups"
     table = GROUPS_TABLE
     config_cls = GroupsSnapshotConfig
 
@@ -288,21 +289,9 @@ class GroupsSource(SnapshotSource):
         return {"db_groups_per_type": {str(i): int(n) for i, n in rows}}
 
 
-class PropertyDefinitionsSource(SnapshotSource):
-    """``posthog.group_property_definitions``: property names and counts per group type."""
-
-    name = "group_property_definitions"
-    table = GROUP_PROPERTY_DEFINITIONS_TABLE
-
-    def stage(self, request: StageRequest) -> dict[str, Any]:
-        rows = definition_rows(request.client.group_property_definitions())
-        return {"properties": request.staging.write(rows)}
-
-
 class PropertyValuesSource(SnapshotSource):
     """``posthog.group_property_values``: the top values of each group property."""
 
-    name = "group_property_values"
     table = GROUP_PROPERTY_VALUES_TABLE
     config_cls = GroupPropertyValuesConfig
 
@@ -319,7 +308,6 @@ class PropertyValuesSource(SnapshotSource):
 class TrackedGroupsSource(SnapshotSource):
     """``posthog.tracked_groups``: the configured groups, looked up without side effects."""
 
-    name = "tracked_groups"
     table = TRACKED_GROUPS_TABLE
 
     def __init__(self, tracked: Sequence[tuple[int, str]]) -> None:
@@ -338,15 +326,25 @@ class TrackedGroupsSource(SnapshotSource):
         }
 
 
-def group_sources(project: ProjectConfig) -> list[SnapshotSource]:
+def group_sources(project: PostHogProject) -> list[SnapshotSource]:
     """The group snapshots one project's ``groups:`` section enables."""
     groups = project.groups
     if not groups.enabled:
         return []
     sources: list[SnapshotSource] = [
-        GroupTypesSource(),
+        ListSource(
+            GROUP_TYPES_TABLE,
+            lambda client: client.list_group_types(),
+            lambda item: [group_type_row(item)],
+            "group_types",
+        ),
         GroupsSource(),
-        PropertyDefinitionsSource(),
+        ListSource(
+            GROUP_PROPERTY_DEFINITIONS_TABLE,
+            lambda client: client.group_property_definitions().items(),
+            definition_rows,
+            "properties",
+        ),
     ]
     if groups.property_values:
         sources.append(PropertyValuesSource())

@@ -9,7 +9,7 @@ step (page through PostHog, append rows to the staging files, return figures for
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,7 +19,7 @@ import duckdb
 from posthog_assets.api.client import PostHogClient
 from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshots.staging import StagedRows, StagedSnapshot
-from posthog_assets.snapshots.writer import SnapshotTable, ViewSql
+from posthog_assets.tables import Table
 
 
 @dataclass
@@ -38,26 +38,18 @@ class StageRequest:
 
 
 class SnapshotSource:
-    """Base of every snapshot: override ``stage`` (and ``describe``/``scope`` if needed).
+    """Base of every snapshot: override ``stage`` (and ``describe`` if needed).
 
     Attributes:
-        name: The asset's last key part and the translator's name for it (``insights``, ...).
-        table: The DuckDB table, its columns and what one snapshot replaces (its scope).
+        table: The DuckDB table's declaration (columns, key, scope, views, checks).
         config_cls: Per-run settings shown in the launchpad, or None.
-        views: Views (re)created in the write's transaction.
         companions: Tables derived from the same fetch, written in the same transaction, each
             its own asset of the same step (e.g. the tidy tables of the insights snapshot).
     """
 
-    name: str
-    table: SnapshotTable
+    table: Table
     config_cls: type[dg.Config] | None = None
-    views: Sequence[ViewSql] = ()
-    companions: Sequence[SnapshotTable] = ()
-
-    def scope(self, snapshot_at: str) -> dict[str, Any]:
-        """Scope columns besides ``project_id`` that one snapshot replaces (e.g. its date)."""
-        return {}
+    companions: Sequence[Table] = ()
 
     def stage(self, request: StageRequest) -> Mapping[str, Any]:
         """Fetch from PostHog and append rows to ``request.staging``; return metadata figures."""
@@ -68,3 +60,22 @@ class SnapshotSource:
     ) -> Mapping[str, Any]:
         """Figures read from the rows just written, for the materialization's metadata."""
         return {}
+
+
+class ListSource(SnapshotSource):
+    """A table filled from one PostHog list: every item ``fetch`` yields becomes the rows
+    ``flatten`` makes of it. A new table of this kind is its declaration, its flattener and one
+    of these; ``figure`` names the row count in the materialization's metadata."""
+
+    def __init__(
+        self,
+        table: Table,
+        fetch: Callable[[PostHogClient], Iterable[Any]],
+        flatten: Callable[[Any], Iterable[Mapping[str, Any]]],
+        figure: str = "rows",
+    ) -> None:
+        self.table, self.fetch, self.flatten, self.figure = table, fetch, flatten, figure
+
+    def stage(self, request: StageRequest) -> Mapping[str, Any]:
+        items = self.fetch(request.client)
+        return {self.figure: request.staging.write(r for i in items for r in self.flatten(i))}

@@ -16,9 +16,8 @@ from __future__ import annotations
 import errno
 import os
 import stat
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -26,35 +25,7 @@ import duckdb
 
 from posthog_assets.api.private_files import owner_only_umask
 from posthog_assets.snapshots.staging import StagedSnapshot
-from posthog_assets.tables import SCHEMA, ensure_table, quote, table_ref
-
-#: A view (re)created in the write's transaction, as SQL built for the connection.
-ViewSql = Callable[[duckdb.DuckDBPyConnection], str]
-
-
-@dataclass(frozen=True)
-class SnapshotTable:
-    """One snapshot table: its columns (ordered, with SQL types) and how a snapshot is scoped.
-
-    ``scope`` columns (e.g. ``project_id``, ``snapshot_date``) and ``snapshot_at`` are written as
-    constants by the write step; all other columns come from the staged rows.
-    """
-
-    name: str
-    columns: Mapping[str, str]
-    scope: tuple[str, ...] = ("project_id",)
-    constants: tuple[str, ...] = ("project_id", "snapshot_at")
-    #: Columns renamed since an earlier version (old name -> new), renamed in place on write.
-    renamed: Mapping[str, str] = field(default_factory=dict)
-
-    def ref(self, conn: duckdb.DuckDBPyConnection) -> str:
-        """Catalog-qualified name (a file called posthog.duckdb makes ``posthog.x`` ambiguous)."""
-        return table_ref(conn, self.name)
-
-    @property
-    def staged_columns(self) -> dict[str, str]:
-        return {c: t for c, t in self.columns.items() if c not in self.constants}
-
+from posthog_assets.tables import SCHEMA, Table, ensure_table, quote
 
 #: DuckDB settings of the write step, unless ``DuckDBResource.connection_config`` sets them. The
 #: write is one streaming INSERT ... SELECT: one thread and a bounded buffer pool keep the peak
@@ -109,7 +80,7 @@ def _check_database_folder(database: str) -> None:
         raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), folder)
 
 
-def _read_json_sql(schema: SnapshotTable) -> str:
+def _read_json_sql(schema: Table) -> str:
     cols = ", ".join(f"{_sql_str(c)}: {_sql_str(t)}" for c, t in schema.staged_columns.items())
     return (
         f"read_json($files, format = 'newline_delimited', columns = {{{cols}}}, "
@@ -123,21 +94,20 @@ def _sql_str(value: str) -> str:
 
 def replace_snapshot(
     conn: duckdb.DuckDBPyConnection,
-    schema: SnapshotTable,
+    schema: Table,
     staged: StagedSnapshot,
     *,
-    views: Sequence[Callable[[duckdb.DuckDBPyConnection], str]] = (),
-    companions: Sequence[SnapshotTable] = (),
+    companions: Sequence[Table] = (),
 ) -> dict[str, int]:
     """Replace the rows of ``staged.scope`` in ``schema`` and every companion table with the
     staged rows, atomically; return the rows inserted per table.
 
     Runs ``ensure_table`` for each (adds missing columns, keeps rows), then ONE transaction with,
     per table, the ``DELETE`` of the scope and the ``INSERT ... SELECT`` with explicit columns,
-    then any view DDL. Either everything commits or nothing changes: a companion table never
+    then the tables' views. Either everything commits or nothing changes: a companion table never
     holds rows of another snapshot than its main table.
     """
-    parts: list[tuple[SnapshotTable, list[str], int]] = [(schema, staged.files, staged.rows)]
+    parts: list[tuple[Table, list[str], int]] = [(schema, staged.files, staged.rows)]
     for table in companions:
         part = staged.companions.get(table.name)
         parts.append((table, part.files if part else [], part.rows if part else 0))
@@ -148,14 +118,15 @@ def replace_snapshot(
             f"{Path(missing[0]).name}); the table was not changed: re-run the fetch step"
         )
     for table, _, _ in parts:
-        ensure_table(conn, table.name, table.columns, renamed=table.renamed)
+        ensure_table(conn, table.name, table.types, renamed=table.renamed)
     inserted: dict[str, int] = {}
     conn.execute("BEGIN TRANSACTION")
     try:
         for table, files, rows in parts:
             inserted[table.name] = _replace_rows(conn, table, staged, files, rows)
-        for view_sql in views:
-            conn.execute(view_sql(conn))
+        for table, _, _ in parts:
+            for view_sql in table.views:
+                conn.execute(view_sql(conn))
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -165,7 +136,7 @@ def replace_snapshot(
 
 def _replace_rows(
     conn: duckdb.DuckDBPyConnection,
-    schema: SnapshotTable,
+    schema: Table,
     staged: StagedSnapshot,
     files: Sequence[str],
     expected: int,
@@ -174,13 +145,14 @@ def _replace_rows(
     files = [f for f in files if Path(f).stat().st_size > 0]
     where = " AND ".join(f"{quote(c)} = ?" for c in schema.scope)
     scope_values = [staged.scope[c] for c in schema.scope]
-    names = list(schema.columns)
+    types = schema.types
+    names = list(types)
     select_parts = []
     params: dict[str, Any] = {"files": files}
     for c in names:
         if c in schema.constants:
             params[f"c_{c}"] = staged.snapshot_at if c == "snapshot_at" else staged.scope[c]
-            select_parts.append(f"CAST($c_{c} AS {schema.columns[c]}) AS {quote(c)}")
+            select_parts.append(f"CAST($c_{c} AS {types[c]}) AS {quote(c)}")
         else:
             select_parts.append(quote(c))
     col_list = ", ".join(quote(c) for c in names)

@@ -4,18 +4,22 @@ A deployment here is what ``deploy/celery/`` describes, on one machine:
 
 - PostgreSQL (Dagster's runs, event log, pool slots) and Redis (the Celery broker, the result
   backend and the PostHog rate-limit gate, each in its own database number);
-- a shared folder standing for the volume every host mounts: export files, the DuckDB file and
-  Dagster's step outputs (``DAGSTER_STORAGE_DIR``);
+- a shared folder standing for the volume every host mounts: export files, the DuckDB file,
+  Dagster's step outputs (``DAGSTER_STORAGE_DIR``) and the configuration file
+  (``POSTHOG_ASSETS_CONFIG``, naming the paths through ``POSTHOG_ASSETS_DUCKDB`` and
+  ``POSTHOG_ASSETS_EXPORT_DIR``);
 - Celery workers started exactly as the README says (``celery -A dagster_celery.app worker`` with
   ``deploy/celery`` on ``PYTHONPATH``), each in its own process group with its own ``HOME``,
   ``TMPDIR`` and rate-limit folder, and an environment built from nothing but what the README
-  lists: a worker sees no other worker's files and nothing of the test process;
+  lists (and the repository on ``PYTHONPATH``: the code location's source, which a deployment
+  ships to every host): a worker sees no other worker's files and nothing of the test process;
 - a run worker: a separate process (forked from the warm interpreter) with its own
   ``DAGSTER_HOME`` holding ``deploy/celery/dagster.yaml``, executing the job with
   ``deploy/celery/run_config.yaml``, as the run launcher's process would.
 
 Also here: reading step timings and process ids back from the event log, and the check that
-nothing a test started is left running. Used by ``test_celery.py`` and ``bench/celery.py``.
+nothing a test started is left running. Used by ``test_celery.py`` (``bench/celery.py`` has its
+own, in ``bench/harness.py``: the benchmarks import nothing of the tests).
 """
 
 from __future__ import annotations
@@ -40,11 +44,13 @@ import psutil
 import yaml
 
 from posthog_assets.pools import apply_pool_limits
-from posthog_assets.standin.server import StandinProcess
+from posthog_assets_tests.support.config_file import project_document, write_config_file
 from posthog_assets_tests.support.dagster_dev import ROOT
 from posthog_assets_tests.support.postgres import PostgresServer
 from posthog_assets_tests.support.redis import RedisServer
 from posthog_assets_tests.support.reliability import Child, warm_python
+from posthog_assets_tests.support.session import with_code_location
+from posthog_standin.server import StandinProcess
 
 CELERY_DIR = ROOT / "deploy" / "celery"
 RUN_CONFIG = CELERY_DIR / "run_config.yaml"
@@ -64,11 +70,11 @@ import dagster as dg
 from dagster._core.definitions.reconstruct import ReconstructableRepository
 
 args = json.loads(sys.argv[1])
-repo = ReconstructableRepository.for_module("posthog_assets.definitions", "defs")
+repo = ReconstructableRepository.for_module("posthog_project.definitions", "defs")
 job = repo.get_reconstructable_job(args["job"])
 selection = None
 if args.get("groups"):
-    from posthog_assets.definitions import defs
+    from posthog_project.definitions import defs
 
     specs = defs.resolve_all_asset_specs()
     selection = [spec.key for spec in specs if spec.group_name in args["groups"]]
@@ -130,12 +136,13 @@ def deployment(
     standin: StandinProcess,
     postgres: PostgresServer,
     redis: RedisServer,
-    config_yaml: str,
+    attributes: Mapping[str, Any],
 ) -> Deployment:
-    """The env of every host (deploy/celery/README.md lists it), pointing into ``shared``."""
+    """The env of every host (deploy/celery/README.md lists it), pointing into ``shared``; the
+    project (``attributes`` of its configuration file: exports, insights, groups) with its DuckDB
+    file and export folder named through the env, as the README's table has them."""
     shared.mkdir(parents=True, exist_ok=True)
-    config = shared / "posthog_assets.yaml"
-    config.write_text(config_yaml)
+    config = write_config_file(shared / "posthog_assets.yaml", project_document(**attributes))
     base = redis.url.rsplit("/", 1)[0]
     env = {
         **postgres.dagster_env(),
@@ -226,11 +233,12 @@ def start_worker(
         "PYTHONPATH": str(CELERY_DIR),  # dagster_celery_config.py
         **(extra_env or {}),
     }
+    env = with_code_location(env)
     cmd = [
         sys.executable, "-m", "celery", "-A", "dagster_celery.app", "worker",
         "--hostname", f"{name}@%h", "--queues", "dagster",
         "--concurrency", str(concurrency), "--prefetch-multiplier", "1",
-        "--include", "posthog_assets.definitions",
+        "--include", "posthog_project.definitions",
         "--without-gossip", "--without-mingle", "--loglevel", "INFO",
     ]  # fmt: skip
     root.mkdir(parents=True, exist_ok=True)
@@ -357,7 +365,7 @@ def start_run(
     from a separate process with its own host; a re-execution from failure of
     ``parent_run_id`` if given."""
     home = instance_home(root / "dagster_home")
-    env = {**host_env(root), **dep.env, "DAGSTER_HOME": str(home)}
+    env = with_code_location({**host_env(root), **dep.env, "DAGSTER_HOME": str(home)})
     args = {
         "job": JOB_NAME,
         # A re-execution runs with its parent's config unless told otherwise (as the UI's).

@@ -2,11 +2,11 @@
 
 Why one: a ``dg dev`` start-up costs 20-40 s on two cores, so ``test_ui.py`` and
 ``test_daemon.py`` share a session-scoped instance. It is started exactly as ``make ui`` starts it
-(``python -m posthog_assets.local.ui``), pointed at the session's stand-in and at temporary
+(``python -m posthog_project.ui``), pointed at the session's stand-in and at temporary
 ``DAGSTER_HOME``/DuckDB/export paths, and stopped with Ctrl-C (SIGINT to its process group) at the
 end of the session, when the fixture also checks that no process of it is left behind.
 
-The helpers here discover asset keys, sensors and schedules from ``posthog_assets.definitions``
+The helpers here discover asset keys, sensors and schedules from ``posthog_project.definitions``
 rather than hard-coding names, and talk GraphQL to the webserver for assertions.
 """
 
@@ -28,10 +28,10 @@ import dagster as dg
 import psutil
 import pytest
 
-from posthog_assets.local.ui import graphql
-from posthog_assets.standin.server import StandinProcess
-from posthog_assets.translator import EXPORTS_GROUP
-from posthog_assets_tests.support.session import standin_env
+from posthog_assets.tables import EXPORTS_GROUP
+from posthog_assets_tests.support.session import standin_env, with_code_location
+from posthog_project.ui import graphql
+from posthog_standin.server import StandinProcess
 
 ROOT = Path(__file__).resolve().parents[2]
 ARTIFACTS = ROOT / "test-artifacts"
@@ -64,7 +64,7 @@ def free_port() -> int:
 
 def posthog_all_job() -> dg.JobDefinition:
     """The main job, module-level so ``dg.reconstructable`` can rebuild it in step subprocesses."""
-    from posthog_assets.definitions import ALL_ASSETS_JOB, defs
+    from posthog_project.definitions import ALL_ASSETS_JOB, defs
 
     return defs.resolve_job_def(ALL_ASSETS_JOB)
 
@@ -72,8 +72,21 @@ def posthog_all_job() -> dg.JobDefinition:
 # ---------------------------------------------------------------------- discovery
 
 
+#: The environment the shipped definitions are imported with in this process (set by the
+#: ``dagster_ui`` fixture): a load checks that the stored state is of the project it names.
+_SHIPPED_ENV: dict[str, str] = {}
+
+
 def load_defs() -> dg.Definitions:
-    from posthog_assets.definitions import defs
+    """The shipped definitions, imported in this process once (with :data:`_SHIPPED_ENV`'s
+    host and project id set while they load, when a fixture gave them)."""
+    if "posthog_project.definitions" not in sys.modules and _SHIPPED_ENV:
+        with pytest.MonkeyPatch.context() as mp:
+            for name in ("POSTHOG_HOST", "POSTHOG_PROJECT_ID", "POSTHOG_PERSONAL_API_KEY"):
+                mp.setenv(name, _SHIPPED_ENV[name])
+            mp.delenv("POSTHOG_ASSETS_CONFIG", raising=False)
+            import posthog_project.definitions  # noqa: F401
+    from posthog_project.definitions import defs
 
     return defs
 
@@ -137,7 +150,7 @@ def schedule_names() -> list[str]:
 
 @dataclass
 class DagsterDevUI:
-    """A running ``python -m posthog_assets.local.ui`` and what the tests need to drive it."""
+    """A running ``python -m posthog_project.ui`` and what the tests need to drive it."""
 
     url: str
     home: Path
@@ -317,7 +330,7 @@ SET_NUX_SEEN_MUTATION = "mutation { setNuxSeen }"
 def dagster_ui(
     standin: StandinProcess, shipped_defs_state: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[DagsterDevUI]:
-    """``python -m posthog_assets.local.ui`` on a free port, against the session stand-in.
+    """``python -m posthog_project.ui`` on a free port, against the session stand-in.
 
     Its own ``DAGSTER_HOME`` (seeded by the module from the root ``dagster.yaml``, pool limits
     applied), DuckDB file and export folder live in a temp folder. The first-run pop-up is
@@ -328,17 +341,23 @@ def dagster_ui(
     ARTIFACTS.mkdir(exist_ok=True)
     port = free_port()
     log_path = ARTIFACTS / f"dagster-dev-{port}.log"  # one per session: runs may overlap
-    env = {
-        **{k: v for k, v in os.environ.items() if k != "POSTHOG_ASSETS_CONFIG"},
-        "DAGSTER_HOME": str(tmp / "dagster_home"),
-        **standin_env(standin, tmp),
-        "POSTHOG_PERSONAL_API_KEY": standin.key,
-        "POSTHOG_ASSETS_RATE_LIMIT_DIR": str(tmp / "gates"),
-        "PYTHONUNBUFFERED": "1",
-    }
+    # The shipped component: its stored state was read from the session stand-in, which the
+    # environment names (POSTHOG_HOST, POSTHOG_PROJECT_ID), or the load fails.
+    # The repository on PYTHONPATH: the module refreshes the stored state with `dg`, which
+    # imports the code location (posthog_project, not installed with the package) itself.
+    env = with_code_location(
+        {
+            **{k: v for k, v in os.environ.items() if k != "POSTHOG_ASSETS_CONFIG"},
+            "DAGSTER_HOME": str(tmp / "dagster_home"),
+            **standin_env(standin, tmp),
+            "POSTHOG_PERSONAL_API_KEY": standin.key,
+            "POSTHOG_ASSETS_RATE_LIMIT_DIR": str(tmp / "gates"),
+            "PYTHONUNBUFFERED": "1",
+        }
+    )
     with log_path.open("wb") as log:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "posthog_assets.local.ui", "--port", str(port)],
+            [sys.executable, "-m", "posthog_project.ui", "--port", str(port)],
             cwd=ROOT,
             env=env,
             stdin=subprocess.DEVNULL,
@@ -355,6 +374,7 @@ def dagster_ui(
             log_path=log_path,
         )
         seen: set[int] = set()
+        _SHIPPED_ENV.update(env)
         try:
             _wait_until_ready(proc, log_path, ui.url)
             ui.gql(SET_NUX_SEEN_MUTATION)
@@ -385,16 +405,14 @@ def _describe(pids: list[int]) -> str:
 
 
 def _wait_until_ready(proc: subprocess.Popen[bytes], log_path: Path, url: str) -> None:
-    """``posthog_assets.local.ui`` prints "Dagster UI: <url>" once the code location has loaded."""
+    """``posthog_project.ui`` prints "Dagster UI: <url>" once the code location has loaded."""
     deadline = time.monotonic() + UI_STARTUP_TIMEOUT_S
     while time.monotonic() < deadline:
         text = log_path.read_text(errors="replace")
         if f"Dagster UI: {url}" in text:
             return
         if proc.poll() is not None:
-            raise AssertionError(
-                f"posthog_assets.local.ui exited ({proc.returncode}):\n{text[-3000:]}"
-            )
+            raise AssertionError(f"posthog_project.ui exited ({proc.returncode}):\n{text[-3000:]}")
         time.sleep(0.5)
     raise AssertionError(f"the UI did not start in {UI_STARTUP_TIMEOUT_S:.0f} s; see {log_path}")
 
@@ -408,9 +426,7 @@ def _ctrl_c(proc: subprocess.Popen[bytes]) -> None:
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait(timeout=10)
-            raise AssertionError(
-                "posthog_assets.local.ui did not stop within 60 s of Ctrl-C"
-            ) from None
+            raise AssertionError("posthog_project.ui did not stop within 60 s of Ctrl-C") from None
     time.sleep(0.5)  # let the last children be reaped by init
 
 

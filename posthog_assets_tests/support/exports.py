@@ -9,7 +9,7 @@ import dagster as dg
 import requests
 from dagster_duckdb import DuckDBResource
 
-from posthog_assets.config import ExportConfig, ProjectConfig
+from posthog_assets.config import ExportConfig, PostHogProject
 from posthog_assets.resources import PostHogResource
 from posthog_assets_tests.support.resources import with_fields
 
@@ -20,11 +20,21 @@ XLSX = "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet"
 FAST_RETRY = dg.RetryPolicy(max_retries=2, delay=0.05)
 
 
-def make_project(*exports: ExportConfig | dict[str, Any], name: str = "default") -> ProjectConfig:
-    """A project holding the given exports; "default" is the default project (host and id from
-    the resource, resource key ``posthog``)."""
+#: The definitions' resource of a test project: tests pass the stand-in's resource to the run.
+UNUSED_RESOURCE = PostHogResource(
+    host="http://127.0.0.1:9", project_id="1", personal_api_key="phx_unused_in_tests"
+)
+
+
+def make_project(
+    *exports: ExportConfig | dict[str, Any],
+    name: str = "default",
+    resource: PostHogResource = UNUSED_RESOURCE,
+) -> PostHogProject:
+    """A project holding the given exports; "default" is the default project (resource key
+    ``posthog``)."""
     configs = [e if isinstance(e, ExportConfig) else ExportConfig(**e) for e in exports]
-    return ProjectConfig(name=name, exports=configs)
+    return PostHogProject(resource=resource, name=name, exports=tuple(configs))
 
 
 def resources(posthog: PostHogResource, tmp_path: Path, **kw: Any) -> dict[str, Any]:

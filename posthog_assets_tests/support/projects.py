@@ -1,7 +1,8 @@
-"""A user's ``dg`` project in a temporary folder: what someone who installs the package builds.
+"""A user's ``dg`` project in a temporary folder: what someone who installs the package builds;
+and a PostHog project built in Python, for tests that call the factories directly.
 
-The project has its own root module (a unique name, so several load in one test process), a
-``defs`` folder for component instances, and runs ``dg`` with this interpreter's environment
+The ``dg`` project has its own root module (a unique name, so several load in one test process),
+a ``defs`` folder for component instances, and runs ``dg`` with this interpreter's environment
 (the package is installed there, its component registered through the entry point).
 """
 
@@ -19,10 +20,18 @@ from typing import Any
 import dagster as dg
 import yaml
 
-from posthog_assets.standin.server import StandinProcess
+from posthog_assets.config import (
+    DEFAULT_PROJECT_NAME,
+    ExportConfig,
+    GroupsConfig,
+    InsightsConfig,
+    PostHogProject,
+)
+from posthog_assets.resources import PostHogResource
+from posthog_assets_tests.support.config_file import COMPONENT
 from posthog_assets_tests.support.session import standin_env
+from posthog_standin.server import StandinProcess
 
-COMPONENT = "posthog_assets.PostHogProjectComponent"
 DG_TIMEOUT_S = 180.0
 
 
@@ -100,3 +109,30 @@ class UserProject:
     def load(self) -> dg.Definitions:
         """The project's definitions, loaded in this process (with ``os.environ`` as it is)."""
         return dg.load_from_defs_folder(path_within_project=self.defs_dir)
+
+
+def python_project(
+    *exports: ExportConfig | Mapping[str, Any],
+    name: str = DEFAULT_PROJECT_NAME,
+    resource: PostHogResource | None = None,
+    insights: Mapping[str, Any] | None = None,
+    groups: Mapping[str, Any] | None = None,
+    duckdb_path: str | Path = "posthog.duckdb",
+) -> PostHogProject:
+    """A project as Python code builds it, holding ``exports`` (``{"name": "weekly_png",
+    "insight": 1, "format": "image/png"}``). A run uses the resource it is given under the
+    project's key (``posthog`` for ``default``); ``resource`` is what the definitions would hold
+    (by default a placeholder whose host, project id and key come from the environment)."""
+    return PostHogProject(
+        resource=resource
+        or PostHogResource(
+            host=dg.EnvVar("POSTHOG_HOST"),
+            project_id=dg.EnvVar("POSTHOG_PROJECT_ID"),
+            personal_api_key=dg.EnvVar("POSTHOG_PERSONAL_API_KEY"),
+        ),
+        name=name,
+        exports=tuple(ExportConfig.model_validate(e) for e in exports),
+        insights=InsightsConfig.model_validate(insights or {}),
+        groups=GroupsConfig.model_validate(groups or {}),
+        duckdb_path=str(duckdb_path),
+    )

@@ -1,7 +1,9 @@
 """Shared helpers for the reliability tests (faults, chaos, rate limits, crash safety, secrets).
 
 Why a "world": every reliability test materializes the same small but complete configuration
-(two exports, an insights snapshot, the group snapshots) built by the package's own factories, so
+(two exports, an insights snapshot, the group snapshots: :data:`WORLD`, written as the
+configuration file a child process running the code location reads, and resolved by the
+component's own model) built by the package's own factories, so
 an outcome under faults can be compared with the outcome of a fault-free run of the same assets.
 Comparisons ignore only what legitimately differs between two runs (snapshot time, cache hit or
 miss, export ids and the file names PostHog stamps with the creation time); everything else must
@@ -9,8 +11,8 @@ be identical, row for row, duplicates included.
 
 Also here: reading what a run left (DuckDB rows, files, the stand-in's request log, Dagster's
 events), seeded chaos rules, the session's fault-free reference run (``shared_reference``), and a
-warm interpreter that forks real child processes cheaply (``warm_python``). Used by the tests and
-by ``bench/chaos.py``; not a test module itself.
+warm interpreter that forks real child processes cheaply (``warm_python``). Used by the tests
+(``bench/chaos.py`` has its own world, in ``bench/harness.py``); not a test module itself.
 """
 
 from __future__ import annotations
@@ -36,32 +38,37 @@ import duckdb
 import pytest
 from dagster_duckdb import DuckDBResource
 
-from posthog_assets.config import Settings, load_settings
+from posthog_assets.config import PostHogProject
 from posthog_assets.exports.assets import build_posthog_export_assets
 from posthog_assets.exports.checks import build_posthog_export_checks
 from posthog_assets.exports.log import build_posthog_exports_log_asset
 from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
-from posthog_assets.standin.server import StandinControl, StandinProcess
 from posthog_assets.tables import open_read_only, table_columns, table_exists
+from posthog_assets_tests.support.config_file import (
+    project_document,
+    resolve_document,
+    write_config_file,
+)
 from posthog_assets_tests.support.resources import make_resource
-from posthog_assets_tests.support.session import standin_env
 from posthog_assets_tests.support.snapshots import asset_name
+from posthog_standin.server import StandinControl, StandinProcess
 
-#: Two exports (PNG, CSV), a filtered blocking insights snapshot (4 pages), every group asset.
-WORLD_YAML = """
-exports:
-  - {name: insight_1_png, insight: 1, export_format: image/png}
-  - {name: insight_2_csv, insight: 2, export_format: text/csv}
-insights:
-  refresh: blocking
-  created_by: [2]
-  page_size: 100
-groups:
-  property_values: true
-  tracked:
-    - {group_type_index: 0, group_key: organization-3}
-"""
+#: The repository: its code location (``posthog_project``) is imported from here.
+ROOT = Path(__file__).resolve().parents[2]
+#: Two exports (PNG, CSV), a filtered blocking insights snapshot (4 pages), every group asset:
+#: the attributes of one project, as its configuration file (``POSTHOG_ASSETS_CONFIG``) holds them.
+WORLD: dict[str, Any] = {
+    "exports": [
+        {"insight": 1, "format": "image/png", "name": "insight_1_png"},
+        {"insight": 2, "format": "text/csv", "name": "insight_2_csv"},
+    ],
+    "insights": {"refresh": "blocking", "created_by": [2], "page_size": 100},
+    "groups": {
+        "property_values": True,
+        "tracked": [{"group_type_index": 0, "group_key": "organization-3"}],
+    },
+}
 WORLD_EXPORTS = ("insight_1_png", "insight_2_csv")
 #: In-run step retries that take fractions of a second (the package default waits ~10 s).
 FAST_STEP_RETRY = dg.RetryPolicy(max_retries=2, delay=0.05)
@@ -105,18 +112,15 @@ FAMILY_TABLE = {EXPORTS: "exports", **{name: name for name in SNAPSHOT_NAMES}}
 class World:
     """The reliability world's assets, wired to one DuckDB file and one export folder."""
 
-    settings: Settings
+    project: PostHogProject
+    config: Path
     db: Path
     export_dir: Path
     step_retry: dg.RetryPolicy | None = FAST_STEP_RETRY
     snapshot: dg.Definitions = field(init=False)
 
     def __post_init__(self) -> None:
-        self.snapshot = build_posthog_snapshot_definitions(self.settings.projects)
-
-    @property
-    def project(self) -> Any:
-        return self.settings.projects[0]
+        self.snapshot = build_posthog_snapshot_definitions([self.project])
 
     def export_assets(self) -> list[dg.AssetsDefinition]:
         """The export step (built per call so a test can pick its step retry policy)."""
@@ -166,20 +170,30 @@ class World:
         )
 
 
+def world_document(root: Path, attributes: Mapping[str, Any] = WORLD) -> dict[str, Any]:
+    """The world's project as a document of its configuration file: DuckDB and exports under
+    ``root``; host, project id and key from the environment (read when a run starts)."""
+    return project_document(
+        duckdb_path=root / "posthog.duckdb", export_dir=root / "exports", **attributes
+    )
+
+
 def build_world(
-    env: Mapping[str, str],
     root: Path,
     *,
-    yaml_text: str = WORLD_YAML,
+    attributes: Mapping[str, Any] = WORLD,
     step_retry: dg.RetryPolicy | None = FAST_STEP_RETRY,
 ) -> World:
-    """The world under ``root`` (config file, ``posthog.duckdb``, ``exports/``)."""
+    """The world under ``root``: its configuration file (``posthog_assets.yaml``, what a child
+    process running the code location reads through ``POSTHOG_ASSETS_CONFIG``), resolved here
+    by the component's own model into the project whose assets the tests materialize, with
+    ``posthog.duckdb`` and ``exports/``."""
     root.mkdir(parents=True, exist_ok=True)
-    config = root / "posthog_assets.yaml"
-    config.write_text(yaml_text)
-    settings = load_settings(config, env=env)
+    document = world_document(root, attributes)
+    config = write_config_file(root / "posthog_assets.yaml", document)
     return World(
-        settings=settings,
+        project=resolve_document(document, config),
+        config=config,
         db=root / "posthog.duckdb",
         export_dir=root / "exports",
         step_retry=step_retry,
@@ -442,7 +456,7 @@ class Reference:
 def run_reference(standin: StandinProcess, root: Path) -> Reference:
     """Materialize the whole world with no fault and sanity-check what it wrote."""
     reset(standin.control)
-    world = build_world(standin_env(standin, root), root)
+    world = build_world(root)
     # Its own request log (in memory): the tests' per-test gate folders do not exist yet here.
     resource = fast_resource(standin, world.export_dir, shared_rate_limit=False)
     result = world.materialize(ALL_FAMILIES, resource, checks=False)
@@ -481,8 +495,12 @@ def shared_reference(
 
 WARM_SERVER = r"""
 import json, os, sys, traceback
+# The repository root (argv[1]), for this repository's own code location (posthog_project, not
+# installed): `python -c` would look in the current folder, which each child changes. Appended:
+# Dagster takes sys.path[0] (the script's folder) out while it imports a code location.
+sys.path.append(sys.argv[1])
 # The slow part of starting a code location: Dagster, pandas, DuckDB and the package's modules.
-# posthog_assets.definitions itself is NOT imported here: it reads the environment of each child.
+# posthog_project.definitions itself is NOT imported here: it reads the environment of each child.
 import dagster  # noqa: F401
 import posthog_assets.exports.definitions  # noqa: F401
 import posthog_assets.resources  # noqa: F401
@@ -555,7 +573,7 @@ class WarmPython:
 
     def __init__(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-c", WARM_SERVER],
+            [sys.executable, "-c", WARM_SERVER, str(ROOT)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             text=True,
@@ -563,6 +581,8 @@ class WarmPython:
         self._lines: queue.Queue[str] = queue.Queue()
         threading.Thread(target=self._pump, daemon=True, name="warm-python").start()
         self._lock = threading.Lock()
+        #: Exit codes read before anyone asked (a child a failed test left unwaited).
+        self._codes: dict[int, int] = {}
 
     def _pump(self) -> None:
         assert self.proc.stdout is not None
@@ -594,13 +614,25 @@ class WarmPython:
             assert self.proc.stdin is not None
             self.proc.stdin.write(json.dumps(job) + "\n")
             self.proc.stdin.flush()
-            pid = int(self._next(timeout=120)["pid"])
+            pid = int(self._started(timeout=120)["pid"])
         return Child(pid=pid, stdout=stdout, stderr=stderr, server=self)
 
+    def _started(self, timeout: float) -> dict[str, Any]:
+        """The next child's start line; an earlier child's exit code read on the way is kept."""
+        while True:
+            answer = self._next(timeout)
+            if "code" not in answer:
+                return answer
+            self._codes[int(answer["pid"])] = int(answer["code"])
+
     def result(self, pid: int, timeout: float) -> int:
-        answer = self._next(timeout)
-        assert answer["pid"] == pid, answer
-        return int(answer["code"])
+        """The child's exit code (a test that failed before waiting for its child leaves that
+        child's code in the stream: it is kept, never taken for another child's)."""
+        while pid not in self._codes:
+            answer = self._next(timeout)
+            assert "code" in answer, answer
+            self._codes[int(answer["pid"])] = int(answer["code"])
+        return self._codes.pop(pid)
 
     def run(self, script: str, **kw: Any) -> tuple[int, str, str]:
         """Run ``script`` to the end: (exit code, stdout, stderr)."""

@@ -7,8 +7,8 @@ from pathlib import Path
 from typing import Any
 
 from posthog_assets.resources import PostHogResource
-from posthog_assets.standin.server import StandinProcess
 from posthog_assets_tests.support.session import TEST_RETRY
+from posthog_standin.server import StandinProcess
 
 
 def make_resource(

@@ -6,10 +6,12 @@ through the ``control`` fixture.
 
 from __future__ import annotations
 
+import os
+from collections.abc import Mapping
 from pathlib import Path
 
 from posthog_assets.api.client import RetrySettings
-from posthog_assets.standin.server import StandinProcess
+from posthog_standin.server import StandinProcess
 
 #: Seed sizes for the session's stand-in: several pages of everything, still fast to serve.
 TEST_INSIGHTS = 500
@@ -40,3 +42,16 @@ def standin_env(standin: StandinProcess, root: Path) -> dict[str, str]:
         "POSTHOG_ASSETS_DUCKDB": str(root / "posthog.duckdb"),
         "POSTHOG_ASSETS_EXPORT_DIR": str(root / "exports"),
     }
+
+
+#: The repository: this repository's own code location (``posthog_project``) is its source, not
+#: part of what the package installs.
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+def with_code_location(env: Mapping[str, str]) -> dict[str, str]:
+    """``env`` with the repository on ``PYTHONPATH``, for a process that imports the code
+    location (``posthog_project``) from another folder, or through ``dg``/``dagster``, whose
+    entry points do not look in the current folder."""
+    paths = [str(REPOSITORY), *filter(None, env.get("PYTHONPATH", "").split(os.pathsep))]
+    return {**env, "PYTHONPATH": os.pathsep.join(dict.fromkeys(paths))}

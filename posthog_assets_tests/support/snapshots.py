@@ -1,4 +1,4 @@
-"""Helpers shared by the snapshot tests: YAML settings, definitions, materialize, DuckDB reads."""
+"""Helpers shared by the snapshot tests: projects, definitions, materialize, DuckDB reads."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import dagster as dg
 import duckdb
 from dagster_duckdb import DuckDBResource
 
-from posthog_assets.config import Settings, load_settings
+from posthog_assets.config import GroupsConfig, InsightsConfig, PostHogProject
 from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshots.definitions import build_posthog_snapshot_definitions
 from posthog_assets.snapshots.results import TIDY_TABLES
@@ -18,15 +18,33 @@ from posthog_assets.snapshots.results import TIDY_TABLES
 INSIGHTS_NODE = "posthog__insights"
 
 
-def snapshot_settings(env: Mapping[str, str], tmp_path: Path, yaml_text: str = "") -> Settings:
-    """Settings from a YAML written to tmp_path, with the env pointed at the stand-in."""
-    path = tmp_path / "posthog_assets.yaml"
-    path.write_text(yaml_text)
-    return load_settings(path, env=env)
+def snapshot_project(
+    env: Mapping[str, str],
+    *,
+    name: str = "default",
+    insights: Mapping[str, Any] | None = None,
+    groups: Mapping[str, Any] | None = None,
+    **resource_fields: Any,
+) -> PostHogProject:
+    """A project pointed where the env points (the stand-in, DuckDB under tmp_path)."""
+    fields = {
+        "host": env["POSTHOG_HOST"],
+        "project_id": env["POSTHOG_PROJECT_ID"],
+        "personal_api_key": env["POSTHOG_PERSONAL_API_KEY"],
+        "export_dir": env["POSTHOG_ASSETS_EXPORT_DIR"],
+        **{k: str(v) if k == "project_id" else v for k, v in resource_fields.items()},
+    }
+    return PostHogProject(
+        resource=PostHogResource(**fields),
+        name=name,
+        insights=InsightsConfig.model_validate(insights or {}),
+        groups=GroupsConfig.model_validate(groups or {}),
+        duckdb_path=env["POSTHOG_ASSETS_DUCKDB"],
+    )
 
 
-def snapshot_defs(settings: Settings) -> dg.Definitions:
-    return build_posthog_snapshot_definitions(settings.projects)
+def snapshot_defs(*projects: PostHogProject) -> dg.Definitions:
+    return build_posthog_snapshot_definitions(projects)
 
 
 def asset_name(asset: Any) -> str:

@@ -8,7 +8,7 @@ from typing import Any, TypeVar
 
 import requests
 
-from posthog_assets.standin.server import StandinProcess
+from posthog_standin.server import StandinProcess
 
 T = TypeVar("T")
 

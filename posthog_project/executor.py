@@ -43,7 +43,7 @@ ENV_CELERY_BROKER = "DAGSTER_CELERY_BROKER_URL"
 ENV_CELERY_BACKEND = "DAGSTER_CELERY_BACKEND_URL"
 MULTIPROCESS, IN_PROCESS, CELERY = "multiprocess", "in_process", "celery"
 #: Steps a fresh interpreter would spend seconds importing; forked from a server that did once.
-PRELOAD_MODULES = ["posthog_assets.definitions"]
+PRELOAD_MODULES = ["posthog_project.definitions"]
 
 
 def _celery_executor() -> dg.ExecutorDefinition | None:
@@ -133,6 +133,10 @@ class PoolWatch(dg.Executor):
 
     def __init__(self, inner: dg.Executor) -> None:
         self.inner = inner
+
+    def __getattr__(self, name: str) -> Any:
+        """What the inner executor offers besides (dagster-celery asks its ``app_args()``)."""
+        return getattr(self.inner, name)
 
     @property
     def retries(self) -> Any:

@@ -13,7 +13,7 @@ import sys
 from contextlib import ExitStack
 from pathlib import Path
 
-from posthog_assets.local.demo import (
+from posthog_project.demo import (
     dg_command,
     refresh_defs_state,
     use_standin_without_credentials,

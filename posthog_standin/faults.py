@@ -128,13 +128,15 @@ class FaultBook:
 
 #: PostHog's throttle scopes and their rates (``posthog/rate_limit.py``: ``BurstRateThrottle``,
 #: ``SustainedRateThrottle``, ``ClickHouseBurstRateThrottle``, ``ClickHouseSustainedRateThrottle``,
-#: ``HogQLQueryThrottle``).
+#: ``HogQLQueryThrottle``, ``APIQueriesBurstThrottle``, ``APIQueriesSustainedThrottle``).
 DEFAULT_RATES: dict[str, str] = {
     "burst": "480/minute",
     "sustained": "4800/hour",
     "clickhouse_burst": "240/minute",
     "clickhouse_sustained": "1200/hour",
     "query": "120/hour",
+    "api_queries_burst": "240/minute",
+    "api_queries_sustained": "2400/hour",
 }
 _PERIODS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 

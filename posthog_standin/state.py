@@ -1,5 +1,7 @@
 """Everything the stand-in mutates: config overrides, keys, exports, insight caches, async query
-jobs, removed groups, faults, throttles, the request log and counters.
+jobs, removed groups, faults, throttles, the request log and counters; HogQL query results,
+jobs, concurrency slots and the query log; and (through each project's ``EventStore``) the
+events and persons the control plane added.
 
 The seed is immutable; this is the only place that grows, and ``reset()`` brings all of it back to
 the state right after start-up (the ids of new exports keep counting up, so a client can never
@@ -16,6 +18,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from .events_db import EventStore
 from .faults import FaultBook, RateLimiter
 from .seed import Insight, Seed
 
@@ -32,6 +35,12 @@ _THRESHOLDS: dict[str, tuple[float, float]] = {
 CLIENT_REFRESH_S = 60.0
 CACHE_STATES = ("cold", "fresh", "stale", "stale_soft")
 REQUEST_LOG_MAX = 20_000
+QUERY_LOG_MAX = 20_000
+#: ``query`` route throttles: "legacy" (HogQLQuery POSTs under ``HogQLQueryThrottle``, 120/hour;
+#: polls and other kinds under the ClickHouse throttles) or "current" (every /query/ request under
+#: ``APIQueriesBurstThrottle`` + ``APIQueriesSustainedThrottle``, 240/minute + 2400/hour), as
+#: ``QueryViewSet.get_throttles`` chooses by team (``posthog/api/query.py``).
+QUERY_THROTTLE_TIERS = ("legacy", "current")
 
 
 def thresholds(interval: str) -> tuple[float, float]:
@@ -78,6 +87,25 @@ class Config:
     environments_sunset: bool = True
     crm_notebooks: bool = True
     property_values_envelope: bool = False
+    #: ``/query/`` (HogQL). The default tier is "legacy": it keeps the insight polls of
+    #: ``/query/:id/`` under the ClickHouse throttles and is the stricter of the two for HogQL.
+    query_throttle_tier: str = "legacy"
+    #: ``get_api_personal_rate_limiter`` (``posthog/clickhouse/client/limit.py``): 3 queries
+    #: per organisation at once; a query waits up to 30 s for a slot, then 429.
+    query_max_concurrency: int = 3
+    query_slot_wait_s: float = 30.0
+    #: The simulated ClickHouse execution: a query whose estimated time (rows scanned x
+    #: ``query_cost_per_row_s`` + days of its timestamp range x ``query_cost_per_day_s``) is above
+    #: ``query_max_execution_s`` runs that long and fails with 504 (``max_execution_time = 10``
+    #: for personal-API-key queries in ``HogQLQueryRunner._calculate``).
+    query_max_execution_s: float = 10.0
+    query_cost_per_row_s: float = 1e-8
+    query_cost_per_day_s: float = 0.0
+    #: Time every computed query takes on top of DuckDB's own (holding its concurrency slot).
+    query_latency_s: float = 0.05
+    #: A blocking HogQL query is served from the cache while its result is younger than this
+    #: (``is_stale`` with the "minute" interval: 5 minutes, ``posthog/caching/utils.py``).
+    hogql_cache_stale_s: float = 300.0
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -87,7 +115,9 @@ class Config:
     def apply(self, data: dict[str, Any]) -> None:
         """Validate and apply overrides; raises ``ValueError`` naming the bad field."""
         floats = ("export_delay_s", "video_delay_s", "presign_ttl_s", "stuck_threshold_s",
-                  "stuck_threshold_video_s", "async_delay_s", "compute_delay_s")  # fmt: skip
+                  "stuck_threshold_video_s", "async_delay_s", "compute_delay_s",
+                  "query_slot_wait_s", "query_max_execution_s", "query_cost_per_row_s",
+                  "query_cost_per_day_s", "query_latency_s", "hogql_cache_stale_s")  # fmt: skip
         bools = ("content_redirect", "rate_limits", "environments_sunset", "export_post_held",
                  "force_cache_shows_running_job", "stable_default_order", "crm_notebooks",
                  "property_values_envelope", "insight_query_from_filters",
@@ -129,6 +159,14 @@ class Config:
                     self.query_fail_insights = {int(v): None for v in value}
             elif name == "rate_limit_overrides":
                 self.rate_limit_overrides = {str(k): str(v) for k, v in value.items()}
+            elif name == "query_throttle_tier":
+                if value not in QUERY_THROTTLE_TIERS:
+                    raise ValueError(f"query_throttle_tier must be one of {QUERY_THROTTLE_TIERS}")
+                self.query_throttle_tier = value
+            elif name == "query_max_concurrency":
+                if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                    raise ValueError("query_max_concurrency must be a positive integer")
+                self.query_max_concurrency = value
             else:
                 raise ValueError(f"unknown config field {name!r}")
 
@@ -242,6 +280,32 @@ class InsightCache:
 
 
 @dataclass
+class HogQLJob:
+    """An async HogQL query (``refresh: async`` / ``force_async``), run by a background task."""
+
+    id: str
+    project_id: int
+    query: str
+    task_id: str
+    start: float
+    pickup: float | None = None
+    end: float | None = None
+    complete: bool = False
+    error: bool = False
+    error_message: str | None = None
+    results: dict[str, Any] | None = None
+    task: asyncio.Task[None] | None = field(default=None, repr=False)
+
+
+@dataclass
+class HogQLCacheEntry:
+    """A computed HogQL response (``is_cached``/``query_status`` are set when served)."""
+
+    body: dict[str, Any]
+    last_refresh: float
+
+
+@dataclass
 class Stats:
     exports_created: int = 0
     notebooks_created: int = 0
@@ -260,12 +324,23 @@ class Stats:
 class State:
     """The mutable half of the stand-in; one instance per process, shared by both listeners."""
 
-    def __init__(self, seed: Seed, *, key: str, base_config: Config) -> None:
+    def __init__(
+        self,
+        seed: Seed,
+        *,
+        key: str,
+        base_config: Config,
+        events: dict[int, EventStore] | None = None,
+    ) -> None:
         self.seed = seed
         self.default_key = key
         self.base_config = base_config
         self.storage_url = ""
         self.next_export_id = 1
+        #: Each project's events and persons (project id -> store); reset empties what the
+        #: control plane added.
+        self.events: dict[int, EventStore] = events or {}
+        self.hogql_jobs: dict[str, HogQLJob] = {}
         self.reset()
 
     def reset(self) -> None:
@@ -287,6 +362,16 @@ class State:
         self.limiter = RateLimiter(self.config.rate_limit_overrides)
         self.log: deque[dict[str, Any]] = deque(maxlen=REQUEST_LOG_MAX)
         self.stats = Stats()
+        for job in getattr(self, "hogql_jobs", {}).values():
+            if job.task is not None and not job.task.done():
+                job.task.cancel()
+        self.hogql_jobs = {}
+        self.hogql_cache: dict[tuple[int, str], HogQLCacheEntry] = {}
+        #: Running HogQL queries per organisation (the concurrency limiter's slots).
+        self.query_slots: Counter[str] = Counter()
+        self.query_log: deque[dict[str, Any]] = deque(maxlen=QUERY_LOG_MAX)
+        for store in self.events.values():
+            store.reset()
 
     @staticmethod
     def now() -> float:

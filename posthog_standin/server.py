@@ -31,11 +31,13 @@ class StandinError(RuntimeError):
 
 
 class StandinProcess:
-    """``python -m posthog_assets.standin`` in its own session, on free ports.
+    """``python -m posthog_standin`` in its own session, on free ports.
 
     Use as a context manager, or call :meth:`start` and :meth:`stop`. After start, ``url``,
     ``storage_url``, ``key``, ``project_id``, ``control_token`` and ``pid`` describe the running
-    server; :attr:`control` drives its control plane.
+    server; :attr:`control` drives its control plane. ``events``, ``persons``, ``event_days`` and
+    ``personless_share`` size the main project's events and persons (``events_db``), which
+    HogQL ``POST /query/`` reads.
     """
 
     def __init__(
@@ -50,18 +52,24 @@ class StandinProcess:
         rate_limits: bool = True,
         export_delay: float = 0.0,
         seed: int = 0,
+        events: int = 20_000,
+        persons: int = 2_000,
+        event_days: int = 7,
+        personless_share: float = 0.002,
         host: str = "127.0.0.1",
         extra_args: Sequence[str] = (),
         startup_timeout: float = 30.0,
         python: str = sys.executable,
     ) -> None:
         self.args = [
-            python, "-m", "posthog_assets.standin",
+            python, "-m", "posthog_standin",
             "--host", host, "--port", "0",
             "--key", key, "--project-id", str(project_id),
             "--insights", str(insights), "--groups", str(groups),
             "--group-types", str(group_types), "--dashboards", str(dashboards),
             "--seed", str(seed), "--export-delay", str(export_delay),
+            "--events", str(events), "--persons", str(persons),
+            "--event-days", str(event_days), "--personless-share", str(personless_share),
             "--rate-limits" if rate_limits else "--no-rate-limits",
             *extra_args,
         ]  # fmt: skip
@@ -142,7 +150,8 @@ class StandinProcess:
 
 
 class StandinControl:
-    """Client for ``/_standin/``: reset, config, faults, keys, request log, stats.
+    """Client for ``/_standin/``: reset, config, faults, keys, request log, stats, and the
+    events/persons/query-log calls of the HogQL ``/query/`` endpoint.
 
     ``token`` is the stand-in's control token (``StandinProcess.control_token``, or the ready
     line's ``control_token``); without it every call is refused with 403.
@@ -237,3 +246,71 @@ class StandinControl:
     def seed_info(self) -> dict[str, Any]:
         """Seed number and, per project, its sizes and first insight/dashboard ids."""
         return self._call("GET", "seed")
+
+    # ---- events, persons and HogQL queries ------------------------------------------------------
+    @staticmethod
+    def _project(project_id: int | None) -> str:
+        return "" if project_id is None else f"?project_id={int(project_id)}"
+
+    def events_info(self, project_id: int | None = None) -> dict[str, Any]:
+        """The event seed (sizes, days, burst rule, seconds it took), live row counts and
+        events per UTC day."""
+        return self._call("GET", "events" + self._project(project_id))
+
+    def event_counts(self, project_id: int | None = None) -> dict[str, int]:
+        """Events per UTC day (``YYYY-MM-DD`` -> count), late events included."""
+        days = self.events_info(project_id)["days"]
+        return {row["day"]: row["events"] for row in days}
+
+    def insert_late_events(
+        self, day: str, count: int, *, event: str | None = None, project_id: int | None = None
+    ) -> dict[str, Any]:
+        """``count`` events with timestamps spread over the past UTC ``day`` (``YYYY-MM-DD``)
+        and ``created_at`` = now, as events ingested late."""
+        body: dict[str, Any] = {"day": day, "count": count}
+        if event is not None:
+            body["event"] = event
+        return self._call("POST", "events/late" + self._project(project_id), body)
+
+    def persons_sample(
+        self, limit: int = 10, *, min_ids: int = 1, project_id: int | None = None
+    ) -> list[dict[str, Any]]:
+        """Live persons (``id``, ``distinct_ids``) with at least ``min_ids`` distinct ids."""
+        query = f"persons?limit={int(limit)}&min_ids={int(min_ids)}"
+        if project_id is not None:
+            query += f"&project_id={int(project_id)}"
+        return self._call("GET", query)
+
+    def merge_persons(
+        self, winner: str, loser: str, *, project_id: int | None = None
+    ) -> dict[str, Any]:
+        """PostHog's merge: the loser's distinct ids re-pointed to the winner (version + 1),
+        the loser's row re-written deleted (version + 100)."""
+        body = {"winner": winner, "loser": loser}
+        return self._call("POST", "persons/merge" + self._project(project_id), body)
+
+    def delete_person(self, person_id: str, *, project_id: int | None = None) -> dict[str, Any]:
+        """The person and its distinct ids re-written deleted (version + 100)."""
+        return self._call("POST", "persons/delete" + self._project(project_id), {"id": person_id})
+
+    def update_person(
+        self, person_id: str, properties: dict[str, Any], *, project_id: int | None = None
+    ) -> dict[str, Any]:
+        """Properties merged into the person's, version + 1."""
+        body = {"id": person_id, "properties": properties}
+        return self._call("POST", "persons/update" + self._project(project_id), body)
+
+    def query_log(self) -> list[dict[str, Any]]:
+        """Every HogQL query ``POST /query/`` received since the last reset: its text, mode,
+        ``offset_seen``, limit, whether it was paginated or capped, status and outcome."""
+        return self._call("GET", "queries")
+
+    def clear_query_log(self) -> None:
+        self._call("DELETE", "queries")
+
+    def configure_queries(self, **settings: Any) -> dict[str, Any]:
+        """The ``/query/`` settings: ``query_throttle_tier`` ("legacy" | "current"),
+        ``query_max_concurrency``, ``query_slot_wait_s``, ``query_max_execution_s``,
+        ``query_cost_per_row_s``, ``query_cost_per_day_s``, ``query_latency_s``,
+        ``hogql_cache_stale_s`` (a config change; reset restores the defaults)."""
+        return self.configure(**settings)

@@ -1,4 +1,4 @@
-"""``python -m posthog_assets.standin``: run the PostHog stand-in until SIGTERM/SIGINT.
+"""``python -m posthog_standin``: run the PostHog stand-in until SIGTERM/SIGINT.
 
 On ready it prints one JSON line (url, storage_url, key, project_id, control_token) and a human
 line to stdout.
@@ -20,8 +20,8 @@ def _token(value: str) -> str:
 
 def parse_args(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
-        prog="python -m posthog_assets.standin",
-        description="Local stand-in for PostHog's exports, groups and insights API.",
+        prog="python -m posthog_standin",
+        description="Local stand-in for PostHog's exports, groups, insights and query API.",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -44,6 +44,19 @@ def parse_args(argv: list[str] | None = None) -> Options:
         type=float,
         default=0.0,
         help="seconds a PNG/CSV/XLSX/PDF export takes to render (the POST waits for it)",
+    )
+    parser.add_argument(
+        "--events", type=int, default=20_000, help="events of the main project (HogQL /query/)"
+    )
+    parser.add_argument("--persons", type=int, default=2_000, help="persons of the main project")
+    parser.add_argument(
+        "--event-days", type=int, default=7, help="whole UTC days before today the events span"
+    )
+    parser.add_argument(
+        "--personless-share",
+        type=float,
+        default=0.002,
+        help="share of events whose distinct id maps to no person",
     )
     parser.add_argument("--log-level", default="warning")
     parser.add_argument(
@@ -68,6 +81,10 @@ def parse_args(argv: list[str] | None = None) -> Options:
         export_delay=args.export_delay,
         log_level=args.log_level,
         control_token=args.control_token,
+        events=args.events,
+        persons=args.persons,
+        event_days=args.event_days,
+        personless_share=args.personless_share,
     )
 
 

@@ -1,4 +1,4 @@
-"""The Dagster UI on this machine: ``python -m posthog_assets.local.ui`` (what ``make ui`` runs).
+"""The Dagster UI on this machine: ``python -m posthog_project.ui`` (what ``make ui`` runs).
 
 Starts the local PostHog stand-in (unless ``POSTHOG_HOST`` is set) and ``dg dev`` (webserver,
 daemon and code server) on 127.0.0.1, with ``DAGSTER_HOME`` at ``.dagster_home/`` seeded with the
@@ -241,7 +241,7 @@ def _is_loopback(host: str) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m posthog_assets.local.ui", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m posthog_project.ui", description=__doc__)
     parser.add_argument("--host", default=DEFAULT_HOST, help="webserver address (loopback)")
     parser.add_argument("--port", type=int, default=DEFAULT_PORT, help="webserver port")
     args = parser.parse_args(argv)
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, _stop_on_signal)
     signal.signal(signal.SIGTERM, _stop_on_signal)
 
-    from posthog_assets.local.demo import (
+    from posthog_project.demo import (
         prepare_dagster_home,
         refresh_defs_state,
         use_standin_without_credentials,

@@ -1,4 +1,4 @@
-"""The main job, end to end: ``python -m posthog_assets.local.demo`` (what ``make demo`` runs).
+"""The main job, end to end: ``python -m posthog_project.demo`` (what ``make demo`` runs).
 
 Without ``POSTHOG_HOST`` it starts the local PostHog stand-in and points the package at it, so the
 whole pipeline runs with no PostHog account. It then materializes every asset once (today's
@@ -37,7 +37,7 @@ def use_standin_without_credentials(stack: ExitStack) -> None:
     at it, so the commands run with no PostHog account."""
     if os.environ.get("POSTHOG_HOST"):
         return
-    from posthog_assets.standin.server import StandinProcess
+    from posthog_standin.server import StandinProcess
 
     standin = stack.enter_context(StandinProcess(key=DEMO_KEY, export_delay=0.5))
     os.environ.update(
@@ -85,9 +85,12 @@ def main() -> int:
 
         import dagster as dg
 
-        from posthog_assets.config import DEFAULT_DUCKDB_PATH, DEFAULT_EXPORT_DIR
-        from posthog_assets.definitions import ALL_ASSETS_JOB, defs
+        from posthog_assets.config import (
+            DEFAULT_DUCKDB_PATH,
+            DEFAULT_EXPORT_DIR,
+        )
         from posthog_assets.pools import apply_pool_limits
+        from posthog_project.definitions import ALL_ASSETS_JOB, defs
 
         instance = stack.enter_context(dg.DagsterInstance.get())
         apply_pool_limits(instance)

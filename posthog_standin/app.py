@@ -14,13 +14,13 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import errors, exports, groups, insights, projects
+from . import errors, exports, groups, insights, projects, query_api
 from .auth import Ctx, authenticate, read_json_body, require_scopes, resolve_project
 from .control import ControlAccess, ControlGate, control_routes
 from .middleware import ApiMiddleware
 from .state import State
 
-logger = logging.getLogger("posthog_assets.standin")
+logger = logging.getLogger("posthog_standin")
 
 Handler = Callable[[Ctx], Awaitable[Response]]
 DEFAULT_THROTTLES = ("burst", "sustained")
@@ -41,6 +41,13 @@ class ApiRoute:
     throttles: tuple[str, ...] = DEFAULT_THROTTLES
     projects_only: bool = False
     write_scopes: Callable[[Any], list[str]] | None = None
+    #: Throttle scopes chosen per request (the query routes: by tier, method and body).
+    throttle_fn: Callable[[State, str, Any], tuple[str, ...]] | None = None
+
+    def throttle_scopes(self, state: State, method: str, body: Any) -> tuple[str, ...]:
+        if self.throttle_fn is not None:
+            return self.throttle_fn(state, method, body)
+        return self.throttles
 
     def scopes(self, method: str, body: Any) -> list[str]:
         if method in _READ_METHODS:
@@ -98,8 +105,25 @@ PROJECT_ROUTES: tuple[ApiRoute, ...] = (
         "insight",
         CLICKHOUSE_THROTTLES,
     ),
+    # QueryViewSet: every action, POST and DELETE included, needs query:read
+    # (scope_object_read_actions = ["retrieve", "create", "list", "destroy"]).
     ApiRoute(
-        "query", "/query/{query_id}", {"GET": insights.query_status}, "query", CLICKHOUSE_THROTTLES
+        "query_create",
+        "/query",
+        {"POST": query_api.create},
+        "query",
+        CLICKHOUSE_THROTTLES,
+        write_scopes=lambda body: ["query:read"],
+        throttle_fn=query_api.throttle_scopes,
+    ),
+    ApiRoute(
+        "query",
+        "/query/{query_id}",
+        {"GET": query_api.query_status, "DELETE": query_api.cancel},
+        "query",
+        CLICKHOUSE_THROTTLES,
+        write_scopes=lambda body: ["query:read"],
+        throttle_fn=query_api.throttle_scopes,
     ),
 )
 PROJECT_LIST = ApiRoute("projects", "", {"GET": projects.list_projects}, "project")
@@ -126,9 +150,8 @@ def endpoint(
                 project = state.seed.main
             require_scopes(key, route.scopes(method, body))
             if state.config.rate_limits:
-                allowed, wait = state.limiter.check(
-                    _throttle_ident(key.key), route.throttles, state.now()
-                )
+                scopes = route.throttle_scopes(state, method, body)
+                allowed, wait = state.limiter.check(_throttle_ident(key.key), scopes, state.now())
                 if not allowed:
                     raise errors.throttled(wait)
             handler = route.methods.get("GET" if method == "HEAD" else method)

@@ -20,6 +20,7 @@ import uvicorn
 
 from .app import build_api_app
 from .control import ControlAccess
+from .events_db import EventSeedSpec, EventStore
 from .seed import Seed
 from .state import Config, State
 from .storage import build_storage_app
@@ -42,6 +43,18 @@ class Options:
     log_level: str = "warning"
     #: Needed on every ``/_standin/`` request; ``None`` draws a random one per start.
     control_token: str | None = None
+    #: Events and persons of the main project (Staging gets at most 2,000 and 200), spread over
+    #: the ``event_days`` whole UTC days before today; ``personless_share`` of the events have
+    #: distinct ids with no person (they vanish from queries that select ``person_id``).
+    events: int = 20_000
+    persons: int = 2_000
+    event_days: int = 7
+    personless_share: float = 0.002
+
+
+#: Staging's share of the events and persons.
+STAGING_EVENTS_MAX = 2_000
+STAGING_PERSONS_MAX = 200
 
 
 class _Server(uvicorn.Server):
@@ -70,7 +83,19 @@ def build_state(options: Options) -> State:
         groups=options.groups,
     )
     config = Config(export_delay_s=options.export_delay, rate_limits=options.rate_limits)
-    return State(seed, key=options.key, base_config=config)
+    stores = {}
+    for project in seed.projects.values():
+        main = project.id == seed.main.id
+        spec = EventSeedSpec(
+            seed=project.seed,
+            events=options.events if main else min(options.events, STAGING_EVENTS_MAX),
+            persons=options.persons if main else min(options.persons, STAGING_PERSONS_MAX),
+            days=options.event_days,
+            personless_share=options.personless_share,
+            team_id=project.id,
+        )
+        stores[project.id] = EventStore(spec)
+    return State(seed, key=options.key, base_config=config, events=stores)
 
 
 async def serve(options: Options) -> None:

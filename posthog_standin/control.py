@@ -9,11 +9,12 @@ preflight (never granted here), and cannot reach the plane under a rebound DNS n
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import json
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, date, datetime, timedelta
 from typing import Any
 
 from starlette.requests import Request
@@ -21,6 +22,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .events_db import EventStore
 from .group_seed import group_index
 from .seed import INSIGHT_KIND_RULES, Insight, Project
 from .server import CONTROL_TOKEN_HEADER
@@ -263,6 +265,71 @@ def control_routes(state: State) -> list[Route]:
             }
         )
 
+    # ---- events, persons and the HogQL query log ---------------------------------------------
+    def _store(request: Request) -> EventStore:
+        project_id = int(request.query_params.get("project_id", seed.main.id))
+        store = state.events.get(project_id)
+        if store is None:
+            raise ControlError(f"no events for project_id {project_id}")
+        return store
+
+    async def events_info(request: Request) -> Response:
+        store = _store(request)
+        sizes = await asyncio.to_thread(store.sizes)
+        days = await asyncio.to_thread(store.day_counts)
+        return JSONResponse({**store.info(), "live": sizes, "days": days})
+
+    async def late_events(request: Request) -> Response:
+        store = _store(request)
+        data = await _json(request)
+        day = date.fromisoformat(str(data.get("day")))
+        count = data.get("count")
+        if isinstance(count, bool) or not isinstance(count, int):
+            raise ControlError("'count' must be an integer")
+        event = data.get("event")
+        if event is not None and not isinstance(event, str):
+            raise ControlError("'event' must be a string")
+        result = await asyncio.to_thread(store.insert_late_events, day, count, event)
+        return JSONResponse(result, status_code=201)
+
+    async def persons(request: Request) -> Response:
+        store = _store(request)
+        limit = int(request.query_params.get("limit", 10))
+        min_ids = int(request.query_params.get("min_ids", 1))
+        return JSONResponse(await asyncio.to_thread(store.persons_sample, limit, min_ids=min_ids))
+
+    def _person_id(data: dict[str, Any], name: str) -> str:
+        value = data.get(name)
+        if not isinstance(value, str) or not value:
+            raise ControlError(f"'{name}' must be a person id (a UUID string)")
+        return value
+
+    async def merge(request: Request) -> Response:
+        store = _store(request)
+        data = await _json(request)
+        winner, loser = _person_id(data, "winner"), _person_id(data, "loser")
+        return JSONResponse(await asyncio.to_thread(store.merge_persons, winner, loser))
+
+    async def delete_person(request: Request) -> Response:
+        store = _store(request)
+        person_id = _person_id(await _json(request), "id")
+        return JSONResponse(await asyncio.to_thread(store.delete_person, person_id))
+
+    async def update_person(request: Request) -> Response:
+        store = _store(request)
+        data = await _json(request)
+        properties = data.get("properties")
+        if not isinstance(properties, dict):
+            raise ControlError("'properties' must be an object")
+        person_id = _person_id(data, "id")
+        return JSONResponse(await asyncio.to_thread(store.update_person, person_id, properties))
+
+    async def queries(request: Request) -> Response:
+        if request.method == "DELETE":
+            state.query_log.clear()
+            return JSONResponse([])
+        return JSONResponse(list(state.query_log))
+
     table: list[tuple[str, Handler, list[str]]] = [
         ("/_standin/health", health, ["GET"]),
         ("/_standin/seed", seed_info, ["GET"]),
@@ -277,5 +344,12 @@ def control_routes(state: State) -> list[Route]:
         ("/_standin/insights/cache", all_insights_cache, ["POST"]),
         ("/_standin/insights/{insight_id:int}/cache", insight_cache, ["POST"]),
         ("/_standin/stats", stats, ["GET"]),
+        ("/_standin/events", events_info, ["GET"]),
+        ("/_standin/events/late", late_events, ["POST"]),
+        ("/_standin/persons", persons, ["GET"]),
+        ("/_standin/persons/merge", merge, ["POST"]),
+        ("/_standin/persons/delete", delete_person, ["POST"]),
+        ("/_standin/persons/update", update_person, ["POST"]),
+        ("/_standin/queries", queries, ["GET", "DELETE"]),
     ]
     return [Route(path, _guard(handler), methods=methods) for path, handler, methods in table]
