@@ -3,9 +3,7 @@ destination, are hashed on the way, and the file is renamed into place only when
 
 Reading the socket and writing/hashing the file run on two threads joined by a small bounded
 queue, so the download keeps pace with a plain ``requests`` stream (hashing and disk writes
-release the GIL) while memory stays flat (at most a few chunks in flight). A download killed
-mid-way leaves a ``.part`` whose ``flock`` died with its process; the next download into the
-same folder removes it.
+release the GIL) while memory stays flat (at most a few chunks in flight).
 """
 
 from __future__ import annotations
@@ -39,7 +37,6 @@ class DownloadResult:
     path: Path
     bytes: int
     sha256: str
-    content_type: str | None
     redirected: bool
 
 
@@ -120,21 +117,16 @@ def stream_to_file(
         tmp.unlink(missing_ok=True)
         raise
     return DownloadResult(
-        path=dest,
-        bytes=written,
-        sha256=writer.digest.hexdigest(),
-        content_type=resp.headers.get("Content-Type"),
-        redirected=redirected,
+        path=dest, bytes=written, sha256=writer.digest.hexdigest(), redirected=redirected
     )
 
 
 def remove_stale_parts(folder: Path) -> list[Path]:
     """Delete the ``.part`` files of downloads whose process died (SIGKILL, OOM, power loss).
 
-    ``finally`` cannot run in a killed process, so its temp file stays. A live download holds an
-    exclusive ``flock`` on its ``.part`` (the kernel drops it when the process dies), so a file we
-    can lock has no writer left, unless another live process (pid in the name) has only just
-    created it and not locked it yet: such a file is left for the next download.
+    A live download holds an exclusive ``flock`` on its ``.part`` (the kernel drops it when the
+    process dies), so a file we can lock has no writer left, unless another live process (pid in
+    the name) has just created it and not locked it yet: that one waits for the next download.
     """
     removed: list[Path] = []
     with _PART_LOCK:

@@ -1,12 +1,10 @@
 """Local files only their owner can touch, and local disk errors a retry cannot cure.
 
-Why: the package keeps state in places other local users may reach first (a shared temp dir, a
-folder someone else created, a symlink planted where a file is expected). Opening such a path
-blindly lets them redirect our writes onto the user's own files (``~/.bashrc`` through a
-symlinked state file), feed us endless input (a link to ``/dev/zero``) or plant state that blocks
-runs. So folders the package keeps state in must be real folders of this user that nobody else
-can write, files are opened without following symlinks and checked on the open descriptor, and
-reads are capped.
+Why: other local users may reach the package's state places first (a shared temp dir, a folder
+they created, a planted symlink) and redirect our writes onto the user's own files (``~/.bashrc``
+through a symlinked state file), feed us endless input (``/dev/zero``) or plant state that blocks
+runs. So state folders must be this user's own, writable by nobody else; files are opened
+without following symlinks, checked on the open descriptor, and read capped.
 
 No Dagster here: the HTTP layer uses it.
 """
@@ -85,10 +83,9 @@ def make_dir(path: str | os.PathLike[str]) -> Path:
 
 
 def private_dir(path: str | os.PathLike[str]) -> Path:
-    """A folder only this user can change (created 0700 when missing), for state other users
-    must not plant or swap files in: its owner must be us, nobody else may write it, and its
-    parent may not be a folder anyone can rename entries of (world-writable without sticky bit).
-    """
+    """A folder only this user can change (created 0700 when missing), for state others must not
+    plant or swap files in: ours, writable by nobody else, and not inside a folder where anyone
+    can rename entries (world-writable without sticky bit)."""
     path = make_dir(path)
     info = os.lstat(path)
     if info.st_uid != os.getuid():
@@ -165,10 +162,8 @@ def replace_private(path: str | os.PathLike[str], data: bytes) -> None:
 
 @contextlib.contextmanager
 def owner_only_umask() -> Iterator[None]:
-    """Files and folders this process creates meanwhile are for this user only.
-
-    For files made by code we do not control (DuckDB's database, WAL and spill files follow the
-    umask). The umask is per process: nested and concurrent uses restore it once, after the last.
+    """Files and folders this process creates meanwhile are for this user only (for code we do
+    not control, like DuckDB). Nested and concurrent uses restore the umask once, after the last.
     """
     global _umask_users, _saved_umask
     with _umask_lock:

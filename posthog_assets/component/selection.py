@@ -1,11 +1,10 @@
 """Which insights and dashboards to export, chosen by selection rather than hand-typed ids.
 
-Each entry of a component's ``exports:`` selects one or more objects of the stored project state
-(by id, short id, tag, dashboard membership, name search, favourites, or every dashboard) and
-gives their format; each selected object becomes one export asset. Asset names are stable: an
-insight's comes from its short id (a renamed insight keeps its asset), a dashboard's from its id,
-unless the entry names a single object itself. An entry naming its object by numeric id
-(``insight: 42``, ``dashboard: 7``) needs no stored state: its asset is named from that id.
+Each entry of a component's ``exports:`` selects objects of the stored project state (by id,
+short id, tag, dashboard membership, name search, favourites, or every dashboard) in one format;
+each becomes one export asset. Names are stable: an insight's comes from its short id (a renamed
+insight keeps its asset), a dashboard's from its id, unless the entry names its single object.
+An entry naming its object by numeric id (``insight: 42``) needs no stored state.
 """
 
 from __future__ import annotations
@@ -25,6 +24,8 @@ from posthog_assets.config import (
     ExportFormat,
     matching,
 )
+
+_SELECTORS = ("insight", "insights", "dashboard", "dashboards")
 
 
 class _Strict(BaseModel):
@@ -103,8 +104,7 @@ class ExportSelection(_Strict):
 
     @model_validator(mode="after")
     def _one_selector(self) -> ExportSelection:
-        kinds = ("insight", "insights", "dashboard", "dashboards")
-        given = [k for k in kinds if getattr(self, k) is not None]
+        given = [k for k in _SELECTORS if getattr(self, k) is not None]
         if len(given) != 1:
             raise ValueError(
                 "give exactly one of insight, insights, dashboard, dashboards"
@@ -116,8 +116,7 @@ class ExportSelection(_Strict):
 
     @property
     def selector(self) -> str:
-        kinds = ("insight", "insights", "dashboard", "dashboards")
-        return next(k for k in kinds if getattr(self, k) is not None)
+        return next(k for k in _SELECTORS if getattr(self, k) is not None)
 
     def describe(self) -> str:
         value = getattr(self, self.selector)
@@ -143,11 +142,7 @@ def selected_tags(selections: Sequence[ExportSelection]) -> tuple[set[str], set[
 
 def needs_state(entry: ExportSelection) -> bool:
     """Whether resolving the entry needs the stored state (everything but a numeric id)."""
-    if entry.selector == "insight":
-        return not isinstance(entry.insight, int)
-    if entry.selector == "dashboard":
-        return not isinstance(entry.dashboard, int)
-    return True
+    return not isinstance(getattr(entry, entry.selector), int)
 
 
 def select_exports(
@@ -159,35 +154,26 @@ def select_exports(
     where the entry needs it.
 
     A filter that matches nothing adds a line to ``warnings`` and no asset: a tag removed in
-    PostHog must not take the code location down. A single object the state does not have is an
-    error, as is a name given twice.
-
-    Raises:
-        SelectionError: A single object is missing, or a name is not unique (the message names
-            the entry, and what could explain it).
+    PostHog must not take the code location down. A single object the state does not have, or a
+    name given twice, raises :class:`SelectionError` naming the entry and what could explain it.
     """
     exports: dict[str, ExportConfig] = {}
-    origin: dict[str, str] = {}
+    origin: dict[str, tuple[str, str]] = {}  # asset name: (the entry, its object) that took it
     for index, entry in enumerate(selections):
         where = f"exports[{index}] ({entry.describe()})"
         if entry.selector in ("dashboard", "dashboards") and entry.format != PNG:
             raise SelectionError(f"{where}: PostHog exports a dashboard only as image/png")
         targets = _targets(entry, state, where, warnings if warnings is not None else [])
         for kind, object_id, name in targets:
-            if name in exports:
-                earlier = exports[name]
-                target = (
-                    f"insight {earlier.insight}"
-                    if earlier.insight
-                    else f"dashboard {earlier.dashboard}"
-                )
+            if name in origin:
+                first, target = origin[name]
                 raise SelectionError(
-                    f"{where} selects {kind} {object_id} a second time, as {origin[name]} did"
+                    f"{where} selects {kind} {object_id} a second time, as {first} did"
                     if target == f"{kind} {object_id}"
-                    else f"{where} names its asset {name!r}, as {origin[name]} does for "
+                    else f"{where} names its asset {name!r}, as {first} does for "
                     f"{target}: give one of them another name"
                 )
-            origin[name] = f"exports[{index}]"
+            origin[name] = (f"exports[{index}]", f"{kind} {object_id}")
             exports[name] = ExportConfig(
                 name=name,
                 format=entry.format,
@@ -211,10 +197,10 @@ def _targets(
         raise SelectionError(f"{where} needs the stored state, and none was read")
     kind = "insight" if entry.selector in ("insight", "insights") else "dashboard"
     if kind == "insight":
-        targets = [(kind, i.id, _insight_name(i, entry)) for i in _insights(entry, state, where)]
+        found = [(i.id, i.short_id or i.id) for i in _insights(entry, state, where)]
     else:
-        boards = _dashboards(entry, state, where)
-        targets = [(kind, d.id, _dashboard_name(d, entry)) for d in boards]
+        found = [(d.id, d.id) for d in _dashboards(entry, state, where)]
+    targets = [(kind, id_, entry.name or f"{kind}_{label}_{ext}") for id_, label in found]
     if not targets:
         empty = f"{where} matches no {kind} of the state of {state.fetched_at}"
         why = _why_nothing(entry, state, kind)
@@ -233,25 +219,17 @@ def _insights(entry: ExportSelection, state: ProjectState, where: str) -> list[I
     board_ids: set[int] | None = None
     if f.dashboard is not None:
         board_ids = {d.id for d in _one_dashboard(f.dashboard, state, where)}
-    tagged = None
-    if f.tag is not None and f.tag in state.insight_tags:
-        tagged = set(state.insight_tags[f.tag])
-    found = []
-    for i in state.insights:
-        if f.ids is not None and i.id not in f.ids:
-            continue
-        if f.short_ids is not None and i.short_id not in f.short_ids:
-            continue
-        if f.tag is not None and not (i.id in tagged if tagged is not None else f.tag in i.tags):
-            continue
-        if board_ids is not None and not board_ids.intersection(i.dashboards):
-            continue
-        if f.search is not None and f.search.lower() not in i.title.lower():
-            continue
-        if f.favorited is not None and i.favorited != f.favorited:
-            continue
-        found.append(i)
-    return found
+    tagged = set(state.insight_tags[f.tag]) if f.tag in state.insight_tags else None
+    return [
+        i
+        for i in state.insights
+        if (f.ids is None or i.id in f.ids)
+        and (f.short_ids is None or i.short_id in f.short_ids)
+        and (f.tag is None or (i.id in tagged if tagged is not None else f.tag in i.tags))
+        and (board_ids is None or board_ids.intersection(i.dashboards))
+        and (f.search is None or f.search.lower() in i.title.lower())
+        and (f.favorited is None or i.favorited == f.favorited)
+    ]
 
 
 def _dashboards(entry: ExportSelection, state: ProjectState, where: str) -> list[DashboardRecord]:
@@ -288,8 +266,7 @@ def _one_dashboard(wanted: int | str, state: ProjectState, where: str) -> list[D
 
 
 def _why_nothing(entry: ExportSelection, state: ProjectState, kind: str) -> str:
-    """What could explain an empty selection of ``kind`` (insight or dashboard), for the
-    criteria it uses."""
+    """What could explain an empty selection of ``kind`` (insight or dashboard), by criterion."""
     single = entry.insight if kind == "insight" else entry.dashboard
     f = entry.insights if kind == "insight" else entry.dashboards
     known_tags = state.insight_tags if kind == "insight" else state.dashboard_tags
@@ -319,16 +296,5 @@ def _why_nothing(entry: ExportSelection, state: ProjectState, kind: str) -> str:
         if len(given) > 1:
             reasons.append(f"no {kind} meets every criterion at once (they are AND-ed)")
     reasons.append(f"the {kind} was created after the state was read")
-    return (
-        "Possible reasons: "
-        + "; ".join(reasons)
-        + ". Run `dg utils refresh-defs-state` after changing the selection or the project."
-    )
-
-
-def _insight_name(insight: InsightRecord, entry: ExportSelection) -> str:
-    return entry.name or f"insight_{insight.short_id or insight.id}_{EXPORT_FORMATS[entry.format]}"
-
-
-def _dashboard_name(board: DashboardRecord, entry: ExportSelection) -> str:
-    return entry.name or f"dashboard_{board.id}_{EXPORT_FORMATS[entry.format]}"
+    hint = "Run `dg utils refresh-defs-state` after changing the selection or the project."
+    return f"Possible reasons: {'; '.join(reasons)}. {hint}"

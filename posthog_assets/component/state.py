@@ -20,8 +20,7 @@ import click
 from posthog_assets.api.client import PostHogClient
 
 STATE_VERSION = 2
-#: States this version still reads (version 1 has no tag memberships: a tag selection then says
-#: to refresh).
+#: States this version reads (version 1 has no tag memberships: a tag selection asks to refresh).
 READABLE_VERSIONS = (1, 2)
 #: Dashboards are few: one page of this many (so no order is needed), checked against ``count``.
 DASHBOARDS_PAGE = 1000
@@ -87,8 +86,7 @@ class ProjectState:
 
 
 class StateRefreshFailed(click.ClickException):
-    """The state could not be read: ``dg`` prints the message alone (a click error), without
-    the traceback around it."""
+    """The state could not be read: a click error, so ``dg`` prints the message, no traceback."""
 
 
 class StateIncomplete(ValueError):
@@ -96,10 +94,7 @@ class StateIncomplete(ValueError):
 
 
 def fetch_project_state(
-    client: PostHogClient,
-    *,
-    insight_tags: Iterable[str] = (),
-    dashboard_tags: Iterable[str] = (),
+    client: PostHogClient, *, insight_tags: Iterable[str] = (), dashboard_tags: Iterable[str] = ()
 ) -> ProjectState:
     """Read the project's insights (metadata only, ``order=id``, checked against ``count``) and
     dashboards, and which of them carry each of the given tags (PostHog's own filter)."""
@@ -180,8 +175,7 @@ def write_state(path: Path, state: ProjectState) -> None:
 
 
 def read_state(path: Path) -> ProjectState:
-    """The stored state; a torn, empty or foreign file is named with the command that
-    rewrites it."""
+    """The stored state; a torn, empty or foreign file is named with the command to rewrite it."""
     try:
         return ProjectState.from_json(path.read_text())
     except (ValueError, KeyError, TypeError, AttributeError) as exc:

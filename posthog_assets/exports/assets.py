@@ -49,7 +49,6 @@ def build_posthog_export_assets(
     """One ``multi_asset`` holding every export of ``project`` (empty list when there are none).
 
     Args:
-        project: The configured project; its exports become assets via ``translator``.
         translator: Override keys, groups, tags, descriptions (``replace_attributes``).
         execute: Runs the selected exports (default :func:`posthog_exports`): wrap it to add
             work before or after, or to post-process what it yields.
@@ -88,13 +87,9 @@ def posthog_exports(
     *,
     max_concurrent_exports: int = DEFAULT_MAX_CONCURRENT_EXPORTS,
 ) -> Iterator[dg.MaterializeResult]:
-    """Export every selected asset of the step, concurrently; what to export is read back from
-    each spec's :class:`PostHogMetadataSet`. One failure does not stop the others; the step
-    then fails listing every failed export.
-
-    Args:
-        max_concurrent_exports: Threads waiting on PostHog at once inside the step.
-    """
+    """Export every selected asset of the step, ``max_concurrent_exports`` at a time; what to
+    export is read back from each spec's :class:`PostHogMetadataSet`. One failure does not stop
+    the others; the step then fails listing every failed export."""
     free_slots_of_ended_runs(context.instance, context.log)  # e.g. the exports log's duckdb
     run = context.run
     root = dedup_root_from_tags(run.tags, run.root_run_id or run.run_id)
@@ -105,8 +100,6 @@ def posthog_exports(
         event = latest.get(key)
         previous = ExportMaterialization.from_event(event)
         if event is not None and event.run_id == run.run_id and previous:
-            # An earlier attempt of this very step already finished this export: report it
-            # again instead of asking PostHog for another one.
             context.log.info(
                 "%s: already exported by an earlier attempt of this step (export %s)",
                 key.to_user_string(),

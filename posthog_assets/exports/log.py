@@ -67,12 +67,9 @@ def build_posthog_exports_log_asset(
     translator: DagsterPostHogTranslator | None = None,
     pool: str = DUCKDB_POOL,
 ) -> dg.AssetsDefinition:
-    """``<prefix>/exports_log``: upsert one ``posthog.exports`` row per recorded export.
-
-    Reads the export assets' materializations from the instance (only those after the newest
-    already in the table), so it is short, idempotent (keyed on project id + export id) and
-    catches up on exports whose run failed before this step could run.
-    """
+    """``<prefix>/exports_log``: upsert one ``posthog.exports`` row per recorded export, read
+    from the instance (materializations after the newest in the table): short, idempotent (keyed
+    on project id + export id), and it catches up on exports whose run failed before it ran."""
     keys = list(export_keys)
     spec = exports_log_spec(project, translator).replace_attributes(deps=keys)
 

@@ -1,23 +1,19 @@
 """Create (or resume) one PostHog export, poll it until it has content, stream it to disk.
 
-No Dagster here: the asset layer (:mod:`posthog_assets.exports.assets`) runs many of these in
-threads and turns the outcome into metadata, and the benchmark drives it directly.
-
-Why the extra care:
+No Dagster here: :mod:`posthog_assets.exports.assets` runs many of these in threads, and the
+benchmark drives it directly.
 
 - **No duplicate exports.** Every export carries a deterministic ``export_context.filename`` tag
-  (derived by the caller from asset key + run/partition). Before a POST we look for an export of
-  ours with that tag that is still pending or ready (first via an id recorded on disk, then via the
-  exports list, newest first), so a retried or crashed step resumes instead of rendering again.
-- **Finite, visible polling.** Exponential backoff with jitter between ``interval_s`` and
-  ``max_interval_s``; a total ``timeout_s`` after which we fail with the id, elapsed time and last
-  state (the next attempt resumes the same export); one log line per poll.
-- **Safe paths.** The server's filename never decides where a file lands: it is reduced to a plain
-  name inside ``<export_dir>/<asset name>/``, a folder we make (0700) and never follow as a
-  symlink; pending markers are 0600 files in a folder only this user can write.
-- **Local disk errors fail at once.** A full or read-only disk, or an ``export_dir`` that is not a
-  folder, fails the export with :class:`ExportDiskError` naming ``export_dir`` and the folder: a
-  retry would only fail again.
+  (from asset key + run/partition). Before a POST we look for a pending or ready export of ours
+  with that tag (by an id recorded on disk, then in the exports list, newest first), so a retried
+  or crashed step resumes instead of rendering again.
+- **Finite, visible polling.** Backoff with jitter up to a total ``timeout_s``, then a failure
+  naming the id, elapsed time and last state (the next attempt resumes that export).
+- **Safe paths.** The server's filename is reduced to a plain name inside
+  ``<export_dir>/<asset name>/`` (made 0700, never followed as a symlink); pending markers are
+  0600 files in a folder only this user can write.
+- **Local disk errors fail at once** with :class:`ExportDiskError` naming ``export_dir``: a retry
+  would only fail again.
 """
 
 from __future__ import annotations
@@ -104,12 +100,8 @@ NON_RETRYABLE_EXCEPTION_MARKERS: tuple[str, ...] = (
 
 
 def exception_is_retryable(text: str | None) -> bool:
-    """Decide from PostHog's ``exception`` text whether a new export may succeed.
-
-    The response carries no failure class (``failure_type`` is not serialized), so the text is
-    all we have: user errors (unsupported format, validation, lost authorization) are final;
-    the stuck-export text and timeouts/transient errors are worth another try.
-    """
+    """Whether a new export may succeed, from PostHog's ``exception`` text: the response carries
+    no failure class (``failure_type`` is not serialized), so the text is all we have."""
     lowered = (text or "").lower()
     if any(m in lowered for m in NON_RETRYABLE_EXCEPTION_MARKERS):
         return False
@@ -148,11 +140,9 @@ class ExportRequest:
 
     @property
     def needs_source(self) -> bool:
-        """A CSV/XLSX of an insight renders only from ``export_context.source`` or ``.path``.
-
-        Without either, PostHog's tabular exporter (``csv_exporter.py``, ``_export_to_dict``)
-        fails with ``KeyError('path')``, retried for up to 35 minutes, and never gives a file.
-        """
+        """A CSV/XLSX of an insight renders only from ``export_context.source`` or ``.path``:
+        without either, PostHog's tabular exporter (``csv_exporter.py``) fails with
+        ``KeyError('path')``, retried for up to 35 minutes, and never gives a file."""
         context = self.export_context or {}
         return (
             self.export_format in TABULAR_FORMATS
@@ -167,15 +157,9 @@ class ExportRequest:
 
 
 def tabular_context(insight: Mapping[str, Any], project_id: int | str) -> dict[str, Any]:
-    """``export_context`` that lets PostHog render an insight as CSV/XLSX.
-
-    The saved query's ``source`` for an ``InsightVizNode`` (the query node the exporter runs), a
-    ``DataTableNode`` or HogQL query as it is, or, for an insight with only legacy ``filters``, a
-    ``path`` to the insight's own API route (the exporter's legacy path).
-
-    Raises:
-        PostHogExportFailed: The insight has neither a query nor filters to render.
-    """
+    """``export_context`` that lets PostHog render an insight as CSV/XLSX: the query node the
+    exporter runs (an ``InsightVizNode``'s ``source``, any other query as it is) or, for legacy
+    ``filters``, a ``path`` to the insight's API route; PostHogExportFailed without either."""
     query = insight.get("query")
     if isinstance(query, Mapping) and query.get("kind"):
         if query["kind"] in _WRAPPER_KINDS and isinstance(query.get("source"), Mapping):
@@ -214,11 +198,8 @@ class ExportOutcome:
 
 
 def safe_filename(name: str | None, extension: str, fallback: str) -> str:
-    """A plain file name from an untrusted server ``filename``.
-
-    Drops directories (``/`` and ``\\``), ``..``, control characters and anything outside
-    ``[A-Za-z0-9._-]``; never starts with a dot; always ends with ``.<extension>``.
-    """
+    """A plain file name from an untrusted server ``filename``: only ``[A-Za-z0-9._-]``, no
+    directories or ``..``, never a leading dot, always ending with ``.<extension>``."""
     text = (name or "").replace("\\", "/").rsplit("/", 1)[-1]
     text = "".join(ch for ch in text if ch.isprintable() and ord(ch) >= 32)
     text = re.sub(r"[^A-Za-z0-9._-]+", "-", text)
@@ -265,13 +246,7 @@ def _describe(export: Mapping[str, Any]) -> str:
 
 class ExportRunner:
     """Runs :class:`ExportRequest`s against one :class:`PostHogClient`; safe to share by threads.
-
-    Args:
-        client: The project's client (its retries cover 429/5xx/connection drops per request).
-        export_dir: Root folder; files land in ``<export_dir>/<asset name>/``.
-        poll: Backoff and total timeout for ``GET /exports/:id/``.
-        log: Where the per-poll progress lines go (a Dagster ``context.log`` works).
-    """
+    Files land in ``<export_dir>/<asset name>/``; ``poll`` paces ``GET /exports/:id/``."""
 
     def __init__(
         self,
@@ -292,19 +267,13 @@ class ExportRunner:
     # ------------------------------------------------------------------ public
 
     def run(
-        self,
-        request: ExportRequest,
-        *,
-        exclude_ids: Collection[int] = (),
-        scan_list: bool = True,
+        self, request: ExportRequest, *, exclude_ids: Collection[int] = (), scan_list: bool = True
     ) -> ExportOutcome:
         """Resume or create the export, wait for content, download it; re-create once on a 404.
 
-        Args:
-            exclude_ids: Exports already recorded as materialized, which must not be reused.
-            scan_list: Also search the exports list for a resumable export (the recorded id is
-                always tried). Callers pass False when this is certainly the first attempt of a
-                fresh run, which saves one list request per export.
+        ``exclude_ids`` are exports already materialized, never reused. ``scan_list=False`` (for
+        the first attempt of a fresh run) saves the exports-list search; the recorded id is
+        always tried.
         """
         current: dict[str, Any] = {}
         try:
@@ -388,17 +357,10 @@ class ExportRunner:
         )
 
     def find_resumable(
-        self,
-        request: ExportRequest,
-        *,
-        exclude_ids: Collection[int] = (),
-        scan_list: bool = True,
+        self, request: ExportRequest, *, exclude_ids: Collection[int] = (), scan_list: bool = True
     ) -> dict[str, Any] | None:
-        """Our own still-useful export for this request: pending, or ready but not yet recorded.
-
-        Looks at the id recorded by an earlier attempt first (one GET), then scans the exports
-        list (newest first, bounded by count and age).
-        """
+        """Our own still-useful export for this request (pending, or ready but not recorded):
+        the id an earlier attempt recorded first, then the exports list (newest first, bounded)."""
         listed = self._iter_own(request) if scan_list else ()
         candidates = itertools.chain(self._recorded(request, exclude_ids), listed)
         return next((e for e in candidates if self._usable(e, request, exclude_ids)), None)
@@ -576,12 +538,9 @@ class ExportRunner:
                 yield self.client.get_export(recorded)
 
     def _remove_stale_marker_tmps(self, folder: Path) -> None:
-        """Delete pending-marker ``.tmp`` files left by a write that failed (an empty one: the
-        disk was full) or was killed (an old one), as stale ``.part`` files are.
-
-        Only another run of the same asset writes here meanwhile, and its ``.tmp`` is empty for
-        microseconds; losing that race fails its export as retryable, nothing worse.
-        """
+        """Delete pending-marker ``.tmp`` files left by a failed (empty: disk full) or killed
+        (old) write. Only another run of the same asset writes here meanwhile, and its ``.tmp``
+        is empty for microseconds; losing that race fails its export as retryable."""
         pending = folder / PENDING_MARKER_DIR
         if pending.is_symlink() or not pending.is_dir():
             return

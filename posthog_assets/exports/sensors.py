@@ -1,8 +1,7 @@
 """Sensors that keep exports fresh (expiry) and retry exports that failed for a passing reason.
 
 Both keep a serialized cursor record, stop well inside Dagster's 60 s evaluation budget (the rest
-waits for the next tick), return ``SkipReason`` when there is nothing to do, and default to STOPPED.
-A sensor's body only gathers its inputs; each pass of a tick is a function below.
+waits for the next tick) and default to STOPPED; each pass of a tick is a function below.
 
 ``run_key`` design (a run_key deduplicates forever):
 
@@ -258,12 +257,11 @@ def plan_retry(
     backoff_max_s: float = DEFAULT_RETRY_BACKOFF_MAX_S,
 ) -> RetryPlan:
     """The retry of ``run``'s ``failed`` assets (planned, not materialized), given what its step
-    recorded about each export (``failures``, by asset key).
+    recorded about each export (``failures``, by asset key; none: a crash, retryable).
 
-    An export failure without a record (crash, killed worker) counts as retryable. One that
-    recorded ``retry_at`` (PostHog's rate limit said when) is retried no earlier, even when the
-    step itself could not wait that long. Retry n waits ``backoff_s * 2**(n-1)``, at most
-    ``backoff_max_s``, after ``failed_at``; the exports log (``log_key``) always comes along.
+    A recorded ``retry_at`` (PostHog's rate limit said when) is honoured even when the step
+    could not wait that long. Retry n waits ``backoff_s * 2**(n-1)``, at most ``backoff_max_s``,
+    after ``failed_at``; the exports log (``log_key``) always comes along.
     """
     retry: list[str] = []
     warnings: list[str] = []
@@ -324,21 +322,14 @@ def build_posthog_export_expiry_sensor(
     clock: Callable[[], float] = time.time,
 ) -> dg.SensorDefinition:
     """Re-materialize an export that expires within ``margin_s``, is gone from PostHog, or whose
-    file is gone/changed.
+    file is gone/changed; ``log_key`` (the DuckDB log asset) is requested along.
 
-    The recorded ``expires_after`` and the local file are checked first (no HTTP). Exports that
-    pass are then looked up in PostHog (``GET exports/:id/``, a few at a time, with a short retry
-    budget): a 404 means PostHog expired or deleted it early, and a changed ``expires_after``
-    replaces the recorded one. A lookup that fails for a passing reason is retried next tick; a
-    401/403 fails the tick with the missing scope (``export:read``).
-
-    Args:
-        export_keys: The export assets to watch (their latest materialization's metadata).
-        log_key: The DuckDB log asset, requested along so the new row gets written.
-        margin_s: Refresh this long before ``expires_after``.
-        rerequest_after_s: If a refresh produced no new export, ask again after this long.
-        time_budget_s: Stop this long into an evaluation; the rest waits for the next tick.
-        check_posthog: Ask PostHog about each export (needs the project's resource).
+    The recorded ``expires_after`` and the local file are checked first (no HTTP). With
+    ``check_posthog``, exports that pass are then looked up (``GET exports/:id/``, a few at a
+    time, short retries): a 404 means PostHog expired or deleted it early, and a changed
+    ``expires_after`` replaces the recorded one. A lookup that fails for a passing reason is
+    retried next tick; a 401/403 fails the tick with the missing scope (``export:read``). A
+    refresh that produced no new export is asked again after ``rerequest_after_s``.
     """
     keys = list(export_keys)
     fresh = (
@@ -433,9 +424,8 @@ def _ask_posthog(
         for future in as_completed(futures, timeout=left):
             export_id = futures[future]
             try:
-                remote[export_id] = _expires_reason(
-                    future.result().get("expires_after"), now, margin_s
-                )
+                expires_after = future.result().get("expires_after")
+                remote[export_id] = _expires_reason(expires_after, now, margin_s)
             except PostHogNotFoundError:
                 remote[export_id] = f"export {export_id} is gone from PostHog (expired or deleted)"
             except (PostHogAuthError, PostHogPermissionError):
@@ -507,20 +497,14 @@ def build_posthog_export_retry_sensor(
     default_status: dg.DefaultSensorStatus = dg.DefaultSensorStatus.STOPPED,
     clock: Callable[[], float] = time.time,
 ) -> dg.SensorDefinition:
-    """Re-request export assets of failed runs whose failure is retryable, after a backoff.
+    """Re-request export assets of failed runs whose failure is retryable, after a backoff
+    (see :func:`plan_retry`); ``log_key`` (the DuckDB log asset) is requested along.
 
-    How the failure kind is known: the export step raises ``dg.Failure`` with metadata
-    ``posthog_export_failures`` (asset key, export id, error class, ``retryable``), derived from
-    the typed client errors (timeouts, 5xx, 429, dropped downloads and retryable PostHog
-    ``exception`` texts are retryable; 4xx, auth and user-error exceptions are not). A planned
-    export that failed without that record (crash, killed worker) counts as retryable. Attempts
-    are counted in the ``posthog/retry_attempt`` tag of the runs this sensor launches.
-
-    Args:
-        log_key: The DuckDB log asset, requested along with retried exports.
-        max_attempts: Total sensor-launched retries per chain of failures.
-        backoff_s: Wait before retry n is ``backoff_s * 2**(n-1)``, capped at ``backoff_max_s``.
-        lookback_s: On the first tick (no cursor), look at failures this far back.
+    The export step's ``dg.Failure`` lists each failed export with ``retryable``, derived from the
+    typed client errors (timeouts, 5xx, 429, dropped downloads and retryable PostHog
+    ``exception`` texts are; 4xx, auth and user errors are not). ``max_attempts`` caps the
+    ``posthog/retry_attempt`` tag of the runs this sensor launches; the first tick (no cursor)
+    looks ``lookback_s`` back.
     """
     target = _with_log([k for a in export_assets for k in a.keys], log_key)
     ours = set(target)

@@ -1,9 +1,8 @@
 """Group snapshots: group types, every group, property definitions and values, tracked groups.
 
-Each asset is a fetch step (API, stages rows to disk page by page) and a write step (one DuckDB
-transaction). A groups snapshot **replaces** the project's previous snapshot in its table: these
-tables hold the latest state (with ``snapshot_at`` saying when it was taken), not a history. Groups
-are big and change slowly; history is what the daily insights snapshots are for.
+A groups snapshot **replaces** the project's previous one in its table: these tables hold the
+latest state (``snapshot_at`` says when it was taken), not a history. Groups are big and change
+slowly; history is what the daily insights snapshots are for.
 """
 
 from __future__ import annotations
@@ -237,17 +236,11 @@ def tracked_group_row(client: PostHogClient, type_index: int, key: str) -> dict[
     project for every group it finds, and a daily snapshot would litter the project with them.
     """
     found = client.lookup_group(type_index, key)
+    row = {"group_type_index": type_index, "group_key": key, "found": found is not None}
     if found is None:
-        return {
-            "group_type_index": type_index,
-            "group_key": key,
-            "found": False,
-            "error": "not found: no group of this type has this key",
-        }
+        return {**row, "error": "not found: no group of this type has this key"}
     return {
-        "group_type_index": type_index,
-        "group_key": key,
-        "found": True,
+        **row,
         "group_properties": found.get("group_properties"),
         "created_at": found.get("created_at"),
     }

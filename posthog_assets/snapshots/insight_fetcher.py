@@ -1,21 +1,16 @@
 """Reading every insight with its result: the list in pages, background queries followed in bulk.
 
-No Dagster here: the insights snapshot (:mod:`posthog_assets.snapshots.insights`) and the
-benchmark both drive :class:`InsightSnapshotFetcher`.
+No Dagster here: the insights snapshot and the benchmark both drive :class:`InsightSnapshotFetcher`.
 
 How the fetch spends requests (PostHog allows 1,200 insight requests an hour per key):
 
 - the list is read page by page, ``order=id`` (PostHog's default order has ties, so unordered pages
   overlap and skip rows), 100 insights a page in the async and cache modes;
-- in the async modes, insights whose result PostHog is still computing are followed in bulk:
-  while nothing is landing, a round asks ``GET /query/:id/`` about the query started first (one
-  request; a batch started together finishes together); once one is complete, rounds re-read the
-  pages that hold pending insights with ``refresh=force_cache`` (100 insights from the cache per
-  request, computing nothing), keeping those whose ``last_refresh`` is not older than the query's
-  ``start_time``, for as long as that finds new results. A finished query's own answer carries
-  its response, which is used as it is; a 400 or 500 there is PostHog's answer that the query
-  failed. So N insights cost about ``ceil(N/100) x (landing rounds + 1)`` requests plus one per
-  quiet round;
+- in the async modes, insights whose result PostHog is still computing are followed in bulk
+  (:meth:`InsightSnapshotFetcher._follow`): rounds ask ``GET /query/:id/`` about the query most
+  likely done and, while results are landing, re-read the pages that hold pending insights with
+  ``refresh=force_cache`` (100 insights from the cache per request, computing nothing). So N
+  insights cost about ``ceil(N/100) x (landing rounds + 1)`` requests plus one per quiet round;
 - blocking modes compute every stale insight of a page inside one request, one after another, so
   their pages are small (5 by default).
 
@@ -119,9 +114,8 @@ def _running_query(insight: Mapping[str, Any]) -> Mapping[str, Any] | None:
 
 def _is_concurrency_limited(insight: Mapping[str, Any]) -> bool:
     status = insight.get("query_status") or {}
-    return bool(status.get("error")) and CONCURRENCY_LIMIT_MESSAGE in str(
-        status.get("error_message") or ""
-    )
+    message = str(status.get("error_message") or "")
+    return bool(status.get("error")) and CONCURRENCY_LIMIT_MESSAGE in message
 
 
 class InsightSnapshotIncomplete(PostHogError):
@@ -143,6 +137,19 @@ class PendingInsight:
     asks: int = 0  # times /query/:id/ was asked about this insight's query
     next_ask_round: int = 0
     completed: bool = False  # /query/:id/ said complete, but the cache had not shown it yet
+
+    @classmethod
+    def of(
+        cls, insight: Mapping[str, Any], running: Mapping[str, Any], offset: int | None
+    ) -> PendingInsight:
+        """The insight, listed at ``offset``, whose ``running`` query computes its result."""
+        return cls(
+            insight=insight,
+            offset=offset,
+            query_id=str(running["id"]),
+            started_at=parse_time(running.get("start_time")),
+            seen_last_refresh=parse_time(insight.get("last_refresh")),
+        )
 
     def finished_in(self, insight: Mapping[str, Any]) -> bool:
         """Whether this cache-only answer holds the new result (not the stale one we saw)."""
@@ -180,10 +187,7 @@ class InsightFetchStats:
 
 
 class InsightSnapshotFetcher:
-    """Lists insights, follows async queries in bulk and stages one row per insight.
-
-    No Dagster here: the insights snapshot and the benchmark both drive it.
-    """
+    """Lists insights, follows async queries in bulk and stages one row per insight."""
 
     def __init__(
         self,
@@ -201,7 +205,6 @@ class InsightSnapshotFetcher:
         self.staging = staging
         self.tidy = tidy
         self.options = options
-        #: How background queries are followed (the resource's policy, the options' timeout).
         self.poll = poll or PollPolicy(
             interval_s=1.0, max_interval_s=15.0, timeout_s=options.query_poll_timeout_s
         )
@@ -251,13 +254,7 @@ class InsightSnapshotFetcher:
                     continue
                 running = _running_query(insight) if opts.follows_queries else None
                 if running is not None:
-                    pending[iid] = PendingInsight(
-                        insight=insight,
-                        offset=page.offset,
-                        query_id=str(running["id"]),
-                        started_at=parse_time(running.get("start_time")),
-                        seen_last_refresh=parse_time(insight.get("last_refresh")),
-                    )
+                    pending[iid] = PendingInsight.of(insight, running, page.offset)
                 elif _is_concurrency_limited(insight) and opts.concurrency_limit_retries > 0:
                     limited[iid] = insight
                 else:
@@ -290,10 +287,8 @@ class InsightSnapshotFetcher:
             self.stats.staged += written
 
     def _check_complete(self) -> None:
-        """Fail before anything is written when fewer insights were read than PostHog has.
-
-        The count is asked again before failing: insights deleted during the run are not missing.
-        """
+        """Fail before anything is written when fewer insights were read than PostHog has (asked
+        again first: insights deleted during the run are not missing)."""
         reported = self.stats.count_reported
         if reported is None or len(self._stored) >= reported:
             return
@@ -338,13 +333,7 @@ class InsightSnapshotFetcher:
                 del limited[iid]
                 running = _running_query(insight) if opts.follows_queries else None
                 if running is not None:
-                    pending[iid] = PendingInsight(
-                        insight=insight,
-                        offset=None,
-                        query_id=str(running["id"]),
-                        started_at=parse_time(running.get("start_time")),
-                        seen_last_refresh=parse_time(insight.get("last_refresh")),
-                    )
+                    pending[iid] = PendingInsight.of(insight, running, None)
                 else:
                     self._stage([insight])
         if limited:
@@ -358,13 +347,11 @@ class InsightSnapshotFetcher:
     # ------------------------------------------------------------------ following in bulk
 
     def _follow(self, pending: dict[int, PendingInsight]) -> None:
-        """Rounds until every pending insight has its new result, a failure, or the timeout.
-
-        A re-list costs one request per page holding a pending insight; asking PostHog about
-        one query costs one. So while results are landing each round re-lists, and while they
-        are not, a round first asks about the query most likely done (the earliest started; a
-        few once some have finished, to find failures, which never reach the cache) and
-        re-lists only when one answers complete. The waits grow between rounds either way.
+        """Rounds, with growing waits, until every pending insight has its new result, a
+        failure, or the timeout. A re-list costs one request per page holding a pending insight,
+        asking about one query one: so while results are landing each round re-lists, and while
+        they are not, a round first asks about the queries most likely done (:meth:`_ask`) and
+        re-lists only when one answers complete.
         """
         started = self._clock()
         deadline = started + self.poll.timeout_s
@@ -460,15 +447,13 @@ class InsightSnapshotFetcher:
             self._settle(pending, insight)
 
     def _ask(self, pending: dict[int, PendingInsight]) -> bool:
-        """``GET /query/:id/`` for the queries most likely done; True when one said complete.
+        """``GET /query/:id/`` for the queries most likely done (see :data:`MAX_ASKS_PER_ROUND`);
+        True when one said complete.
 
-        One query until any insight has finished (a batch started together finishes together,
-        so the earliest started tells for all), then up to :data:`MAX_ASKS_PER_ROUND`, each
-        asked again only after 2, 4, 8 ... rounds. A complete answer carries the response in
-        ``query_status.results``: it is staged from there, since the cache may not hold it
-        (PostHog never caches a response with an error, and an overlapping job can leave an
-        older result in the cache). A 400 or 500 is PostHog's answer that the query failed;
-        202 means it is merely slow.
+        A complete answer carries the response in ``query_status.results``: it is staged from
+        there, since the cache may not hold it (PostHog never caches a response with an error,
+        and an overlapping job can leave an older result in the cache). A 400 or 500 is
+        PostHog's answer that the query failed; 202 means it is merely slow.
         """
         round_no = self.stats.follow_rounds
         most = MAX_ASKS_PER_ROUND if self._finished_any else 1

@@ -129,16 +129,15 @@ def _funnel_kind(viz: Any) -> str:
     )
 
 
+_SOURCE_WRAPPERS = frozenset({"InsightVizNode", "DataTableNode", "DataVisualizationNode"})
+
+
 def _query_source(query: Any) -> Mapping[str, Any] | None:
     """The query that computes the result: an InsightVizNode's or DataTableNode's source."""
     if not isinstance(query, Mapping):
         return None
     source = query.get("source")
-    if isinstance(source, Mapping) and query.get("kind") in (
-        "InsightVizNode",
-        "DataTableNode",
-        "DataVisualizationNode",
-    ):
+    if isinstance(source, Mapping) and query.get("kind") in _SOURCE_WRAPPERS:
         return source
     return query
 
@@ -158,20 +157,18 @@ def flatten_insight(insight: Mapping[str, Any]) -> Flattened:
     """Tidy rows of ``insight``'s result, or the reason there are none; never raises."""
     kind = insight_kind(insight)
     result = insight.get("result")
-    out = Flattened(kind)
     if result is None:
-        out.unflattened = NO_RESULT
-        return out
-    if kind == "trends" and trends_display(insight) in UNFLATTENED_DISPLAYS:
-        out.unflattened = UNFLATTENED_DISPLAYS[str(trends_display(insight))]
-        return out
+        return Flattened(kind, unflattened=NO_RESULT)
+    display = trends_display(insight) if kind == "trends" else None
+    if display in UNFLATTENED_DISPLAYS:
+        return Flattened(kind, unflattened=UNFLATTENED_DISPLAYS[str(display)])
     if result == [] or result == {}:
-        out.unflattened = EMPTY_RESULT
-        return out
+        return Flattened(kind, unflattened=EMPTY_RESULT)
     flatten = _FLATTENERS.get(kind or "")
     if flatten is None:
-        out.unflattened = f"unknown kind {kind!r}" if kind else "no query to tell the kind"
-        return out
+        why = f"unknown kind {kind!r}" if kind else "no query to tell the kind"
+        return Flattened(kind, unflattened=why)
+    out = Flattened(kind)
     try:
         flatten(insight, result, out)
     except (ShapeError, TypeError, ValueError, KeyError, AttributeError) as exc:
@@ -206,51 +203,40 @@ def _series(insight: Mapping[str, Any], result: Any, out: Flattened) -> None:
         data = series.get("data")
         if not data and series.get("aggregated_value") is not None:
             # Total-value displays (BoldNumber, pie, table, world map): one number per series.
-            out.add(
-                SERIES,
-                {
-                    **common,
-                    "point_index": 0,
-                    "day": None,
-                    "period_start": None,
-                    "x": None,
-                    "value": _number(series["aggregated_value"]),
-                },
-            )
+            out.add(SERIES, _point(common, 0, None, None, _number(series["aggregated_value"])))
         elif isinstance(data, list):
             days = series.get("days") or []
             labels = series.get("labels") or []
             for p_index, value in enumerate(data):
                 day = days[p_index] if p_index < len(days) else None
                 x = labels[p_index] if p_index < len(labels) else day
-                out.add(
-                    SERIES,
-                    {
-                        **common,
-                        "point_index": p_index,
-                        "day": _as_date(day),
-                        "period_start": _as_timestamp(day),
-                        "x": _text(x),
-                        "value": _number(value),
-                    },
-                )
+                out.add(SERIES, _point(common, p_index, day, x, _number(value)))
         elif "aggregated_value" in series:
             # A total-value series with nothing to total (``aggregated_value: null``).
-            out.add(
-                SERIES,
-                {**common, "point_index": 0, "day": None, "period_start": None, "x": None,
-                 "value": None},
-            )  # fmt: skip
+            out.add(SERIES, _point(common, 0, None, None, None))
         else:
             raise ShapeError(f"series {s_index} has neither data nor aggregated_value")
+
+
+def _point(
+    common: dict[str, Any], index: int, day: Any, x: Any, value: float | None
+) -> dict[str, Any]:
+    """A series' row for one point (``day`` None for a total)."""
+    return {
+        **common,
+        "point_index": index,
+        "day": _as_date(day),
+        "period_start": _as_timestamp(day),
+        "x": _text(x),
+        "value": value,
+    }
 
 
 def _time_to_convert(insight: Mapping[str, Any], result: Any, out: Flattened) -> None:
     """A funnel's time-to-convert histogram: one point per bin (x: the bin's start in seconds)."""
     if not isinstance(result, Mapping) or not isinstance(result.get("bins"), list):
         raise ShapeError("time to convert without bins")
-    for p_index, pair in enumerate(result["bins"]):
-        start_s, count = pair
+    for p_index, (start_s, count) in enumerate(result["bins"]):
         out.add(
             SERIES,
             {
@@ -331,8 +317,7 @@ def _retention(insight: Mapping[str, Any], result: Any, out: Flattened) -> None:
         breakdown, breakdown_kind = _breakdown(cohort.get("breakdown_value"))
         index = cohort_index[breakdown] = cohort_index.get(breakdown, -1) + 1
         for period, cell in enumerate(values):
-            count = cell.get("count") if isinstance(cell, Mapping) else cell
-            aggregated = cell.get("aggregation_value") if isinstance(cell, Mapping) else None
+            cell = cell if isinstance(cell, Mapping) else {"count": cell}
             out.add(
                 RETENTION_CELLS,
                 {
@@ -343,9 +328,9 @@ def _retention(insight: Mapping[str, Any], result: Any, out: Flattened) -> None:
                     "cohort_date": _as_date(cohort.get("date")),
                     "cohort_start": _as_timestamp(cohort.get("date")),
                     "period": period,
-                    "period_label": _text(cell.get("label")) if isinstance(cell, Mapping) else None,
-                    "count": _count(count),
-                    "aggregation_value": _number(aggregated),
+                    "period_label": _text(cell.get("label")),
+                    "count": _count(cell.get("count")),
+                    "aggregation_value": _number(cell.get("aggregation_value")),
                 },
             )
 
@@ -415,15 +400,9 @@ def _breakdown(value: Any) -> tuple[str | None, str | None]:
     if value is None:
         return None, None
     parts = list(value) if isinstance(value, list | tuple) else [value]
-    kinds = set()
-    texts = []
-    for part in parts:
-        sentinel = _BREAKDOWN_SENTINELS.get("" if part is None else str(part))
-        if sentinel is not None:
-            kinds.add(sentinel[0])
-            texts.append(sentinel[1])
-        else:
-            texts.append(part)
+    sentinels = [_BREAKDOWN_SENTINELS.get("" if p is None else str(p)) for p in parts]
+    kinds = {s[0] for s in sentinels if s}
+    texts = [s[1] if s else p for s, p in zip(sentinels, parts, strict=True)]
     text = _text(texts if isinstance(value, list | tuple) else texts[0])
     return text, "other" if "other" in kinds else "null" if "null" in kinds else "value"
 

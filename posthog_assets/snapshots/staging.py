@@ -37,18 +37,12 @@ STAGING_ROTATE_BYTES = 4 << 20
 
 
 class StagedRows:
-    """Appends rows as NDJSON to ``<stem>-NNNNN.ndjson`` files as pages arrive.
-
-    Thread-safe; only one page is in memory at a time. Only the table's staged columns are
-    written, so a payload's extra keys never reach DuckDB. ``files`` lists what was written.
+    """Appends rows as NDJSON to ``<stem>-NNNNN.ndjson`` files as pages arrive; thread-safe.
+    Only the table's staged columns are written, so a payload's extra keys never reach DuckDB.
     """
 
     def __init__(
-        self,
-        stem: Path,
-        columns: Iterable[str],
-        *,
-        rotate_bytes: int = STAGING_ROTATE_BYTES,
+        self, stem: Path, columns: Iterable[str], *, rotate_bytes: int = STAGING_ROTATE_BYTES
     ) -> None:
         self.stem = Path(stem)
         make_dir(self.stem.parent)
@@ -143,10 +137,9 @@ def staging_root(database: str | Path) -> Path:
 
 
 def staging_dir(database: str | Path, run_id: str, name: str) -> Path:
-    """A fresh per-run, per-asset folder, 0700 (a retried fetch starts from an empty folder).
-
-    Every level is checked before use, so neither the removal of a retried fetch's folder nor
-    the new files can be pointed elsewhere by a symlink."""
+    """A fresh per-run, per-asset folder, 0700 (a retried fetch starts from an empty one). Every
+    level is checked before use, so neither the removal of a retried fetch's folder nor the new
+    files can be pointed elsewhere by a symlink."""
     run_folder = make_dir(make_dir(staging_root(database)) / run_id)
     folder = run_folder / name
     if os.path.lexists(folder):
@@ -172,10 +165,8 @@ def remove_stale_staging(
     database: str | Path, instance: dg.DagsterInstance, *, now: float | None = None
 ) -> list[Path]:
     """Delete what finished runs left in staging: a killed or failed fetch's partial files at
-    once, a failed run's finished fetch after ``FAILED_STAGING_KEEP_S``.
-
-    Folders of runs still going, or of runs this instance does not know (another Dagster home
-    may share the folder), are left alone.
+    once, a failed run's finished fetch after ``FAILED_STAGING_KEEP_S``. Runs still going, or
+    unknown to this instance (another Dagster home may share the folder), are left alone.
     """
     root = staging_root(database)
     if not root.is_dir():
