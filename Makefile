@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine with Python 3.11 and pip:
-#   make demo   install, start the local PostHog stand-in (unless POSTHOG_HOST is set), run the main job
+#   make demo   install, start the local PostHog stand-in (unless POSTHOG_HOST is set), run the main job and the last 3 days of events
 #   make test   install, run the whole test suite
 SHELL := /bin/bash
 PYTHON ?= $(shell command -v python3.11 || command -v python3)

@@ -1,4 +1,5 @@
-"""Dagster assets for PostHog: exports, insight snapshots and groups, with sensors and checks.
+"""Dagster assets for PostHog: exports, insight snapshots, groups, events and persons, with
+sensors, schedules and checks.
 
 The public API, imported lazily so that the HTTP layer (``posthog_assets.api``) and the stand-in
 load without Dagster:
@@ -6,7 +7,8 @@ load without Dagster:
 - ``PostHogProjectComponent``: a PostHog project in a ``defs.yaml`` (``dg scaffold defs``);
 - ``build_posthog_assets_definitions``: the same definitions from Python;
 - ``load_definitions_from_yaml``: a file in ``defs.yaml``'s format, for a deployment without ``dg``;
-- ``PostHogProject``, ``ExportConfig``, ``InsightsConfig``, ``GroupsConfig``: what they take;
+- ``PostHogProject``, ``ExportConfig``, ``InsightsConfig``, ``GroupsConfig``, ``EventsConfig``,
+  ``PersonsConfig``: what they take;
 - ``PostHogResource``, ``DagsterPostHogTranslator``, ``PostHogClient``.
 """
 
@@ -21,7 +23,14 @@ if TYPE_CHECKING:  # what type checkers and IDEs see; at run time each is import
     from posthog_assets.build import build_posthog_assets_definitions
     from posthog_assets.component.component import PostHogProjectComponent
     from posthog_assets.component.yaml_file import load_definitions_from_yaml
-    from posthog_assets.config import ExportConfig, GroupsConfig, InsightsConfig, PostHogProject
+    from posthog_assets.config import (
+        EventsConfig,
+        ExportConfig,
+        GroupsConfig,
+        InsightsConfig,
+        PersonsConfig,
+        PostHogProject,
+    )
     from posthog_assets.resources import PostHogResource
     from posthog_assets.translator import DagsterPostHogTranslator
 
@@ -38,6 +47,8 @@ _PUBLIC: dict[str, str] = {
     "ExportConfig": "posthog_assets.config",
     "InsightsConfig": "posthog_assets.config",
     "GroupsConfig": "posthog_assets.config",
+    "EventsConfig": "posthog_assets.config",
+    "PersonsConfig": "posthog_assets.config",
     "PostHogResource": "posthog_assets.resources",
     "DagsterPostHogTranslator": "posthog_assets.translator",
     "PostHogClient": "posthog_assets.api.client",
@@ -45,9 +56,11 @@ _PUBLIC: dict[str, str] = {
 
 __all__ = [
     "DagsterPostHogTranslator",
+    "EventsConfig",
     "ExportConfig",
     "GroupsConfig",
     "InsightsConfig",
+    "PersonsConfig",
     "PostHogClient",
     "PostHogProject",
     "PostHogProjectComponent",

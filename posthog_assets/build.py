@@ -13,9 +13,11 @@ from posthog_assets.common import DUCKDB_RESOURCE_KEY
 from posthog_assets.config import (
     DEFAULT_DUCKDB_PATH,
     DEFAULT_PROJECT_NAME,
+    EventsConfig,
     ExportConfig,
     GroupsConfig,
     InsightsConfig,
+    PersonsConfig,
     PostHogProject,
 )
 from posthog_assets.exports.assets import ExportExecute
@@ -34,6 +36,8 @@ def build_posthog_assets_definitions(
     exports: Sequence[ExportConfig | Mapping[str, Any]] = (),
     insights: InsightsConfig | Mapping[str, Any] | None = None,
     groups: GroupsConfig | Mapping[str, Any] | None = None,
+    events: EventsConfig | Mapping[str, Any] | None = None,
+    persons: PersonsConfig | Mapping[str, Any] | None = None,
     duckdb_path: str | Path = DEFAULT_DUCKDB_PATH,
     translator: DagsterPostHogTranslator | None = None,
 ) -> dg.Definitions:
@@ -62,6 +66,9 @@ def build_posthog_assets_definitions(
         exports: What to export, by id (no stored state needed).
         insights: The insights snapshot (refresh mode, schedule, ...).
         groups: The group snapshots (property values, tracked groups, schedule).
+        events: The daily-partitioned events (``start_date``, event names, promoted
+            properties, lookback); off when None.
+        persons: The persons snapshot (page size, schedule); off when None.
         duckdb_path: The DuckDB file every snapshot and the exports log write.
         translator: Customises every asset spec (keys, groups, tags, owners, ...).
     """
@@ -71,6 +78,8 @@ def build_posthog_assets_definitions(
         exports=tuple(ExportConfig.model_validate(e) for e in exports),
         insights=InsightsConfig.model_validate(insights or {}),
         groups=GroupsConfig.model_validate(groups or {}),
+        events=EventsConfig.model_validate(events) if events is not None else None,
+        persons=PersonsConfig.model_validate(persons) if persons is not None else None,
         duckdb_path=str(duckdb_path),
     )
     return build_project_definitions(project, translator=translator)
@@ -93,6 +102,6 @@ def build_project_definitions(
         parts.append(
             build_posthog_export_definitions([project], translator=translator, execute=execute)
         )
-    if project.insights.enabled or project.groups.enabled:
+    if project.insights.enabled or project.groups.enabled or project.events or project.persons:
         parts.append(build_posthog_snapshot_definitions([project], translator=translator))
     return dg.Definitions.merge(*parts)

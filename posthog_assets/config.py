@@ -9,6 +9,7 @@ settings, is Dagster's: :mod:`posthog_assets.resources`).
 
 from __future__ import annotations
 
+import datetime as dt
 import ipaddress
 import re
 from collections.abc import Mapping
@@ -40,6 +41,13 @@ DEFAULT_PROJECT_NAME = "default"
 INSIGHTS_SCHEDULE_CRON = "0 6 * * *"
 #: Groups change slowly; once a day, an hour after the insights.
 GROUPS_SCHEDULE_CRON = "0 7 * * *"
+#: 02:00 UTC: yesterday is over, and the lookback re-reads the days before it.
+EVENTS_SCHEDULE_CRON = "0 2 * * *"
+PERSONS_SCHEDULE_CRON = "0 3 * * *"
+#: PostHog's ``MAX_SELECT_RETURNED_ROWS``: a larger LIMIT is silently lowered to it.
+MAX_QUERY_ROWS = 50_000
+#: A property promoted to its own column: ``$browser``, ``plan``, ``utm_source`` ...
+_PROPERTY_RE = r"^\$?[A-Za-z_][A-Za-z0-9_]*$"
 
 #: PostHog's ``refresh`` modes for insights (posthog/utils.py, query_runner.py) and their effect.
 REFRESH_MODES: dict[str, str] = {
@@ -383,6 +391,112 @@ class GroupsConfig(_Model):
         return validate_cron(value)
 
 
+class EventsConfig(_Model):
+    """The ``posthog/events`` asset: one partition per UTC day of the events' ``timestamp``."""
+
+    start_date: str = Field(
+        description="The first day (UTC, YYYY-MM-DD) to read: the first partition."
+    )
+    event_names: list[str] = Field(
+        default_factory=list, description="Only these events (default: every event)."
+    )
+    properties: list[str] = Field(
+        default_factory=list,
+        description="Event properties promoted to their own VARCHAR column, named prop_<name> "
+        "($browser -> prop_browser); every property stays in the properties JSON.",
+    )
+    lookback_days: int = Field(
+        default=3,
+        description="The schedule re-reads the last N whole days (late events land in them).",
+    )
+    page_size: int = Field(
+        default=MAX_QUERY_ROWS, description="Rows per query (PostHog returns at most 50,000)."
+    )
+    min_window_s: float = Field(
+        default=60.0,
+        description="A page that hits PostHog's execution time limit is asked again over half "
+        "its time range, down to this many seconds; then asynchronously.",
+    )
+    schedule: str = Field(
+        default=EVENTS_SCHEDULE_CRON,
+        description="Cron (UTC) of the lookback schedule (stopped until turned on).",
+    )
+
+    _cron = field_validator("schedule")(lambda v: validate_cron(v))
+
+    @field_validator("start_date", mode="before")
+    @classmethod
+    def _date(cls, value: Any) -> str:
+        try:
+            return dt.date.fromisoformat(str(value)).isoformat()
+        except ValueError:
+            raise ValueError(f"must be a date as YYYY-MM-DD, got {value!r}") from None
+
+    @field_validator("page_size")
+    @classmethod
+    def _page_size(cls, value: int) -> int:
+        if not 0 < value <= MAX_QUERY_ROWS:
+            raise ValueError(
+                f"must be 1 to {MAX_QUERY_ROWS} (PostHog silently returns at most {MAX_QUERY_ROWS} "
+                f"rows per query), got {value}"
+            )
+        return value
+
+    @field_validator("lookback_days")
+    @classmethod
+    def _lookback(cls, value: int) -> int:
+        if value < 1:
+            raise ValueError(f"must be 1 or more, got {value}")
+        return value
+
+    @field_validator("min_window_s")
+    @classmethod
+    def _window(cls, value: float) -> float:
+        return positive(value)
+
+    @field_validator("event_names")
+    @classmethod
+    def _events(cls, value: list[str]) -> list[str]:
+        if any(not name for name in value):
+            raise ValueError("event names must not be empty")
+        return value
+
+    @field_validator("properties")
+    @classmethod
+    def _properties(cls, value: list[str]) -> list[str]:
+        columns: dict[str, str] = {}
+        for name in value:
+            matching(
+                name, _PROPERTY_RE, "a property name of letters, digits and _ (may start with $)"
+            )
+            column = property_column(name)
+            if column in columns:
+                raise ValueError(f"{columns[column]!r} and {name!r} would both be {column}")
+            columns[column] = name
+        return value
+
+
+def property_column(name: str) -> str:
+    """The column a promoted event property gets: ``$browser`` -> ``prop_browser``."""
+    return "prop_" + name.lstrip("$").lower()
+
+
+class PersonsConfig(_Model):
+    """The ``posthog/persons`` and ``posthog/person_distinct_ids`` snapshot."""
+
+    enabled: bool = True
+    page_size: int = Field(
+        default=MAX_QUERY_ROWS, description="Rows per query (PostHog returns at most 50,000)."
+    )
+    schedule: str = Field(
+        default=PERSONS_SCHEDULE_CRON,
+        description="Cron (UTC) of the daily persons snapshot schedule (stopped until turned on).",
+    )
+
+    _cron = field_validator("schedule")(lambda v: validate_cron(v))
+    _page_size = field_validator("page_size")(lambda v: EventsConfig._page_size(v))
+
+
 @dataclass(frozen=True)
 class PostHogProject:
     """One PostHog project as the definitions are built from it: its name, its resource, what it
@@ -399,6 +513,9 @@ class PostHogProject:
     insights: InsightsConfig = field(default_factory=lambda: InsightsConfig())
     groups: GroupsConfig = field(default_factory=lambda: GroupsConfig())
     duckdb_path: str = DEFAULT_DUCKDB_PATH
+    #: Off unless given: events and persons spend the key's query budget.
+    events: EventsConfig | None = None
+    persons: PersonsConfig | None = None
 
     def __post_init__(self) -> None:
         matching(self.name, _NAME_RE, "lower_snake_case")

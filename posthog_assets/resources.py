@@ -33,6 +33,7 @@ from posthog_assets.api.ratelimit import (
     ENV_RATE_LIMIT_URL,
     INSIGHTS,
     POSTHOG_CLOUD_LIMITS,
+    QUERY,
     GateState,
     RedisState,
     default_state_dir,
@@ -98,12 +99,23 @@ class PostHogResource(dg.ConfigurableResource):
     pace_requests: bool = Field(
         default=True,
         description="Hold requests back so the key stays under PostHog's throttles "
-        "(insight_rate_limits, default_rate_limits); off: pause only when PostHog answers 429.",
+        "(insight_rate_limits, query_rate_limits, default_rate_limits); off: pause only when "
+        "PostHog answers 429.",
     )
     insight_rate_limits: list[str] = Field(
         default=[str(w) for w in POSTHOG_CLOUD_LIMITS[INSIGHTS]],
         description="PostHog's throttles of the insight and query routes per key (Cloud: "
         "240/minute, 1200/hour).",
+    )
+    query_rate_limits: list[str] = Field(
+        default=[str(w) for w in POSTHOG_CLOUD_LIMITS[QUERY]],
+        description="PostHog's throttles of /query/ (HogQL, query status) per key: 240/minute, "
+        "2400/hour on PostHog's current tier; a team on the legacy tier has 120/hour.",
+    )
+    max_concurrent_queries: int = Field(
+        default=3,
+        description="HogQL queries in flight at once per client: PostHog runs 3 per "
+        "organisation and queues the rest for up to 30 s, then answers 429.",
     )
     default_rate_limits: list[str] = Field(
         default=[str(w) for w in POSTHOG_CLOUD_LIMITS[DEFAULT]],
@@ -231,8 +243,12 @@ class PostHogResource(dg.ConfigurableResource):
         for name, value in numbers.items():
             if value <= 0:
                 raise ValueError(f"{name} must be greater than 0, got {value}")
-        if self.max_attempts < 1:
-            raise ValueError(f"max_attempts must be at least 1, got {self.max_attempts}")
+        for name, count in (
+            ("max_attempts", self.max_attempts),
+            ("max_concurrent_queries", self.max_concurrent_queries),
+        ):
+            if count < 1:
+                raise ValueError(f"{name} must be at least 1, got {count}")
         self.rate_limits()
         url = self.rate_limit_url if skip_env else self.resolved_rate_limit_url()
         if url and given(url) and url != UI_SECRET_MASK:
@@ -261,6 +277,7 @@ class PostHogResource(dg.ConfigurableResource):
         parsed = {}
         for name, klass, texts in (
             ("insight_rate_limits", INSIGHTS, self.insight_rate_limits),
+            ("query_rate_limits", QUERY, self.query_rate_limits),
             ("default_rate_limits", DEFAULT, self.default_rate_limits),
         ):
             try:
@@ -313,6 +330,7 @@ class PostHogResource(dg.ConfigurableResource):
             ),
             rate_limits=self.rate_limits(),
             rate_limit_state=self.rate_limit_state(host, key),
+            max_concurrent_queries=self.max_concurrent_queries,
             deprecation_marker=marker,
             log=log,
         )

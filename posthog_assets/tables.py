@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import textwrap
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +25,7 @@ SCHEMA = "posthog"
 EXPORTS_GROUP = "posthog_exports"
 INSIGHTS_GROUP = "posthog_insights"
 GROUPS_GROUP = "posthog_groups"
+EVENTS_GROUP = "posthog_events"
 
 #: A view (re)created in the write's transaction, as SQL built for the connection.
 ViewSql = Callable[[duckdb.DuckDBPyConnection], str]
@@ -39,6 +40,9 @@ class Column:
     type: str
     description: str
     lineage: tuple[str, ...] = ()
+    #: The type the staged rows carry when it differs (JSON text arrives as a string: staged
+    #: as VARCHAR, cast to JSON on insert).
+    staged_type: str = ""
 
 
 def columns(spec: str) -> tuple[Column, ...]:
@@ -57,6 +61,11 @@ def columns(spec: str) -> tuple[Column, ...]:
         lineage = tuple(u.strip() for u in upstream.split(",") if u.strip())
         made.append(Column(name, sql_type, text.strip(), lineage))
     return tuple(made)
+
+
+def json_as_text(declared: tuple[Column, ...]) -> tuple[Column, ...]:
+    """The JSON columns staged as text (HogQL answers JSON as a string), cast on insert."""
+    return tuple(replace(c, staged_type="VARCHAR") if c.type == "JSON" else c for c in declared)
 
 
 #: The columns every snapshot row carries, written by the write step as constants.
@@ -85,6 +94,8 @@ class Table:
         views: Views (re)created in the write's transaction.
         checks: Further checks, each built as ``check(project, table, asset_key)``.
         renamed: Columns renamed since an earlier version (old -> new), renamed in place.
+        partition: A DATE column holding the run's partition key: one partition's rows replace
+            that partition's (scope: project and partition) instead of a snapshot's.
     """
 
     name: str
@@ -99,16 +110,14 @@ class Table:
     checks: tuple[Callable[..., Any], ...] = ()
     renamed: Mapping[str, str] = field(default_factory=dict)
     snapshot_columns: bool = True
+    partition: Column | None = None
 
     def __post_init__(self) -> None:
         if not self.asset_name:
             object.__setattr__(self, "asset_name", self.name)
         if self.snapshot_columns:
-            front = (
-                (PROJECT_ID, SNAPSHOT_DATE, SNAPSHOT_AT)
-                if self.daily
-                else (PROJECT_ID, SNAPSHOT_AT)
-            )
+            middle = self.partition or (SNAPSHOT_DATE if self.daily else None)
+            front = (PROJECT_ID, *([middle] if middle else []), SNAPSHOT_AT)
             object.__setattr__(self, "columns", (*front, *self.columns))
         missing = [k for k in self.key if k not in self.types]
         if missing:
@@ -121,7 +130,9 @@ class Table:
 
     @property
     def scope(self) -> tuple[str, ...]:
-        """The columns whose values one snapshot replaces."""
+        """The columns whose values one snapshot (or partition) replaces."""
+        if self.partition is not None:
+            return ("project_id", self.partition.name)
         return ("project_id", "snapshot_date") if self.daily else ("project_id",)
 
     @property
@@ -131,7 +142,10 @@ class Table:
 
     @property
     def staged_columns(self) -> dict[str, str]:
-        return {c: t for c, t in self.types.items() if c not in self.constants}
+        """Column name -> the type its staged values are read as."""
+        return {
+            c.name: c.staged_type or c.type for c in self.columns if c.name not in self.constants
+        }
 
     @property
     def qualified_name(self) -> str:

@@ -35,6 +35,7 @@ from posthog_assets.api.ratelimit import (
     ENV_RATE_LIMIT_URL,
     INSIGHTS,
     MAX_BLOCK_S,
+    QUERY,
     REDIS_STATE_TTL_S,
     FileState,
     GateWaitTooLong,
@@ -370,7 +371,8 @@ def test_a_corrupt_or_absurd_state_file_never_blocks_a_run(tmp_path: Path) -> No
 def test_routes_count_against_posthogs_throttle_classes() -> None:
     assert throttle_class("/api/projects/1/insights/") == INSIGHTS
     assert throttle_class("/api/environments/1/insights/42/") == INSIGHTS
-    assert throttle_class("/api/projects/1/query/cache_abc/") == INSIGHTS
+    assert throttle_class("/api/projects/1/query/cache_abc/") == QUERY
+    assert throttle_class("/api/projects/1/query/") == QUERY
     assert throttle_class("/api/projects/1/exports/") == DEFAULT
     assert throttle_class("/api/projects/1/groups/") == DEFAULT
     assert parse_rate("240/minute") == Window(240, 60.0)

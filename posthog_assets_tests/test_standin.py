@@ -1786,9 +1786,12 @@ def test_throttles_are_drf_sliding_logs_on_by_default(api: Api) -> None:
     assert no_wait.status_code == 429 and "Retry-After" not in no_wait.headers
     assert _error(no_wait)["detail"] == "Request was throttled."
 
-    # Insights and /query/:id/ share the ClickHouse scopes, separate from the default ones.
+    # Insights have the ClickHouse scopes, separate from the default ones; /query/:id/ (the
+    # current tier) its own API-queries scopes; on the legacy tier it shares the ClickHouse ones.
     api.control.configure(rate_limit_overrides={"clickhouse_sustained": "2/hour"})
     assert [api.get("insights/1/").status_code for _ in range(2)] == [200, 200]
+    assert api.get("query/cache_unknown/").status_code == 404  # not throttled: its own scopes
+    api.control.configure(query_throttle_tier="legacy")
     query = api.get("query/cache_unknown/")
     assert query.status_code == 429 and int(query.headers["Retry-After"]) >= 3550
     assert api.get("insights/", params={"basic": "true"}).status_code == 429

@@ -390,8 +390,13 @@ def test_merged_persons_vanish_and_their_distinct_ids_follow_the_winner(
     control.delete_person(doomed["id"])
     assert hog.count(f"SELECT count() FROM persons WHERE id = '{doomed['id']}'") == 0
     assert hog.count(f"SELECT count() FROM events WHERE distinct_id IN ({own})") == events
-    # events.person_id comes through an INNER JOIN: without a live mapping the rows go away
+    # persons on events (PostHog's default modes): every event keeps a person id
+    kept = hog.rows(f"SELECT person_id FROM events WHERE distinct_id IN ({own}) LIMIT 1000")
+    assert len(kept) == events and all(row[0] for row in kept)
+    # the "disabled" mode joins person_distinct_ids with an INNER JOIN: the rows go away
+    control.configure(persons_on_events=False)
     assert hog.rows(f"SELECT person_id FROM events WHERE distinct_id IN ({own}) LIMIT 10") == []
+    control.configure(persons_on_events=True)
 
     control.update_person(winner["id"], {"plan": "legendary"})
     props = hog.rows(f"SELECT properties FROM persons WHERE id = '{winner['id']}' LIMIT 5")
@@ -488,8 +493,8 @@ def test_three_queries_run_at_once_and_the_rest_wait_then_429(
 
 
 def test_throttle_tiers(hog: Hog, control: StandinControl) -> None:
-    # legacy (the default): HogQLQuery POSTs under HogQLQueryThrottle, polls under ClickHouse's
-    control.configure(rate_limit_overrides={"query": "2/hour"})
+    # legacy: HogQLQuery POSTs under HogQLQueryThrottle, polls under ClickHouse's
+    control.configure(query_throttle_tier="legacy", rate_limit_overrides={"query": "2/hour"})
     assert [hog.post("SELECT count() FROM events").status_code for _ in range(3)] == [
         200,
         200,
@@ -498,10 +503,8 @@ def test_throttle_tiers(hog: Hog, control: StandinControl) -> None:
     assert int(hog.post("SELECT count() FROM events").headers["Retry-After"]) > 3000
     assert hog.status("no-such-query").status_code == 404  # not counted against "query"
 
-    control.reset()
-    control.configure(
-        query_throttle_tier="current", rate_limit_overrides={"api_queries_burst": "3/minute"}
-    )
+    control.reset()  # current (the default): every /query/ request under the API-queries throttles
+    control.configure(rate_limit_overrides={"api_queries_burst": "3/minute"})
     assert hog.post("SELECT count() FROM events").status_code == 200
     assert hog.status("no-such-query").status_code == 404
     assert hog.cancel("no-such-query").status_code == 200

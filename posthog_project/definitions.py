@@ -17,14 +17,19 @@ from posthog_assets.config import ENV_CONFIG
 from posthog_project.executor import DEFAULT_EXECUTOR
 
 ALL_ASSETS_JOB = "posthog_all"
-__all__ = ["ALL_ASSETS_JOB", "MAIN_JOB", "defs"]
+__all__ = ["ALL_ASSETS_JOB", "defs", "main_job"]
 
-#: The main job: every PostHog asset of the code location.
-MAIN_JOB = dg.define_asset_job(
-    ALL_ASSETS_JOB,
-    selection=dg.AssetSelection.all(),
-    description="Materialize every PostHog asset (the main job).",
-)
+
+def main_job(projects: dg.Definitions) -> dg.UnresolvedAssetJobDefinition:
+    """The main job: every PostHog asset of the code location but the events, whose runs are
+    one day each (their own job and lookback schedule)."""
+    partitioned = [s.key for s in projects.resolve_all_asset_specs() if s.partitions_def]
+    return dg.define_asset_job(
+        ALL_ASSETS_JOB,
+        selection=dg.AssetSelection.all() - dg.AssetSelection.assets(*partitioned),
+        description="Materialize every PostHog asset but the day-partitioned events (the main "
+        "job).",
+    )
 
 
 def load_definitions() -> dg.Definitions:
@@ -34,7 +39,7 @@ def load_definitions() -> dg.Definitions:
         else dg.load_from_defs_folder(path_within_project=Path(__file__).parent)
     )
     return dg.Definitions.merge(
-        projects, dg.Definitions(jobs=[MAIN_JOB], executor=DEFAULT_EXECUTOR)
+        projects, dg.Definitions(jobs=[main_job(projects)], executor=DEFAULT_EXECUTOR)
     )
 
 

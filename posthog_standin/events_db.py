@@ -15,9 +15,10 @@ HogQL's views, as ``posthog/hogql/database/schema/persons.py``, ``person_distinc
 ``argmax.py`` define them: ``persons`` = per ``id`` the fields of the row with the highest
 ``version`` (``argMax``), ids whose latest row has ``is_deleted = 1`` (or a ``created_at`` more
 than a day ahead) left out; ``person_distinct_ids`` = per ``distinct_id`` the latest row's
-``person_id``, deleted ones left out; ``events.person_id`` goes through ``person_distinct_ids``
-with an INNER JOIN (``join_with_person_distinct_ids_table``; persons-on-events off), so an event
-whose distinct id has no live mapping disappears from any query that selects ``person_id``.
+``person_id``, deleted ones left out. ``events.person_id`` is PostHog's persons-on-events value
+by default (``hogql.PERSON_ID_ON_EVENTS``: no event dropped); with ``persons_on_events`` off it
+goes through ``person_distinct_ids`` with an INNER JOIN (``join_with_person_distinct_ids_table``),
+so an event whose distinct id has no live mapping disappears from any query that selects it.
 
 ClickHouse sorts (and compares) UUIDs by their second half first ("Due to historical reasons,
 UUIDs are sorted by their second half", ClickHouse's UUID data type page); ``ck()`` is that key

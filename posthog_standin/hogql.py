@@ -757,10 +757,21 @@ def _best_effort(text: str, tz: ZoneInfo) -> int | None:
     return _epoch_us(moment)
 
 
+#: ``events.person_id`` with persons on events (PostHog's default modes,
+#: ``Team.person_on_events_mode_flag_based_default``): the person id stored on the event at
+#: ingestion with merges applied (``person_distinct_id_overrides``, a LEFT JOIN), so no event is
+#: dropped. The stand-in stores no person id on events: a live mapping stands for the override,
+#: and a personless event gets a person id derived from its distinct id, as PostHog's are.
+PERSON_ID_ON_EVENTS = "coalesce(pdi.person_id, md5('personless:' || t.distinct_id)::UUID)"
+
+
 class Compiler:
-    def __init__(self, query: Select, timezone: str = "UTC") -> None:
+    def __init__(
+        self, query: Select, timezone: str = "UTC", *, persons_on_events: bool = True
+    ) -> None:
         self.query = query
         self.timezone = timezone
+        self.persons_on_events = persons_on_events
         name = query.table
         if name not in TABLES:
             if name in OTHER_POSTHOG_TABLES:
@@ -784,7 +795,8 @@ class Compiler:
         if len(chain) == 1 and head in self.table.columns:
             column = self.table.columns[head]
             self.needs_pdi = self.needs_pdi or column.needs_pdi
-            return Typed(column.sql, column.type, name=head)
+            sql = PERSON_ID_ON_EVENTS if column.needs_pdi and self.persons_on_events else column.sql
+            return Typed(sql, column.type, name=head)
         if head in ("person", "pdi", "poe", "session") or head.startswith(("$group_", "group_")):
             raise unsupported(f"the field {'.'.join(chain)}")
         raise HogQLError(f"Unable to resolve field: {head}")
@@ -1059,8 +1071,10 @@ class Compiler:
             order.append(f"{self.sort_sql(typed)} {'DESC' if desc else 'ASC'}")
         source = f"{self.table.sql} AS t"
         if self.needs_pdi:
-            # join_with_person_distinct_ids_table(): an INNER JOIN on distinct_id.
-            source += " INNER JOIN person_distinct_ids AS pdi ON t.distinct_id = pdi.distinct_id"
+            # persons on events: a LEFT JOIN (overrides); off, join_with_person_distinct_ids_table()
+            # is an INNER JOIN on distinct_id, which drops events without a live mapping.
+            join = "LEFT JOIN" if self.persons_on_events else "INNER JOIN"
+            source += f" {join} person_distinct_ids AS pdi ON t.distinct_id = pdi.distinct_id"
         sql = f"SELECT {', '.join(rendered)} FROM {source}"
         if where:
             sql += f" WHERE {where}"
@@ -1141,8 +1155,8 @@ def _render(typed: Typed) -> str:
     return typed.sql
 
 
-def compile_query(text: str, timezone: str = "UTC") -> Compiled:
-    return Compiler(parse(text), timezone).compile()
+def compile_query(text: str, timezone: str = "UTC", *, persons_on_events: bool = True) -> Compiled:
+    return Compiler(parse(text), timezone, persons_on_events=persons_on_events).compile()
 
 
 # ---- printing the HogQL back (the response's ``hogql``) -----------------------------------------

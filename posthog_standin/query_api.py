@@ -56,7 +56,7 @@ LAZY_STALE_S = 900.0
 SLOT_RETRY_S = 0.134
 EXECUTION_MODES = ("blocking", "force_blocking", "async", "force_async", "lazy_async",
                    "async_except_on_cache_miss", "force_cache")  # fmt: skip
-#: The team's HogQL modifiers as the response reports them (persons-on-events off).
+#: The team's HogQL modifiers as the response reports them (persons on events as configured).
 MODIFIERS = {
     "personsOnEventsMode": "disabled",
     "personsArgMaxVersion": "auto",
@@ -219,7 +219,7 @@ async def compute(
     org = await acquire_slot(state, project, query_id)
     try:
         try:
-            compiled = compile_query(text)
+            compiled = compile_query(text, persons_on_events=state.config.persons_on_events)
         except OffsetError:
             entry["offset_seen"] = True
             raise
@@ -262,7 +262,12 @@ async def compute(
         "last_refresh": _iso(last_refresh),
         "limit": compiled.applied_limit if compiled.paginate else None,
         "metadata": None,
-        "modifiers": MODIFIERS,
+        "modifiers": {
+            **MODIFIERS,
+            "personsOnEventsMode": "person_id_override_properties_joined"
+            if state.config.persons_on_events
+            else "disabled",
+        },
         "next_allowed_client_refresh": _iso(last_refresh + CLIENT_REFRESH_S),
         "offset": 0 if compiled.paginate else None,
         "query": text,

@@ -87,9 +87,10 @@ class Config:
     environments_sunset: bool = True
     crm_notebooks: bool = True
     property_values_envelope: bool = False
-    #: ``/query/`` (HogQL). The default tier is "legacy": it keeps the insight polls of
-    #: ``/query/:id/`` under the ClickHouse throttles and is the stricter of the two for HogQL.
-    query_throttle_tier: str = "legacy"
+    #: ``/query/`` throttles. "current" is every team's but those PostHog still lists as legacy
+    #: (``API_QUERIES_LEGACY_TEAM_LIST``): every /query/ request (HogQL, polls) under the
+    #: API-queries throttles, 240/minute and 2,400/hour. "legacy": HogQL POSTs 120/hour.
+    query_throttle_tier: str = "current"
     #: ``get_api_personal_rate_limiter`` (``posthog/clickhouse/client/limit.py``): 3 queries
     #: per organisation at once; a query waits up to 30 s for a slot, then 429.
     query_max_concurrency: int = 3
@@ -106,6 +107,10 @@ class Config:
     #: A blocking HogQL query is served from the cache while its result is younger than this
     #: (``is_stale`` with the "minute" interval: 5 minutes, ``posthog/caching/utils.py``).
     hogql_cache_stale_s: float = 300.0
+    #: ``events.person_id`` as PostHog's default persons-on-events modes give it (no event
+    #: dropped); false: the "disabled" mode's INNER JOIN, which drops events whose distinct id
+    #: has no live person (personless events).
+    persons_on_events: bool = True
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -121,7 +126,7 @@ class Config:
         bools = ("content_redirect", "rate_limits", "environments_sunset", "export_post_held",
                  "force_cache_shows_running_job", "stable_default_order", "crm_notebooks",
                  "property_values_envelope", "insight_query_from_filters",
-                 "tagging_licensed")  # fmt: skip
+                 "tagging_licensed", "persons_on_events")  # fmt: skip
         id_lists = ("query_crash_insights", "concurrency_limit_insights", "uncached_job_insights")
         for name, value in data.items():
             if name in floats:

@@ -183,6 +183,7 @@ class PostHogClient:
             (:func:`posthog_assets.ratelimit.shared_state_path`), or a state object such as
             :class:`posthog_assets.ratelimit.RedisState` shared across hosts; None keeps pacing
             per client.
+        max_concurrent_queries: HogQL queries this client has in flight at once.
         deprecation_marker: A file whose creation claims the one deprecation warning of a run,
             so the steps of one run (separate processes) warn once between them.
     """
@@ -200,6 +201,7 @@ class PostHogClient:
         retry: RetrySettings | None = None,
         rate_limits: Limits | None = POSTHOG_CLOUD_LIMITS,
         rate_limit_state: str | os.PathLike[str] | GateState | None = None,
+        max_concurrent_queries: int = 3,
         deprecation_marker: str | os.PathLike[str] | None = None,
         log: logging.Logger | None = None,
         sleep: Callable[[float], None] | None = None,
@@ -212,6 +214,8 @@ class PostHogClient:
         self.retry = retry or RetrySettings()
         self.log = log or logger
         self.gate = RequestGate(_gate_state(rate_limit_state), rate_limits)
+        #: HogQL queries in flight (PostHog runs 3 per organisation, queues the rest 30 s).
+        self.query_slots = threading.BoundedSemaphore(max_concurrent_queries)
         self._sleep = sleep or tenacity.nap.sleep
         self._deprecation_marker = Path(deprecation_marker) if deprecation_marker else None
         self._warned_sunset = False
@@ -267,15 +271,17 @@ class PostHogClient:
         stream: bool = False,
         allow_redirects: bool = True,
         timeout: tuple[float, float] | None = None,
+        idempotent: bool | None = None,
     ) -> requests.Response:
         """Send one request with retries; raise a typed :class:`PostHogError` on failure.
 
         Statuses in ``accept`` are returned instead of raised (e.g. 400/500 from ``/query/:id/``).
         POSTs are retried only when PostHog certainly did not act on them (429 or a failed
-        connect), so a retry can never create a second export.
+        connect), so a retry can never create a second export; ``idempotent`` overrides that.
         """
         url = self.url(path)
-        idempotent = method.upper() in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
+        if idempotent is None:
+            idempotent = method.upper() in ("GET", "HEAD", "OPTIONS", "PUT", "DELETE")
 
         def attempt() -> requests.Response:
             return self._send_once(

@@ -120,6 +120,15 @@ class PostHogPollTimeout(PostHogError):
     retryable = True
 
 
+class PostHogQueryTimeout(PostHogError):
+    """PostHog stopped a query at its execution time limit (504, or 512 when it estimates the
+    query too long): the same query would time out again, a narrower one may not."""
+
+
+class PostHogQueryFailed(PostHogError):
+    """A HogQL query ended with an error PostHog reported (bad query, failed async job)."""
+
+
 class PostHogExportFailed(PostHogError):
     """PostHog set ``exception`` on an export: the export itself failed and will not recover."""
 

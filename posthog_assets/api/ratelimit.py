@@ -1,8 +1,10 @@
 """Client-side throttling that mirrors PostHog's, shared by every thread and process using a key.
 
 PostHog throttles each personal API key with DRF sliding logs (``posthog/rate_limit.py``): the
-insight and query routes allow 240 requests a minute and 1,200 an hour, every other route 480 a
-minute and 4,800 an hour. A 429's ``Retry-After`` is the time until the oldest logged request
+insight routes allow 240 requests a minute and 1,200 an hour; ``/query/`` has its own throttles
+(``APIQueriesBurstThrottle``/``APIQueriesSustainedThrottle``: 240 a minute and 2,400 an hour on
+the current tier, ``posthog/api/query.py`` ``get_throttles``); every other route 480 a minute and
+4,800 an hour. A 429's ``Retry-After`` is the time until the oldest logged request
 leaves the full window, so once the hourly budget is spent it can be close to an hour.
 
 :class:`RequestGate` keeps the same sliding log of the requests *we* sent, per throttle class, and
@@ -61,8 +63,10 @@ ENV_RATE_LIMIT_DIR = "POSTHOG_ASSETS_RATE_LIMIT_DIR"
 STATE_SUBDIR = ("posthog-assets", "ratelimit")
 #: A Redis shared by every host (``redis://host:6379/0``); unset, the gate is a file per machine.
 ENV_RATE_LIMIT_URL = "POSTHOG_ASSETS_RATE_LIMIT_URL"
-#: Throttle classes: PostHog's ClickHouse throttles (insights, query status) and the default ones.
+#: Throttle classes: PostHog's ClickHouse throttles (insights), its API-queries throttles
+#: (``/query/``, HogQL and query status) and the default ones.
 INSIGHTS = "insights"
+QUERY = "query"
 DEFAULT = "default"
 ALL = "*"
 #: A slot counts as free this long after PostHog would free it: our clock reads the send time,
@@ -118,16 +122,21 @@ def parse_rate(text: str) -> Window:
 Limits = Mapping[str, Sequence[Window]]
 
 #: PostHog Cloud's throttles per personal API key (``ClickHouseBurstRateThrottle``,
-#: ``ClickHouseSustainedRateThrottle``, ``BurstRateThrottle``, ``SustainedRateThrottle``).
+#: ``ClickHouseSustainedRateThrottle``, ``APIQueriesBurstThrottle``, ``APIQueriesSustainedThrottle``
+#: (the current tier; a legacy team has ``HogQLQueryThrottle``, 120/hour), ``BurstRateThrottle``,
+#: ``SustainedRateThrottle``).
 POSTHOG_CLOUD_LIMITS: dict[str, tuple[Window, ...]] = {
     INSIGHTS: (Window(240, 60.0), Window(1200, 3600.0)),
+    QUERY: (Window(240, 60.0), Window(2400, 3600.0)),
     DEFAULT: (Window(480, 60.0), Window(4800, 3600.0)),
 }
 
 
 def throttle_class(path: str) -> str:
-    """Which of PostHog's throttles a route counts against (``/insights/…`` and ``/query/…``)."""
-    return INSIGHTS if re.search(r"/(insights|query)(/|$)", path) else DEFAULT
+    """Which of PostHog's throttles a route counts against."""
+    if re.search(r"/query(/|$)", path):
+        return QUERY
+    return INSIGHTS if re.search(r"/insights(/|$)", path) else DEFAULT
 
 
 class GateWaitTooLong(Exception):

@@ -68,8 +68,10 @@ from posthog_assets.config import (
     ENV_API_KEY,
     ENV_HOST,
     ENV_PROJECT_ID,
+    EventsConfig,
     GroupsConfig,
     InsightsConfig,
+    PersonsConfig,
     PostHogProject,
     error_lines,
     matching,
@@ -253,6 +255,8 @@ class PostHogProjectComponent(StateBackedComponent, Model, Resolvable):
             every dashboard, each with a format.
         insights: The insights snapshot (refresh mode, schedule, filters).
         groups: The group snapshots (property values, tracked groups, schedule).
+        events: The events, one partition per UTC day, through HogQL (off unless given).
+        persons: The persons and their distinct ids, through HogQL (off unless given).
         duckdb_path: The DuckDB file of the snapshots and the exports log.
         translation: Asset attributes for every asset (``key``, ``group_name``, ``tags``, ...).
     """
@@ -295,6 +299,25 @@ class PostHogProjectComponent(StateBackedComponent, Model, Resolvable):
             description="enabled, property_values, tracked, schedule.",
         ),
     ] = Field(default_factory=GroupsConfig)
+    events: Annotated[
+        EventsConfig | None,
+        dg.Resolver(
+            validated("events", TypeAdapter(EventsConfig | None)),
+            model_field_type=dict[str, Any] | None,
+            description="The daily-partitioned posthog/events asset (off unless given): "
+            "start_date, event_names, properties, lookback_days, page_size, min_window_s, "
+            "schedule.",
+        ),
+    ] = None
+    persons: Annotated[
+        PersonsConfig | None,
+        dg.Resolver(
+            validated("persons", TypeAdapter(PersonsConfig | None)),
+            model_field_type=dict[str, Any] | None,
+            description="The posthog/persons and posthog/person_distinct_ids snapshot (off "
+            "unless given): enabled, page_size, schedule.",
+        ),
+    ] = None
     duckdb_path: str = DEFAULT_DUCKDB_PATH
     translation: (
         Annotated[
@@ -422,6 +445,8 @@ class PostHogProjectComponent(StateBackedComponent, Model, Resolvable):
             exports=tuple(exports),
             insights=self.insights,
             groups=self.groups,
+            events=self.events,
+            persons=self.persons,
             duckdb_path=self.duckdb_path,
         )
 

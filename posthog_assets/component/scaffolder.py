@@ -68,6 +68,8 @@ attributes:
     refresh: async
     schedule: "0 6 * * *"
   # groups: {{property_values: true, tracked: []}}
+  # events: {{start_date: "2026-01-01", properties: [$browser]}}   # one partition per UTC day
+  # persons: {{}}                        # persons and their distinct ids
   # duckdb_path: data/posthog.duckdb
   # translation: {{group_name: posthog}}
 """

@@ -1,15 +1,8 @@
 """Asset checks on the snapshot tables. Every check opens DuckDB read-only (a read-write open
 would wait for, or block, the single writer), in the ``duckdb`` pool.
 
-- every table with a key: no key twice in the newest snapshot (:func:`no_duplicates`);
-- insights: the newest snapshot is non-empty; in blocking modes no insight came back without a
-  result; no result was cut short by PostHog (warns);
-- groups: rows per group type in DuckDB equal what the API returned (recorded in the last
-  materialization's metadata);
-- tracked groups: every configured group was found; a failure names the missing keys.
-
-A table's declaration lists its checks beyond the first; each is built as
-``check(project, table, asset_key)``.
+Every table with a key gets :func:`no_duplicates`; a table's declaration lists its other checks,
+each built as ``check(project, table, asset_key)``.
 """
 
 from collections.abc import Callable, Iterator, Sequence
@@ -43,7 +36,7 @@ def _reader(context: dg.AssetCheckExecutionContext) -> Iterator[duckdb.DuckDBPyC
         conn.close()
 
 
-def _select(
+def select_rows(
     context: dg.AssetCheckExecutionContext, table: str, sql: str, params: Sequence[Any]
 ) -> list[tuple[Any, ...]] | None:
     """Rows of ``sql`` (``{table}`` becomes the qualified name); None if the table is not there."""
@@ -53,7 +46,7 @@ def _select(
         return conn.execute(sql.format(table=table_ref(conn, table)), list(params)).fetchall()
 
 
-def _duckdb_check(
+def duckdb_check(
     project: PostHogProject,
     asset_key: dg.AssetKey,
     name: str,
@@ -102,7 +95,7 @@ def _snapshot_scope(
         return "project_id = ?", [project_id]
     snapshot = _latest_metadata(context, asset_key).get("snapshot_date")
     if not (isinstance(snapshot, str) and snapshot):
-        rows = _select(
+        rows = select_rows(
             context,
             table.name,
             "SELECT max(snapshot_date)::VARCHAR FROM {table} WHERE project_id = ?",
@@ -120,7 +113,7 @@ def no_duplicates(
     cols = ", ".join(quote(c) for c in table.key)
     label = ", ".join(table.key)
 
-    @_duckdb_check(
+    @duckdb_check(
         project,
         asset_key,
         f"{table.name}_no_duplicates",
@@ -129,7 +122,7 @@ def no_duplicates(
     )
     def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         where, params = _snapshot_scope(context, project, table, asset_key)
-        dupes = _select(
+        dupes = select_rows(
             context,
             table.name,
             f"SELECT {cols}, count(*) FROM {{table}} WHERE {where} "
@@ -138,7 +131,7 @@ def no_duplicates(
         )
         if dupes is None:
             return _missing_table(table.name)
-        counted = _select(
+        counted = select_rows(
             context, table.name, f"SELECT count(*) FROM {{table}} WHERE {where}", params
         )
         listed = ", ".join(
@@ -178,7 +171,7 @@ def table_checks(
 def insights_not_empty(
     project: PostHogProject, table: Table, asset_key: dg.AssetKey
 ) -> dg.AssetChecksDefinition:
-    @_duckdb_check(
+    @duckdb_check(
         project,
         asset_key,
         "insights_not_empty",
@@ -187,7 +180,7 @@ def insights_not_empty(
     )
     def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         where, params = _snapshot_scope(context, project, table, asset_key)
-        counted = _select(
+        counted = select_rows(
             context, table.name, f"SELECT count(*) FROM {{table}} WHERE {where}", params
         )
         if counted is None:
@@ -205,7 +198,7 @@ def insights_not_empty(
 def insights_results_present(
     project: PostHogProject, table: Table, asset_key: dg.AssetKey
 ) -> dg.AssetChecksDefinition:
-    @_duckdb_check(
+    @duckdb_check(
         project,
         asset_key,
         "insights_results_present",
@@ -214,7 +207,7 @@ def insights_results_present(
     )
     def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         where, params = _snapshot_scope(context, project, table, asset_key)
-        rows = _select(
+        rows = select_rows(
             context,
             table.name,
             f"SELECT id, refresh, query_error FROM {{table}} WHERE {where} AND result IS NULL "
@@ -247,7 +240,7 @@ def insights_results_present(
 def insights_not_truncated(
     project: PostHogProject, table: Table, asset_key: dg.AssetKey
 ) -> dg.AssetChecksDefinition:
-    @_duckdb_check(
+    @duckdb_check(
         project,
         asset_key,
         "insights_not_truncated",
@@ -256,7 +249,7 @@ def insights_not_truncated(
     )
     def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
         where, params = _snapshot_scope(context, project, table, asset_key)
-        rows = _select(
+        rows = select_rows(
             context,
             table.name,
             f"SELECT id, coalesce(name, derived_name) FROM {{table}} WHERE {where} AND has_more "
@@ -289,7 +282,7 @@ def insights_not_truncated(
 def groups_count_per_type_matches_api(
     project: PostHogProject, table: Table, asset_key: dg.AssetKey
 ) -> dg.AssetChecksDefinition:
-    @_duckdb_check(
+    @duckdb_check(
         project,
         asset_key,
         "groups_count_per_type_matches_api",
@@ -302,7 +295,7 @@ def groups_count_per_type_matches_api(
             return dg.AssetCheckResult(
                 passed=False, description="No materialization with per-type counts yet."
             )
-        rows = _select(
+        rows = select_rows(
             context,
             table.name,
             "SELECT group_type_index, count(*) FROM {table} WHERE project_id = ? GROUP BY 1",
@@ -336,14 +329,14 @@ def tracked_groups_present(
 ) -> dg.AssetChecksDefinition:
     tracked = [(t.group_type_index, t.group_key) for t in project.groups.tracked]
 
-    @_duckdb_check(
+    @duckdb_check(
         project,
         asset_key,
         "tracked_groups_present",
         "Every group listed under groups.tracked is found in PostHog.",
     )
     def _check(context: dg.AssetCheckExecutionContext) -> dg.AssetCheckResult:
-        rows = _select(
+        rows = select_rows(
             context,
             table.name,
             "SELECT group_type_index, group_key, found FROM {table} WHERE project_id = ?",

@@ -13,9 +13,11 @@ import dagster as dg
 
 from posthog_assets.config import PostHogProject
 from posthog_assets.snapshots.checks import table_checks
+from posthog_assets.snapshots.events import EventsSource
 from posthog_assets.snapshots.factory import build_snapshot_asset
 from posthog_assets.snapshots.groups import group_sources
 from posthog_assets.snapshots.insights import InsightsSource
+from posthog_assets.snapshots.persons import PersonsSource
 from posthog_assets.snapshots.source import SnapshotSource
 from posthog_assets.tables import Table
 from posthog_assets.translator import (
@@ -31,6 +33,44 @@ def insights_job_name(project: PostHogProject) -> str:
 
 def groups_job_name(project: PostHogProject) -> str:
     return f"{project.resource_key}_groups_snapshot"
+
+
+def events_job_name(project: PostHogProject) -> str:
+    return f"{project.resource_key}_events"
+
+
+def persons_job_name(project: PostHogProject) -> str:
+    return f"{project.resource_key}_persons_snapshot"
+
+
+def lookback_schedule(
+    name: str, job: dg.UnresolvedAssetJobDefinition, source: EventsSource, cron: str
+) -> dg.ScheduleDefinition:
+    """A run per day for the last ``lookback_days`` whole days: yesterday's first read, and the
+    late events of the days before it."""
+    days = source.config.lookback_days
+    partitions = source.partitions_def
+
+    @dg.schedule(
+        name=name,
+        job=job,
+        cron_schedule=cron,
+        execution_timezone="UTC",
+        default_status=dg.DefaultScheduleStatus.STOPPED,
+        description=f"Reads the last {days} whole UTC day(s) of events again (late events "
+        "land in them); each day replaces its partition.",
+    )
+    def _schedule(context: dg.ScheduleEvaluationContext) -> list[dg.RunRequest]:
+        keys = partitions.get_partition_keys(current_time=context.scheduled_execution_time)
+        return [
+            dg.RunRequest(
+                run_key=f"{key}@{context.scheduled_execution_time.isoformat()}",
+                partition_key=key,
+            )
+            for key in keys[-days:]
+        ]
+
+    return _schedule
 
 
 def snapshot_specs(
@@ -69,6 +109,10 @@ def build_source(
     """One source's asset (its table and companions) and every check their declarations ask."""
     tables = [source.table, *source.companions]
     specs = snapshot_specs(project, tables, translator)
+    if source.partitions_def is not None:
+        specs = {
+            n: s.replace_attributes(partitions_def=source.partitions_def) for n, s in specs.items()
+        }
     resource_key = PostHogMetadataSet.extract(specs[source.table.name].metadata).resource_key
     asset = build_snapshot_asset(
         source=source, specs=specs, resource_key=resource_key or project.resource_key
@@ -104,6 +148,29 @@ def build_posthog_snapshot_definitions(
                 "properties and tracked groups.",
             ),
         }
+        if project.persons is not None and project.persons.enabled:
+            families[persons_job_name(project)] = (
+                [PersonsSource(project, project.persons)],
+                project.persons.schedule,
+                f"Persons snapshot of project '{project.name}' into DuckDB: persons and their "
+                "distinct ids.",
+            )
+        if project.events is not None:
+            events = EventsSource(project, project.events)
+            asset, event_checks = build_source(project, events, translator)
+            assets.append(asset)
+            checks += event_checks
+            job = dg.define_asset_job(
+                events_job_name(project),
+                selection=dg.AssetSelection.assets(*asset.keys),
+                description=f"Events of project '{project.name}', one UTC day per run.",
+            )
+            jobs.append(job)
+            schedules.append(
+                lookback_schedule(
+                    f"{events_job_name(project)}_lookback", job, events, project.events.schedule
+                )
+            )
         for job_name, (sources, cron, description) in families.items():
             built = [build_source(project, s, translator) for s in sources]
             if not built:

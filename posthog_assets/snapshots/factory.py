@@ -113,9 +113,10 @@ def build_snapshot_asset(
                     for name, t in tables.items()
                 }
                 companions = {n: rows for n, rows in staging.items() if n != table.name}
+                partition_key = context.partition_key if context.has_partition_key else None
                 request = StageRequest(
                     client, staging[table.name], resource, config, context.log, snapshot_at,
-                    companions,
+                    companions, partition_key,
                 )  # fmt: skip
                 stats = dict(source.stage(request))
         except PostHogError as exc:
@@ -146,6 +147,7 @@ def build_snapshot_asset(
             scope={
                 "project_id": resource.stored_project_id,
                 **({"snapshot_date": snapshot_at[:10]} if table.daily else {}),
+                **({table.partition.name: partition_key} if table.partition else {}),
             },
             snapshot_at=snapshot_at,
             stats={

@@ -35,6 +35,8 @@ class StageRequest:
     snapshot_at: str
     #: Staging of the source's companion tables, by table name.
     companions: Mapping[str, StagedRows] = field(default_factory=dict)
+    #: The run's partition (a UTC day ``YYYY-MM-DD``) for a partitioned source.
+    partition_key: str | None = None
 
 
 class SnapshotSource:
@@ -45,11 +47,14 @@ class SnapshotSource:
         config_cls: Per-run settings shown in the launchpad, or None.
         companions: Tables derived from the same fetch, written in the same transaction, each
             its own asset of the same step (e.g. the tidy tables of the insights snapshot).
+        partitions_def: Partitions of a partitioned table (its ``partition`` column holds the
+            key), or None.
     """
 
     table: Table
     config_cls: type[dg.Config] | None = None
     companions: Sequence[Table] = ()
+    partitions_def: dg.PartitionsDefinition | None = None
 
     def stage(self, request: StageRequest) -> Mapping[str, Any]:
         """Fetch from PostHog and append rows to ``request.staging``; return metadata figures."""

@@ -153,6 +153,8 @@ def _replace_rows(
         if c in schema.constants:
             params[f"c_{c}"] = staged.snapshot_at if c == "snapshot_at" else staged.scope[c]
             select_parts.append(f"CAST($c_{c} AS {types[c]}) AS {quote(c)}")
+        elif schema.staged_columns[c] != types[c]:
+            select_parts.append(f"CAST({quote(c)} AS {types[c]}) AS {quote(c)}")
         else:
             select_parts.append(quote(c))
     col_list = ", ".join(quote(c) for c in names)
