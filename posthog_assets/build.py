@@ -19,6 +19,7 @@ from posthog_assets.config import (
     InsightsConfig,
     PersonsConfig,
     PostHogProject,
+    catalog_names,
 )
 from posthog_assets.exports.assets import ExportExecute
 from posthog_assets.exports.definitions import build_posthog_export_definitions
@@ -38,6 +39,7 @@ def build_posthog_assets_definitions(
     groups: GroupsConfig | Mapping[str, Any] | None = None,
     events: EventsConfig | Mapping[str, Any] | None = None,
     persons: PersonsConfig | Mapping[str, Any] | None = None,
+    catalog: str | Sequence[str] = (),
     duckdb_path: str | Path = DEFAULT_DUCKDB_PATH,
     translator: DagsterPostHogTranslator | None = None,
 ) -> dg.Definitions:
@@ -69,6 +71,8 @@ def build_posthog_assets_definitions(
         events: The daily-partitioned events (``start_date``, event names, promoted
             properties, lookback); off when None.
         persons: The persons snapshot (page size, schedule); off when None.
+        catalog: ``all``, or which of annotations, cohorts, feature_flags, actions,
+            dashboards, experiments, experiment_results to snapshot daily.
         duckdb_path: The DuckDB file every snapshot and the exports log write.
         translator: Customises every asset spec (keys, groups, tags, owners, ...).
     """
@@ -80,6 +84,7 @@ def build_posthog_assets_definitions(
         groups=GroupsConfig.model_validate(groups or {}),
         events=EventsConfig.model_validate(events) if events is not None else None,
         persons=PersonsConfig.model_validate(persons) if persons is not None else None,
+        catalog=catalog_names(catalog),
         duckdb_path=str(duckdb_path),
     )
     return build_project_definitions(project, translator=translator)
@@ -102,6 +107,12 @@ def build_project_definitions(
         parts.append(
             build_posthog_export_definitions([project], translator=translator, execute=execute)
         )
-    if project.insights.enabled or project.groups.enabled or project.events or project.persons:
+    if (
+        project.insights.enabled
+        or project.groups.enabled
+        or project.events
+        or project.persons
+        or project.catalog
+    ):
         parts.append(build_posthog_snapshot_definitions([project], translator=translator))
     return dg.Definitions.merge(*parts)

@@ -497,6 +497,31 @@ class PersonsConfig(_Model):
     _page_size = field_validator("page_size")(lambda v: EventsConfig._page_size(v))
 
 
+#: The project's other objects, each a daily snapshot table (``catalog:``); ``all`` is every one
+#: but the experiments' results, which spend the key's query budget.
+CATALOG_TABLES = (
+    "annotations", "cohorts", "feature_flags", "actions", "dashboards", "experiments",
+    "experiment_results",
+)  # fmt: skip
+CATALOG_SCHEDULE_CRON = "0 4 * * *"
+
+
+def catalog_names(value: Any) -> tuple[str, ...]:
+    """``all`` or a list of :data:`CATALOG_TABLES` names, in that order, each once."""
+    if value is None:
+        return ()
+    if value == "all":
+        return CATALOG_TABLES[:-1]
+    if isinstance(value, str) or not all(isinstance(v, str) for v in value):
+        raise ValueError(f"catalog must be 'all' or a list of {', '.join(CATALOG_TABLES)}")
+    unknown = sorted(set(value) - set(CATALOG_TABLES))
+    if unknown:
+        raise ValueError(
+            f"catalog: unknown table(s) {', '.join(unknown)}; known: {', '.join(CATALOG_TABLES)}"
+        )
+    return tuple(n for n in CATALOG_TABLES if n in value)
+
+
 @dataclass(frozen=True)
 class PostHogProject:
     """One PostHog project as the definitions are built from it: its name, its resource, what it
@@ -516,6 +541,8 @@ class PostHogProject:
     #: Off unless given: events and persons spend the key's query budget.
     events: EventsConfig | None = None
     persons: PersonsConfig | None = None
+    #: Daily snapshots of the project's other objects (:data:`CATALOG_TABLES`).
+    catalog: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         matching(self.name, _NAME_RE, "lower_snake_case")

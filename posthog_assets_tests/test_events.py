@@ -342,3 +342,19 @@ def test_a_day_past_50000_events_is_read_in_full_pages(big: StandinProcess, tmp_
     )
     pages = [e for e in control.query_log() if e["query"].startswith("SELECT uuid")]
     assert [e["rows"] for e in pages] == [50_000, counts[day] - 50_000]
+
+
+def test_a_query_slower_than_the_read_timeout_is_followed_asynchronously(
+    standin: StandinProcess, control: StandinControl
+) -> None:
+    control.configure_queries(query_latency_s=1.5)
+    client = PostHogClient(
+        standin.url, standin.project_id, standin.key, read_timeout_s=0.5, rate_limits=None
+    )
+    try:
+        result = run_hogql(client, "SELECT count() AS n FROM events", poll=POLL)
+    finally:
+        client.close()
+    assert result.asynchronous and result.columns == ["n"]
+    assert result.rows == [[control.events_info()["live"]["events"]]]
+    assert [e["refresh"] for e in control.query_log()] == ["force_blocking", "force_async"]

@@ -21,7 +21,10 @@ def _token(value: str) -> str:
 def parse_args(argv: list[str] | None = None) -> Options:
     parser = argparse.ArgumentParser(
         prog="python -m posthog_standin",
-        description="Local stand-in for PostHog's exports, groups, insights and query API.",
+        description=(
+            "Local stand-in for PostHog's exports, groups, insights, query API and catalog "
+            "(annotations, cohorts, feature flags, actions, experiments)."
+        ),
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=0, help="0 picks a free port")
@@ -58,6 +61,16 @@ def parse_args(argv: list[str] | None = None) -> Options:
         default=0.002,
         help="share of events whose distinct id maps to no person",
     )
+    parser.add_argument("--annotations", type=int, default=30, help="live annotations")
+    parser.add_argument("--cohorts", type=int, default=20, help="live cohorts")
+    parser.add_argument("--feature-flags", type=int, default=40, help="live feature flags")
+    parser.add_argument("--actions", type=int, default=15, help="live actions")
+    parser.add_argument(
+        "--experiments",
+        type=int,
+        default=4,
+        help="live experiments (each needs a live flag of its own, deleted ones too)",
+    )
     parser.add_argument("--log-level", default="warning")
     parser.add_argument(
         "--control-token",
@@ -85,6 +98,11 @@ def parse_args(argv: list[str] | None = None) -> Options:
         persons=args.persons,
         event_days=args.event_days,
         personless_share=args.personless_share,
+        annotations=args.annotations,
+        cohorts=args.cohorts,
+        feature_flags=args.feature_flags,
+        actions=args.actions,
+        experiments=args.experiments,
     )
 
 

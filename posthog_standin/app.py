@@ -14,7 +14,7 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from . import errors, exports, groups, insights, projects, query_api
+from . import catalog, errors, exports, groups, insights, projects, query_api
 from .auth import Ctx, authenticate, read_json_body, require_scopes, resolve_project
 from .control import ControlAccess, ControlGate, control_routes
 from .middleware import ApiMiddleware
@@ -126,6 +126,42 @@ PROJECT_ROUTES: tuple[ApiRoute, ...] = (
         throttle_fn=query_api.throttle_scopes,
     ),
 )
+#: The catalog (``catalog``): list and retrieve of each kind, under its own scope object. PostHog
+#: registers these viewsets on the projects router only (``routers.projects.register``; its
+#: published schema has no ``/api/environments/`` paths for them): under ``environments`` a 404.
+CATALOG_ROUTES: tuple[ApiRoute, ...] = tuple(
+    route
+    for name, plural, scope, listing, retrieve in (
+        (
+            "annotation",
+            "annotations",
+            "annotation",
+            catalog.list_annotations,
+            catalog.retrieve_annotation,
+        ),
+        ("cohort", "cohorts", "cohort", catalog.list_cohorts, catalog.retrieve_cohort),
+        (
+            "feature_flag",
+            "feature_flags",
+            "feature_flag",
+            catalog.list_feature_flags,
+            catalog.retrieve_feature_flag,
+        ),
+        ("action", "actions", "action", catalog.list_actions, catalog.retrieve_action),
+        (
+            "experiment",
+            "experiments",
+            "experiment",
+            catalog.list_experiments,
+            catalog.retrieve_experiment,
+        ),
+    )  # fmt: skip
+    for route in (
+        ApiRoute(plural, f"/{plural}", {"GET": listing}, scope, projects_only=True),
+        ApiRoute(name, f"/{plural}/{{{name}_id}}", {"GET": retrieve}, scope, projects_only=True),
+    )
+)
+PROJECT_ROUTES += CATALOG_ROUTES
 PROJECT_LIST = ApiRoute("projects", "", {"GET": projects.list_projects}, "project")
 
 

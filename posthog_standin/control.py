@@ -22,9 +22,11 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from .catalog import experiment_status, flag_variants
+from .catalog_seed import KINDS, Catalog, add_row
 from .events_db import EventStore
 from .group_seed import group_index
-from .seed import INSIGHT_KIND_RULES, Insight, Project
+from .seed import INSIGHT_KIND_RULES, Insight, Project, iso_z
 from .server import CONTROL_TOKEN_HEADER
 from .state import CACHE_STATES, KeyInfo, State
 
@@ -253,6 +255,7 @@ def control_routes(state: State) -> list[Route]:
                 "first_insight_id": p.insight_base + 1,
                 "first_dashboard_id": p.dashboard_base + 1,
                 "insight_ids_by_kind": insight_ids_by_kind(p),
+                "catalog": catalog_summary(state.catalog_seed, p.id),
             }
             for p in seed.projects.values()
         ]
@@ -324,6 +327,32 @@ def control_routes(state: State) -> list[Route]:
         person_id = _person_id(data, "id")
         return JSONResponse(await asyncio.to_thread(store.update_person, person_id, properties))
 
+    # ---- the catalog: soft-delete and add objects ---------------------------------------------
+    async def catalog_info(request: Request) -> Response:
+        """The live catalog (after control-plane changes), per project and kind."""
+        return JSONResponse(
+            {str(p.id): catalog_summary(state.catalog, p.id) for p in seed.projects.values()}
+        )
+
+    async def catalog_delete(request: Request) -> Response:
+        kind = catalog_kind(request.path_params["kind"])
+        row = state.catalog.find(kind, int(request.path_params["object_id"]))
+        if row is None:
+            return JSONResponse({"error": f"no {kind} {request.path_params['object_id']}"}, 404)
+        row["deleted"] = True
+        if "updated_at" in row:
+            row["updated_at"] = iso_z(datetime.fromtimestamp(state.now(), UTC))
+        return JSONResponse({"kind": kind, "id": row["id"], "deleted": True})
+
+    async def catalog_add(request: Request) -> Response:
+        kind = catalog_kind(request.path_params["kind"])
+        project = seed.projects.get(int(request.query_params.get("project_id", seed.main.id)))
+        if project is None:
+            raise ControlError("unknown project_id")
+        row = add_row(state.catalog, kind, project, await _json(request))
+        public = {k: v for k, v in row.items() if not k.startswith("_")}
+        return JSONResponse({"kind": kind, "project_id": project.id, **public}, status_code=201)
+
     async def queries(request: Request) -> Response:
         if request.method == "DELETE":
             state.query_log.clear()
@@ -351,5 +380,46 @@ def control_routes(state: State) -> list[Route]:
         ("/_standin/persons/delete", delete_person, ["POST"]),
         ("/_standin/persons/update", update_person, ["POST"]),
         ("/_standin/queries", queries, ["GET", "DELETE"]),
+        ("/_standin/catalog", catalog_info, ["GET"]),
+        ("/_standin/catalog/{kind}", catalog_add, ["POST"]),
+        ("/_standin/catalog/{kind}/{object_id:int}/delete", catalog_delete, ["POST"]),
     ]
     return [Route(path, _guard(handler), methods=methods) for path, handler, methods in table]
+
+
+def catalog_kind(raw: str) -> str:
+    """A catalog kind from its singular or plural name (``feature_flags`` → ``feature_flag``)."""
+    kind = raw[:-1] if raw.endswith("s") else raw
+    if kind not in KINDS:
+        raise ControlError(f"kind must be one of {KINDS} (or their plurals), not {raw!r}")
+    return kind
+
+
+def catalog_summary(catalog: Catalog, project_id: int) -> dict[str, Any]:
+    """Per kind: every id, the live and the deleted ones; for experiments also each one's
+    status, flag, variants and metric uuids (what ExperimentQuery needs)."""
+    out: dict[str, Any] = {}
+    for kind in KINDS:
+        rows = catalog.project_rows(kind, project_id)
+        out[kind] = {
+            "ids": [r["id"] for r in rows],
+            "live_ids": [r["id"] for r in rows if not r["deleted"]],
+            "deleted_ids": [r["id"] for r in rows if r["deleted"]],
+        }
+    flags = {r["id"]: r for r in catalog.project_rows("feature_flag", project_id)}
+    out["experiment"]["experiments"] = [
+        {
+            "id": r["id"],
+            "deleted": r["deleted"],
+            "status": experiment_status(r),
+            "feature_flag_id": r["_flag"],
+            "feature_flag_key": r["feature_flag_key"],
+            "variants": [v["key"] for v in flag_variants(flags[r["_flag"]])]
+            if r["_flag"] in flags
+            else [],
+            "stats_method": (r["stats_config"] or {}).get("method", "bayesian"),
+            "metric_uuids": [m.get("uuid") for m in r["metrics"] or []],
+        }
+        for r in catalog.project_rows("experiment", project_id)
+    ]
+    return out

@@ -55,12 +55,13 @@ def _positive_int(text: str | None, *, strict: bool) -> int:
     return value
 
 
-def limit_offset(request: Request) -> tuple[int, int]:
-    """DRF's parsing: a bad or zero ``limit`` means 100, a bad ``offset`` means 0; no cap."""
+def limit_offset(request: Request, default_limit: int = DEFAULT_LIMIT) -> tuple[int, int]:
+    """DRF's parsing: a bad or zero ``limit`` means the default (100, or the paginator's
+    ``default_limit``), a bad ``offset`` means 0; no cap."""
     try:
         limit = _positive_int(request.query_params.get("limit"), strict=True)
     except (TypeError, ValueError):
-        limit = DEFAULT_LIMIT
+        limit = default_limit
     try:
         offset = _positive_int(request.query_params.get("offset"), strict=False)
     except (TypeError, ValueError):
@@ -72,9 +73,10 @@ def limit_offset_page(
     request: Request,
     count: int,
     fetch: Callable[[int, int], Sequence[Any]],
+    default_limit: int = DEFAULT_LIMIT,
 ) -> dict[str, Any]:
     """``{"count","next","previous","results"}``; ``fetch(offset, limit)`` returns one page."""
-    limit, offset = limit_offset(request)
+    limit, offset = limit_offset(request, default_limit)
     url = request_url(request)
     results = list(fetch(offset, limit)) if offset < count else []
     next_url = None

@@ -120,6 +120,7 @@ def _log_entry(state: State, ctx: Ctx, text: str, mode: str, query_id: str) -> d
     entry: dict[str, Any] = {
         "ts": state.now(),
         "project_id": ctx.project.id,
+        "kind": "HogQLQuery",
         "query": text,
         "refresh": mode,
         "query_id": query_id,
@@ -362,7 +363,8 @@ def _query_text(body: Any) -> str:
         raise errors.validation_error("Invalid query: 'kind' is missing", attr="query")
     if query["kind"] != "HogQLQuery":
         raise errors.validation_error(
-            f"The PostHog stand-in runs only HogQLQuery on /query/, not {query['kind']}.",
+            "The PostHog stand-in runs only HogQLQuery and ExperimentQuery on /query/, "
+            f"not {query['kind']}.",
             attr="query",
         )
     text = query.get("query")
@@ -394,6 +396,12 @@ def _respond(entry: dict[str, Any], body: dict[str, Any], outcome: str) -> Respo
 
 
 async def create(ctx: Ctx) -> Response:
+    """``POST /query/``: an ``ExperimentQuery`` goes to ``experiments``; HogQL runs here."""
+    query = ctx.body.get("query") if isinstance(ctx.body, dict) else None
+    if isinstance(query, dict) and query.get("kind") == "ExperimentQuery":
+        from .experiments import create as create_experiment_query  # it imports this module
+
+        return await create_experiment_query(ctx)
     state, project = ctx.state, ctx.project
     text = _query_text(ctx.body)
     mode = parse_mode(ctx.body)

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import uvicorn
 
 from .app import build_api_app
+from .catalog_seed import CatalogSizes, build_catalog
 from .control import ControlAccess
 from .events_db import EventSeedSpec, EventStore
 from .seed import Seed
@@ -50,6 +51,13 @@ class Options:
     persons: int = 2_000
     event_days: int = 7
     personless_share: float = 0.002
+    #: Live catalog objects of the main project (Staging gets a few); about one in eight more
+    #: are seeded soft-deleted (``catalog_seed``).
+    annotations: int = 30
+    cohorts: int = 20
+    feature_flags: int = 40
+    actions: int = 15
+    experiments: int = 4
 
 
 #: Staging's share of the events and persons.
@@ -95,7 +103,15 @@ def build_state(options: Options) -> State:
             team_id=project.id,
         )
         stores[project.id] = EventStore(spec)
-    return State(seed, key=options.key, base_config=config, events=stores)
+    sizes = CatalogSizes(
+        annotations=options.annotations,
+        cohorts=options.cohorts,
+        feature_flags=options.feature_flags,
+        actions=options.actions,
+        experiments=options.experiments,
+    )
+    catalog = build_catalog(seed, sizes)
+    return State(seed, key=options.key, base_config=config, events=stores, catalog=catalog)
 
 
 async def serve(options: Options) -> None:

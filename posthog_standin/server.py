@@ -37,7 +37,9 @@ class StandinProcess:
     ``storage_url``, ``key``, ``project_id``, ``control_token`` and ``pid`` describe the running
     server; :attr:`control` drives its control plane. ``events``, ``persons``, ``event_days`` and
     ``personless_share`` size the main project's events and persons (``events_db``), which
-    HogQL ``POST /query/`` reads.
+    HogQL ``POST /query/`` reads; ``annotations``, ``cohorts``, ``feature_flags``, ``actions``
+    and ``experiments`` the live catalog objects of the main project (``catalog_seed``; about
+    one in eight more are seeded soft-deleted).
     """
 
     def __init__(
@@ -56,6 +58,11 @@ class StandinProcess:
         persons: int = 2_000,
         event_days: int = 7,
         personless_share: float = 0.002,
+        annotations: int = 30,
+        cohorts: int = 20,
+        feature_flags: int = 40,
+        actions: int = 15,
+        experiments: int = 4,
         host: str = "127.0.0.1",
         extra_args: Sequence[str] = (),
         startup_timeout: float = 30.0,
@@ -70,6 +77,9 @@ class StandinProcess:
             "--seed", str(seed), "--export-delay", str(export_delay),
             "--events", str(events), "--persons", str(persons),
             "--event-days", str(event_days), "--personless-share", str(personless_share),
+            "--annotations", str(annotations), "--cohorts", str(cohorts),
+            "--feature-flags", str(feature_flags), "--actions", str(actions),
+            "--experiments", str(experiments),
             "--rate-limits" if rate_limits else "--no-rate-limits",
             *extra_args,
         ]  # fmt: skip
@@ -178,7 +188,8 @@ class StandinControl:
             raise StandinError(f"{method} /_standin/{path} -> {exc.code}: {detail}") from None
 
     def reset(self) -> None:
-        """Back to the seed: exports, caches, jobs, faults, keys, config, log, removed groups."""
+        """Back to the seed: exports, caches, jobs, faults, keys, config, log, removed groups,
+        the catalog (deleted and added objects)."""
         self._call("POST", "reset")
 
     def configure(self, **config: Any) -> dict[str, Any]:
@@ -246,6 +257,27 @@ class StandinControl:
     def seed_info(self) -> dict[str, Any]:
         """Seed number and, per project, its sizes and first insight/dashboard ids."""
         return self._call("GET", "seed")
+
+    # ---- the catalog: annotations, cohorts, feature flags, actions, experiments -----------------
+    def catalog(self) -> dict[str, Any]:
+        """Per project id (a string) and kind: ``ids``, ``live_ids``, ``deleted_ids``; under
+        ``experiment`` also ``experiments`` (id, deleted, status, feature flag id and key,
+        variants, stats method, metric uuids), after any control-plane changes."""
+        return self._call("GET", "catalog")
+
+    def delete_object(self, kind: str, object_id: int) -> dict[str, Any]:
+        """Soft-delete one object (``deleted: true``, ``updated_at`` now), as PATCHing
+        ``{"deleted": true}`` does. ``kind``: annotation, cohort, feature_flag, action or
+        experiment (or the plural)."""
+        return self._call("POST", f"catalog/{kind}/{int(object_id)}/delete")
+
+    def add_object(
+        self, kind: str, fields: dict[str, Any] | None = None, *, project_id: int | None = None
+    ) -> dict[str, Any]:
+        """Add one object with the seed's defaults and ``fields`` (API field names) on top;
+        returns it (with ``kind``, ``project_id`` and its new ``id``). An experiment gets a new
+        multivariate flag unless ``fields`` names a live flag's ``feature_flag_key``."""
+        return self._call("POST", f"catalog/{kind}" + self._project(project_id), fields or {})
 
     # ---- events, persons and HogQL queries ------------------------------------------------------
     @staticmethod

@@ -1,11 +1,13 @@
 """Everything the stand-in mutates: config overrides, keys, exports, insight caches, async query
 jobs, removed groups, faults, throttles, the request log and counters; HogQL query results,
-jobs, concurrency slots and the query log; and (through each project's ``EventStore``) the
-events and persons the control plane added.
+jobs, concurrency slots and the query log; the catalog (annotations, cohorts, feature flags,
+actions, experiments) the control plane soft-deletes and adds to; and (through each project's
+``EventStore``) the events and persons the control plane added.
 
 The seed is immutable; this is the only place that grows, and ``reset()`` brings all of it back to
 the state right after start-up (the ids of new exports keep counting up, so a client can never
-mistake an export from an earlier test for a new one).
+mistake an export, or a catalog object the control plane added, from an earlier test for a new
+one).
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from typing import Any
 
+from .catalog_seed import KINDS, Catalog
 from .events_db import EventStore
 from .faults import FaultBook, RateLimiter
 from .seed import Insight, Seed
@@ -111,6 +114,11 @@ class Config:
     #: dropped); false: the "disabled" mode's INNER JOIN, which drops events whose distinct id
     #: has no live person (personless events).
     persons_on_events: bool = True
+    #: ``GET experiments/`` with the metric definitions (``ExperimentSerializer``, as PostHog's
+    #: November 2025 schema lists it); false: the newest PostHog's ``ExperimentBasicSerializer``,
+    #: whose list leaves out ``metrics``, ``metrics_secondary``, ``saved_metrics`` and
+    #: ``secondary_metrics`` (``GET experiments/:id/`` still has them).
+    experiments_list_metrics: bool = True
 
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -126,7 +134,8 @@ class Config:
         bools = ("content_redirect", "rate_limits", "environments_sunset", "export_post_held",
                  "force_cache_shows_running_job", "stable_default_order", "crm_notebooks",
                  "property_values_envelope", "insight_query_from_filters",
-                 "tagging_licensed", "persons_on_events")  # fmt: skip
+                 "tagging_licensed", "persons_on_events",
+                 "experiments_list_metrics")  # fmt: skip
         id_lists = ("query_crash_insights", "concurrency_limit_insights", "uncached_job_insights")
         for name, value in data.items():
             if name in floats:
@@ -336,8 +345,13 @@ class State:
         key: str,
         base_config: Config,
         events: dict[int, EventStore] | None = None,
+        catalog: Catalog | None = None,
     ) -> None:
         self.seed = seed
+        #: The catalog as seeded (annotations, cohorts, flags, actions, experiments); ``reset``
+        #: restores a copy of it, which the control plane may change.
+        empty = Catalog({kind: {} for kind in KINDS}, dict.fromkeys(KINDS, 1))
+        self.catalog_seed = catalog or empty
         self.default_key = key
         self.base_config = base_config
         self.storage_url = ""
@@ -377,6 +391,14 @@ class State:
         self.query_log: deque[dict[str, Any]] = deque(maxlen=QUERY_LOG_MAX)
         for store in self.events.values():
             store.reset()
+        previous = getattr(self, "catalog", None)
+        self.catalog = self.catalog_seed.copy()
+        if previous is not None:
+            for kind in KINDS:
+                ids = self.catalog.next_ids
+                ids[kind] = max(ids[kind], previous.next_ids[kind])
+        #: Counts catalog list requests: rows tied by the ordering come back in a new order each.
+        self.catalog_requests = 0
 
     @staticmethod
     def now() -> float:

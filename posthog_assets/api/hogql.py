@@ -1,4 +1,4 @@
-"""HogQL through ``POST /query/``: one query at a time per slot, inside PostHog's limits.
+"""Queries through ``POST /query/`` (HogQL and other kinds), inside PostHog's limits.
 
 What PostHog does with a query sent with a personal API key (``posthog/api/query.py``,
 ``posthog/hogql/constants.py``, ``posthog/hogql/user_query_validator.py``):
@@ -80,34 +80,61 @@ def run_hogql(
     name: str | None = None,
     asynchronous: bool = False,
 ) -> HogQLResult:
-    """Run ``query`` and return every row PostHog returned for it.
+    """Run a HogQL ``query`` and return every row PostHog returned for it.
 
     Blocking (``force_blocking``) unless ``asynchronous``; a blocking answer that outlives the
     client's read timeout is asked again with ``force_async`` and followed until done.
     """
+    node = {"kind": "HogQLQuery", "query": query}
+    refresh = "force_async" if asynchronous else "force_blocking"
+    answer, size, followed = run_query(client, node, poll=poll, name=name, refresh=refresh)
+    if not isinstance(answer, dict) or not isinstance(answer.get("results"), list):
+        raise PostHogQueryFailed("PostHog's answer to a HogQL query has no results list")
+    return HogQLResult(
+        columns=[str(c) for c in answer.get("columns") or []],
+        rows=answer["results"],
+        bytes=size,
+        asynchronous=followed,
+    )
+
+
+def run_query(
+    client: PostHogClient,
+    node: dict[str, Any],
+    *,
+    poll: PollPolicy,
+    name: str | None = None,
+    refresh: str = "force_blocking",
+) -> tuple[dict[str, Any], int, bool]:
+    """Run any query node (HogQL, ExperimentQuery, ...): PostHog's answer, the bytes it took,
+    and whether it was followed asynchronously. A blocking mode whose answer outlives the read
+    timeout is asked again with ``force_async``."""
     with client.query_slots:
-        if not asynchronous:
+        if refresh in ("blocking", "force_blocking"):
             try:
-                return _post(client, query, name, "force_blocking")
+                answer, size = _post(client, node, name, refresh)
+                return answer, size, False
             except PostHogConnectionError as exc:
                 if not exc.read_timeout:
                     raise
                 client.log.info(
-                    "A HogQL query took longer than the read timeout; asking again "
-                    "asynchronously (force_async) and following it"
+                    "A query took longer than the read timeout; asking again asynchronously "
+                    "(force_async) and following it"
                 )
-        return _post(client, query, name, "force_async", poll=poll)
+                refresh = "force_async"
+        answer, size = _post(client, node, name, refresh, poll=poll)
+        return answer, size, True
 
 
 def _post(
     client: PostHogClient,
-    query: str,
+    node: dict[str, Any],
     name: str | None,
     refresh: str,
     *,
     poll: PollPolicy | None = None,
-) -> HogQLResult:
-    body: dict[str, Any] = {"query": {"kind": "HogQLQuery", "query": query}, "refresh": refresh}
+) -> tuple[dict[str, Any], int]:
+    body: dict[str, Any] = {"query": node, "refresh": refresh}
     if name:
         body["name"] = name
     resp = client.request(
@@ -118,13 +145,15 @@ def _post(
         raise _timeout(resp.status_code, _detail(resp))
     size = len(resp.content)
     answer = resp.json()
-    status = answer.get("query_status") if isinstance(answer, dict) else None
+    if not isinstance(answer, dict):
+        raise PostHogQueryFailed("PostHog's answer to a query is not an object")
+    status = answer.get("query_status")
     if isinstance(status, dict) and status.get("complete") is False:
         if poll is None:
             raise PostHogQueryFailed("PostHog answered a blocking query with a running job")
         answer, more = _follow(client, str(status["id"]), poll)
         size += more
-    return _result(answer, size, asynchronous=refresh != "force_blocking")
+    return answer, size
 
 
 def _follow(client: PostHogClient, query_id: str, poll: PollPolicy) -> tuple[Any, int]:
@@ -142,7 +171,8 @@ def _follow(client: PostHogClient, query_id: str, poll: PollPolicy) -> tuple[Any
                 raise _timeout(resp.status_code, message)
             raise PostHogQueryFailed(f"HogQL query {query_id} failed: {message}")
         if state.complete:
-            return state.status.get("results") or {}, size
+            results = state.status.get("results")
+            return (results if isinstance(results, dict) else {}), size
         if time.monotonic() + wait > deadline:
             client.request("DELETE", f"query/{query_id}/", scopes=QUERY_SCOPES)
             raise PostHogPollTimeout(
@@ -150,17 +180,6 @@ def _follow(client: PostHogClient, query_id: str, poll: PollPolicy) -> tuple[Any
             )
         time.sleep(wait)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def _result(answer: Any, size: int, *, asynchronous: bool) -> HogQLResult:
-    if not isinstance(answer, dict) or not isinstance(answer.get("results"), list):
-        raise PostHogQueryFailed("PostHog's answer to a HogQL query has no results list")
-    return HogQLResult(
-        columns=[str(c) for c in answer.get("columns") or []],
-        rows=answer["results"],
-        bytes=size,
-        asynchronous=asynchronous,
-    )
 
 
 def _detail(resp: Any) -> str:

@@ -73,6 +73,7 @@ from posthog_assets.config import (
     InsightsConfig,
     PersonsConfig,
     PostHogProject,
+    catalog_names,
     error_lines,
     matching,
     parse_project_id,
@@ -213,6 +214,13 @@ def validated(section: str, adapter: TypeAdapter[Any]) -> Callable[[ResolutionCo
     return resolve
 
 
+def _catalog(raw: Any) -> tuple[str, ...]:
+    try:
+        return catalog_names(raw)
+    except ValueError as exc:
+        raise ResolutionException(str(exc)) from None
+
+
 PostHogProps = PostHogExportProps | PostHogSnapshotProps
 TranslationFn = Callable[[dg.AssetSpec, PostHogProps], dg.AssetSpec]
 logger = logging.getLogger(__name__)
@@ -318,6 +326,16 @@ class PostHogProjectComponent(StateBackedComponent, Model, Resolvable):
             "unless given): enabled, page_size, schedule.",
         ),
     ] = None
+    catalog: Annotated[
+        tuple[str, ...],
+        dg.Resolver(
+            lambda _, raw: _catalog(raw),
+            model_field_type=str | list[str] | None,
+            description="'all', or a list of annotations, cohorts, feature_flags, actions, "
+            "dashboards, experiments, experiment_results (off unless given; 'all' leaves out "
+            "experiment_results, which spend the query budget): daily snapshot tables.",
+        ),
+    ] = ()
     duckdb_path: str = DEFAULT_DUCKDB_PATH
     translation: (
         Annotated[
@@ -447,6 +465,7 @@ class PostHogProjectComponent(StateBackedComponent, Model, Resolvable):
             groups=self.groups,
             events=self.events,
             persons=self.persons,
+            catalog=self.catalog,
             duckdb_path=self.duckdb_path,
         )
 

@@ -11,9 +11,11 @@ from collections.abc import Sequence
 
 import dagster as dg
 
-from posthog_assets.config import PostHogProject
+from posthog_assets.config import CATALOG_SCHEDULE_CRON, PostHogProject
+from posthog_assets.snapshots.catalog import catalog_sources
 from posthog_assets.snapshots.checks import table_checks
 from posthog_assets.snapshots.events import EventsSource
+from posthog_assets.snapshots.experiment_results import ExperimentResultsSource
 from posthog_assets.snapshots.factory import build_snapshot_asset
 from posthog_assets.snapshots.groups import group_sources
 from posthog_assets.snapshots.insights import InsightsSource
@@ -33,6 +35,10 @@ def insights_job_name(project: PostHogProject) -> str:
 
 def groups_job_name(project: PostHogProject) -> str:
     return f"{project.resource_key}_groups_snapshot"
+
+
+def catalog_job_name(project: PostHogProject) -> str:
+    return f"{project.resource_key}_catalog_snapshot"
 
 
 def events_job_name(project: PostHogProject) -> str:
@@ -154,6 +160,20 @@ def build_posthog_snapshot_definitions(
                 project.persons.schedule,
                 f"Persons snapshot of project '{project.name}' into DuckDB: persons and their "
                 "distinct ids.",
+            )
+        if project.catalog:
+            families[catalog_job_name(project)] = (
+                [
+                    *catalog_sources(n for n in project.catalog if n != "experiment_results"),
+                    *(
+                        [ExperimentResultsSource()]
+                        if "experiment_results" in project.catalog
+                        else []
+                    ),
+                ],
+                CATALOG_SCHEDULE_CRON,
+                f"Daily snapshot of project '{project.name}''s "
+                f"{', '.join(project.catalog)} into DuckDB.",
             )
         if project.events is not None:
             events = EventsSource(project, project.events)
