@@ -97,7 +97,8 @@ def test_every_asset_sits_in_a_posthog_group_with_the_posthog_kind(shipped_env: 
     specs = list(defs.resolve_all_asset_specs())
     groups = {s.key.to_user_string(): s.group_name for s in specs}
     assert set(groups.values()) == {
-        "posthog_exports", "posthog_insights", "posthog_groups", "posthog_events"
+        "posthog_exports", "posthog_insights", "posthog_groups", "posthog_events",
+        "posthog_catalog",
     }, groups  # fmt: skip
     assert all("posthog" in s.kinds for s in specs)
 

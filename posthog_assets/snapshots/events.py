@@ -205,7 +205,7 @@ class EventsSource(SnapshotSource):
             figures["pages"] += 1
             figures["bytes"] += page.bytes
             figures["async_pages"] += int(page.asynchronous)
-            rows += request.staging.write(self._rows(page))
+            rows += request.staging.write_lists(page.columns, self._rows(page))
             if len(page.rows) >= config.page_size:  # a full page: more may follow
                 last = dict(zip(page.columns, page.rows[-1], strict=False))
                 windows.insert(0, replace(window, after=(last["timestamp"], last["uuid"])))
@@ -240,16 +240,14 @@ class EventsSource(SnapshotSource):
             "page_size in the events settings"
         )
 
-    def _rows(self, page: HogQLResult) -> list[dict[str, Any]]:
-        made = []
-        promoted = [property_column(n) for n in self.config.properties]
-        for record in page.records():
-            for name in promoted:
-                value = record.get(name)
-                if value is not None and not isinstance(value, str):
-                    record[name] = json.dumps(value)
-            made.append(record)
-        return made
+    def _rows(self, page: HogQLResult) -> list[list[Any]]:
+        """The page's rows, promoted properties as text (JSON for numbers, booleans, objects)."""
+        promoted = [i for i, c in enumerate(page.columns) if c.startswith("prop_")]
+        for row in page.rows if promoted else ():
+            for i in promoted:
+                if row[i] is not None and not isinstance(row[i], str):
+                    row[i] = json.dumps(row[i])
+        return page.rows
 
 
 def events_match_posthog_counts(

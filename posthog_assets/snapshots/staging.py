@@ -68,10 +68,27 @@ class StagedRows:
     def write(self, rows: Iterable[Mapping[str, Any]]) -> int:
         """Serialise ``rows`` (outside the lock) and append them; return how many were written."""
         cols = self._columns
-        lines = [
-            json.dumps({c: row.get(c) for c in cols}, separators=(",", ":"), default=str)
-            for row in rows
-        ]
+        return self._append(
+            [
+                json.dumps({c: row.get(c) for c in cols}, separators=(",", ":"), default=str)
+                for row in rows
+            ]
+        )
+
+    def write_lists(self, columns: Sequence[str], rows: Iterable[Sequence[Any]]) -> int:
+        """Rows as lists in the order of ``columns`` (a query's answer, as it came): one dict
+        per row, not two. ``columns`` must be the staged columns."""
+        if sorted(columns) != sorted(self._columns):
+            raise ValueError(f"{self.stem.name}: columns {list(columns)} are not the staged ones")
+        names = list(columns)
+        return self._append(
+            [
+                json.dumps(dict(zip(names, row, strict=True)), separators=(",", ":"), default=str)
+                for row in rows
+            ]  # fmt: skip
+        )
+
+    def _append(self, lines: list[str]) -> int:
         if not lines:
             return 0
         text = "\n".join(lines) + "\n"
