@@ -78,6 +78,7 @@ bench: install system-deps
 	$(VENV)/bin/python bench/exports.py
 	$(VENV)/bin/python bench/snapshots.py
 	$(VENV)/bin/python bench/tidy.py
+	$(VENV)/bin/python bench/events.py
 	$(VENV)/bin/python bench/celery.py
 	$(VENV)/bin/python bench/chaos.py
 
