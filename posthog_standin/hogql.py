@@ -637,7 +637,7 @@ _KNOWN_FUNCTIONS = frozenset({
     "now", "today", "toStartOfDay", "toStartOfHour", "toStartOfWeek", "toStartOfMonth",
     "toString", "toInt", "toFloat", "lower", "upper", "length", "concat", "coalesce", "if",
     "multiIf", "JSONExtractString", "JSONExtractRaw", "dateDiff", "dateAdd", "dateSub",
-    "toTimeZone", "formatDateTime", "uniq", "uniqExact", "sum", "avg", "min", "max", "any",
+    "formatDateTime", "uniq", "uniqExact", "sum", "avg", "min", "max", "any",
     "argMax", "argMin", "groupArray", "countIf", "sumIf", "toYYYYMM", "toUnixTimestamp",
     "fromUnixTimestamp", "parseDateTimeBestEffort", "isNull", "isNotNull", "ifNull", "like",
     "match", "replaceRegexpAll", "splitByChar", "arrayJoin", "has", "toUUIDOrDefault",
@@ -836,6 +836,17 @@ class Compiler:
                     )
                 return Typed(f"count({arg.sql})", T_U64, aggregate=True, name="count()")
             return Typed("count(*)", T_U64, aggregate=True, name="count()")
+        if name == "toTimeZone":
+            # the wall time in another zone (the package asks toDate(toTimeZone(timestamp, 'UTC'))
+            # for UTC days whatever the project's timezone)
+            if len(node.args) != 2:
+                raise HogQLError(f"Function '{name}' expects 2 arguments, found {len(node.args)}")
+            arg, zone_arg = self.expr(node.args[0]), self.expr(node.args[1])
+            zone = zone_arg.const if zone_arg.is_const else None
+            if arg.type not in _DATETIMES or not isinstance(zone, str):
+                raise unsupported("toTimeZone() of that expression")
+            _zone(zone)
+            return Typed(f"timezone('{zone}', {arg.sql})", arg.type, name=f"toTimeZone({arg.name})")
         if name in ("toDate", "to_date"):
             if len(node.args) != 1:
                 raise HogQLError(f"Function '{name}' expects 1 argument, found {len(node.args)}")

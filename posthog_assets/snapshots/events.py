@@ -162,7 +162,9 @@ class EventsSource(SnapshotSource):
         halves of the range when one hits PostHog's execution time limit."""
         start, end = day_bounds(first)[0], day_bounds(last)[1]
         sql = (
-            "SELECT toDate(timestamp) AS day, count() AS events FROM events WHERE "
+            # toDate alone would give the day in the project's timezone (HogQL applies it)
+            "SELECT toDate(toTimeZone(timestamp, 'UTC')) AS day, count() AS events "
+            "FROM events WHERE "
             f"timestamp >= {datetime_literal(start)} AND timestamp < {datetime_literal(end)}"
             f"{event_filter(self.config)} GROUP BY day ORDER BY day LIMIT {MAX_ROWS}"
         )
