@@ -42,7 +42,7 @@ test: install system-deps
 	$(PYTEST) posthog_assets_tests
 	$(VENV)/bin/python -m posthog_project.check
 
-# The first two tiers only (unit, integration against the stand-in), in 80-110 s: they mostly
+# The first two tiers only (unit, integration against the stand-in), in about 3 minutes: they mostly
 # wait on HTTP, so a third worker overlaps those waits even on two cores.
 test-quick: install
 	$(PYTEST) -n 3 -m "not system" posthog_assets_tests
