@@ -391,6 +391,16 @@ class GroupsConfig(_Model):
         return validate_cron(value)
 
 
+def query_page_size(value: int) -> int:
+    """Rows per HogQL query: PostHog silently lowers a larger LIMIT, which would end paging."""
+    if not 0 < value <= MAX_QUERY_ROWS:
+        raise ValueError(
+            f"must be 1 to {MAX_QUERY_ROWS} (PostHog silently returns at most {MAX_QUERY_ROWS} "
+            f"rows per query), got {value}"
+        )
+    return value
+
+
 class EventsConfig(_Model):
     """The ``posthog/events`` asset: one partition per UTC day of the events' ``timestamp``."""
 
@@ -432,15 +442,7 @@ class EventsConfig(_Model):
         except ValueError:
             raise ValueError(f"must be a date as YYYY-MM-DD, got {value!r}") from None
 
-    @field_validator("page_size")
-    @classmethod
-    def _page_size(cls, value: int) -> int:
-        if not 0 < value <= MAX_QUERY_ROWS:
-            raise ValueError(
-                f"must be 1 to {MAX_QUERY_ROWS} (PostHog silently returns at most {MAX_QUERY_ROWS} "
-                f"rows per query), got {value}"
-            )
-        return value
+    _page_size = field_validator("page_size")(lambda v: query_page_size(v))
 
     @field_validator("lookback_days")
     @classmethod
@@ -494,7 +496,7 @@ class PersonsConfig(_Model):
     )
 
     _cron = field_validator("schedule")(lambda v: validate_cron(v))
-    _page_size = field_validator("page_size")(lambda v: EventsConfig._page_size(v))
+    _page_size = field_validator("page_size")(lambda v: query_page_size(v))
 
 
 #: The project's other objects, each a daily snapshot table (``catalog:``); ``all`` is every one

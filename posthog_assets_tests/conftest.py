@@ -114,6 +114,13 @@ def control(standin: StandinProcess) -> StandinControl:
 
 
 @pytest.fixture
+def instance() -> Iterator[dg.DagsterInstance]:
+    """A throw-away Dagster instance (runs, materializations, partitions) for one test."""
+    with dg.instance_for_test() as inst:
+        yield inst
+
+
+@pytest.fixture
 def posthog_env(
     standin: StandinProcess,
     control: StandinControl,

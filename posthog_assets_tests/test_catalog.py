@@ -6,7 +6,7 @@ experiment results with PostHog's numbers, and a missing scope named.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +19,9 @@ from posthog_assets.snapshots.catalog import CATALOG
 from posthog_assets_tests.support.resources import make_resource, with_fields
 from posthog_assets_tests.support.snapshots import (
     check_results,
+    failure_message,
     materialization_metadata,
+    materialize_named,
     query,
     resources_for,
     scalar,
@@ -36,29 +38,6 @@ LISTS = ("annotations", "cohorts", "feature_flags", "actions", "dashboards", "ex
 def catalog_defs(env: dict[str, str], catalog: Any) -> dg.Definitions:
     project = snapshot_project(env, insights={"enabled": False}, groups={"enabled": False})
     return snapshot_defs(dataclasses.replace(project, catalog=catalog_names(catalog)))
-
-
-def run(
-    defs: dg.Definitions, resources: dict[str, Any], instance: dg.DagsterInstance
-) -> dg.ExecuteInProcessResult:
-    return dg.materialize(
-        [*(defs.assets or []), *(defs.asset_checks or [])],
-        resources=resources,
-        instance=instance,
-        raise_on_error=False,
-    )
-
-
-def failure(result: dg.ExecuteInProcessResult) -> str:
-    return "\n".join(
-        e.step_failure_data.error.message for e in result.all_events if e.is_step_failure
-    )
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as inst:
-        yield inst
 
 
 def posthog_list(standin: StandinProcess, path: str) -> list[dict[str, Any]]:
@@ -86,8 +65,8 @@ def test_every_live_object_of_each_list_and_nothing_deleted_shown_as_live(
     db: Path,
 ) -> None:
     defs = catalog_defs(env, "all")
-    first = run(defs, resources, instance)
-    assert first.success, failure(first)
+    first = materialize_named(defs, resources, instance)
+    assert first.success, failure_message(first)
     for name in LISTS:
         live = posthog_list(standin, CATALOG[name].path)
         assert live and not [o for o in live if o.get("deleted")], name
@@ -106,8 +85,8 @@ def test_every_live_object_of_each_list_and_nothing_deleted_shown_as_live(
     victims = {name: stored_ids(db, name)[0] for name in LISTS if name != "dashboards"}
     for name, object_id in victims.items():
         control.delete_object(name, object_id)
-    second = run(defs, resources, instance)
-    assert second.success, failure(second)
+    second = materialize_named(defs, resources, instance)
+    assert second.success, failure_message(second)
     for name, object_id in victims.items():
         ids = stored_ids(db, name)
         assert object_id not in ids and len(ids) == len(posthog_list(standin, CATALOG[name].path))
@@ -124,8 +103,10 @@ def test_a_finished_experiment_with_two_variants_and_two_metrics_gives_four_rows
 ) -> None:
     # the newest PostHog lists experiments without their metrics: each is read on its own
     control.configure(experiments_list_metrics=False)
-    result = run(catalog_defs(env, ["experiments", "experiment_results"]), resources, instance)
-    assert result.success, failure(result)
+    result = materialize_named(
+        catalog_defs(env, ["experiments", "experiment_results"]), resources, instance
+    )
+    assert result.success, failure_message(result)
     experiments = [
         requests.get(
             f"{standin.url}/api/projects/{standin.project_id}/experiments/{e['id']}/",
@@ -192,9 +173,11 @@ def test_a_key_without_a_scope_gets_a_failure_naming_it(
 ) -> None:
     control.add_key("phx_no_cohorts", ["annotation:read"])
     posthog = with_fields(resources["posthog"], personal_api_key="phx_no_cohorts")
-    result = run(catalog_defs(env, ["cohorts"]), {**resources, "posthog": posthog}, instance)
+    result = materialize_named(
+        catalog_defs(env, ["cohorts"]), {**resources, "posthog": posthog}, instance
+    )
     assert not result.success
-    assert "cohort:read" in failure(result)
+    assert "cohort:read" in failure_message(result)
 
 
 @pytest.mark.parametrize("bad", ["everything", ["cohorts", "flags"]])
@@ -228,8 +211,10 @@ def test_a_large_project_costs_a_request_or_two_per_list_and_loses_nothing(
             make_resource(big, tmp_path / "exports"), rate_limit_url=None, shared_rate_limit=False
         )
         defs = catalog_defs(env, ["annotations", "cohorts", "feature_flags"])
-        result = run(defs, resources_for(resource, tmp_path / "posthog.duckdb"), instance)
-        assert result.success, failure(result)
+        result = materialize_named(
+            defs, resources_for(resource, tmp_path / "posthog.duckdb"), instance
+        )
+        assert result.success, failure_message(result)
         db = tmp_path / "posthog.duckdb"
         for name, live, requests_spent in (
             ("feature_flags", 1000, 1), ("cohorts", 200, 1), ("annotations", 1200, 2)

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -29,7 +29,9 @@ from posthog_assets.resources import PostHogResource
 from posthog_assets.snapshots.definitions import events_job_name
 from posthog_assets_tests.support.snapshots import (
     check_results,
+    failure_message,
     materialization_metadata,
+    materialize_named,
     query,
     resources_for,
     scalar,
@@ -40,6 +42,8 @@ from posthog_standin.server import StandinControl, StandinProcess
 
 pytestmark = pytest.mark.integration
 
+EVENTS = ("events",)
+PERSONS = ("persons", "person_distinct_ids")
 POLL = PollPolicy(interval_s=0.1, max_interval_s=0.5, timeout_s=60)
 
 
@@ -67,41 +71,6 @@ def env(posthog_env: dict[str, str], control: StandinControl) -> dict[str, str]:
     return posthog_env
 
 
-def run(
-    defs: dg.Definitions,
-    resources: dict[str, Any],
-    instance: dg.DagsterInstance,
-    *,
-    partition: str | None = None,
-    names: Sequence[str] = ("events",),
-) -> dg.ExecuteInProcessResult:
-    assets = [a for a in defs.assets or [] if any(k.path[-1] in names for k in a.keys)]
-    checks = [
-        c
-        for c in defs.asset_checks or []
-        if any(k.asset_key.path[-1] in names for k in c.check_keys)
-    ]
-    return dg.materialize(
-        [*assets, *checks],
-        resources=resources,
-        partition_key=partition,
-        instance=instance,
-        raise_on_error=False,
-    )
-
-
-def failure(result: dg.ExecuteInProcessResult) -> str:
-    return "\n".join(
-        e.step_failure_data.error.message for e in result.all_events if e.is_step_failure
-    )
-
-
-@pytest.fixture
-def instance() -> Iterator[dg.DagsterInstance]:
-    with dg.instance_for_test() as inst:
-        yield inst
-
-
 def test_every_event_of_a_day_once_across_bursts_at_page_boundaries_and_no_offset(
     env: dict[str, str],
     resources: dict[str, Any],
@@ -115,9 +84,9 @@ def test_every_event_of_a_day_once_across_bursts_at_page_boundaries_and_no_offse
     defs = project_defs(env, day, events={"page_size": 1000, "properties": ["$browser", "$os"]})
     control.clear_query_log()
 
-    result = run(defs, resources, instance, partition=day)
+    result = materialize_named(defs, resources, instance, names=EVENTS, partition=day)
 
-    assert result.success, failure(result)
+    assert result.success, failure_message(result)
     meta = materialization_metadata(result, "events")
     rows = query(db, "SELECT count(*), count(DISTINCT uuid), min(event_date), max(event_date) "
                      "FROM events")  # fmt: skip
@@ -151,12 +120,12 @@ def test_a_rerun_replaces_the_day_and_late_events_are_caught_by_check_and_lookba
     days = sorted(counts)
     defs = project_defs(env, days[0], events={"lookback_days": 3})
     for day in (days[-4], days[-4], days[-1]):  # the first day twice: replaced, not appended
-        assert run(defs, resources, instance, partition=day).success
+        assert materialize_named(defs, resources, instance, names=EVENTS, partition=day).success
     stored = dict(query(db, "SELECT event_date::VARCHAR, count(*) FROM events GROUP BY 1"))
     assert stored == {days[-4]: counts[days[-4]], days[-1]: counts[days[-1]]}
 
     control.insert_late_events(days[-4], 25)
-    result = run(defs, resources, instance, partition=days[-2])
+    result = materialize_named(defs, resources, instance, names=EVENTS, partition=days[-2])
     check = check_results(result)["events_match_posthog_counts"]
     assert not check.passed
     assert f"{days[-4]}: stored {counts[days[-4]]}, PostHog {counts[days[-4]] + 25}" in str(
@@ -181,8 +150,8 @@ def test_a_rerun_replaces_the_day_and_late_events_are_caught_by_check_and_lookba
     keys = [r.partition_key for r in schedule.evaluate_tick(context).run_requests or []]
     assert keys == days[-4:-1]
     for key in keys:
-        result = run(defs, resources, instance, partition=key)
-        assert result.success, failure(result)
+        result = materialize_named(defs, resources, instance, names=EVENTS, partition=key)
+        assert result.success, failure_message(result)
     assert check_results(result)["events_match_posthog_counts"].passed
     assert scalar(db, "SELECT count(*) FROM events WHERE event_date = ?", [days[-4]]) == (
         counts[days[-4]] + 25
@@ -201,9 +170,11 @@ def test_a_page_that_times_out_is_read_in_halves(
     day = sorted(counts)[2]
     # a whole day costs 0.8 s of PostHog's 0.5 s execution budget: 504; half a day fits
     control.configure_queries(query_max_execution_s=0.5, query_cost_per_day_s=0.8)
-    result = run(project_defs(env, day), resources, instance, partition=day)
+    result = materialize_named(
+        project_defs(env, day), resources, instance, names=EVENTS, partition=day
+    )
 
-    assert result.success, failure(result)
+    assert result.success, failure_message(result)
     meta = materialization_metadata(result, "events")
     assert meta["window_splits"] >= 1
     assert meta["rows"] == meta["posthog_count"] == counts[day]
@@ -224,10 +195,12 @@ def test_a_team_that_drops_personless_events_fails_the_day_loudly(
     counts = days_of(control)
     day = sorted(counts)[1]
     control.configure(persons_on_events=False)
-    result = run(project_defs(env, day), resources, instance, partition=day)
+    result = materialize_named(
+        project_defs(env, day), resources, instance, names=EVENTS, partition=day
+    )
 
     assert not result.success
-    assert f"PostHog counts {counts[day]} events, the pages gave" in failure(result)
+    assert f"PostHog counts {counts[day]} events, the pages gave" in failure_message(result)
     assert not db.exists() or scalar(db, "SELECT count(*) FROM information_schema.tables "
                                          "WHERE table_name = 'events'") == 0  # fmt: skip
 
@@ -267,8 +240,8 @@ def test_persons_merged_and_deleted_between_two_snapshots(
     db: Path,
 ) -> None:
     defs = project_defs(env, min(days_of(control)), persons=True)
-    first = run(defs, resources, instance, names=("persons", "person_distinct_ids"))
-    assert first.success, failure(first)
+    first = materialize_named(defs, resources, instance, names=PERSONS)
+    assert first.success, failure_message(first)
     info = control.events_info()["live"]
     assert scalar(db, "SELECT count(*) FROM persons") == info["persons"]
     assert scalar(db, "SELECT count(*) FROM person_distinct_ids") == info["person_distinct_ids"]
@@ -276,9 +249,9 @@ def test_persons_merged_and_deleted_between_two_snapshots(
     control.merge_persons(winner["id"], loser["id"])
     control.delete_person(doomed["id"])
 
-    second = run(defs, resources, instance, names=("persons", "person_distinct_ids"))
+    second = materialize_named(defs, resources, instance, names=PERSONS)
 
-    assert second.success, failure(second)
+    assert second.success, failure_message(second)
     assert scalar(db, "SELECT count(*) FROM persons") == info["persons"] - 2
     gone = [loser["id"], doomed["id"]]
     assert scalar(db, "SELECT count(*) FROM persons WHERE id::VARCHAR IN (?, ?)", gone) == 0
@@ -331,9 +304,11 @@ def test_a_day_past_50000_events_is_read_in_full_pages(big: StandinProcess, tmp_
         export_dir=str(tmp_path / "exports"), poll_interval_s=0.1,
     )  # fmt: skip
     with dg.instance_for_test() as instance:
-        result = run(defs, resources_for(resource, tmp_path / "posthog.duckdb"), instance,
-                     partition=day)  # fmt: skip
-    assert result.success, failure(result)
+        result = materialize_named(
+            defs, resources_for(resource, tmp_path / "posthog.duckdb"), instance, names=EVENTS,
+            partition=day,
+        )  # fmt: skip
+    assert result.success, failure_message(result)
     meta = materialization_metadata(result, "events")
     assert meta["pages"] == 2 and meta["rows"] == counts[day]
     assert (

@@ -80,6 +80,8 @@ class QueryStatus:
 
     http_status: int
     status: dict[str, Any]
+    #: Bytes of the answer (a finished query's carries its whole result).
+    size: int = 0
 
     @property
     def complete(self) -> bool:
@@ -810,7 +812,9 @@ class PostHogClient:
         except ValueError:
             body = {}
         status = body.get("query_status", body) if isinstance(body, dict) else {}
-        return QueryStatus(http_status=resp.status_code, status=status or {})
+        return QueryStatus(
+            http_status=resp.status_code, status=status or {}, size=len(resp.content)
+        )
 
 
 def _insight_params(refresh: str | None, basic: bool, extra: Mapping[str, Any]) -> dict[str, Any]:

@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
-from posthog_assets.api.client import PostHogClient, QueryStatus
+from posthog_assets.api.client import PostHogClient
 from posthog_assets.api.errors import (
     PostHogConnectionError,
     PostHogPollTimeout,
@@ -161,14 +161,12 @@ def _follow(client: PostHogClient, query_id: str, poll: PollPolicy) -> tuple[Any
     deadline = time.monotonic() + poll.timeout_s
     size = 0
     for wait in poll.waits():
-        resp = client.request("GET", f"query/{query_id}/", scopes=QUERY_SCOPES, accept=(400, 500))
-        size += len(resp.content)
-        body = resp.json() if resp.content else {}
-        state = QueryStatus(resp.status_code, body.get("query_status", body) or {})
+        state = client.get_query_status(query_id)
+        size += state.size
         if state.failed:
             message = state.error_message or "query failed"
             if any(word in message.lower() for word in _TIMEOUT_WORDS):
-                raise _timeout(resp.status_code, message)
+                raise _timeout(state.http_status, message)
             raise PostHogQueryFailed(f"HogQL query {query_id} failed: {message}")
         if state.complete:
             results = state.status.get("results")

@@ -256,6 +256,9 @@ def events_match_posthog_counts(
     project: PostHogProject, table: Table, asset_key: dg.AssetKey
 ) -> dg.AssetChecksDefinition:
     """Each materialized day holds as many events as PostHog counts for it now."""
+    config = project.events
+    if config is None:
+        raise ValueError(f"project '{project.name}' reads no events")
 
     @duckdb_check(
         project,
@@ -271,7 +274,7 @@ def events_match_posthog_counts(
         if not days:
             return dg.AssetCheckResult(passed=False, description="No day materialized yet.")
         resource = getattr(context.resources, project.resource_key)
-        source = EventsSource(project, project.events or EventsConfig(start_date=days[0]))
+        source = EventsSource(project, config)
         posthog = source.day_counts(
             resource.get_client(log=context.log), resource.poll_policy(), days[0], days[-1]
         )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +113,38 @@ def materialize_groups(
         raise_on_error=raise_on_error,
         instance=instance,
         run_config=dict(run_config or {}),
+    )
+
+
+def materialize_named(
+    defs: dg.Definitions,
+    resources: Mapping[str, Any],
+    instance: dg.DagsterInstance,
+    *,
+    names: Sequence[str] | None = None,
+    partition: str | None = None,
+) -> dg.ExecuteInProcessResult:
+    """The assets with a key ending in one of ``names`` (every asset when None) and their checks,
+    in one run that returns its failures instead of raising them."""
+
+    def chosen(keys: Iterable[dg.AssetKey]) -> bool:
+        return names is None or any(k.path[-1] in names for k in keys)
+
+    assets = [a for a in defs.assets or [] if chosen(a.keys)]
+    checks = [c for c in defs.asset_checks or [] if chosen(k.asset_key for k in c.check_keys)]
+    return dg.materialize(
+        [*assets, *checks],
+        resources=dict(resources),
+        partition_key=partition,
+        instance=instance,
+        raise_on_error=False,
+    )
+
+
+def failure_message(result: dg.ExecuteInProcessResult) -> str:
+    """Every failed step's error message, one per line."""
+    return "\n".join(
+        e.step_failure_data.error.message for e in result.all_events if e.is_step_failure
     )
 
 
